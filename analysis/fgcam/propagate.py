@@ -1,0 +1,195 @@
+"""Which rule each op of the graph gets, and the walk that carries relevance from one node down to another.
+
+The mapping is by op, never by architecture: any CNN written with ordinary torch.nn modules and
+functional calls works. An op with no rule raises ``UnsupportedOperation`` naming it.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torchvision.ops
+from torch import Tensor, nn
+
+from . import rules
+from .graph import ModelGraph, UnsupportedOperation
+
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                 nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
+                 nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+                 nn.InstanceNorm2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+                 torchvision.ops.StochasticDepth)
+_PASS_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
+                   F.silu, F.mish, F.hardswish, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh,
+                   F.tanh, F.hardsigmoid, F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm, F.dropout,
+                   F.dropout2d, F.alpha_dropout, torch.clone, torch.clamp, torch.clip,
+                   torchvision.ops.stochastic_depth}
+_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clone", "clamp", "clamp_", "clamp_min",
+                 "clamp_min_", "clip", "hardtanh_", "detach", "to", "float", "type_as"}
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool1d,
+                   F.avg_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.mean, torch.amax}
+_POOL_METHODS = {"mean", "amax"}
+_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.ChannelShuffle, nn.PixelShuffle,
+                 nn.PixelUnshuffle)
+_MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.cat, torch.concat, torch.concatenate, torch.stack,
+                   torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
+                   torch.narrow, torch.movedim, torch.channel_shuffle, F.pixel_shuffle, F.pad, operator.getitem}
+_MOVE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                 "chunk", "split", "narrow", "view_as", "reshape_as", "expand", "expand_as", "repeat",
+                 "movedim", "__getitem__"}
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Tanh)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax, torch.tanh, F.tanh,
+                   "sigmoid", "softmax", "tanh", "hardsigmoid"}
+
+
+def _describe(graph: ModelGraph, node: fx.Node) -> str:
+    if node.op == "call_module":
+        module = graph.model.get_submodule(node.target)
+        return f"module '{node.target}' ({type(module).__name__})"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    where = graph.module_name(node)
+    return f"op '{target}' (graph node '{node.name}'{f', in {where}' if where else ''})"
+
+
+def _argument(node: fx.Node, env: dict, index: int, name: str, default: Any) -> Any:
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    return env[value] if isinstance(value, fx.Node) else value
+
+
+class RelevanceWalk:
+    """Carries relevance down a traced model, op by op, with the values of one forward run."""
+
+    def __init__(self, graph: ModelGraph, env: dict[fx.Node, Any]) -> None:
+        self.graph, self.env = graph, env
+        self.live = graph.descendants(graph.input_node)
+
+    def run(self, start: fx.Node, relevance: Tensor, stop: fx.Node) -> Tensor:
+        """Relevance at the output of ``stop``, given ``relevance`` at the output of ``start``."""
+        path = self.graph.path(stop, start)
+        if stop not in path:
+            raise ValueError(f"'{self.graph.module_name(stop) or stop.name}' is not below "
+                             f"'{self.graph.module_name(start) or start.name}' in the model: relevance cannot "
+                             "flow there (choose a shallower target_layer)")
+        pending: dict[fx.Node, Any] = {start: relevance}
+        for node in sorted(path, key=self.graph.order.__getitem__, reverse=True):
+            if node not in pending:
+                continue
+            if node is stop:
+                return pending[node]
+            for source, part in self.to_inputs(node, pending.pop(node)):
+                if source in path:
+                    pending[source] = _accumulate(pending.get(source), part)
+        raise ValueError("no relevance reached the target layer")
+
+    def live_operands(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.args[:2] if isinstance(a, fx.Node) and a in self.live
+                and isinstance(self.env[a], Tensor)]
+
+    def to_inputs(self, node: fx.Node, relevance: Any) -> list[tuple[fx.Node, Any]]:
+        """Split the relevance at ``node``'s output among its inputs with the rule of its op."""
+        graph, env = self.graph, self.env
+        inputs = [n for n in node.all_input_nodes if n in self.live and isinstance(env[n], (Tensor, tuple, list))]
+        if not inputs:
+            return []
+        module = graph.model.get_submodule(node.target) if node.op == "call_module" else None
+        target = node.target
+        is_fn = node.op == "call_function"
+        is_method = node.op == "call_method"
+
+        if isinstance(module, nn.Conv2d) or (is_fn and target in (F.conv2d, torch.conv2d)):
+            return [(inputs[0], self._conv(node, module, relevance))]
+        if isinstance(module, nn.Linear) or (is_fn and target is F.linear):
+            weight = module.weight if module is not None else _argument(node, env, 1, "weight", None)
+            return [(inputs[0], rules.linear_zplus(relevance, env[node.args[0]], weight))]
+        if isinstance(module, _PASS_MODULES) or (is_fn and target in _PASS_FUNCTIONS) or \
+                (is_method and target in _PASS_METHODS):
+            if len(inputs) != 1:
+                raise UnsupportedOperation(f"{_describe(graph, node)} combines several inputs")
+            return [(inputs[0], rules.passthrough(relevance))]
+        if isinstance(module, _POOL_MODULES) or (is_fn and target in _POOL_FUNCTIONS) or \
+                (is_method and target in _POOL_METHODS):
+            x_node = node.args[0]
+            pooled = rules.pool(relevance, env[x_node], lambda t: graph.call(node, {**env, x_node: t}), env[node])
+            return [(x_node, pooled)]
+        if isinstance(module, _MOVE_MODULES) or (is_fn and target in _MOVE_FUNCTIONS) or \
+                (is_method and target in _MOVE_METHODS):
+            return self._move(node, relevance, inputs)
+        op = target if (is_fn or is_method) else None
+        if op in _ADD or op in _SUB:
+            operands = self.live_operands(node)
+            signs = [1.0, -1.0] if op in _SUB else [1.0, 1.0]
+            summands = [env[a] * sign for a, sign in zip(node.args[:2], signs)
+                        if isinstance(a, fx.Node) and a in operands]
+            return list(zip(operands, rules.split_sum(relevance, summands)))
+        if op in _MUL:
+            return [(self._gated_operand(node), rules.passthrough(relevance))]
+        if op in _DIV and self.live_operands(node) == [node.args[0]]:
+            return [(node.args[0], rules.passthrough(relevance))]
+        raise UnsupportedOperation(f"FG-CAM has no relevance rule for {_describe(graph, node)}")
+
+    def _conv(self, node: fx.Node, module: nn.Conv2d | None, relevance: Tensor) -> Tensor:
+        env = self.env
+        x = env[node.args[0]]
+        if module is not None:
+            if module.padding_mode != "zeros":
+                raise UnsupportedOperation(f"{_describe(self.graph, node)} pads with '{module.padding_mode}'")
+            weight = module.weight
+            geometry = rules.ConvGeometry(module.stride, module.padding, module.dilation, module.groups,
+                                          module.kernel_size)
+        else:
+            weight = _argument(node, env, 1, "weight", None)
+            geometry = rules.ConvGeometry(_argument(node, env, 3, "stride", 1), _argument(node, env, 4, "padding", 0),
+                                          _argument(node, env, 5, "dilation", 1), _argument(node, env, 6, "groups", 1),
+                                          weight.shape[2:])
+        weight = weight.detach()
+        if node.args[0] in self.graph.reads_image:
+            return rules.conv_zbox(relevance, x, weight, geometry)
+        return rules.conv_zplus(relevance, x, weight, geometry, env[node])
+
+    def _move(self, node: fx.Node, relevance: Any, inputs: list[fx.Node]) -> list[tuple[fx.Node, Any]]:
+        graph, env = self.graph, self.env
+        if node.target is operator.getitem and isinstance(env[node.args[0]], (tuple, list)):
+            return [(node.args[0], {node.args[1]: relevance})]  # one element of a chunk / split
+        tensor_inputs = [n for n in inputs if isinstance(env[n], Tensor)]
+        out = env[node]
+        n_out = len(out) if isinstance(out, (tuple, list)) else 1
+        per_output = [relevance.get(i) for i in range(n_out)] if isinstance(relevance, dict) else [relevance]
+        parts = rules.move(per_output, [env[n] for n in tensor_inputs],
+                           lambda *xs: graph.call(node, {**env, **dict(zip(tensor_inputs, xs))}))
+        return list(zip(tensor_inputs, parts))
+
+    def _gated_operand(self, node: fx.Node) -> fx.Node:
+        """For a product, the operand that carries the features; the other is a gate held constant."""
+        operands = self.live_operands(node)
+        if len(operands) == 1:
+            return operands[0]
+        a, b = operands
+        if self.env[a].numel() != self.env[b].numel():  # squeeze-excitation: [N,C,1,1] * [N,C,H,W]
+            return a if self.env[a].numel() > self.env[b].numel() else b
+        gates = [n for n in operands if self._is_gate(n)]
+        if len(gates) == 1:
+            return b if gates[0] is a else a
+        raise UnsupportedOperation(f"FG-CAM cannot tell features from gate in the product "
+                                   f"{_describe(self.graph, node)}")
+
+    def _is_gate(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.graph.model.get_submodule(node.target), _GATE_MODULES)
+        return node.op in ("call_function", "call_method") and node.target in _GATE_FUNCTIONS
+
+
+def _accumulate(total: Any, part: Any) -> Any:
+    if total is None:
+        return part
+    if isinstance(total, dict):
+        return {k: _accumulate(total.get(k), part.get(k)) for k in total.keys() | part.keys()}
+    return total + part

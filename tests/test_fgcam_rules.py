@@ -1,0 +1,121 @@
+"""Each relevance rule against values computed by hand on tiny layers."""
+import torch
+import torch.nn.functional as F
+
+from analysis.fgcam import rules
+
+
+def t(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_safe_divide_zero_over_zero_is_zero():
+    assert rules.safe_divide(t([1.0, 0.0, 6.0]), t([2.0, 0.0, 0.0])).tolist() == [0.5, 0.0, 0.0]
+
+
+def test_conv_zplus_positive_input_by_hand():
+    # one 2x2 input, 2x2 kernel, one output: z = 1*2 + 2*0 + 3*1 + 4*0 (negative weights ignored) = 5
+    x = t([[[[1.0, 2.0], [3.0, 4.0]]]])
+    w = t([[[[2.0, -1.0], [1.0, -3.0]]]])
+    geometry = rules.ConvGeometry(1, 0, 1, 1, (2, 2))
+    r = rules.conv_zplus(t([[[[10.0]]]]), x, w, geometry, t([[[[1.0]]]]))
+    # R_in = x * w+ * R / z = [1*2, 0, 3*1, 0] * 10 / 5
+    assert torch.allclose(r, t([[[[4.0, 0.0], [6.0, 0.0]]]]))
+
+
+def test_conv_zplus_signed_input_uses_negative_parts():
+    # x = [2, -1], w = [1, -2]: z = 2*1 (x+ w+) + (-1)(-2) (x- w-) = 4
+    x = t([[[[2.0, -1.0]]]])
+    w = t([[[[1.0, -2.0]]]])
+    r = rules.conv_zplus(t([[[[8.0]]]]), x, w, rules.ConvGeometry(1, 0, 1, 1, (1, 2)), t([[[[1.0]]]]))
+    assert torch.allclose(r, t([[[[4.0, 4.0]]]]))  # 2/4*8 and 2/4*8
+
+
+def test_conv_zbox_by_hand():
+    # image [0.5, 1] so l = 0.5, h = 1; w = [2, 1] (no negative weight)
+    # z = conv(x, W) - conv(l, W+) - conv(h, W-) = (1 + 1) - (1 + 0.5) - 0 = 0.5
+    # R_in_i = (x_i w_i - l w+_i - h w-_i) * R / z = [(1 - 1) / 0.5, (1 - 0.5) / 0.5]
+    x = t([[[[0.5, 1.0]]]])
+    w = t([[[[2.0, 1.0]]]])
+    r = rules.conv_zbox(t([[[[1.0]]]]), x, w, rules.ConvGeometry(1, 0, 1, 1, (1, 2)))
+    assert torch.allclose(r, t([[[[0.0, 1.0]]]]))
+
+
+def test_conv_zbox_zero_padding_applies_to_bounds():
+    # 1 pixel image with padding 1 and a 3-wide kernel: the padded l and h contribute nothing
+    x = t([[[[2.0]]]])   # l = h = 2
+    w = t([[[[5.0, 1.0, 7.0]]]])
+    r = rules.conv_zbox(t([[[[3.0]]]]), x, w, rules.ConvGeometry(1, (0, 1), 1, 1, (1, 3)))
+    # z = 2*1 - 2*1 - 0 = 0: all relevance vanishes (0/0 = 0), not 5 or 7 of the padding
+    assert r.abs().sum() == 0
+
+
+def test_conv_zplus_honours_stride_groups_dilation():
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 9, 9, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    geometry = rules.ConvGeometry(2, 2, 2, 2, (3, 3))
+    z = F.conv2d(x, w.clamp(min=0), None, 2, 2, 2, 2)
+    relevance = torch.rand_like(z)
+    r = rules.conv_zplus(relevance, x, w, geometry, z)
+    # the gradient trick computed by autograd on the same conv
+    x_leaf = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.conv2d(x_leaf, w.clamp(min=0), None, 2, 2, 2, 2), x_leaf, relevance / z)
+    assert torch.allclose(r, x * g)
+    assert torch.allclose(r.sum(), relevance.sum())
+
+
+def test_conv_flat_fallback_conserves_relevance_of_an_all_zero_window():
+    # a depthwise window of zeros carries relevance (a bias-driven activation): spread evenly, not dropped
+    x = t([[[[0.0, 0.0, 0.0]]]])
+    w = t([[[[1.0, 1.0]]]])
+    geometry = rules.ConvGeometry(1, 0, 1, 1, (1, 2))
+    r = rules.conv_zplus(t([[[[4.0, 6.0]]]]), x, w, geometry, t([[[[0.5, 0.5]]]]))  # output = bias 0.5
+    assert torch.allclose(r, t([[[[2.0, 5.0, 3.0]]]]))
+    # on an activation that is exactly zero the relevance is dropped, as in the reference
+    r = rules.conv_zplus(t([[[[4.0, 6.0]]]]), x, w, geometry, t([[[[0.0, 0.5]]]]))
+    assert torch.allclose(r, t([[[[0.0, 3.0, 3.0]]]]))
+
+
+def test_max_pool_routes_to_the_winner_and_ignores_negatives():
+    x = t([[[[1.0, 3.0], [-5.0, 2.0]]]])
+    r = rules.pool(t([[[[7.0]]]]), x, lambda v: F.max_pool2d(v, 2), t([[[[3.0]]]]))
+    assert torch.allclose(r, t([[[[0.0, 7.0], [0.0, 0.0]]]]))
+
+
+def test_avg_pool_shares_by_positive_part():
+    x = t([[[[1.0, 3.0], [-5.0, 0.0]]]])
+    r = rules.pool(t([[[[8.0]]]]), x, lambda v: F.avg_pool2d(v, 2), t([[[[-0.25]]]]))
+    assert torch.allclose(r, t([[[[2.0, 6.0], [0.0, 0.0]]]]))
+
+
+def test_pool_window_of_negatives_falls_back_to_an_even_share():
+    x = t([[[[-1.0, -3.0], [-5.0, -2.0]]]])
+    r = rules.pool(t([[[[8.0]]]]), x, lambda v: F.avg_pool2d(v, 2), t([[[[-2.75]]]]))
+    assert torch.allclose(r, t([[[[2.0, 2.0], [2.0, 2.0]]]]))
+
+
+def test_linear_zplus_by_hand():
+    x = t([[1.0, -2.0]])
+    w = t([[3.0, 1.0]])  # z = 1*3 + (-2)*0 = 3
+    assert torch.allclose(rules.linear_zplus(t([[6.0]]), x, w), t([[6.0, 0.0]]))
+
+
+def test_split_sum_is_proportional_and_conserves():
+    a, b = t([1.0, 2.0, 0.0]), t([3.0, -1.0, 0.0])
+    parts = rules.split_sum(t([8.0, 5.0, 9.0]), [a, b])
+    assert torch.allclose(parts[0], t([2.0, 10.0, 0.0]))
+    assert torch.allclose(parts[1], t([6.0, -5.0, 0.0]))
+
+
+def test_move_splits_concatenation_by_slices():
+    a, b = torch.ones(1, 2, 2, 2), torch.ones(1, 3, 2, 2)
+    relevance = torch.arange(20.0).view(1, 5, 2, 2)
+    ra, rb = rules.move([relevance], [a, b], lambda p, q: torch.cat([p, q], dim=1))
+    assert torch.equal(ra, relevance[:, :2]) and torch.equal(rb, relevance[:, 2:])
+
+
+def test_move_reverses_a_reshape():
+    relevance = torch.arange(8.0).view(1, 8)
+    (r,) = rules.move([relevance], [torch.zeros(1, 2, 2, 2)], lambda v: v.flatten(1))
+    assert torch.equal(r, relevance.view(1, 2, 2, 2))
