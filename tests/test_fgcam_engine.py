@@ -269,3 +269,14 @@ def test_every_base_runs_and_explains_the_requested_class(base):
     assert result.classes.tolist() == [4, 0]
     assert result.maps.shape == (2, 32, 32) and torch.isfinite(result.maps).all()
     assert torch.allclose(result.logits, model(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18", "functional"])
+def test_lrp_from_the_logit_conserves_it(name):
+    from analysis.fgcam import LRP
+    torch.manual_seed(8)
+    model = build(name).double()
+    images = torch.randn(2, 1 if name == "functional" else 3, 40, 40, dtype=torch.float64)
+    result = LRP(model)(images)
+    logit = result.logits.gather(1, result.classes[:, None])[:, 0]
+    assert torch.allclose(result.maps.sum(dim=(1, 2)), logit, rtol=1e-6)

@@ -1,5 +1,5 @@
 """FG-CAM explanation engine (Qiu, Jin, Zhang, AAAI 2024, arXiv 2303.09171); see ``explainer``."""
-from .explainer import FGCAM, FGCAMResult, denoise
+from .explainer import FGCAM, LRP, FGCAMResult, denoise
 from .graph import UnsupportedOperation
 
-__all__ = ["FGCAM", "FGCAMResult", "UnsupportedOperation", "denoise"]
+__all__ = ["FGCAM", "LRP", "FGCAMResult", "UnsupportedOperation", "denoise"]

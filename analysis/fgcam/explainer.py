@@ -104,3 +104,30 @@ class FGCAM:
                 components = denoise(components)
             relevance = components if target is cam else RelevanceWalk(self.graph, values).run(cam, components, target)
         return FGCAMResult(relevance.sum(dim=1), classes, logits.detach())
+
+
+class LRP:
+    """Plain LRP from the logit with the same rules (z+ for hidden layers, z^B for the image-reading
+    convolution): the baseline the paper compares FG-CAM with at the input layer.
+
+    ``LRP(model)(images, target_layer="input")`` -> ``FGCAMResult``; relevance starts as the explained
+    class's logit (all other logits zero) and is carried through the classifier head too.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.graph = ModelGraph(model)
+        logits_node = self.graph.output_node.args[0]
+        self._logits_node = logits_node[0] if isinstance(logits_node, (tuple, list)) else logits_node
+
+    def __call__(self, images: Tensor, target_layer: str = "input", classes: Tensor | None = None) -> FGCAMResult:
+        target = self.graph.node_for(target_layer)
+        path = self.graph.path(target, self._logits_node)
+        keep = path | {inp for node in path for inp in node.all_input_nodes}
+        output, values = self.graph.run(images.to(next(self.model.parameters()).device), keep)
+        logits = _logits(output)
+        classes = logits.argmax(dim=1) if classes is None else classes.to(logits.device).long()
+        start = torch.zeros_like(logits).scatter_(1, classes[:, None], logits.gather(1, classes[:, None]))
+        with torch.no_grad():
+            relevance = RelevanceWalk(self.graph, values).run(self._logits_node, start, target)
+        return FGCAMResult(relevance.sum(dim=1), classes, logits)

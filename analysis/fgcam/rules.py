@@ -26,8 +26,7 @@ from torch.nn.grad import conv2d_input
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator with 0 wherever the denominator is 0 (the reference's 0/0 = 0)."""
-    zero = denominator == 0
-    return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, 1, denominator))
+    return (numerator / denominator).masked_fill_(denominator == 0, 0)
 
 
 def passthrough(relevance: Tensor) -> Tensor:
@@ -66,7 +65,10 @@ def _unplaced(relevance: Tensor, z: Tensor, output: Tensor) -> Tensor | None:
     so that relevance is conserved. Relevance on an activation that is exactly zero (denoised components
     can put some there) is dropped, as in the reference.
     """
-    unplaced = torch.where((z == 0) & (output != 0), relevance, torch.zeros_like(relevance))
+    zero = z == 0
+    if not bool(zero.any()):  # the common case, checked first because it is cheap
+        return None
+    unplaced = relevance * (zero & (output != 0))
     return unplaced if bool(unplaced.any()) else None
 
 
