@@ -42,6 +42,12 @@ def denoise(components: Tensor) -> Tensor:
     return ((u[:, :, :d] * s[:, None, :d]) @ vh[:, :d, :]).reshape(n, k, h, w)
 
 
+def _on_model(model: nn.Module, images: Tensor) -> Tensor:
+    """The images on the model's device, in its floating dtype."""
+    parameter = next(model.parameters(), None)
+    return images if parameter is None else images.to(parameter.device, parameter.dtype)
+
+
 def _logits(output: object) -> Tensor:
     """The logits from a model output (a tensor, or the first element of a tuple such as GoogLeNet's)."""
     if isinstance(output, Tensor):
@@ -64,10 +70,6 @@ class FGCAM:
         self.cam_layer = cam_layer if cam_layer is not None else self.graph.default_cam_layer()
         self._cam_node = self.graph.node_for(self.cam_layer)
 
-    def _device(self) -> torch.device:
-        parameter = next(self.model.parameters(), None)
-        return parameter.device if parameter is not None else torch.device("cpu")
-
     def logits(self, images: Tensor) -> Tensor:
         """A plain forward pass through the traced graph (no values kept, no gradients)."""
         return _logits(self.graph.run(images)[0])
@@ -75,7 +77,7 @@ class FGCAM:
     def __call__(self, images: Tensor, target_layer: str = "input", classes: Tensor | None = None) -> FGCAMResult:
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-        images = images.to(self._device())
+        images = _on_model(self.model, images)
         target = self.graph.node_for(target_layer)
         cam = self._cam_node
         path = self.graph.path(target, cam)
@@ -124,7 +126,7 @@ class LRP:
         target = self.graph.node_for(target_layer)
         path = self.graph.path(target, self._logits_node)
         keep = path | {inp for node in path for inp in node.all_input_nodes}
-        output, values = self.graph.run(images.to(next(self.model.parameters()).device), keep)
+        output, values = self.graph.run(_on_model(self.model, images), keep)
         logits = _logits(output)
         classes = logits.argmax(dim=1) if classes is None else classes.to(logits.device).long()
         start = torch.zeros_like(logits).scatter_(1, classes[:, None], logits.gather(1, classes[:, None]))
