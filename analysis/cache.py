@@ -1,0 +1,719 @@
+"""On-disk cache of a dataset explanation: the shard writer and the reading API.
+
+Layout of a cache directory::
+
+    DIR/manifest.json                 job identity, options, counts (written atomically)
+    DIR/shards/shard-00000012/        one committed shard (ids [12*S, 13*S) of the sorted dataset)
+        table.parquet                 one row per explained image (public columns + internal `_` columns)
+        maps_pred.npy                 float16 [n, M, M]  map of the predicted class / its per-row max |value|
+        maps_true.npy                 float16 [n_wrong, M, M] map of the true class, wrong rows only
+        desc_positive.npy             float32 [n, D*D] unit-mass pooled positive relevance
+        desc_absolute.npy             float32 [n, D*D] unit-mass pooled |relevance|
+        foreground.npy                uint8 [n, ceil(M*M/8)] packed bits (only when a foreground is known)
+        errors.parquet                id, path, reason of every image of the shard's range that was skipped
+    DIR/compact-000001/               the same files for many shards at once, plus shards.json (covered shards)
+    DIR/shards/.tmp-*                 a shard being written (ignored by readers, removed on the next run)
+
+Every shard and compaction is written under a temporary name, fsync'ed and renamed, so a reader (or a
+resumed job) only ever sees complete parts.  Maps are stored divided by their max |value| because input-level
+relevance can be far below float16's smallest normal number; the float32 scale lives in the table.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+SHARD_PREFIX = "shard-"
+COMPACT_PREFIX = "compact-"
+TMP_PREFIX = ".tmp-"
+COVERED_NAME = "shards.json"
+
+# Public per-image columns, in order, with their dtypes (docs/contracts.md).
+TABLE_SCHEMA = pa.schema([
+    ("id", pa.int64()),
+    ("path", pa.string()),
+    ("label", pa.int64()),
+    ("pred", pa.int64()),
+    ("label_name", pa.string()),
+    ("pred_name", pa.string()),
+    ("confidence", pa.float32()),
+    ("top5_classes", pa.list_(pa.int64())),
+    ("top5_probs", pa.list_(pa.float32())),
+    ("correct", pa.bool_()),
+    ("background_share", pa.float32()),
+    ("background_hotspot", pa.float32()),
+    ("border_share", pa.float32()),
+    ("concentration", pa.float32()),
+    ("has_foreground", pa.bool_()),
+])
+# Internal columns: how to find and rescale the stored maps of a row.
+INTERNAL_SCHEMA = pa.schema([
+    ("_scale_pred", pa.float32()),
+    ("_scale_true", pa.float32()),   # NaN for correct rows
+    ("_true_row", pa.int64()),       # row in maps_true.npy of the same part, -1 for correct rows
+])
+STORED_SCHEMA = pa.schema(list(TABLE_SCHEMA) + list(INTERNAL_SCHEMA))
+ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
+
+DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.npy"}
+
+
+class CacheError(Exception):
+    """A cache directory that is missing, corrupt or not a cache (the message is one line)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small durable-write helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _save_parquet(path: Path, table: pa.Table) -> None:
+    pq.write_table(table, path)
+    _fsync_path(path)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so that readers see either the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_PREFIX}{index:08d}"
+
+
+def _parse_index(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix):
+        return None
+    digits = name[len(prefix):]
+    return int(digits) if digits.isdigit() else None
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ShardRecords:
+    """Everything the job produced for one shard, in the order of `rows.id` (ascending).
+
+    rows: DataFrame with the public columns of TABLE_SCHEMA (one row per explained image).
+    maps_pred: float32 [n, M, M] map of the predicted class.
+    maps_true: float32 [n_wrong, M, M] map of the true class, for the rows with correct == False, in row order.
+    descriptors_positive / descriptors_absolute: float32 [n, D*D].
+    foreground: bool [n, M, M], or None when the job has no foreground source.
+    errors: DataFrame with columns id, path, reason (images of the shard's id range that were skipped).
+    """
+
+    rows: pd.DataFrame
+    maps_pred: np.ndarray
+    maps_true: np.ndarray
+    descriptors_positive: np.ndarray
+    descriptors_absolute: np.ndarray
+    foreground: np.ndarray | None
+    errors: pd.DataFrame
+
+    def validate(self) -> None:
+        n = len(self.rows)
+        if self.maps_pred.shape[0] != n:
+            raise ValueError(f"maps_pred has {self.maps_pred.shape[0]} rows for {n} table rows")
+        n_wrong = int((~self.rows["correct"].to_numpy(bool)).sum()) if n else 0
+        if self.maps_true.shape[0] != n_wrong:
+            raise ValueError(f"maps_true has {self.maps_true.shape[0]} rows for {n_wrong} wrong predictions")
+        for name in ("descriptors_positive", "descriptors_absolute"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"{name} has {getattr(self, name).shape[0]} rows for {n} table rows")
+        if self.foreground is not None and self.foreground.shape[0] != n:
+            raise ValueError(f"foreground has {self.foreground.shape[0]} rows for {n} table rows")
+        ids = self.rows["id"].to_numpy(np.int64)
+        if n and np.any(np.diff(ids) <= 0):
+            raise ValueError("rows must be sorted by id without duplicates")
+
+
+def normalise_maps(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split float32 maps [n, M, M] into float16 maps with max |value| 1 and a float32 scale per map.
+
+    A map of zeros keeps scale 0 (multiplying back gives zeros); non-finite values are left as they are.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[0] == 0:
+        return maps.astype(np.float16), np.zeros(0, np.float32)
+    flat = maps.reshape(maps.shape[0], -1)
+    scale = np.where(np.isfinite(flat), np.abs(flat), 0.0).max(axis=1).astype(np.float32)
+    divisor = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    stored = (maps / divisor[:, None, None]).astype(np.float16)
+    return stored, scale
+
+
+def pack_foreground(masks: np.ndarray) -> np.ndarray:
+    """bool [n, M, M] -> uint8 [n, ceil(M*M/8)] (np.packbits along the flattened map)."""
+    masks = np.asarray(masks, dtype=bool)
+    return np.packbits(masks.reshape(masks.shape[0], -1), axis=1)
+
+
+def unpack_foreground(packed: np.ndarray, map_size: int) -> np.ndarray:
+    bits = np.unpackbits(np.asarray(packed), axis=1, count=map_size * map_size)
+    return bits.reshape(packed.shape[0], map_size, map_size).astype(bool)
+
+
+def _stored_table(records: ShardRecords, scale_pred: np.ndarray, scale_true: np.ndarray) -> pa.Table:
+    rows = records.rows
+    n = len(rows)
+    correct = rows["correct"].to_numpy(bool) if n else np.zeros(0, bool)
+    true_row = np.full(n, -1, np.int64)
+    true_row[~correct] = np.arange(int((~correct).sum()), dtype=np.int64)
+    full_scale_true = np.full(n, np.nan, np.float32)
+    full_scale_true[~correct] = scale_true
+    columns = {}
+    for field in TABLE_SCHEMA:
+        if field.name in rows.columns:
+            columns[field.name] = pa.array(rows[field.name].tolist(), type=field.type)
+        elif field.name == "has_foreground":
+            columns[field.name] = pa.array(np.zeros(n, bool), type=field.type)
+        else:
+            raise ValueError(f"shard rows lack column {field.name!r}")
+    columns["_scale_pred"] = pa.array(scale_pred.astype(np.float32), type=pa.float32())
+    columns["_scale_true"] = pa.array(full_scale_true, type=pa.float32())
+    columns["_true_row"] = pa.array(true_row, type=pa.int64())
+    return pa.table(columns, schema=STORED_SCHEMA)
+
+
+def _errors_table(errors: pd.DataFrame | None) -> pa.Table:
+    if errors is None or len(errors) == 0:
+        return ERRORS_SCHEMA.empty_table()
+    return pa.table({
+        "id": pa.array(errors["id"].astype(np.int64).tolist(), type=pa.int64()),
+        "path": pa.array(errors["path"].astype(str).tolist(), type=pa.string()),
+        "reason": pa.array(errors["reason"].astype(str).tolist(), type=pa.string()),
+    }, schema=ERRORS_SCHEMA)
+
+
+class CacheWriter:
+    """Writes committed shards, the manifest and compactions into one cache directory.
+
+    Several processes (torchrun ranks) may hold a writer on the same directory: each commits only its own
+    shard indices, and only one of them (rank 0) should call `compact` and `write_manifest`.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.shards_dir = self.root / SHARDS_DIR
+
+    # -- directory life cycle --------------------------------------------------------------------------
+    def initialise(self, wipe: bool = False) -> None:
+        """Create the directory tree; `wipe` removes an existing cache first (used by --overwrite)."""
+        if wipe and self.root.exists():
+            wipe_cache_dir(self.root)
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete `.tmp-*` leftovers of killed runs. Call only when no writer of this cache is running."""
+        for parent in (self.root, self.shards_dir):
+            if not parent.is_dir():
+                continue
+            for entry in os.scandir(parent):
+                if entry.name.startswith(TMP_PREFIX):
+                    path = Path(entry.path)
+                    shutil.rmtree(path) if entry.is_dir() else path.unlink(missing_ok=True)
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self.root / MANIFEST_NAME
+        if not path.exists():
+            return None
+        return _read_manifest(path)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.root / MANIFEST_NAME, manifest)
+
+    # -- shards ----------------------------------------------------------------------------------------
+    def committed_shards(self) -> set[int]:
+        """Shard indices already durable on disk (in a shard directory or in the current compaction)."""
+        done: set[int] = set()
+        compaction = _latest_compaction(self.root)
+        if compaction is not None:
+            done.update(_read_covered(compaction))
+        if self.shards_dir.is_dir():
+            for entry in os.scandir(self.shards_dir):
+                index = _parse_index(entry.name, SHARD_PREFIX)
+                if index is not None:
+                    done.add(index)
+        return done
+
+    def write_shard(self, index: int, records: ShardRecords) -> Path:
+        """Commit one shard atomically; raises FileExistsError if that shard is already committed."""
+        records.validate()
+        final = self.shards_dir / shard_name(index)
+        if final.exists():
+            raise FileExistsError(f"shard {index} is already committed in {self.shards_dir}")
+        tmp = self.shards_dir / f"{TMP_PREFIX}{shard_name(index)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            maps_pred, scale_pred = normalise_maps(records.maps_pred)
+            maps_true, scale_true = normalise_maps(records.maps_true)
+            _save_parquet(tmp / "table.parquet", _stored_table(records, scale_pred, scale_true))
+            _save_npy(tmp / "maps_pred.npy", maps_pred)
+            _save_npy(tmp / "maps_true.npy", maps_true)
+            _save_npy(tmp / DESCRIPTOR_FILES["positive"], np.asarray(records.descriptors_positive, np.float32))
+            _save_npy(tmp / DESCRIPTOR_FILES["absolute"], np.asarray(records.descriptors_absolute, np.float32))
+            if records.foreground is not None:
+                _save_npy(tmp / "foreground.npy", pack_foreground(records.foreground))
+            _save_parquet(tmp / "errors.parquet", _errors_table(records.errors))
+            _fsync_path(tmp)
+            try:
+                os.rename(tmp, final)  # atomic: readers see the whole shard or nothing
+            except OSError as error:
+                if error.errno in (errno.EEXIST, errno.ENOTEMPTY):  # committed meanwhile by another process
+                    raise FileExistsError(f"shard {index} is already committed in {self.shards_dir}") from None
+                raise
+            _fsync_path(self.shards_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    # -- compaction ------------------------------------------------------------------------------------
+    def compact(self, chunk_rows: int = 4096) -> Path | None:
+        """Merge the current compaction and all committed shards into one new compaction, then delete them.
+
+        Streams `chunk_rows` rows at a time, so memory stays bounded for any cache size. Returns the new
+        compaction directory, or None when there was nothing to merge. Safe against kill -9 at any point:
+        until the rename the old parts are untouched; after it, readers prefer the new compaction and ignore
+        the shards it lists, which are deleted last.
+        """
+        previous = _latest_compaction(self.root)
+        shard_dirs = _list_shards(self.shards_dir)
+        covered = set(_read_covered(previous)) if previous is not None else set()
+        new_shards = {i: p for i, p in shard_dirs.items() if i not in covered}
+        if not new_shards:
+            for path in shard_dirs.values():  # leftovers of a compaction killed before its cleanup
+                _remove_atomically(path)
+            return None
+        view = _PartsView.open(self.root)
+        sequence = (_parse_index(previous.name, COMPACT_PREFIX) if previous is not None else 0) + 1
+        final = self.root / f"{COMPACT_PREFIX}{sequence:06d}"
+        tmp = self.root / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            view.write_consolidated(tmp, chunk_rows)
+            with open(tmp / COVERED_NAME, "w", encoding="utf-8") as handle:
+                json.dump(sorted(covered | set(new_shards)), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_path(tmp)
+            os.rename(tmp, final)
+            _fsync_path(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if previous is not None:
+            _remove_atomically(previous)
+        for path in shard_dirs.values():
+            _remove_atomically(path)
+        return final
+
+
+def _remove_atomically(path: Path) -> None:
+    """Rename to a temporary name, then delete: a reader sees the whole part or none of it, never half."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def wipe_cache_dir(root: Path) -> None:
+    """Remove the cache files of `root` (only names this module writes; other files are left alone)."""
+    root = Path(root)
+    for entry in os.scandir(root):
+        name = entry.name
+        if name in (MANIFEST_NAME, SHARDS_DIR) or name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
+            path = Path(entry.path)
+            shutil.rmtree(path) if entry.is_dir() and not entry.is_symlink() else path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"corrupt cache manifest {path}: {exc}") from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise CacheError(f"{path} is not an explanation cache manifest (no format_version)")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise CacheError(f"cache {path.parent} has format version {manifest['format_version']}, "
+                         f"this code reads version {FORMAT_VERSION}: re-run the job with --overwrite")
+    return manifest
+
+
+def _latest_compaction(root: Path) -> Path | None:
+    best: tuple[int, Path] | None = None
+    if not root.is_dir():
+        return None
+    for entry in os.scandir(root):
+        index = _parse_index(entry.name, COMPACT_PREFIX)
+        if index is not None and (best is None or index > best[0]):
+            best = (index, Path(entry.path))
+    return None if best is None else best[1]
+
+
+def _read_covered(compaction: Path) -> list[int]:
+    try:
+        with open(compaction / COVERED_NAME, encoding="utf-8") as handle:
+            return [int(i) for i in json.load(handle)]
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError) and not compaction.exists():
+            raise
+        raise CacheError(f"corrupt compaction {compaction}: {exc}") from None
+
+
+def _list_shards(shards_dir: Path) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    if shards_dir.is_dir():
+        for entry in os.scandir(shards_dir):
+            index = _parse_index(entry.name, SHARD_PREFIX)
+            if index is not None:
+                found[index] = Path(entry.path)
+    return found
+
+
+@dataclass
+class _Part:
+    """One committed shard or compaction, with its arrays memory-mapped (nothing read until indexed)."""
+
+    path: Path
+    maps_pred: np.ndarray
+    maps_true: np.ndarray
+    descriptors: dict[str, np.ndarray]
+    foreground: np.ndarray | None
+
+    @classmethod
+    def open(cls, path: Path) -> "_Part":
+        def load(name: str) -> np.ndarray:
+            return np.load(path / name, mmap_mode="r", allow_pickle=False)
+
+        fg_path = path / "foreground.npy"
+        return cls(
+            path=path,
+            maps_pred=load("maps_pred.npy"),
+            maps_true=load("maps_true.npy"),
+            descriptors={kind: load(name) for kind, name in DESCRIPTOR_FILES.items()},
+            foreground=load("foreground.npy") if fg_path.exists() else None,
+        )
+
+
+class _PartsView:
+    """The union of the committed parts of a cache, indexed by position in id order."""
+
+    def __init__(self, parts: list[_Part], stored: pa.Table, part_of_row: np.ndarray, row_in_part: np.ndarray,
+                 errors: pa.Table):
+        order = np.argsort(stored.column("id").to_numpy(), kind="stable")
+        if len(order) and np.any(order != np.arange(len(order))):
+            stored = stored.take(pa.array(order))
+            part_of_row = part_of_row[order]
+            row_in_part = row_in_part[order]
+        self.parts = parts
+        self.stored = stored
+        self.ids = stored.column("id").to_numpy().astype(np.int64, copy=False)
+        if len(self.ids) > 1 and np.any(np.diff(self.ids) == 0):
+            dup = self.ids[1:][np.diff(self.ids) == 0][0]
+            raise CacheError(f"corrupt cache: image id {dup} is stored twice")
+        self.part_of_row = part_of_row
+        self.row_in_part = row_in_part
+        self.scale_pred = stored.column("_scale_pred").to_numpy(zero_copy_only=False).astype(np.float32)
+        self.scale_true = stored.column("_scale_true").to_numpy(zero_copy_only=False).astype(np.float32)
+        self.true_row = stored.column("_true_row").to_numpy().astype(np.int64, copy=False)
+        self.errors = errors
+
+    @classmethod
+    def open(cls, root: Path, attempts: int = 5) -> "_PartsView":
+        # A compaction running concurrently may delete shards between our listing and our reads; the new
+        # compaction then holds them, so listing again gives a consistent view.
+        for attempt in range(attempts):
+            try:
+                return cls._open_once(root)
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise CacheError(f"cache {root} keeps changing under the reader; try again") from None
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_once(cls, root: Path) -> "_PartsView":
+        compaction = _latest_compaction(root)
+        covered = set(_read_covered(compaction)) if compaction is not None else set()
+        part_paths = [] if compaction is None else [compaction]
+        part_paths += [p for i, p in sorted(_list_shards(root / SHARDS_DIR).items()) if i not in covered]
+        parts, tables, errors, part_of_row, row_in_part = [], [], [], [], []
+        for number, path in enumerate(part_paths):
+            try:
+                table = pq.read_table(path / "table.parquet", schema=STORED_SCHEMA)
+                errors.append(pq.read_table(path / "errors.parquet", schema=ERRORS_SCHEMA))
+                part = _Part.open(path)
+            except FileNotFoundError:
+                if not path.exists():
+                    raise  # removed by a concurrent compaction: retried by `open`
+                raise CacheError(f"corrupt cache part {path}: a file is missing") from None
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise CacheError(f"corrupt cache part {path}: {str(exc).splitlines()[0]}") from None
+            if part.maps_pred.shape[0] != table.num_rows:
+                raise CacheError(f"corrupt cache part {path}: {part.maps_pred.shape[0]} maps for "
+                                 f"{table.num_rows} rows")
+            parts.append(part)
+            tables.append(table)
+            part_of_row.append(np.full(table.num_rows, number, np.int32))
+            row_in_part.append(np.arange(table.num_rows, dtype=np.int64))
+        stored = pa.concat_tables(tables) if tables else STORED_SCHEMA.empty_table()
+        all_errors = pa.concat_tables(errors) if errors else ERRORS_SCHEMA.empty_table()
+        return cls(parts, stored,
+                   np.concatenate(part_of_row) if part_of_row else np.zeros(0, np.int32),
+                   np.concatenate(row_in_part) if row_in_part else np.zeros(0, np.int64),
+                   all_errors)
+
+    # -- gathering ---------------------------------------------------------------------------------------
+    def positions(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.minimum(pos, max(len(self.ids) - 1, 0))
+        if len(self.ids) == 0 or np.any(self.ids[pos] != ids):
+            missing = ids if len(self.ids) == 0 else ids[self.ids[pos] != ids]
+            raise KeyError(f"image ids not in the cache: {missing[:10].tolist()}")
+        return pos
+
+    def _gather(self, positions: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, _Part]]:
+        """Group positions by part: (indices into `positions`, rows inside the part, the part)."""
+        out = []
+        part_numbers = self.part_of_row[positions]
+        for number in np.unique(part_numbers):
+            where = np.nonzero(part_numbers == number)[0]
+            rows = self.row_in_part[positions[where]]
+            out.append((where, rows, self.parts[int(number)]))
+        return out
+
+    def raw_maps(self, positions: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """float16 stored maps and float32 scales for `positions` (which: 'pred' or 'true')."""
+        if len(self.parts) == 0 or len(positions) == 0:
+            size = self.parts[0].maps_pred.shape[1:] if self.parts else (0, 0)
+            return np.zeros((len(positions), *size), np.float16), np.zeros(len(positions), np.float32)
+        size = self.parts[0].maps_pred.shape[1:]
+        out = np.empty((len(positions), *size), np.float16)
+        scale = self.scale_pred[positions].copy()
+        use_true = np.zeros(len(positions), bool)
+        if which == "true":
+            use_true = self.true_row[positions] >= 0
+            scale[use_true] = self.scale_true[positions[use_true]]
+        for where, rows, part in self._gather(positions):
+            true_mask = use_true[where]
+            if (~true_mask).any():
+                sel = where[~true_mask]
+                out[sel] = _take_rows(part.maps_pred, rows[~true_mask])
+            if true_mask.any():
+                sel = where[true_mask]
+                out[sel] = _take_rows(part.maps_true, self.true_row[positions[sel]])
+        return out, scale
+
+    def descriptors(self, positions: np.ndarray, kind: str) -> np.ndarray:
+        dim = self.parts[0].descriptors[kind].shape[1] if self.parts else 0
+        out = np.empty((len(positions), dim), np.float32)
+        for where, rows, part in self._gather(positions):
+            out[where] = _take_rows(part.descriptors[kind], rows)
+        return out
+
+    def has_foreground_arrays(self) -> bool:
+        return bool(self.parts) and all(part.foreground is not None for part in self.parts)
+
+    def packed_foreground(self, positions: np.ndarray) -> np.ndarray:
+        width = self.parts[0].foreground.shape[1]
+        out = np.empty((len(positions), width), np.uint8)
+        for where, rows, part in self._gather(positions):
+            out[where] = _take_rows(part.foreground, rows)
+        return out
+
+    # -- compaction --------------------------------------------------------------------------------------
+    def write_consolidated(self, target: Path, chunk_rows: int) -> None:
+        """Write all rows, in id order, as one part into the (empty) directory `target`."""
+        n = len(self.ids)
+        size = self.parts[0].maps_pred.shape[1:]
+        wrong = np.nonzero(self.true_row >= 0)[0]
+        true_row = np.full(n, -1, np.int64)
+        true_row[wrong] = np.arange(len(wrong), dtype=np.int64)
+        stored = self.stored.set_column(self.stored.schema.get_field_index("_true_row"), "_true_row",
+                                        pa.array(true_row, type=pa.int64()))
+        _save_parquet(target / "table.parquet", stored)
+        err_order = np.argsort(self.errors.column("id").to_numpy(), kind="stable")
+        _save_parquet(target / "errors.parquet", self.errors.take(pa.array(err_order)))
+
+        def stream(name: str, shape: tuple[int, ...], dtype: Any, fill: "callable", count: int) -> None:
+            out = np.lib.format.open_memmap(target / name, mode="w+", dtype=dtype, shape=(count, *shape))
+            for start in range(0, count, chunk_rows):
+                stop = min(start + chunk_rows, count)
+                out[start:stop] = fill(start, stop)
+            out.flush()
+            del out
+            _fsync_path(target / name)
+
+        all_pos = np.arange(n)
+        stream("maps_pred.npy", size, np.float16, lambda a, b: self.raw_maps(all_pos[a:b], "pred")[0], n)
+        stream("maps_true.npy", size, np.float16, lambda a, b: self.raw_maps(wrong[a:b], "true")[0], len(wrong))
+        for kind, name in DESCRIPTOR_FILES.items():
+            dim = self.parts[0].descriptors[kind].shape[1]
+            stream(name, (dim,), np.float32, lambda a, b, k=kind: self.descriptors(all_pos[a:b], k), n)
+        if self.has_foreground_arrays():
+            width = self.parts[0].foreground.shape[1]
+            stream("foreground.npy", (width,), np.uint8, lambda a, b: self.packed_foreground(all_pos[a:b]), n)
+
+
+def _take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Fancy-index a memory map in ascending row order (sequential reads), returning rows in request order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > 1 and np.any(np.diff(rows) < 0):
+        order = np.argsort(rows, kind="stable")
+        taken = np.asarray(array[rows[order]])
+        out = np.empty_like(taken)
+        out[order] = taken
+        return out
+    return np.asarray(array[rows])
+
+
+class Cache:
+    """Read-only view of the committed part of an explanation cache (see `load`)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], view: _PartsView):
+        self.root = root
+        self.manifest = manifest
+        self._view = view
+        self._table: pd.DataFrame | None = None
+        self._errors: pd.DataFrame | None = None
+
+    # -- metadata ----------------------------------------------------------------------------------------
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per explained image, sorted by id (public columns only); built on first access."""
+        if self._table is None:
+            public = self._view.stored.select([f.name for f in TABLE_SCHEMA])
+            self._table = public.to_pandas()
+        return self._table
+
+    @property
+    def errors(self) -> pd.DataFrame:
+        """Every skipped image: columns path, reason (and id)."""
+        if self._errors is None:
+            errors = self._view.errors
+            order = np.argsort(errors.column("id").to_numpy(), kind="stable")
+            frame = errors.take(pa.array(order)).to_pandas()
+            self._errors = frame[["path", "reason", "id"]].reset_index(drop=True)
+        return self._errors
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Ids of the explained images, ascending (same order as `table`)."""
+        return self._view.ids
+
+    def __len__(self) -> int:
+        return len(self._view.ids)
+
+    @property
+    def map_size(self) -> int:
+        return int(self.manifest.get("options", {}).get("map_size", 0))
+
+    @property
+    def complete(self) -> bool:
+        """True once the job finished on every rank (the manifest's `finished` stamp is set)."""
+        return bool(self.manifest.get("finished"))
+
+    # -- arrays ------------------------------------------------------------------------------------------
+    def maps(self, ids: Sequence[int] | np.ndarray, which: str = "pred") -> np.ndarray:
+        """float32 [len(ids), S, S] relevance maps; which='true' gives the true-class map (pred map if correct)."""
+        if which not in ("pred", "true"):
+            raise ValueError(f"which must be 'pred' or 'true', not {which!r}")
+        positions = self._view.positions(ids)
+        stored, scale = self._view.raw_maps(positions, which)
+        return stored.astype(np.float32) * scale[:, None, None]
+
+    def descriptors(self, ids: Sequence[int] | np.ndarray | None = None, kind: str = "positive") -> np.ndarray:
+        """float32 [n, D*D] unit-mass pooled maps, for `ids` or for every row in table order."""
+        if kind not in DESCRIPTOR_FILES:
+            raise ValueError(f"kind must be one of {sorted(DESCRIPTOR_FILES)}, not {kind!r}")
+        positions = np.arange(len(self)) if ids is None else self._view.positions(ids)
+        return self._view.descriptors(positions, kind)
+
+    def foreground(self, ids: Sequence[int] | np.ndarray) -> np.ndarray | None:
+        """bool [len(ids), S, S] foreground at map size, or None when the cache has no foreground source.
+
+        Rows whose image had no mask/box (has_foreground False) are all False.
+        """
+        positions = self._view.positions(ids)
+        if not self._view.has_foreground_arrays():
+            return None
+        size = self._view.parts[0].maps_pred.shape[1]
+        return unpack_foreground(self._view.packed_foreground(positions), size)
+
+    def image_path(self, id: int) -> Path:
+        """Absolute path of an explained image inside the manifest's dataset root."""
+        position = self._view.positions([id])[0]
+        relative = self._view.stored.column("path")[int(position)].as_py()
+        root = Path(self.manifest["dataset"]["root"]).resolve()
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            raise CacheError(f"image path {relative!r} escapes the dataset root {root}")
+        return path
+
+
+def load(root: Path | str) -> Cache:
+    """Open a cache directory (fast: parquet tables are read, arrays are memory-mapped)."""
+    root = Path(root)
+    if not root.exists():
+        raise CacheError(f"cache directory not found: {root}")
+    if not root.is_dir():
+        raise CacheError(f"not a directory: {root}")
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise CacheError(f"not an explanation cache (no {MANIFEST_NAME}): {root}")
+    manifest = _read_manifest(manifest_path)
+    view = _PartsView.open(root)
+    return Cache(root, manifest, view)

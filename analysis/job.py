@@ -1,0 +1,657 @@
+"""`python -m analysis explain`: explain a whole labelled dataset into a resumable, shardable cache.
+
+Method (what is computed per batch) is `explain_batch`; machinery (validation, sharding, resume, ranks,
+data loading, commits) is the rest. Image id = index in the sorted dataset list (after --limit); shard k
+holds ids [k*S, (k+1)*S); with torchrun, rank r takes the shards k with k % world_size == r. A shard is
+committed atomically (see analysis.cache), so a rerun skips committed shards: no duplicates, no gaps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.cache import (FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, CacheError, CacheWriter, ShardRecords,
+                            load, now_iso)
+from analysis.models import LoadedModel, ModelSpecError, load_model
+from analysis.scores import all_scores, descriptors, resize_maps
+from data.datasets import (Batch, DatasetError, DatasetListing, ExplainDataset, attach_boxes, attach_masks,
+                           collate_items, evenly_spaced, list_dataset, load_image, to_model_mode)
+
+COMMAND = "explain"
+HELP = "explain a labelled dataset into a resumable cache (the dashboard's input)"
+BASES = ("gradcam", "scorecam", "gradcam++", "xgradcam", "layercam")
+# Options that do not change any stored number: they may differ between a run and its resume.
+RUNTIME_OPTIONS = ("batch_size", "device", "workers")
+
+
+class SetupError(Exception):
+    """A problem found before any work starts: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `explain` options on a (sub)parser."""
+    io = parser.add_argument_group("data, model and output")
+    io.add_argument("--data", required=True, type=Path,
+                    help="an ImageFolder tree root/<class>/<image>, or a CSV manifest with columns path,label "
+                         "[,mask][,x0,y0,x1,y1] (paths relative to the CSV)")
+    io.add_argument("--model", required=True,
+                    help="torchvision:NAME, package.module:callable or path/to/file.py:callable (the callable "
+                         "returns an nn.Module or (nn.Module, transform))")
+    io.add_argument("--out", required=True, type=Path,
+                    help="cache directory; re-running the same command on it resumes where it stopped")
+    io.add_argument("--overwrite", action="store_true",
+                    help="wipe an existing cache in --out (needed when the options differ)")
+    io.add_argument("--limit", type=_positive_int, default=None,
+                    help="explain only N images, evenly spaced over the sorted list (all classes appear)")
+    io.add_argument("--classes", type=Path, default=None,
+                    help="class names, one per line, line i = model output i (default: the sorted class "
+                         "folder / label names, or the torchvision weights' categories when the labels are "
+                         "among them)")
+    model = parser.add_argument_group("model loading and preprocessing")
+    model.add_argument("--weights", default=None,
+                       help="torchvision weights enum name, e.g. DEFAULT or ResNet50_Weights.IMAGENET1K_V2 "
+                            "(downloaded by torchvision; with --checkpoint only its preprocessing is used)")
+    model.add_argument("--checkpoint", type=Path, default=None,
+                       help="a state dict file (.pth), loaded with torch.load(weights_only=True)")
+    model.add_argument("--num-classes", type=_positive_int, default=None,
+                       help="number of outputs for a torchvision model built without --weights")
+    model.add_argument("--image-size", type=_positive_int, default=None,
+                       help="resize images to SIZE x SIZE when no transform comes with the model (then 224)")
+    model.add_argument("--mean", type=float, nargs="+", default=None,
+                       help="normalisation mean per channel (default: ImageNet's) when no transform comes "
+                            "with the model")
+    model.add_argument("--std", type=float, nargs="+", default=None,
+                       help="normalisation std per channel (default: ImageNet's)")
+    method = parser.add_argument_group("explanation")
+    method.add_argument("--base", default="gradcam", choices=BASES, help="the CAM whose components FG-CAM refines")
+    method.add_argument("--target-layer", default="input",
+                        help="module name whose output the maps explain, or 'input' for pixel-level maps")
+    method.add_argument("--cam-layer", default=None,
+                        help="module name of the CAM layer (default: the last spatial layer before the head)")
+    method.add_argument("--denoise", action="store_true", help="FG-CAM's low-rank denoising of the components")
+    method.add_argument("--map-size", type=_positive_int, default=64,
+                        help="stored map resolution (maps are area-resized to SIZE x SIZE)")
+    method.add_argument("--descriptor-size", type=_positive_int, default=16,
+                        help="descriptor resolution D (D x D unit-mass pooled map, for clustering)")
+    fg = method.add_mutually_exclusive_group()
+    fg.add_argument("--masks", type=Path, default=None,
+                    help="folder of foreground mask PNGs mirroring the image tree (a/b.jpg -> MASKS/a/b.png)")
+    fg.add_argument("--boxes", type=Path, default=None,
+                    help="CSV path,x0,y0,x1,y1 of foreground boxes in pixels (x1, y1 exclusive; several rows "
+                         "per image: union)")
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
+    run_group.add_argument("--shard-size", type=_positive_int, default=None,
+                           help="images per committed shard (default: the batch size, or the existing cache's "
+                                "shard size when resuming); a crash loses at most one shard per rank")
+    run_group.add_argument("--device", default=None,
+                           help="torch device (default: cuda when available, else cpu; with torchrun, "
+                                "cuda:LOCAL_RANK)")
+    run_group.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
+                           help="data loading worker processes (0: load in the main process)")
+    run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised: bool = False
+
+    @classmethod
+    def from_environment(cls) -> "Ranks":
+        try:
+            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+        except ValueError:
+            raise SetupError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+
+    def barrier(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        if not self.initialised:
+            # gloo on CPU is enough: the ranks only ever wait for each other, they exchange no tensors.
+            # A long timeout: rank 0 waits at the end for the slowest rank to finish its shards.
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=timedelta(days=7))
+            self.initialised = True
+        dist.barrier()
+
+    def close(self) -> None:
+        if self.initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.initialised = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation (everything before any work)
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class JobPlan:
+    out: Path
+    listing: DatasetListing
+    labels: list[int]                 # model output index of each listed image's label
+    class_names: list[str]            # index = model output
+    loaded: LoadedModel
+    explainer: Any                    # analysis.fgcam.FGCAM
+    device: torch.device
+    target_layer: str
+    map_size: int
+    descriptor_size: int
+    shard_size: int
+    batch_size: int
+    workers: int
+    manifest: dict[str, Any]          # the manifest to write (or the existing one when resuming)
+    existing: bool                    # an identical cache exists: resume it
+    wipe: bool                        # --overwrite on an existing cache
+    quiet: bool
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.listing.samples) + self.shard_size - 1) // self.shard_size
+
+
+def _normalised_spec(spec: str) -> str:
+    """A spec that is the same from any working directory (file paths made absolute)."""
+    if ":" in spec:
+        target, name = spec.rsplit(":", 1)
+        if target.endswith(".py"):
+            return f"{Path(target).resolve()}:{name}"
+    return spec
+
+
+def _software_versions() -> dict[str, str]:
+    import PIL
+    import pyarrow
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
+            "pillow": PIL.__version__}
+
+
+def _pick_device(requested: str | None, ranks: Ranks) -> torch.device:
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise SetupError(f"--device {requested!r}: not a torch device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(f"--device {requested}: CUDA is not available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise SetupError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _class_mapping(listing: DatasetListing, loaded: LoadedModel, classes_file: Path | None) -> list[str]:
+    if classes_file is not None:
+        if not classes_file.is_file():
+            raise SetupError(f"--classes {classes_file}: no such file")
+        names = [line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(set(names)) != len(names):
+            raise SetupError(f"--classes {classes_file}: a class name appears twice")
+        missing = sorted(set(listing.label_names) - set(names))
+        if missing:
+            raise SetupError(f"--classes {classes_file}: dataset labels not listed: {', '.join(missing[:10])}"
+                             + (" ..." if len(missing) > 10 else ""))
+        return names
+    if loaded.output_names and set(listing.label_names) <= set(loaded.output_names):
+        return list(loaded.output_names)
+    return list(listing.label_names)
+
+
+def _dry_run(plan_model: LoadedModel, explainer: Any, listing: DatasetListing, device: torch.device,
+             target_layer: str) -> int:
+    """Explain one image (the first readable one) to check layers and ops; returns the number of outputs."""
+    from PIL import Image
+
+    image = None
+    for sample in listing.samples[:20]:
+        try:
+            image = load_image(listing.root / sample.path)
+            break
+        except Exception:
+            continue
+    if image is None:
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+    try:
+        tensor = plan_model.transform(to_model_mode(image, plan_model.in_channels))
+    except Exception as error:
+        raise SetupError(f"the model's preprocessing fails on {listing.samples[0].path}: "
+                         f"{type(error).__name__}: {error}") from None
+    try:
+        result = explainer(tensor[None].to(device), target_layer=target_layer)
+    except ValueError as error:
+        raise SetupError(str(error).splitlines()[0]) from None
+    except Exception as error:  # UnsupportedOperation, shape errors of a wrong --image-size, ...
+        raise SetupError(f"explaining a first image failed: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    if result.maps.dim() != 3 or result.logits.dim() != 2:
+        raise SetupError(f"the engine returned maps {tuple(result.maps.shape)} and logits "
+                         f"{tuple(result.logits.shape)}; expected [N, H, W] and [N, classes]")
+    return int(result.logits.shape[1])
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a manifest that must match for a resume."""
+    options = {k: v for k, v in manifest.get("options", {}).items() if k not in RUNTIME_OPTIONS}
+    model = {k: manifest.get("model", {}).get(k) for k in ("spec", "weights_sha256", "checkpoint", "num_classes")}
+    dataset = {k: manifest.get("dataset", {}).get(k) for k in ("root", "fingerprint", "n_images")}
+    return {"options": options, "model": model, "dataset": dataset, "class_names": manifest.get("class_names")}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _identity(old), _identity(new)
+    names = {"model.spec": "--model", "model.weights_sha256": "model weights", "model.checkpoint": "--checkpoint",
+             "model.num_classes": "--num-classes", "dataset.root": "--data", "dataset.fingerprint": "dataset files",
+             "dataset.n_images": "number of images", "class_names": "class names"}
+    diffs = []
+    for section in ("model", "dataset", "options"):
+        for key in sorted(set(a[section]) | set(b[section])):
+            if a[section].get(key) != b[section].get(key):
+                label = names.get(f"{section}.{key}", "--" + key.replace("_", "-"))
+                if label == "dataset files" or label == "model weights":
+                    diffs.append(label)
+                else:
+                    diffs.append(f"{label} {a[section].get(key)!r} -> {b[section].get(key)!r}")
+    if a["class_names"] != b["class_names"]:
+        diffs.append("class names")
+    return diffs
+
+
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.resolve())
+
+
+def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
+    """Validate everything and build the plan; raises SetupError (nothing has been written yet)."""
+    from analysis.fgcam import FGCAM
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--out {out}: exists and is not a directory")
+    existing_manifest = None
+    if out.is_dir():
+        manifest_path = out / MANIFEST_NAME
+        if manifest_path.exists():
+            try:
+                existing_manifest = CacheWriter(out).read_manifest()
+            except CacheError as error:
+                if not args.overwrite:
+                    raise SetupError(f"{error}; use --overwrite to replace it") from None
+        else:
+            foreign = [p.name for p in out.iterdir() if p.name != SHARDS_DIR and not p.name.startswith(".tmp-")
+                       and not p.name.startswith("compact-")]
+            if foreign:
+                raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "
+                                 "choose a new or empty directory")
+
+    for option, path in (("--masks", args.masks), ("--boxes", args.boxes), ("--classes", args.classes),
+                         ("--checkpoint", args.checkpoint)):
+        if path is not None and not path.exists():
+            raise SetupError(f"{option} {path}: no such file or directory")
+    try:
+        listing = list_dataset(args.data)
+        if args.masks is not None:
+            attach_masks(listing, args.masks)
+        if args.boxes is not None:
+            attach_boxes(listing, args.boxes)
+    except (DatasetError, OSError) as error:
+        raise SetupError(str(error).splitlines()[0]) from None
+    listed = len(listing.samples)
+    listing.samples = [listing.samples[i] for i in evenly_spaced(listed, args.limit)]
+
+    device = _pick_device(args.device, ranks)
+    try:
+        loaded = load_model(args.model, weights=args.weights, checkpoint=args.checkpoint,
+                            num_classes=args.num_classes, image_size=args.image_size, mean=args.mean, std=args.std)
+    except ModelSpecError as error:
+        raise SetupError(str(error)) from None
+    if listing.has_foreground and loaded.mask_geometry is None:
+        raise SetupError("foreground masks/boxes need a model transform made of Resize/CenterCrop/ToTensor/"
+                         "Normalize steps (to place the masks like the pixels); give the callable such a "
+                         "transform or use --image-size/--mean/--std")
+    model = loaded.model.to(device)
+    try:
+        explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise)
+    except ValueError as error:
+        raise SetupError(str(error).splitlines()[0]) from None
+    except Exception as error:  # UnsupportedOperation: a model the engine cannot trace
+        raise SetupError(f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+    outputs = _dry_run(loaded, explainer, listing, device, args.target_layer)
+
+    class_names = _class_mapping(listing, loaded, args.classes)
+    if outputs != len(class_names):
+        source = f"--classes {args.classes} lists" if args.classes else "the dataset has"
+        raise SetupError(f"the model has {outputs} outputs but {source} {len(class_names)} classes; "
+                         "pass --classes FILE with one class name per model output (line i = output i)")
+    index_of = {name: i for i, name in enumerate(class_names)}
+    labels = [index_of[s.label_name] for s in listing.samples]
+
+    shard_size = args.shard_size
+    if shard_size is None:
+        previous = (existing_manifest or {}).get("options", {}).get("shard_size")
+        shard_size = int(previous) if previous and not args.overwrite else args.batch_size
+    options = {
+        "base": args.base, "target_layer": args.target_layer, "cam_layer": explainer.cam_layer,
+        "denoise": bool(args.denoise), "batch_size": args.batch_size, "map_size": args.map_size,
+        "descriptor_size": args.descriptor_size, "masks": _absolute(args.masks), "boxes": _absolute(args.boxes),
+        "limit": args.limit, "shard_size": shard_size, "classes": _absolute(args.classes),
+        "weights": args.weights, "image_size": args.image_size, "mean": args.mean, "std": args.std,
+        "preprocessing": loaded.preprocessing, "device": str(device), "workers": args.workers,
+    }
+    now = now_iso()
+    manifest = {
+        "format_version": FORMAT_VERSION, "created": now, "updated": now, "finished": None,
+        "model": {"spec": _normalised_spec(args.model), "weights_sha256": loaded.weights_sha256,
+                  "checkpoint": _absolute(args.checkpoint), "num_classes": outputs},
+        "dataset": {"root": str(listing.root), "kind": listing.kind, "fingerprint": listing.fingerprint(),
+                    "n_images": len(listing.samples), "n_listed": listed,
+                    "foreground": listing.has_foreground},
+        "options": options, "class_names": class_names,
+        "counts": {"images": len(listing.samples), "explained": 0, "errors": 0, "correct": 0},
+        "software": _software_versions(), "world_size": ranks.world_size,
+    }
+    existing = False
+    if existing_manifest is not None and not args.overwrite:
+        diffs = _differences(existing_manifest, manifest)
+        if diffs:
+            raise SetupError(f"--out {out} holds a cache made with different options ({'; '.join(diffs)}); "
+                             "use --overwrite to replace it, or another --out")
+        existing = True
+        manifest = {**existing_manifest, "world_size": ranks.world_size,
+                    "options": {**existing_manifest["options"], **{k: options[k] for k in RUNTIME_OPTIONS}}}
+    return JobPlan(out=out, listing=listing, labels=labels, class_names=class_names, loaded=loaded,
+                   explainer=explainer, device=device, target_layer=args.target_layer, map_size=args.map_size,
+                   descriptor_size=args.descriptor_size, shard_size=shard_size, batch_size=args.batch_size,
+                   workers=args.workers, manifest=manifest, existing=existing,
+                   wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method: one batch
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class BatchOutput:
+    """CPU results for the explained images of one batch (row order = batch.ids)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    pred: np.ndarray
+    confidence: np.ndarray
+    top_classes: np.ndarray
+    top_probs: np.ndarray
+    maps_pred: np.ndarray             # float32 [n, M, M]
+    maps_true: np.ndarray             # float32 [n_wrong, M, M] (rows where pred != label, in order)
+    scores: dict[str, np.ndarray]
+    descriptors_positive: np.ndarray
+    descriptors_absolute: np.ndarray
+    foreground: np.ndarray | None
+    has_foreground: np.ndarray
+
+
+def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_layer: str, map_size: int,
+                  descriptor_size: int) -> BatchOutput:
+    """Explain the predicted class of every image, and the true class of the misclassified ones.
+
+    Predictions come from the engine's logits (no second forward pass). Scores and descriptors are computed
+    on the predicted-class map at map size, on the device.
+    """
+    images = batch.images.to(device, non_blocking=True)
+    labels = batch.labels.to(device)
+    result = explainer(images, target_layer=target_layer)
+    probs = torch.softmax(result.logits.float(), dim=1)
+    pred = result.classes.to(device)
+    top = probs.topk(min(5, probs.shape[1]), dim=1)
+    maps_pred = resize_maps(result.maps.detach(), map_size)
+    wrong = pred != labels
+    if wrong.any():
+        true_result = explainer(images[wrong], target_layer=target_layer, classes=labels[wrong])
+        maps_true = resize_maps(true_result.maps.detach(), map_size)
+    else:
+        maps_true = maps_pred.new_zeros((0, map_size, map_size))
+    foreground = batch.foreground.to(device) if batch.foreground is not None else None
+    scores = all_scores(maps_pred, foreground, batch.has_foreground)
+    return BatchOutput(
+        ids=batch.ids.numpy(), labels=batch.labels.numpy(), pred=pred.cpu().numpy(),
+        confidence=probs.gather(1, pred[:, None])[:, 0].cpu().numpy().astype(np.float32),
+        top_classes=top.indices.cpu().numpy(), top_probs=top.values.cpu().numpy().astype(np.float32),
+        maps_pred=maps_pred.cpu().numpy(), maps_true=maps_true.cpu().numpy(),
+        scores={name: value.cpu().numpy().astype(np.float32) for name, value in scores.items()},
+        descriptors_positive=descriptors(maps_pred, descriptor_size, "positive").cpu().numpy(),
+        descriptors_absolute=descriptors(maps_pred, descriptor_size, "absolute").cpu().numpy(),
+        foreground=None if batch.foreground is None else batch.foreground.numpy(),
+        has_foreground=batch.has_foreground.numpy(),
+    )
+
+
+def shard_records(outputs: list[BatchOutput], errors: list[tuple[int, str]], plan: JobPlan) -> ShardRecords:
+    """Assemble one shard's rows from its batches (ids ascending)."""
+    m = plan.map_size
+    outputs = [o for o in outputs if len(o.ids)]
+    cat = (lambda name, shape, dtype: np.concatenate([getattr(o, name) for o in outputs]) if outputs
+           else np.zeros(shape, dtype))
+    ids = cat("ids", (0,), np.int64)
+    labels, pred = cat("labels", (0,), np.int64), cat("pred", (0,), np.int64)
+    samples = plan.listing.samples
+    names = plan.class_names
+    rows = pd.DataFrame({
+        "id": ids.astype(np.int64),
+        "path": [samples[i].path for i in ids],
+        "label": labels.astype(np.int64), "pred": pred.astype(np.int64),
+        "label_name": [names[i] for i in labels], "pred_name": [names[i] for i in pred],
+        "confidence": cat("confidence", (0,), np.float32),
+        "top5_classes": [list(map(int, r)) for r in cat("top_classes", (0, 5), np.int64)],
+        "top5_probs": [list(map(float, r)) for r in cat("top_probs", (0, 5), np.float32)],
+        "correct": labels == pred,
+        **{name: (np.concatenate([o.scores[name] for o in outputs]) if outputs else np.zeros(0, np.float32))
+           for name in ("background_share", "background_hotspot", "border_share", "concentration")},
+        "has_foreground": cat("has_foreground", (0,), bool).astype(bool),
+    })
+    foreground = None
+    if plan.listing.has_foreground:
+        parts = [o.foreground if o.foreground is not None else np.zeros((len(o.ids), m, m), bool) for o in outputs]
+        foreground = np.concatenate(parts) if parts else np.zeros((0, m, m), bool)
+    d2 = plan.descriptor_size ** 2
+    return ShardRecords(
+        rows=rows, maps_pred=cat("maps_pred", (0, m, m), np.float32), maps_true=cat("maps_true", (0, m, m), np.float32),
+        descriptors_positive=cat("descriptors_positive", (0, d2), np.float32),
+        descriptors_absolute=cat("descriptors_absolute", (0, d2), np.float32), foreground=foreground,
+        errors=pd.DataFrame({"id": [i for i, _ in errors], "path": [samples[i].path for i, _ in errors],
+                             "reason": [r for _, r in errors]}),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machinery: the shard loop
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _ShardProgress:
+    index: int
+    batches_left: int
+    outputs: list[BatchOutput] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _batches_for(shards: list[int], plan: JobPlan) -> tuple[list[list[int]], list[int]]:
+    """Batches never straddle shards, so a shard is complete right after its last batch."""
+    n = len(plan.listing.samples)
+    batches, owner = [], []
+    for shard in shards:
+        ids = list(range(shard * plan.shard_size, min((shard + 1) * plan.shard_size, n)))
+        for start in range(0, len(ids), plan.batch_size):
+            batches.append(ids[start:start + plan.batch_size])
+            owner.append(shard)
+    return batches, owner
+
+
+def _commit(writer: CacheWriter, shard: int, records: ShardRecords) -> None:
+    try:
+        writer.write_shard(shard, records)
+    except FileExistsError:
+        # Another job on the same --out (same options: the manifest check guarantees it) committed this shard
+        # first; its rows are the same, keeping one copy keeps the cache free of duplicates.
+        print(f"shard {shard} was committed by another process; kept that copy", file=sys.stderr)
+
+
+def explain_shards(plan: JobPlan, writer: CacheWriter, shards: list[int], show_progress: bool) -> int:
+    """Explain and commit `shards`; returns the number of images processed. Commits run in a writer thread
+    (at most two shards queued) so disk syncs overlap the model."""
+    from tqdm import tqdm
+
+    batches, owner = _batches_for(shards, plan)
+    if not batches:
+        return 0
+    dataset = ExplainDataset(plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels,
+                             plan.map_size, plan.loaded.mask_geometry)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=plan.workers, collate_fn=collate_items,
+        pin_memory=plan.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if plan.workers > 0 else None)
+    progress_by_shard: dict[int, _ShardProgress] = {}
+    for shard in owner:
+        progress_by_shard.setdefault(shard, _ShardProgress(shard, 0)).batches_left += 1
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True, smoothing=0.05,
+               desc=f"explain ({len(shards)} shards)")
+    pending: deque[Future] = deque()
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+        for batch, shard in zip(loader, owner):
+            state = progress_by_shard[shard]
+            if len(batch.ids):
+                state.outputs.append(explain_batch(plan.explainer, batch, plan.device, plan.target_layer,
+                                                   plan.map_size, plan.descriptor_size))
+            state.errors.extend(batch.errors)
+            state.batches_left -= 1
+            size = len(batch.ids) + len(batch.errors)
+            done += size
+            bar.update(size)
+            if state.batches_left == 0:
+                records = shard_records(state.outputs, sorted(state.errors), plan)
+                del progress_by_shard[shard]
+                while len(pending) >= 2:  # bounded memory: at most two finished shards wait for the disk
+                    pending.popleft().result()
+                pending.append(pool.submit(_commit, writer, shard, records))
+        while pending:
+            pending.popleft().result()
+    bar.close()
+    return done
+
+
+def _finish(plan: JobPlan, writer: CacheWriter) -> dict[str, Any]:
+    """Rank 0, after every rank is done: compact, count, stamp the manifest as finished."""
+    committed = writer.committed_shards()
+    complete = committed >= set(range(plan.n_shards))
+    if complete:
+        writer.compact()
+    cache = load(plan.out)
+    table = cache.table
+    manifest = writer.read_manifest() or plan.manifest
+    manifest["updated"] = now_iso()
+    manifest["counts"] = {"images": len(plan.listing.samples), "explained": int(len(table)),
+                          "errors": int(len(cache.errors)), "correct": int(table["correct"].sum())}
+    if complete and not manifest.get("finished"):
+        manifest["finished"] = now_iso()
+    writer.write_manifest(manifest)
+    return manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `explain` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
+    try:
+        ranks = Ranks.from_environment()
+        plan = prepare(args, ranks)
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    writer = CacheWriter(plan.out)
+    if ranks.rank == 0:
+        writer.initialise(wipe=plan.wipe)
+        writer.remove_stale_temporaries()
+        if plan.existing:
+            manifest = writer.read_manifest() or plan.manifest
+            manifest["updated"] = now_iso()
+            manifest["options"] = plan.manifest["options"]
+            manifest["world_size"] = ranks.world_size
+            writer.write_manifest(manifest)
+        else:
+            writer.write_manifest(plan.manifest)
+    ranks.barrier()  # nobody lists committed shards before rank 0 wiped or cleaned the directory
+    committed = writer.committed_shards()
+    mine = [k for k in range(plan.n_shards) if k % ranks.world_size == ranks.rank and k not in committed]
+    show = ranks.rank == 0 and not plan.quiet
+    if show and committed:
+        print(f"resuming: {len(committed)} of {plan.n_shards} shards already committed", file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        processed = explain_shards(plan, writer, mine, show)
+    except BaseException:
+        if ranks.rank == 0:
+            print(f"the job stopped; committed shards are kept in {plan.out}: re-run the same command to resume",
+                  file=sys.stderr)
+        raise
+    if ranks.world_size > 1 and not plan.quiet:
+        print(f"rank {ranks.rank}: explained {processed} images in {len(mine)} shards", file=sys.stderr)
+    ranks.barrier()  # the cache is complete only when every rank has committed its shards
+    if ranks.rank == 0:
+        manifest = _finish(plan, writer)
+        if not plan.quiet:
+            seconds = time.perf_counter() - started
+            counts = manifest["counts"]
+            print(f"explained {counts['explained']} images ({counts['errors']} skipped, see the errors table) "
+                  f"into {plan.out}; this run: {processed} images in {seconds:.1f} s", file=sys.stderr)
+    ranks.close()
+    return 0

@@ -1,0 +1,225 @@
+"""Test and benchmark helpers: synthetic cache records, small generated datasets, and `make_small_cache`.
+
+Everything here writes real files and, for `make_small_cache`, runs the real job (real FG-CAM engine on a
+tiny real CNN) in a subprocess-free, in-process call of `analysis.job.run_job`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from analysis.cache import CacheWriter, ShardRecords
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL_FILE = Path(__file__).resolve().parent / "tiny_models.py"
+CLASS_NAMES = ("cat", "dog", "fox")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic shard records (for cache tests and the 100k-row benchmark; no model involved)
+# ----------------------------------------------------------------------------------------------------------
+
+def synthetic_records(ids: Sequence[int], map_size: int = 8, descriptor_size: int = 4, num_classes: int = 3,
+                      seed: int = 0, with_foreground: bool = True, magnitude: float = 1e-7) -> ShardRecords:
+    """Deterministic ShardRecords for `ids`: every third image is misclassified; maps of tiny magnitude."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    rng = np.random.default_rng(seed + (int(ids[0]) if n else 0))
+    label = ids % num_classes
+    correct = ids % 3 != 0
+    pred = np.where(correct, label, (label + 1) % num_classes)
+    probs = rng.dirichlet(np.ones(num_classes), size=n).astype(np.float32)
+    order = np.argsort(-probs, axis=1)[:, :5]
+    rows = pd.DataFrame({
+        "id": ids,
+        "path": [f"{CLASS_NAMES[i % 3]}/img_{i:07d}.png" for i in ids],
+        "label": label,
+        "pred": pred,
+        "label_name": [CLASS_NAMES[i % 3] for i in label],
+        "pred_name": [CLASS_NAMES[i % 3] for i in pred],
+        "confidence": probs.max(axis=1),
+        "top5_classes": [list(map(int, r)) for r in order],
+        "top5_probs": [list(map(float, p[r])) for p, r in zip(probs, order)],
+        "correct": correct,
+        "background_share": rng.random(n).astype(np.float32),
+        "background_hotspot": rng.random(n).astype(np.float32),
+        "border_share": rng.random(n).astype(np.float32),
+        "concentration": rng.random(n).astype(np.float32),
+        "has_foreground": np.full(n, with_foreground),
+    })
+    maps_pred = (rng.standard_normal((n, map_size, map_size)) * magnitude).astype(np.float32)
+    maps_true = (rng.standard_normal((int((~correct).sum()), map_size, map_size)) * magnitude).astype(np.float32)
+    desc = rng.random((n, descriptor_size * descriptor_size)).astype(np.float32)
+    desc /= desc.sum(axis=1, keepdims=True)
+    fg = rng.random((n, map_size, map_size)) > 0.5 if with_foreground else None
+    return ShardRecords(rows=rows, maps_pred=maps_pred, maps_true=maps_true, descriptors_positive=desc,
+                        descriptors_absolute=np.sqrt(desc) / np.sqrt(desc).sum(axis=1, keepdims=True),
+                        foreground=fg, errors=pd.DataFrame({"id": [], "path": [], "reason": []}))
+
+
+def synthetic_manifest(root: Path, n_images: int, map_size: int = 8, finished: bool = True) -> dict:
+    return {
+        "format_version": 1, "created": "2024-01-01T00:00:00", "updated": "2024-01-01T00:00:00",
+        "finished": "2024-01-01T00:00:00" if finished else None,
+        "model": {"spec": "synthetic", "weights_sha256": "0" * 64, "checkpoint": None, "num_classes": 3},
+        "dataset": {"root": str(root), "kind": "imagefolder", "fingerprint": "x", "n_images": n_images},
+        "options": {"map_size": map_size, "descriptor_size": 4, "masks": None, "boxes": None},
+        "class_names": list(CLASS_NAMES),
+        "counts": {"images": n_images}, "software": {},
+    }
+
+
+def write_synthetic_cache(out_dir: Path, n_images: int, shard_size: int, map_size: int = 8,
+                          compact: bool = True) -> CacheWriter:
+    writer = CacheWriter(out_dir)
+    writer.initialise()
+    writer.write_manifest(synthetic_manifest(out_dir / "images", n_images, map_size))
+    for shard in range((n_images + shard_size - 1) // shard_size):
+        ids = np.arange(shard * shard_size, min((shard + 1) * shard_size, n_images))
+        writer.write_shard(shard, synthetic_records(ids, map_size=map_size))
+    if compact:
+        writer.compact()
+    return writer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generated image datasets
+# ----------------------------------------------------------------------------------------------------------
+
+def square_box(class_index: int, image_index: int, size: int = 20) -> tuple[int, int, int, int]:
+    """The object of an image: a square of side size//3 at an image-dependent place (x0, y0, x1, y1)."""
+    side = size // 3
+    rng = np.random.default_rng(7919 * class_index + image_index)
+    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    return x0, y0, x0 + side, y0 + side
+
+
+def class_image(class_index: int, image_index: int, size: int = 20, mode: str = "RGB",
+                colour_index: int | None = None) -> Image.Image:
+    """A small image whose class is the colour (red, green, blue) of a square object on a dark noisy ground.
+
+    `colour_index` other than the class makes a mislabelled image (the model will predict the colour).
+    """
+    rng = np.random.default_rng(1000 * class_index + image_index)
+    pixels = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = square_box(class_index, image_index, size)
+    pixels[y0:y1, x0:x1] = 40
+    pixels[y0:y1, x0:x1, (class_index if colour_index is None else colour_index) % 3] = 240
+    image = Image.fromarray(pixels, "RGB")
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I"):
+        gray = np.asarray(image.convert("L"), dtype=np.int32) * 257  # full 16-bit range
+        return Image.fromarray(gray.astype(np.uint16)) if mode == "I;16" else Image.fromarray(gray, "I")
+    return image.convert(mode)
+
+
+def make_image_folder(root: Path, classes: Sequence[str] = CLASS_NAMES, per_class: int = 8, size: int = 20,
+                      modes: Sequence[str] = ("RGB",), mislabelled: int = 0) -> list[str]:
+    """Write root/<class>/img_<k>.png; mode cycles through `modes`; the last `mislabelled` images of each
+    class show the next class's colour (so a trained model gets them wrong). Returns the sorted paths."""
+    paths = []
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            mode = modes[(c * per_class + k) % len(modes)]
+            relative = f"{name}/img_{k:03d}.{'tif' if mode == 'I' else 'png'}"  # PNG cannot hold mode I
+            colour = (c + 1) % len(classes) if k >= per_class - mislabelled else c
+            class_image(c, k, size, mode, colour).save(root / relative)
+            paths.append(relative)
+    return sorted(paths)
+
+
+def make_mask_folder(image_root: Path, mask_root: Path, size: int = 20) -> None:
+    """One mask PNG per image, mirroring the tree: the object square (see `square_box`) is foreground."""
+    classes = sorted(p.name for p in image_root.iterdir() if p.is_dir())
+    for path in sorted(image_root.rglob("*")):
+        if path.is_file() and path.stem.startswith("img_") and path.stem[4:].isdigit():  # generated images only
+            relative = path.relative_to(image_root).with_suffix(".png")
+            class_index = classes.index(relative.parts[0])
+            image_index = int(path.stem.split("_")[-1])
+            mask = np.zeros((size, size), np.uint8)
+            x0, y0, x1, y1 = square_box(class_index, image_index, size)
+            mask[y0:y1, x0:x1] = 255
+            (mask_root / relative).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask, "L").save(mask_root / relative)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real job on a small dataset
+# ----------------------------------------------------------------------------------------------------------
+
+def job_command(data: Path, out: Path, *extra: str, model: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "analysis", "explain", "--data", str(data),
+            "--model", model or f"{TINY_MODEL_FILE}:tiny_cnn", "--out", str(out),
+            "--device", "cpu", "--workers", "0", *extra]
+
+
+def run_job_subprocess(data: Path, out: Path, *extra: str, model: str | None = None,
+                       env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run(job_command(data, out, *extra, model=model), cwd=REPO_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_tiny_cnn(image_root: Path, checkpoint: Path, steps: int = 60, seed: int = 0) -> Path:
+    """Train tests/tiny_models.py:tiny_cnn briefly on an ImageFolder and save its state dict (for --checkpoint).
+
+    A trained model gives maps with positive relevance on the class square (a random one often gives none).
+    """
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    from tests.tiny_models import tiny_cnn
+
+    model, transform = tiny_cnn()
+    dataset = ImageFolder(str(image_root), transform=transform)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(images), (16,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    torch.save(model.state_dict(), checkpoint)
+    return checkpoint
+
+
+def small_cache_arguments(out_dir: Path) -> list[str]:
+    """The `python -m analysis` arguments `make_small_cache` runs (for tests that re-run them)."""
+    return ["explain", "--data", str(out_dir / "images"), "--model", f"{TINY_MODEL_FILE}:tiny_cnn",
+            "--checkpoint", str(out_dir / "tiny_cnn.pth"), "--out", str(out_dir / "cache"),
+            "--masks", str(out_dir / "masks"), "--device", "cpu", "--workers", "0", "--batch-size", "8",
+            "--map-size", "16", "--descriptor-size", "4", "--quiet"]
+
+
+def make_small_cache(out_dir: Path | str) -> Path:
+    """Build a small real cache: a 3-class x 8-image ImageFolder with masks, a briefly trained tiny CNN, the
+    real job (real FG-CAM engine, real files).
+
+    Returns the cache directory (`out_dir/cache`). The images are in `out_dir/images`, masks in `out_dir/masks`,
+    the model's state dict in `out_dir/tiny_cnn.pth`.
+    """
+    from analysis.__main__ import main as job_main
+
+    out_dir = Path(out_dir)
+    cache = out_dir / "cache"
+    if not (cache / "manifest.json").exists():
+        make_image_folder(out_dir / "images", per_class=8, size=20, mislabelled=1)
+        make_mask_folder(out_dir / "images", out_dir / "masks", size=20)
+        train_tiny_cnn(out_dir / "images", out_dir / "tiny_cnn.pth")
+        code = job_main(small_cache_arguments(out_dir))
+        if code != 0:
+            raise RuntimeError(f"the explain job failed with exit code {code}")
+    return cache
