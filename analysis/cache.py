@@ -60,7 +60,10 @@ TABLE_SCHEMA = pa.schema([
     ("border_share", pa.float32()),
     ("concentration", pa.float32()),
     ("has_foreground", pa.bool_()),
+    ("deletion_auc", pa.float32()),    # NaN unless the job ran with --faithfulness
+    ("insertion_auc", pa.float32()),
 ])
+OPTIONAL_SCORES = ("deletion_auc", "insertion_auc")
 # Internal columns: how to find and rescale the stored maps of a row.
 INTERNAL_SCHEMA = pa.schema([
     ("_scale_pred", pa.float32()),
@@ -210,6 +213,8 @@ def _stored_table(records: ShardRecords, scale_pred: np.ndarray, scale_true: np.
             columns[field.name] = pa.array(rows[field.name].tolist(), type=field.type)
         elif field.name == "has_foreground":
             columns[field.name] = pa.array(np.zeros(n, bool), type=field.type)
+        elif field.name in OPTIONAL_SCORES:
+            columns[field.name] = pa.array(np.full(n, np.nan, np.float32), type=field.type)
         else:
             raise ValueError(f"shard rows lack column {field.name!r}")
     columns["_scale_pred"] = pa.array(scale_pred.astype(np.float32), type=pa.float32())

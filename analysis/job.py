@@ -25,6 +25,7 @@ import torch
 
 from analysis.cache import (FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, CacheError, CacheWriter, ShardRecords,
                             load, now_iso)
+from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, load_model
 from analysis.scores import all_scores, descriptors, resize_maps
 from data.datasets import (Batch, DatasetError, DatasetListing, ExplainDataset, attach_boxes, attach_masks,
@@ -35,6 +36,8 @@ HELP = "explain a labelled dataset into a resumable cache (the dashboard's input
 BASES = ("gradcam", "scorecam", "gradcam++", "xgradcam", "layercam")
 # Options that do not change any stored number: they may differ between a run and its resume.
 RUNTIME_OPTIONS = ("batch_size", "device", "workers")
+SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration")
+FAITHFULNESS_COLUMNS = ("deletion_auc", "insertion_auc")
 
 
 class SetupError(Exception):
@@ -106,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--cam-layer", default=None,
                         help="module name of the CAM layer (default: the last spatial layer before the head)")
     method.add_argument("--denoise", action="store_true", help="FG-CAM's low-rank denoising of the components")
+    method.add_argument("--faithfulness", type=_positive_int, nargs="?", const=20, default=0, metavar="STEPS",
+                        help="also store each map's deletion and insertion AUC (RISE, blurred baseline) with "
+                             f"STEPS steps (20 when given alone): {cost_note(20).split(': ', 1)[1]} "
+                             "(default: off)")
     method.add_argument("--map-size", type=_positive_int, default=64,
                         help="stored map resolution (maps are area-resized to SIZE x SIZE)")
     method.add_argument("--descriptor-size", type=_positive_int, default=16,
@@ -184,6 +191,7 @@ class JobPlan:
     target_layer: str
     map_size: int
     descriptor_size: int
+    faithfulness_steps: int           # 0: no deletion / insertion curves
     shard_size: int
     batch_size: int
     workers: int
@@ -385,7 +393,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
     options = {
         "base": args.base, "target_layer": args.target_layer, "cam_layer": explainer.cam_layer,
         "denoise": bool(args.denoise), "batch_size": args.batch_size, "map_size": args.map_size,
-        "descriptor_size": args.descriptor_size, "masks": _absolute(args.masks), "boxes": _absolute(args.boxes),
+        "descriptor_size": args.descriptor_size, "faithfulness_steps": args.faithfulness,
+        "masks": _absolute(args.masks), "boxes": _absolute(args.boxes),
         "limit": args.limit, "shard_size": shard_size, "classes": _absolute(args.classes),
         "weights": args.weights, "image_size": args.image_size, "mean": args.mean, "std": args.std,
         "preprocessing": loaded.preprocessing, "device": str(device), "workers": args.workers,
@@ -413,7 +422,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
                     "options": {**existing_manifest["options"], **{k: options[k] for k in RUNTIME_OPTIONS}}}
     return JobPlan(out=out, listing=listing, labels=labels, class_names=class_names, loaded=loaded,
                    explainer=explainer, device=device, target_layer=args.target_layer, map_size=args.map_size,
-                   descriptor_size=args.descriptor_size, shard_size=shard_size, batch_size=args.batch_size,
+                   descriptor_size=args.descriptor_size, faithfulness_steps=args.faithfulness,
+                   shard_size=shard_size, batch_size=args.batch_size,
                    workers=args.workers, manifest=manifest, existing=existing,
                    wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet)
 
@@ -442,11 +452,12 @@ class BatchOutput:
 
 
 def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_layer: str, map_size: int,
-                  descriptor_size: int) -> BatchOutput:
+                  descriptor_size: int, faithfulness_steps: int = 0) -> BatchOutput:
     """Explain the predicted class of every image, and the true class of the misclassified ones.
 
     Predictions come from the engine's logits (no second forward pass). Scores and descriptors are computed
-    on the predicted-class map at map size, on the device.
+    on the predicted-class map at map size, on the device; with ``faithfulness_steps``, the deletion and
+    insertion AUCs of the full-resolution predicted-class map too.
     """
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device)
@@ -463,6 +474,9 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
         maps_true = maps_pred.new_zeros((0, map_size, map_size))
     foreground = batch.foreground.to(device) if batch.foreground is not None else None
     scores = all_scores(maps_pred, foreground, batch.has_foreground)
+    if faithfulness_steps:
+        scores.update({name: torch.as_tensor(values) for name, values in faithfulness_scores(
+            explainer.model, images, result.maps, pred, steps=faithfulness_steps).items()})
     return BatchOutput(
         ids=batch.ids.numpy(), labels=batch.labels.numpy(), pred=pred.cpu().numpy(),
         confidence=probs.gather(1, pred[:, None])[:, 0].cpu().numpy().astype(np.float32),
@@ -496,7 +510,7 @@ def shard_records(outputs: list[BatchOutput], errors: list[tuple[int, str]], pla
         "top5_probs": [list(map(float, r)) for r in cat("top_probs", (0, 5), np.float32)],
         "correct": labels == pred,
         **{name: (np.concatenate([o.scores[name] for o in outputs]) if outputs else np.zeros(0, np.float32))
-           for name in ("background_share", "background_hotspot", "border_share", "concentration")},
+           for name in SCORE_COLUMNS + (FAITHFULNESS_COLUMNS if plan.faithfulness_steps else ())},
         "has_foreground": cat("has_foreground", (0,), bool).astype(bool),
     })
     foreground = None
@@ -573,7 +587,7 @@ def explain_shards(plan: JobPlan, writer: CacheWriter, shards: list[int], show_p
             state = progress_by_shard[shard]
             if len(batch.ids):
                 state.outputs.append(explain_batch(plan.explainer, batch, plan.device, plan.target_layer,
-                                                   plan.map_size, plan.descriptor_size))
+                                                   plan.map_size, plan.descriptor_size, plan.faithfulness_steps))
             state.errors.extend(batch.errors)
             state.batches_left -= 1
             size = len(batch.ids) + len(batch.errors)

@@ -478,3 +478,25 @@ def test_gray_model_and_bare_model_with_image_size(images: Path, tmp_path: Path,
 def test_load_errors_of_a_cache_directory(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="not found"):
         load(tmp_path / "nothing")
+
+
+def test_faithfulness_columns_match_a_direct_computation(images: Path, tmp_path: Path, trained: list[str],
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from analysis.faithfulness import faithfulness_scores
+    out = tmp_path / "cache"
+    code, err = run_inprocess(capsys, *explain_args(images, out, "--faithfulness", "4", *trained))
+    assert code == 0, err
+    cache = load(out)
+    assert cache.manifest["options"]["faithfulness_steps"] == 4
+    table = cache.table
+    loaded = load_model(TINY, checkpoint=Path(trained[1]))
+    ids = [0, 5, 11]
+    x = torch.stack([loaded.transform(to_model_mode(load_image(images / table.path[i]), 3)) for i in ids])
+    result = FGCAM(loaded.model)(x)
+    expected = faithfulness_scores(loaded.model, x, result.maps, result.classes, steps=4)
+    for name in ("deletion_auc", "insertion_auc"):
+        np.testing.assert_allclose(table[name][ids], expected[name], rtol=1e-4, atol=1e-6)
+    # without the option the columns are NaN, and the option is part of the cache's identity
+    assert not np.isnan(table['deletion_auc']).any()
+    code, err = run_inprocess(capsys, *explain_args(images, out, *trained))
+    assert code == 2 and "--faithfulness-steps 4 -> 0" in err

@@ -1,0 +1,524 @@
+"""`python -m analysis compare-methods`: how faithful are the maps, compared with the alternatives?
+
+On the same N sampled images and the same explained class (the model's prediction), five maps are scored
+with deletion and insertion curves (Petsiuk et al., "RISE", BMVC 2018; Gaussian-blurred baseline; see
+`analysis.faithfulness`) at two layers -- the input, and an intermediate layer:
+
+  fgcam            FG-CAM (Qiu, Jin, Zhang, AAAI 2024, arXiv 2303.09171) on the chosen base CAM
+  fgcam_denoised   the same with FG-CAM's low-rank denoising
+  cam              the plain base CAM: the components summed at the CAM layer
+                   (``explainer(images, target_layer=explainer.cam_layer).maps``), upsampled bilinearly to the
+                   layer's resolution
+  lrp              LRP from the logit, z+ rule for hidden layers and z^B for the image-reading convolution
+  random           uniform noise at the layer's resolution (the floor every method must beat)
+
+A map at an intermediate layer orders input pixels after bilinear upsampling, as in the FG-CAM paper; the
+paper's claim is that FG-CAM beats CAMs at shallow and intermediate layers and LRP at the input layer.
+
+Method: `default_intermediate_layer`, `method_maps`, `compare_methods`, `summarise`. Machinery: sampling and
+loading images, `write_comparison` / `read_comparison` (the files the dashboard's "Trust" page reads, by
+default in CACHE/trust/), and the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from analysis.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
+                                   deletion_insertion_curves, forward_passes_per_image)
+
+COMMAND = "compare-methods"
+HELP = ("faithfulness of FG-CAM vs. its denoised variant, the plain CAM, LRP and a random map: mean "
+        "deletion / insertion AUC on sampled images at the input and an intermediate layer")
+METHODS = ("fgcam", "fgcam_denoised", "cam", "lrp", "random")
+BASE_LABELS = {"gradcam": "Grad-CAM", "scorecam": "Score-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+               "layercam": "LayerCAM"}
+TRUST_DIR_NAME = "trust"            # compare-methods --cache DIR writes DIR/trust/ (the Trust page reads it)
+FORMAT_VERSION = 1
+META_FILE, TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE = ("comparison.json", "table.parquet", "curves.parquet",
+                                                      "per_image.parquet")
+DEFAULT_SAMPLE = 100
+
+
+def method_label(method: str, base: str) -> str:
+    """The name a table shows for a method."""
+    return {"fgcam": f"FG-CAM ({BASE_LABELS.get(base, base)})",
+            "fgcam_denoised": f"FG-CAM ({BASE_LABELS.get(base, base)}), denoised",
+            "cam": f"{BASE_LABELS.get(base, base)}, upsampled",
+            "lrp": "LRP (z+, z^B)", "random": "random map"}[method]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method
+# ----------------------------------------------------------------------------------------------------------
+
+def default_intermediate_layer(explainer: Any, image: Tensor) -> str:
+    """A middle layer between the input and the CAM layer, from the model's own structure.
+
+    The modules (called once) strictly between the input and the CAM layer are grouped by the spatial size
+    of their output; of the distinct sizes, largest first, the middle one is taken (VGG-16: 56 x 56,
+    ResNet-50: 28 x 28), and at that size the outermost module, the last one in the graph (a stage's
+    output: ResNet's ``layer2``, VGG's last ReLU at 56 x 56). `image` [1, C, H, W] gives the shapes.
+    """
+    graph = explainer.graph
+    cam = graph.node_for(explainer.cam_layer)
+    between = graph.path(graph.input_node, cam) - {graph.input_node, cam}
+    candidates = [(name, outs[0]) for name, outs in graph.module_outputs.items()
+                  if len(outs) == 1 and outs[0] in between]
+    parameter = next(explainer.model.parameters(), None)
+    if parameter is not None:
+        image = image.to(parameter.device, parameter.dtype)
+    with torch.no_grad():
+        _, values = graph.run(image[:1], keep={node for _, node in candidates})
+    spatial = [(name, node, tuple(values[node].shape[-2:])) for name, node in candidates
+               if isinstance(values.get(node), Tensor) and values[node].dim() == 4]
+    if not spatial:
+        raise ValueError(f"no module between the input and the CAM layer {explainer.cam_layer!r} outputs a "
+                         "spatial map; pass --layer NAME")
+    sizes = sorted({size for *_, size in spatial}, key=lambda s: (s[0] * s[1], s), reverse=True)
+    middle = sizes[len(sizes) // 2]
+    at_size = [(name, node) for name, node, size in spatial if size == middle]
+    outermost = min(name.count(".") for name, _ in at_size)
+    return max(((name, node) for name, node in at_size if name.count(".") == outermost),
+               key=lambda item: (graph.order[item[1]], -len(item[0])))[0]
+
+
+def check_intermediate_layer(explainers: "Explainers", layer: str) -> None:
+    """ValueError (one line) unless `layer` names a module whose output lies between the input and the CAM
+    layer, where FG-CAM, the upsampled CAM and LRP all have a map."""
+    graph = explainers.fgcam.graph
+    if layer == "input":
+        raise ValueError("--layer input: the input is always compared; name an intermediate layer")
+    node = graph.node_for(layer)  # ValueError naming known layers for an unknown name
+    cam = graph.node_for(explainers.fgcam.cam_layer)
+    if node is not cam and node not in graph.path(graph.input_node, cam):
+        raise ValueError(f"--layer {layer}: not between the input and the CAM layer {explainers.fgcam.cam_layer!r}; "
+                         "name a module below the CAM layer (or pass --cam-layer)")
+
+
+@dataclass
+class Explainers:
+    """The explainers of one comparison (each traces the model once)."""
+
+    fgcam: Any
+    fgcam_denoised: Any
+    lrp: Any
+    base: str
+
+    @classmethod
+    def build(cls, model: nn.Module, base: str = "gradcam", cam_layer: str | None = None) -> "Explainers":
+        from analysis.fgcam import FGCAM, LRP
+
+        plain = FGCAM(model, base=base, cam_layer=cam_layer, denoise=False)
+        denoised = FGCAM(model, base=base, cam_layer=plain.cam_layer, denoise=True)
+        return cls(plain, denoised, LRP(model), base)
+
+
+def random_maps(count_or_indices: Sequence[int], layer: str, size: tuple[int, int], seed: int) -> Tensor:
+    """float32 [N, h, w] uniform noise; image i's map depends only on (seed, its index, layer), so it does not
+    change with the batch size or with the other layers compared."""
+    out = torch.empty((len(count_or_indices), *size))
+    for row, index in enumerate(count_or_indices):
+        state = np.random.SeedSequence([seed, int(index), zlib.crc32(layer.encode())]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        out[row] = torch.rand(size, generator=generator)
+    return out
+
+
+def method_maps(explainers: Explainers, method: str, images: Tensor, layer: str, classes: Tensor,
+                layer_size: tuple[int, int], image_indices: Sequence[int], seed: int = 0) -> Tensor:
+    """[N, h, w] maps of `method` for `classes` at `layer` (h, w = `layer_size`, the layer's resolution;
+    the input's for "input"); the faithfulness metrics upsample them to the input size. `image_indices`
+    and `seed` make the random maps reproducible per image."""
+    if method == "fgcam":
+        return explainers.fgcam(images, target_layer=layer, classes=classes).maps
+    if method == "fgcam_denoised":
+        return explainers.fgcam_denoised(images, target_layer=layer, classes=classes).maps
+    if method == "cam":
+        cam = explainers.fgcam(images, target_layer=explainers.fgcam.cam_layer, classes=classes).maps
+        if tuple(cam.shape[-2:]) == tuple(layer_size):
+            return cam
+        return F.interpolate(cam[:, None].float(), size=layer_size, mode="bilinear", align_corners=False)[:, 0]
+    if method == "lrp":
+        return explainers.lrp(images, target_layer=layer, classes=classes).maps
+    if method == "random":
+        return random_maps(image_indices, layer, layer_size, seed).to(images.device)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+@dataclass
+class MethodComparison:
+    """A comparison's results; what `write_comparison` stores and the Trust page shows."""
+
+    table: pd.DataFrame       # one row per (layer, method): see `summarise`
+    curves: pd.DataFrame      # layer, method, label, curve ("deletion"/"insertion"), fraction, probability (mean)
+    per_image: pd.DataFrame   # image, path, class, layer, method, deletion_auc, insertion_auc
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def summarise(per_image: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per (layer, method), in first-appearance order: n, mean, std (ddof 1) and the half-width of the 95%
+    confidence interval of the mean (Student t) of the deletion and insertion AUCs, and constant_maps (the
+    share of images whose map was constant, when per_image has a constant_map column)."""
+    from scipy import stats
+
+    rows = []
+    for (layer, method), group in per_image.groupby(["layer", "method"], sort=False):
+        row: dict[str, Any] = {"layer": layer, "method": method,
+                               "label": (labels or {}).get(method, method), "n": len(group)}
+        for metric in ("deletion_auc", "insertion_auc"):
+            values = group[metric].to_numpy(np.float64)
+            n = len(values)
+            std = float(values.std(ddof=1)) if n > 1 else float("nan")
+            row[f"{metric}_mean"] = float(values.mean())
+            row[f"{metric}_std"] = std
+            row[f"{metric}_ci95"] = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
+        if "constant_map" in group:
+            row["constant_maps"] = float(group["constant_map"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare_methods(model: nn.Module, images: Tensor, layers: Sequence[str] = ("input",),
+                    methods: Sequence[str] = METHODS, base: str = "gradcam", cam_layer: str | None = None,
+                    steps: int = DEFAULT_STEPS, blur_sigma: float = DEFAULT_BLUR_SIGMA, seed: int = 0,
+                    batch_size: int = 16, forward_batch: int = DEFAULT_FORWARD_BATCH,
+                    explainers: Explainers | None = None, progress: Any = None) -> MethodComparison:
+    """Deletion / insertion curves of every method at every layer on `images` [N, C, H, W] (on the model's
+    device), explaining each image's predicted class. Costs N * len(layers) * len(methods) *
+    `forward_passes_per_image(steps)` perturbed forward passes plus the explanations."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(f"images must be [N, C, H, W] with N >= 1, got shape {tuple(images.shape)}")
+    explainers = explainers or Explainers.build(model, base=base, cam_layer=cam_layer)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else images.device
+    per_image: list[pd.DataFrame] = []
+    curve_sums: dict[tuple[str, str], np.ndarray] = {}
+    layer_sizes: dict[str, list[int]] = {}
+    fractions = None
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        index = np.arange(start, start + len(batch))
+        classes = None
+        for layer in layers:
+            reference = explainers.fgcam(batch, target_layer=layer, classes=classes)
+            classes = reference.classes if classes is None else classes
+            layer_size = tuple(reference.maps.shape[-2:])
+            layer_sizes[layer] = list(layer_size)
+            for method in methods:
+                maps = reference.maps if method == "fgcam" else method_maps(
+                    explainers, method, batch, layer, classes, layer_size, index, seed)
+                curves = deletion_insertion_curves(model, batch, maps.detach(), classes, steps=steps,
+                                                   blur_sigma=blur_sigma, forward_batch=forward_batch)
+                fractions = curves.fractions
+                flat = maps.detach().flatten(1)
+                # A constant map ranks nothing (pixels go in row-major order): flagged, not hidden.
+                constant = (flat.amax(1) == flat.amin(1)).cpu().numpy()
+                per_image.append(pd.DataFrame({"image": index, "class": classes.cpu().numpy(), "layer": layer,
+                                               "method": method, "deletion_auc": curves.deletion_auc,
+                                               "insertion_auc": curves.insertion_auc, "constant_map": constant}))
+                sums = curve_sums.setdefault((layer, method), np.zeros((2, steps + 1)))
+                sums[0] += curves.deletion.sum(axis=0)
+                sums[1] += curves.insertion.sum(axis=0)
+        if progress is not None:
+            progress(len(batch))
+    labels = {m: method_label(m, explainers.base) for m in methods}
+    frame = pd.concat(per_image, ignore_index=True)
+    # Batches were appended batch by batch: order the rows by layer, method (as given), then image.
+    frame["_layer"] = frame["layer"].map({name: i for i, name in enumerate(layers)})
+    frame["_method"] = frame["method"].map({name: i for i, name in enumerate(methods)})
+    frame = frame.sort_values(["_layer", "_method", "image"], kind="stable").drop(columns=["_layer", "_method"])
+    frame = frame.reset_index(drop=True)
+    order = {(layer, method): i for i, (layer, method) in enumerate((l, m) for l in layers for m in methods)}
+    curves_rows = []
+    for (layer, method), sums in sorted(curve_sums.items(), key=lambda item: order[item[0]]):
+        for which, values in (("deletion", sums[0]), ("insertion", sums[1])):
+            curves_rows.append(pd.DataFrame({"layer": layer, "method": method, "label": labels[method],
+                                             "curve": which, "fraction": fractions,
+                                             "probability": values / len(images)}))
+    return MethodComparison(table=summarise(frame, labels), curves=pd.concat(curves_rows, ignore_index=True),
+                            per_image=frame, meta={"base": explainers.base, "cam_layer": explainers.fgcam.cam_layer,
+                                                   "layers": list(layers), "layer_sizes": layer_sizes,
+                                                   "methods": list(methods),
+                                                   "steps": steps, "blur_sigma": blur_sigma, "seed": seed,
+                                                   "n_images": int(len(images))})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machinery: files for the Trust page
+# ----------------------------------------------------------------------------------------------------------
+
+class ComparisonError(Exception):
+    """A comparison directory that is missing or unreadable (one-line message)."""
+
+
+def write_comparison(comparison: MethodComparison, directory: Path) -> Path:
+    """Write DIR/table.parquet, curves.parquet, per_image.parquet and comparison.json (meta, last: a reader
+    that finds it finds the rest). Each file is replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, frame in ((TABLE_FILE, comparison.table), (CURVES_FILE, comparison.curves),
+                        (PER_IMAGE_FILE, comparison.per_image)):
+        tmp = directory / f".tmp-{name}.{os.getpid()}"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, directory / name)
+    meta = {"format_version": FORMAT_VERSION, **comparison.meta}
+    tmp = directory / f".tmp-{META_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / META_FILE)
+    return directory
+
+
+def read_comparison(directory: Path) -> MethodComparison:
+    """The comparison in `directory` (for the Trust page: `.table` and `.curves`); ComparisonError when
+    there is none or it cannot be read."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise ComparisonError(f"no method comparison in {directory} (run `python -m analysis compare-methods "
+                              f"--cache CACHE` to make one)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        frames = [pd.read_parquet(directory / name) for name in (TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE)]
+    except Exception as error:
+        raise ComparisonError(f"unreadable method comparison in {directory}: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    return MethodComparison(table=frames[0], curves=frames[1], per_image=frames[2], meta=meta)
+
+
+def trust_page_data(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(table, mean curves, meta) of the comparison in `directory` (e.g. CACHE/trust), for the Trust page."""
+    comparison = read_comparison(directory)
+    return comparison.table, comparison.curves, comparison.meta
+
+
+def _cell(row: Any, metric: str) -> str:
+    mean, ci95, std = (getattr(row, f"{metric}_{part}") for part in ("mean", "ci95", "std"))
+    return f"{mean:.3f} ± {ci95:.3f} [{std:.3f}]"
+
+
+def format_table(comparison: MethodComparison) -> str:
+    """The printed table: mean AUC +- 95% CI half-width [std] per layer and method."""
+    meta = comparison.meta
+    sizes = meta.get("layer_sizes", {})
+    header = (f"{'layer':24}{'method':34}{'deletion AUC (lower is better)':>32}"
+              f"{'insertion AUC (higher is better)':>34}")
+    lines = [header, "-" * len(header)]
+    previous = None
+    for row in comparison.table.itertuples(index=False):
+        layer = row.layer
+        if layer in sizes:
+            layer = f"{layer} ({sizes[layer][0]}x{sizes[layer][1]})"
+        if previous is not None and row.layer != previous:
+            lines.append("")
+        previous = row.layer
+        lines.append(f"{layer[:23]:24}{row.label[:33]:34}{_cell(row, 'deletion_auc'):>32}"
+                     f"{_cell(row, 'insertion_auc'):>34}")
+    if "constant_maps" in comparison.table:
+        for row in comparison.table[comparison.table["constant_maps"] > 0].itertuples(index=False):
+            lines.append(f"note: {row.label} at {row.layer}: {row.constant_maps:.0%} of the maps are constant (no "
+                         "ranking; pixels removed in row-major order)"
+                         + (" -- FG-CAM's denoising keeps rank floor(0.1 min(K, h w)), 0 for fewer than 10 "
+                            "channels" if row.method == "fgcam_denoised" else ""))
+    lines.append(f"mean ± 95% confidence half-width [standard deviation] over {meta.get('n_images')} images; "
+                 f"{meta.get('steps')} steps, Gaussian-blurred baseline (sigma {meta.get('blur_sigma')} px); "
+                 "explained class: the prediction")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machinery: command line
+# ----------------------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `compare-methods` options."""
+    source = parser.add_argument_group("images and model: --data with --model, or --cache")
+    where = source.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="an ImageFolder tree or a CSV manifest (as for `explain`)")
+    where.add_argument("--cache", type=Path,
+                       help="a cache made by `explain`: its images and model; results go to CACHE/trust/ "
+                            "(the dashboard's Trust page) unless --out is given")
+    source.add_argument("--model", help="with --data: torchvision:NAME, package.module:callable or file.py:callable")
+    source.add_argument("--weights", default=None, help="torchvision weights enum name (as for `explain`)")
+    source.add_argument("--checkpoint", type=Path, default=None, help="a state dict file (.pth)")
+    source.add_argument("--num-classes", type=_positive_int, default=None, help="outputs of a torchvision model")
+    source.add_argument("--image-size", type=_positive_int, default=None, help="as for `explain`")
+    source.add_argument("--mean", type=float, nargs="+", default=None, help="as for `explain`")
+    source.add_argument("--std", type=float, nargs="+", default=None, help="as for `explain`")
+    method = parser.add_argument_group("comparison")
+    method.add_argument("--sample", type=_positive_int, default=DEFAULT_SAMPLE,
+                        help="number of images, drawn at random (seeded) without replacement")
+    method.add_argument("--seed", type=int, default=0, help="seed of the sample and of the random maps")
+    method.add_argument("--base", default="gradcam", choices=tuple(BASE_LABELS), help="the CAM FG-CAM refines")
+    method.add_argument("--cam-layer", default=None, help="module name of the CAM layer (none: the last spatial "
+                                                          "layer before the head)")
+    method.add_argument("--layer", default=None,
+                        help="the intermediate layer (module name); none: a middle layer between the input "
+                             "and the CAM layer (see analysis/compare.py)")
+    method.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                        help="deletion / insertion steps; each image costs 2 x steps forward passes per method "
+                             "and layer (10 curves: 20 x steps)")
+    method.add_argument("--blur-sigma", type=_positive_float, default=DEFAULT_BLUR_SIGMA,
+                        help="std in input pixels of the Gaussian blur of the baseline image")
+    run_group = parser.add_argument_group("execution and output")
+    run_group.add_argument("--out", type=Path, default=None,
+                           help="write the table, mean curves and per-image AUCs here (parquet + JSON)")
+    run_group.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    run_group.add_argument("--batch-size", type=_positive_int, default=16, help="images explained per batch")
+    run_group.add_argument("--forward-batch", type=_positive_int, default=DEFAULT_FORWARD_BATCH,
+                           help="perturbed images per forward pass")
+    run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@dataclass
+class _Population:
+    paths: list[Path]            # absolute image paths, in id order
+    ids: np.ndarray              # cache ids, or indices in the sorted dataset listing
+    relative: list[str]          # paths as the table shows them
+    description: str
+    model_spec: str | None
+
+
+def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
+    from analysis.models import load_model
+
+    if args.cache is not None:
+        from analysis.cache import load
+        from analysis.shortcut_test import model_from_manifest
+
+        model_options = [name for name in ("model", "weights", "checkpoint", "num_classes", "image_size", "mean",
+                                           "std") if getattr(args, name) is not None]
+        if model_options:
+            raise ValueError(f"--{model_options[0].replace('_', '-')} goes with --data: --cache uses the "
+                             "cache's own model")
+        cache = load(args.cache)
+        ids = cache.ids
+        table = cache.table
+        population = _Population([cache.image_path(int(i)) for i in ids], ids, table["path"].tolist(),
+                                 f"cache {args.cache}", cache.manifest.get("model", {}).get("spec"))
+        return population, model_from_manifest(cache.manifest)
+    if args.model is None:
+        raise ValueError("--data needs --model (or use --cache CACHE for a cache's images and model)")
+    from data.datasets import list_dataset
+
+    listing = list_dataset(args.data)
+    loaded = load_model(args.model, weights=args.weights, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                        image_size=args.image_size, mean=args.mean, std=args.std)
+    population = _Population([listing.root / s.path for s in listing.samples], np.arange(len(listing.samples)),
+                             [s.path for s in listing.samples], f"{args.data}", args.model)
+    return population, loaded
+
+
+def sample_positions(count: int, sample: int, seed: int) -> np.ndarray:
+    """`sample` distinct positions of `count`, drawn with `seed`, ascending (all when sample >= count)."""
+    if sample >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=sample, replace=False))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `compare-methods` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
+    from analysis.cache import CacheError
+    from analysis.fgcam import UnsupportedOperation
+    from analysis.models import ModelSpecError
+    from analysis.shortcut_test import load_inputs, pick_device
+    from data.datasets import DatasetError
+
+    def fail(message: str) -> int:
+        print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    try:
+        device = pick_device(args.device)
+        population, loaded = _population_and_model(args)
+        positions = sample_positions(len(population.paths), args.sample, args.seed)
+        images, loaded_positions, errors = load_inputs([population.paths[p] for p in positions], loaded.transform,
+                                                       loaded.in_channels)
+        if not loaded_positions:
+            return fail(f"none of the {len(positions)} sampled images could be loaded (first: {errors[0][1]})")
+        chosen = positions[loaded_positions]
+        model = loaded.model.to(device)
+        explainers = Explainers.build(model, base=args.base, cam_layer=args.cam_layer)
+        layer = args.layer or default_intermediate_layer(explainers.fgcam, images[:1])
+        check_intermediate_layer(explainers, layer)
+        layers = ("input", layer)
+        # Dry run on one image: every method at every layer, so a bad layer or an op the engine cannot
+        # propagate fails here, in one line, before the long loop.
+        compare_methods(model, images[:1], layers=layers, steps=1, explainers=explainers, blur_sigma=args.blur_sigma)
+    except (CacheError, ModelSpecError, DatasetError, ValueError, UnsupportedOperation) as error:
+        return fail(str(error))
+    n = len(images)
+    passes = n * len(layers) * len(METHODS) * forward_passes_per_image(args.steps)
+    if not args.quiet:
+        print(f"compare-methods: {n} images of {population.description} (sample seed {args.seed}), "
+              f"layers input and {layer}, {len(METHODS)} methods: {passes} perturbed forward passes on {device}",
+              file=sys.stderr)
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, unit="img", disable=args.quiet, dynamic_ncols=True, desc="compare")
+    comparison = compare_methods(model, images, layers=layers, steps=args.steps, blur_sigma=args.blur_sigma,
+                                 seed=args.seed, batch_size=args.batch_size, forward_batch=args.forward_batch,
+                                 explainers=explainers, progress=bar.update)
+    bar.close()
+    comparison.per_image.insert(1, "id", population.ids[chosen][comparison.per_image["image"].to_numpy()])
+    comparison.per_image.insert(2, "path", [population.relative[i] for i in
+                                            chosen[comparison.per_image["image"].to_numpy()]])
+    comparison.meta.update({
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": population.description,
+        "model": population.model_spec, "sample": args.sample, "device": str(device),
+        "skipped": [{"path": population.relative[positions[p]], "reason": r} for p, r in errors],
+        "forward_passes": passes, "seconds": round(time.perf_counter() - started, 1),
+        "options": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+                    if key not in ("handler", "command")},
+    })
+    print(format_table(comparison))
+    if errors:
+        print(f"skipped {len(errors)} unreadable image(s), e.g. {population.relative[positions[errors[0][0]]]}: "
+              f"{errors[0][1]}", file=sys.stderr)
+    out = args.out if args.out is not None else (args.cache / TRUST_DIR_NAME if args.cache is not None else None)
+    if out is not None:
+        write_comparison(comparison, out)
+        if not args.quiet:
+            print(f"wrote the comparison to {out}", file=sys.stderr)
+    return 0
+

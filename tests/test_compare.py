@@ -1,0 +1,207 @@
+"""compare-methods end to end on a tiny generated ImageFolder and a tiny trained CNN whose answer depends on a
+clear region (a small white mark), plus the pieces of the table by hand."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from analysis.__main__ import main
+from analysis.compare import (METHODS, ComparisonError, Explainers, compare_methods, default_intermediate_layer,
+                              method_maps, read_comparison, sample_positions, summarise, trust_page_data)
+from analysis.faithfulness import deletion_insertion_curves
+from data.demo_model import DemoCNN
+from PIL import Image
+
+from tests.helpers import TINY_MODEL_FILE, train_tiny_cnn
+from tests.tiny_models import TinyCNN
+
+TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
+
+
+def make_mark_folder(root: Path, per_class: int = 8, size: int = 20) -> None:
+    """root/marked/*.png and root/plain/*.png: grey noise (0..127); a 'marked' image has a white 3 x 3 mark at
+    a random place. The class is decided by a small region that a blur erases -- unlike a colour, whose
+    amount a blur keeps (blurring is mass-preserving, and a pooled CNN reads colour amounts)."""
+    rng = np.random.default_rng(11)
+    for name in ("marked", "plain"):
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            pixels = rng.integers(0, 128, size=(size, size, 3), dtype=np.uint8)
+            if name == "marked":
+                y, x = (int(v) for v in rng.integers(0, size - 3, size=2))
+                pixels[y:y + 3, x:x + 3] = 255
+            Image.fromarray(pixels, "RGB").save(root / name / f"img_{k:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(ImageFolder of 2 classes x 8 images of 20 x 20, state dict of the tiny CNN trained on it)."""
+    root = tmp_path_factory.mktemp("compare")
+    make_mark_folder(root / "images")
+    return root / "images", train_tiny_cnn(root / "images", root / "tiny_cnn.pth", steps=100)
+
+
+def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compare_methods_end_to_end(dataset: tuple[Path, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    images, checkpoint = dataset
+    out = tmp_path / "trust"
+    code, stdout, stderr = run_main(capsys, "compare-methods", "--data", str(images), "--model", TINY,
+                                    "--checkpoint", str(checkpoint), "--sample", "12", "--steps", "8",
+                                    "--device", "cpu", "--quiet", "--out", str(out))
+    assert code == 0, stderr
+    # The printed table: 2 layers x 5 methods, every number finite.
+    rows = [line for line in stdout.splitlines() if line.startswith(("input", "features"))]
+    assert len(rows) == 10
+    assert "deletion AUC (lower is better)" in stdout and "insertion AUC (higher is better)" in stdout
+    numbers = [float(x) for line in rows for x in line.replace("±", " ").replace("[", " ").replace("]", " ").split()
+               if x.replace(".", "").isdigit()]
+    assert len(numbers) >= 60 and all(math.isfinite(x) for x in numbers)
+
+    comparison = read_comparison(out)
+    table = comparison.table.set_index(["layer", "method"])
+    layer = comparison.meta["layers"][1]
+    assert comparison.meta["layers"] == ["input", "features.2"] and comparison.meta["n_images"] == 12
+    for at in ("input", layer):
+        # The model reads the mark: removing FG-CAM's most relevant pixels first hurts more than removing
+        # pixels at random, and inserting them first helps more.
+        assert table.loc[(at, "fgcam"), "deletion_auc_mean"] < table.loc[(at, "random"), "deletion_auc_mean"]
+        assert table.loc[(at, "fgcam"), "insertion_auc_mean"] > table.loc[(at, "random"), "insertion_auc_mean"]
+        # Where there is a mark to find, by far: (a plain image stays 'plain' whatever is blurred, AUC ~ 1.)
+        marked = comparison.per_image[comparison.per_image["path"].str.startswith("marked/")
+                                      & (comparison.per_image["layer"] == at)].groupby("method").mean(numeric_only=True)
+        assert marked.loc["fgcam", "deletion_auc"] < marked.loc["random", "deletion_auc"] - 0.2
+        assert marked.loc["fgcam", "insertion_auc"] > marked.loc["random", "insertion_auc"] + 0.2
+    assert np.isfinite(comparison.table[[c for c in comparison.table if c.endswith(("_mean", "_std", "_ci95"))]]
+                       .to_numpy()).all()
+    # The table is the per-image AUCs' summary; the mean curves are the per-image curves' means.
+    per_image = comparison.per_image
+    assert len(per_image) == 12 * 10 and per_image["path"].str.endswith(".png").all()
+    assert set(per_image["id"]) == set(sample_positions(16, 12, 0))
+    for (at, method), group in per_image.groupby(["layer", "method"]):
+        assert table.loc[(at, method), "n"] == 12
+        assert table.loc[(at, method), "deletion_auc_mean"] == pytest.approx(group["deletion_auc"].mean(), rel=1e-6)
+    curves = comparison.curves
+    assert len(curves) == 10 * 2 * 9  # (layer, method) x (deletion, insertion) x (steps + 1)
+    start = curves[(curves["curve"] == "deletion") & (curves["fraction"] == 0)]["probability"]
+    assert np.allclose(start, start.iloc[0])  # every method starts from the same unperturbed images
+    table_again, curves_again, meta = trust_page_data(out)
+    pd.testing.assert_frame_equal(table_again, comparison.table)
+    assert meta["steps"] == 8 and meta["options"]["sample"] == 12
+
+
+def test_curves_and_areas_equal_a_direct_computation(dataset: tuple[Path, Path]) -> None:
+    """compare_methods is deletion_insertion_curves of each method's map: recompute FG-CAM's and the CAM's
+    by hand, across a batch boundary."""
+    images_root, checkpoint = dataset
+    from torchvision.datasets import ImageFolder
+
+    from tests.tiny_models import tiny_cnn
+
+    model, transform = tiny_cnn()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model.eval()
+    folder = ImageFolder(str(images_root), transform=transform)
+    images = torch.stack([folder[i][0] for i in (0, 7, 12)])
+    comparison = compare_methods(model, images, layers=("input", "features.0"), methods=("fgcam", "cam", "random"),
+                                 steps=5, batch_size=2, seed=3)
+    explainers = Explainers.build(model)
+    result = explainers.fgcam(images, target_layer="input")
+    direct = deletion_insertion_curves(model, images, result.maps, result.classes, steps=5)
+    got = comparison.per_image.query("layer == 'input' and method == 'fgcam'")
+    np.testing.assert_allclose(got["deletion_auc"], direct.deletion_auc, rtol=1e-5)
+    np.testing.assert_allclose(got["insertion_auc"], direct.insertion_auc, rtol=1e-5)
+    cam = explainers.fgcam(images, target_layer="features.3").maps  # the CAM layer: the components summed
+    cam_maps = method_maps(explainers, "cam", images, "input", result.classes, (20, 20), [0, 1, 2])
+    upsampled = torch.nn.functional.interpolate(cam[:, None], size=(20, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(cam_maps, upsampled[:, 0])
+    direct_cam = deletion_insertion_curves(model, images, cam, result.classes, steps=5)
+    got_cam = comparison.per_image.query("layer == 'input' and method == 'cam'")
+    np.testing.assert_allclose(got_cam["deletion_auc"], direct_cam.deletion_auc, rtol=1e-5)
+    mean_curve = comparison.curves.query("layer == 'input' and method == 'fgcam' and curve == 'insertion'")
+    np.testing.assert_allclose(mean_curve["probability"], direct.insertion.mean(axis=0), rtol=1e-5)
+    # Seeded per image: the random maps (and so their AUCs) repeat with other batches and layers.
+    again = compare_methods(model, images, layers=("input",), methods=("random",), steps=5, batch_size=3, seed=3)
+    np.testing.assert_allclose(again.per_image["deletion_auc"],
+                               comparison.per_image.query("layer == 'input' and method == 'random'")["deletion_auc"])
+
+
+def test_summary_by_hand() -> None:
+    per_image = pd.DataFrame({"layer": ["input"] * 3 + ["x"] * 2, "method": ["fgcam"] * 3 + ["random"] * 2,
+                              "deletion_auc": [0.1, 0.2, 0.3, 0.5, 0.5], "insertion_auc": [0.9, 0.8, 0.7, 0.4, 0.6],
+                              "constant_map": [False, False, True, False, False]})
+    table = summarise(per_image, {"fgcam": "FG-CAM"})
+    first = table.iloc[0]
+    assert (first["layer"], first["method"], first["label"], first["n"]) == ("input", "fgcam", "FG-CAM", 3)
+    assert first["deletion_auc_mean"] == pytest.approx(0.2)
+    assert first["deletion_auc_std"] == pytest.approx(0.1)
+    assert first["deletion_auc_ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)  # t(0.975, 2)
+    assert first["constant_maps"] == pytest.approx(1 / 3)
+    second = table.iloc[1]
+    assert second["deletion_auc_std"] == 0 and second["insertion_auc_ci95"] == pytest.approx(
+        12.706205 * math.sqrt(0.02) / math.sqrt(2), rel=1e-6)  # t(0.975, 1), std of (0.4, 0.6)
+
+
+def test_default_intermediate_layer_is_a_middle_stage() -> None:
+    from analysis.fgcam import FGCAM
+
+    # DemoCNN 28 -> 14 -> 7: the middle resolution is 14 x 14, whose last module is the second block's ReLU.
+    assert default_intermediate_layer(FGCAM(DemoCNN().eval()), torch.zeros(1, 1, 28, 28)) == "features.6"
+    # ResNet-18 on 64 x 64: stages at 32, 16, 8, 4 below layer4 -> 8 x 8 -> the stage output "layer2".
+    resnet = torchvision.models.resnet18(num_classes=4).eval()
+    assert default_intermediate_layer(FGCAM(resnet), torch.zeros(1, 3, 64, 64)) == "layer2"
+    # No pooling at all: everything has the input's size; the last module below the CAM layer.
+    assert default_intermediate_layer(FGCAM(TinyCNN().eval()), torch.zeros(1, 3, 20, 20)) == "features.2"
+
+
+def test_a_cache_gets_its_trust_folder(small_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(small_cache, cache)  # the session cache stays untouched
+    code, stdout, stderr = run_main(capsys, "compare-methods", "--cache", str(cache), "--sample", "6", "--steps", "4",
+                                    "--device", "cpu", "--quiet")
+    assert code == 0, stderr
+    comparison = read_comparison(cache / "trust")
+    assert comparison.meta["model"].endswith("tiny_models.py:tiny_cnn") and comparison.meta["n_images"] == 6
+    assert set(comparison.per_image["method"]) == set(METHODS)
+    assert comparison.per_image["path"].isin(pd.read_parquet(next(cache.rglob("table.parquet")))["path"]).all()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--data", "{images}"], "--data needs --model"),
+    (["--data", "{images}", "--model", TINY, "--layer", "fc"], "--layer fc: not between the input and the CAM layer"),
+    (["--data", "{images}", "--model", TINY, "--layer", "nope"], "unknown layer 'nope'"),
+    (["--data", "{images}", "--model", TINY, "--steps", "0"], "argument --steps: expected a positive integer"),
+    (["--data", "{images}", "--model", TINY, "--base", "gradcam--"], "argument --base: invalid choice"),
+    (["--data", "/nonexistent", "--model", TINY], "--data /nonexistent: no such file or directory"),
+    (["--cache", "{images}", "--model", TINY], "--model goes with --data"),
+    (["--data", "{images}", "--cache", "{images}"], "not allowed with argument"),
+])
+def test_wrong_options_fail_with_one_line(dataset: tuple[Path, Path], capsys: pytest.CaptureFixture,
+                                          arguments: list[str], message: str) -> None:
+    images, _ = dataset
+    argv = [a.replace("{images}", str(images)) for a in arguments]
+    code, stdout, stderr = run_main(capsys, "compare-methods", *argv, "--device", "cpu", "--quiet")
+    assert code == 2 and message in stderr and stderr.count("\n") == 1 and stdout == ""
+
+
+def test_reading_a_missing_comparison_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ComparisonError, match=r"no method comparison in .* \(run `python -m analysis compare-methods"):
+        read_comparison(tmp_path)
+    (tmp_path / "comparison.json").write_text('{"format_version": 1}')
+    with pytest.raises(ComparisonError, match="unreadable method comparison"):
+        read_comparison(tmp_path)
