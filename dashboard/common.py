@@ -1,0 +1,175 @@
+"""What every page shares: finding and opening the cache, URL state, image tiles and galleries.
+
+Streamlit lives here and in the pages only; the computations are in `analysis`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from analysis import overlay
+from analysis.cache import Cache, CacheError, load
+
+ENV_VAR = "FGCAM_CACHE"
+TILE = 160          # pixels of one gallery tile
+PAGE_SIZE = 24      # tiles per gallery page
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def cache_dir() -> Path | None:
+    """--cache DIR after `--` on the streamlit command line, else $FGCAM_CACHE, else None."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--cache", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    value = args.cache or os.environ.get(ENV_VAR)
+    return Path(value).expanduser().resolve() if value else None
+
+
+def _state_token(root: Path) -> tuple:
+    """Changes when the job commits a shard or finishes, so a running job's progress shows on reload."""
+    parts = [root / "manifest.json", *sorted(root.glob("compact-*")), *sorted((root / "shards").glob("shard-*"))]
+    return tuple((p.name, p.stat().st_mtime_ns) for p in parts if p.exists())
+
+
+@st.cache_resource(show_spinner="Opening the cache ...", max_entries=4)
+def _open(root: str, token: tuple) -> Cache:
+    return load(root)
+
+
+def open_cache_or_problem() -> tuple[Cache | None, str | None]:
+    root = cache_dir()
+    if root is None:
+        return None, "No cache was given."
+    if not root.is_dir():
+        return None, f"The cache directory {root} does not exist."
+    try:
+        cache = _open(str(root), _state_token(root))
+    except CacheError as error:
+        return None, f"{root} cannot be read as a cache: {error}"
+    if len(cache) == 0:
+        return None, f"The cache {root} holds no explained image yet (is the job still starting?)."
+    return cache, None
+
+
+def get_cache() -> Cache:
+    """The open cache, for pages (the app shows the no-cache page instead when there is none)."""
+    cache, problem = open_cache_or_problem()
+    if cache is None:
+        st.error(problem)
+        st.stop()
+    return cache
+
+
+def no_cache_page() -> None:
+    _, problem = open_cache_or_problem()
+    st.title("FG-CAM explanation dashboard")
+    st.warning(problem)
+    st.markdown(
+        "This dashboard reads a cache made by the offline job. Make one, then start the dashboard on it:\n\n"
+        "```bash\n"
+        "python -m analysis explain --data PATH/TO/IMAGEFOLDER --model torchvision:resnet50 --weights DEFAULT "
+        "--out my_cache\n"
+        "streamlit run dashboard/app.py -- --cache my_cache     # or: FGCAM_CACHE=my_cache streamlit run ...\n"
+        "```\n\n"
+        "`make demo` builds a complete example (Fashion-MNIST with a planted shortcut) and starts the "
+        "dashboard on it. `python -m analysis explain --help` lists every option.")
+
+
+def sidebar_summary(cache: Cache) -> None:
+    manifest = cache.manifest
+    with st.sidebar:
+        st.caption(f"**Cache** `{cache_dir()}`")
+        counts = manifest.get("counts", {})
+        st.caption(f"{len(cache):,} images explained, {counts.get('errors', 0):,} skipped · "
+                   f"model `{manifest.get('model', {}).get('spec', '?')}`")
+        if not cache.complete:
+            st.warning("The job has not finished: this view shows the shards committed so far. Reload to update.")
+
+
+# ------------------------------------------------------------------------------------------------ URL state
+def query_value(name: str, default: Any, cast: Callable[[str], Any] = str, choices: Sequence | None = None) -> Any:
+    """A view setting from the URL (?name=value), falling back to ``default`` when absent or invalid."""
+    raw = st.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = cast(raw)
+    except (TypeError, ValueError):
+        return default
+    if choices is not None and value not in choices:
+        return default
+    return value
+
+
+def set_query(**values: Any) -> None:
+    """Write view settings to the URL (None removes one), so that a copied link reopens this view."""
+    for name, value in values.items():
+        if value is None:
+            st.query_params.pop(name, None)
+        elif st.query_params.get(name) != str(value):
+            st.query_params[name] = str(value)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def original(cache: Cache, image_id: int, size: int = TILE) -> np.ndarray:
+    """The image as the dataset holds it, or a placeholder when it is gone (or outside the dataset root)."""
+    try:
+        path = cache.image_path(int(image_id))
+    except CacheError:
+        return overlay.placeholder(size, "outside dataset")
+    image = overlay.load_image(path, size)
+    return image if image is not None else overlay.placeholder(size, "image missing")
+
+
+def tiles_for(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred",
+              opacity: float = 0.6, colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE) -> list[np.ndarray]:
+    """Rendered tiles for ``ids``: "image", "map" or "overlay" (with the foreground outline when known).
+    Reads only these images' maps."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return []
+    maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
+    masks = cache.foreground(ids)
+    tiles = []
+    for k, image_id in enumerate(ids):
+        mask = None if masks is None else masks[k]
+        if kind == "map":
+            tile = overlay.colorize(maps[k], colormap, size=size)
+        else:
+            tile = original(cache, image_id, size)
+            if kind == "overlay":
+                tile = overlay.overlay(tile, maps[k], opacity=opacity, colormap=colormap)
+        tiles.append(overlay.with_outline(tile, mask) if mask is not None and mask.any() else tile)
+    return tiles
+
+
+def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int], str] | None = None,
+            kind: str = "overlay", which: str = "pred", columns: int = 6, **render: Any) -> None:
+    """A paginated grid of tiles; only the current page's maps and images are read."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        st.info("No image to show.")
+        return
+    pages = (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE
+    page = 1
+    if pages > 1:
+        page = int(st.number_input(f"Page (of {pages}, {len(ids):,} images)", 1, pages,
+                                   value=min(query_value(f"{key}_page", 1, int), pages), key=f"{key}_page"))
+        set_query(**{f"{key}_page": page if page > 1 else None})
+    shown = ids[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+    tiles = tiles_for(cache, shown, kind=kind, which=which, **render)
+    for start in range(0, len(shown), columns):
+        for column, image_id, tile in zip(st.columns(columns), shown[start:start + columns], tiles[start:start + columns]):
+            column.image(tile, caption=captions(image_id) if captions else f"#{image_id}", use_container_width=True)
+
+
+def png_download(label: str, data: bytes, file_name: str, key: str) -> None:
+    st.download_button(label, data, file_name=file_name, mime="image/png", key=key,
+                       icon=":material/download:")
