@@ -1,6 +1,6 @@
 """The dashboard: `streamlit run dashboard/app.py -- --cache DIR` (or FGCAM_CACHE=DIR).
 
-A thin shell: find the cache, open it once, and hand over to the pages (dashboard/pages/*.py), each of
+A thin shell: find the cache, open it once, and hand over to the pages (dashboard/views/*.py), each of
 which loads what it needs through dashboard/common.py, calls `analysis`, and draws.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ cache, problem = common.open_cache_or_problem()
 if cache is None:
     navigation = st.navigation([st.Page(common.no_cache_page, title="No cache", url_path="no-cache", default=True)])
 else:
-    here = Path(__file__).resolve().parent / "pages"
+    here = Path(__file__).resolve().parent / "views"
     navigation = st.navigation([st.Page(here / file, title=title, url_path=url, icon=icon, default=i == 0)
                                 for i, (file, title, url, icon) in enumerate(PAGES) if (here / file).exists()])
     common.sidebar_summary(cache)

@@ -167,9 +167,21 @@ def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int]
     tiles = tiles_for(cache, shown, kind=kind, which=which, **render)
     for start in range(0, len(shown), columns):
         for column, image_id, tile in zip(st.columns(columns), shown[start:start + columns], tiles[start:start + columns]):
-            column.image(tile, caption=captions(image_id) if captions else f"#{image_id}", use_container_width=True)
+            column.image(tile, caption=captions(image_id) if captions else f"#{image_id}", width="stretch")
 
 
 def png_download(label: str, data: bytes, file_name: str, key: str) -> None:
     st.download_button(label, data, file_name=file_name, mime="image/png", key=key,
                        icon=":material/download:")
+
+
+# ------------------------------------------------------------------------------------------------ charts
+def altair_chart(chart: Any, **kwargs: Any) -> Any:
+    """st.altair_chart drawing the plot at the width/height its spec gives (Vega's "pad" autosize).
+
+    Streamlit otherwise fits the axes, legend and title into that size too, which shrinks a labelled heatmap
+    or a chart in a column to a few pixels. Returns what st.altair_chart returns (the selection with
+    on_select="rerun")."""
+    import altair as alt
+
+    return st.altair_chart(chart.properties(autosize=alt.AutoSizeParams(type="pad")), **kwargs)

@@ -1,0 +1,408 @@
+"""Clustering of explanations (the SpRAy idea): kNN graph, eigengap, four algorithms, 2-D embeddings,
+per-cluster summaries and a suspicion ranking that puts shortcut-like clusters first.
+
+Pure numpy / scikit-learn; never imports streamlit. Inputs are descriptors (unit-mass downsampled maps, one
+row per image) and the matching rows of the cache table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components, laplacian
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+ALGORITHMS = ("kmeans", "spectral", "agglomerative", "hdbscan")
+ALGORITHM_LABELS = {
+    "kmeans": "k-means",
+    "spectral": "spectral (kNN graph)",
+    "agglomerative": "agglomerative (Ward)",
+    "hdbscan": "HDBSCAN (finds k itself)",
+}
+EMBEDDINGS = ("tsne", "spectral")
+EMBEDDING_LABELS = {"tsne": "t-SNE", "spectral": "spectral axes (kNN graph)"}
+SCOPES = ("class", "all", "mistakes")
+SCOPE_LABELS = {"class": "one class", "all": "all classes", "mistakes": "only mistakes"}
+DESCRIPTOR_KINDS = ("positive", "absolute")
+
+# Components of the suspicion score: each is a mean over the cluster's images in [0, 1] where high is bad.
+SUSPICION_COMPONENTS = {
+    "off_object": "mean share of positive relevance outside the object (background_share)",
+    "on_border": "mean share of positive relevance in the border strip (border_share)",
+    "error_rate": "1 - accuracy",
+    "unlike_class": "1 - cosine similarity of the prototype to the consensus map of its members' classes",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scope
+# ----------------------------------------------------------------------------------------------------------
+
+def scope_ids(table: pd.DataFrame, scope: str, class_index: int | None = None) -> np.ndarray:
+    """Ids of the images a clustering covers: one true class, all images, or only the mistakes."""
+    if scope == "class":
+        if class_index is None:
+            raise ValueError("scope 'class' needs a class index")
+        rows = table["label"].to_numpy() == class_index
+    elif scope == "all":
+        rows = np.ones(len(table), bool)
+    elif scope == "mistakes":
+        rows = ~table["correct"].to_numpy(bool)
+    else:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+    return table["id"].to_numpy(np.int64)[rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Graph, eigengap, clustering, embedding
+# ----------------------------------------------------------------------------------------------------------
+
+def effective_neighbours(n_points: int, n_neighbors: int) -> int:
+    return int(max(1, min(n_neighbors, n_points - 1)))
+
+
+def knn_affinity(x: np.ndarray, n_neighbors: int = 10) -> sparse.csr_matrix:
+    """Symmetric 0/1 k-nearest-neighbour graph (Euclidean; i~j if either is among the other's k nearest)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    if n < 2:
+        return sparse.csr_matrix((n, n))
+    k = effective_neighbours(n, n_neighbors)
+    graph = NearestNeighbors(n_neighbors=k).fit(x).kneighbors_graph(mode="connectivity")
+    graph = graph.maximum(graph.T).tocsr()
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    return graph
+
+
+def connect_components(x: np.ndarray, graph: sparse.csr_matrix, weight: float = 0.01) -> sparse.csr_matrix:
+    """The graph plus one weak edge from every connected component (but the first) to its nearest point
+    outside it, so spectral axes are defined; the weak edges keep well-separated groups far apart."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n_parts, part_of = connected_components(graph, directed=False)
+    if n_parts <= 1:
+        return graph
+    x = np.asarray(x, dtype=np.float64)
+    graph = graph.tolil()
+    for part in range(1, n_parts):
+        inside = np.nonzero(part_of == part)[0]
+        outside = np.nonzero(part_of != part)[0]
+        distance, nearest = NearestNeighbors(n_neighbors=1).fit(x[outside]).kneighbors(x[inside])
+        best = int(np.argmin(distance[:, 0]))
+        i, j = int(inside[best]), int(outside[nearest[best, 0]])
+        graph[i, j] = graph[j, i] = weight
+    return graph.tocsr()
+
+
+@dataclass
+class Eigengap:
+    suggested_k: int
+    eigenvalues: np.ndarray   # smallest eigenvalues of the normalised graph Laplacian, ascending
+
+
+def _smallest_laplacian_eigenvalues(affinity: sparse.csr_matrix, count: int) -> np.ndarray:
+    """Up to `count` smallest eigenvalues of the normalised Laplacian of one connected graph."""
+    n = affinity.shape[0]
+    if n == 1:
+        return np.zeros(1)
+    lap = laplacian(affinity, normed=True)
+    count = min(count, n)
+    if n <= 600 or count >= n - 1:
+        return np.linalg.eigvalsh(lap.toarray())[:count]
+    # The smallest eigenvalues of L = I - N are 1 - the largest of N = D^-1/2 A D^-1/2: Lanczos finds the
+    # largest ones quickly, no factorisation needed.
+    normalised = sparse.identity(n, format="csr") - lap
+    try:
+        top = eigsh(normalised, k=count, which="LA", tol=1e-6, maxiter=n * 20, return_eigenvectors=False)
+    except ArpackNoConvergence as exc:
+        top = exc.eigenvalues
+    return np.sort(1.0 - np.asarray(top).real)
+
+
+def eigengap(x: np.ndarray, n_neighbors: int = 10, max_k: int = 12) -> Eigengap:
+    """Number of clusters suggested by the largest gap between consecutive small eigenvalues of the kNN graph's
+    normalised Laplacian: k groups that are well separated give k eigenvalues near 0, then a jump.
+
+    The suggestion lies in [2, max_k] (one cluster is no clustering); with fewer than 3 points it is 1.
+    """
+    n = np.asarray(x).shape[0]
+    if n < 3:
+        return Eigengap(suggested_k=max(n, 1) if n else 1, eigenvalues=np.zeros(min(n, 1), np.float64))
+    affinity = knn_affinity(x, n_neighbors).astype(np.float64)
+    count = min(max_k + 1, n)
+    # The spectrum of a graph is the union of the spectra of its connected components. Solving per component
+    # keeps exact multiplicities (k separate groups = k zero eigenvalues), which single-vector Lanczos would
+    # miss on the whole graph.
+    n_parts, part_of = connected_components(affinity, directed=False)
+    values = []
+    for part in range(n_parts):
+        members = np.nonzero(part_of == part)[0]
+        values.extend(_smallest_laplacian_eigenvalues(affinity[members][:, members], count))
+    values = np.sort(np.asarray(values, dtype=np.float64))[:count]
+    values = np.clip(np.sort(values.real), 0.0, None)
+    gaps = np.diff(values)  # gaps[i] = lambda_{i+2} - lambda_{i+1}, i.e. the gap after i+1 eigenvalues
+    candidates = np.arange(2, min(max_k, len(values) - 1) + 1)
+    if len(candidates) == 0:
+        return Eigengap(suggested_k=min(2, n), eigenvalues=values)
+    best = int(candidates[np.argmax(gaps[candidates - 1])])
+    return Eigengap(suggested_k=best, eigenvalues=values)
+
+
+def relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber clusters 0, 1, ... from largest to smallest (ties by old label); -1 (noise) stays -1."""
+    labels = np.asarray(labels, dtype=np.int64)
+    kept = labels[labels >= 0]
+    if kept.size == 0:
+        return labels.copy()
+    values, counts = np.unique(kept, return_counts=True)
+    order = np.lexsort((values, -counts))
+    mapping = {int(values[i]): new for new, i in enumerate(order)}
+    return np.array([mapping.get(int(v), -1) for v in labels], dtype=np.int64)
+
+
+def cluster_labels(x: np.ndarray, algorithm: str, n_clusters: int, n_neighbors: int = 10,
+                   seed: int = 0, min_cluster_size: int | None = None) -> np.ndarray:
+    """Cluster descriptors -> labels (0 = largest cluster; -1 = noise, only HDBSCAN)."""
+    from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans, SpectralClustering
+
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    k = int(max(1, min(n_clusters, n)))
+    if algorithm != "hdbscan" and (k == 1 or n < 3):
+        return np.zeros(n, np.int64)
+    with warnings.catch_warnings():
+        # sklearn warns about disconnected kNN graphs; well-separated clusters are exactly that case.
+        warnings.simplefilter("ignore", UserWarning)
+        if algorithm == "kmeans":
+            labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+        elif algorithm == "spectral":
+            affinity = knn_affinity(x, n_neighbors)
+            labels = SpectralClustering(n_clusters=k, affinity="precomputed", assign_labels="cluster_qr",
+                                        random_state=seed).fit_predict(affinity)
+        elif algorithm == "agglomerative":
+            labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
+        else:
+            size = min_cluster_size or max(5, n // 50)
+            if n < 2 * size:
+                size = max(2, n // 2)
+            labels = HDBSCAN(min_cluster_size=size, copy=True).fit_predict(x)
+    return relabel_by_size(labels)
+
+
+def embed_2d(x: np.ndarray, method: str = "tsne", n_neighbors: int = 10, seed: int = 0) -> np.ndarray:
+    """2-D coordinates [n, 2] of the descriptors: t-SNE, or the first two non-trivial spectral axes of the kNN
+    graph. Fewer than 4 points are laid out on a line (neither method is defined there)."""
+    from sklearn.manifold import TSNE, SpectralEmbedding
+
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    if method not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, not {method!r}")
+    if n < 4:
+        return np.column_stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if method == "tsne":
+            perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
+            coords = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                          random_state=seed).fit_transform(x)
+        else:
+            affinity = connect_components(x, knn_affinity(x, n_neighbors))
+            coords = SpectralEmbedding(n_components=2, affinity="precomputed",
+                                       random_state=seed).fit_transform(affinity)
+    return np.asarray(coords, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Summaries and suspicion
+# ----------------------------------------------------------------------------------------------------------
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if not (na > 0 and nb > 0) or not np.isfinite(na * nb):
+        return float("nan")
+    return float(np.dot(a, b) / (na * nb))
+
+
+def suspicion_score(off_object: float, on_border: float, error_rate: float, unlike_class: float) -> float:
+    """Mean of the available components (NaN ones, e.g. off_object without a foreground, are left out)."""
+    values = np.array([off_object, on_border, error_rate, unlike_class], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.ndarray,
+                       consensus: np.ndarray, class_names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per cluster, most suspicious first, and the prototypes (mean descriptors) [n_clusters, P].
+
+    rows: the table rows of the clustered images (same order as `labels` and `descriptors`).
+    consensus: [C, P] consensus map of each class (analysis.explore.class_consensus); a cluster's prototype is
+    compared with the mean consensus of its members' predicted classes, so a cluster that looks elsewhere than
+    its class usually does scores high.
+    Noise (-1, HDBSCAN) is summarised too, as cluster -1, but always ranked last.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    descriptors = np.asarray(descriptors, dtype=np.float32)
+    rows = rows.reset_index(drop=True)
+    names = np.asarray(class_names, dtype=object)
+    records, prototypes = [], []
+    for cluster in sorted(set(labels.tolist()), key=lambda c: (c < 0, c)):
+        members = np.nonzero(labels == cluster)[0]
+        part = rows.iloc[members]
+        prototype = descriptors[members].mean(axis=0)
+        preds = part["pred"].to_numpy(np.int64)
+        reference = np.nanmean(consensus[preds], axis=0) if len(preds) else np.full_like(prototype, np.nan)
+        accuracy = float(part["correct"].mean())
+        label_counts = part["label"].value_counts()
+        majority = int(label_counts.index[0])
+        mix = ", ".join(f"{names[int(c)]} {count / len(part):.0%}" for c, count in label_counts.head(3).items())
+        if len(label_counts) > 3:
+            mix += f", +{len(label_counts) - 3} more"
+        background = float(part["background_share"].mean()) if part["background_share"].notna().any() else np.nan
+        hotspot = (float(part["background_hotspot"].mean()) if part["background_hotspot"].notna().any()
+                   else np.nan)
+        border = float(part["border_share"].mean()) if part["border_share"].notna().any() else np.nan
+        unlike = 1.0 - _cosine(prototype, reference)
+        records.append({
+            "cluster": int(cluster),
+            "size": int(len(members)),
+            "accuracy": accuracy,
+            "majority_class": majority,
+            "majority_name": str(names[majority]),
+            "class_mix": mix,
+            "background_share": background,
+            "background_hotspot": hotspot,
+            "border_share": border,
+            "unlike_class": unlike,
+            "suspicion": suspicion_score(background, border, 1.0 - accuracy, unlike),
+        })
+        prototypes.append(prototype)
+    summary = pd.DataFrame.from_records(records, columns=[
+        "cluster", "size", "accuracy", "majority_class", "majority_name", "class_mix", "background_share",
+        "background_hotspot", "border_share", "unlike_class", "suspicion"])
+    protos = np.stack(prototypes) if prototypes else np.zeros((0, descriptors.shape[1]), np.float32)
+    if len(summary):
+        order = np.lexsort((summary["cluster"].to_numpy(), -summary["suspicion"].fillna(-1).to_numpy(),
+                            (summary["cluster"] < 0).to_numpy()))
+        summary = summary.iloc[order].reset_index(drop=True)
+        protos = protos[order]
+    summary.insert(0, "rank", np.arange(1, len(summary) + 1))
+    return summary, protos.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings, results, persistence next to the cache
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClusteringSettings:
+    scope: str = "all"
+    class_index: int | None = None
+    descriptor: str = "positive"
+    algorithm: str = "kmeans"
+    n_clusters: int = 0          # 0: use the eigengap suggestion
+    n_neighbors: int = 10
+    embedding: str = "tsne"
+    max_points: int = 3000
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}")
+        if self.descriptor not in DESCRIPTOR_KINDS:
+            raise ValueError(f"descriptor must be one of {DESCRIPTOR_KINDS}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}")
+        if self.n_clusters < 0 or self.n_neighbors < 1 or self.max_points < 2:
+            raise ValueError("n_clusters >= 0, n_neighbors >= 1 and max_points >= 2 are required")
+
+    def digest(self, cache_state: str) -> str:
+        """Short hash naming the saved result: settings plus the state of the cache they were computed on."""
+        payload = json.dumps({"settings": asdict(self), "cache": cache_state}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ClusteringResult:
+    ids: np.ndarray              # int64 [n] clustered image ids (a sample of the scope when it was larger)
+    labels: np.ndarray           # int64 [n]
+    embedding: np.ndarray        # float32 [n, 2]
+    eigenvalues: np.ndarray      # float64 [m]
+    suggested_k: int
+    n_clusters: int              # the k used (for HDBSCAN: the number it found)
+    scope_size: int              # images in the scope before sampling
+    settings: ClusteringSettings = field(default_factory=ClusteringSettings)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"id": self.ids, "cluster": self.labels,
+                             "x": self.embedding[:, 0], "y": self.embedding[:, 1]})
+
+
+def run_clustering(ids: np.ndarray, descriptors: np.ndarray, settings: ClusteringSettings,
+                   scope_size: int | None = None) -> ClusteringResult:
+    """Eigengap, clustering and embedding of already-sampled descriptors (rows aligned with ids)."""
+    settings.validate()
+    ids = np.asarray(ids, dtype=np.int64)
+    x = np.asarray(descriptors, dtype=np.float32)
+    gap = eigengap(x, settings.n_neighbors)
+    k = settings.n_clusters or gap.suggested_k
+    labels = cluster_labels(x, settings.algorithm, k, settings.n_neighbors, settings.seed)
+    found = int(len(set(labels[labels >= 0].tolist())))
+    coords = embed_2d(x, settings.embedding, settings.n_neighbors, settings.seed)
+    return ClusteringResult(ids=ids, labels=labels, embedding=coords, eigenvalues=gap.eigenvalues,
+                            suggested_k=gap.suggested_k, n_clusters=found if settings.algorithm == "hdbscan" else k,
+                            scope_size=int(scope_size if scope_size is not None else len(ids)), settings=settings)
+
+
+def save_result(path: Path, result: ClusteringResult) -> None:
+    """Write a result as parquet (id, cluster, x, y) with the rest in the schema metadata; atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "eigenvalues": [float(v) for v in result.eigenvalues],
+        "suggested_k": int(result.suggested_k),
+        "n_clusters": int(result.n_clusters),
+        "scope_size": int(result.scope_size),
+        "settings": asdict(result.settings),
+    }
+    table = pa.Table.from_pandas(result.frame(), preserve_index=False)
+    table = table.replace_schema_metadata({b"fgcam_clustering": json.dumps(meta).encode()})
+    tmp = path.with_name(f".tmp-{path.name}")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def load_result(path: Path) -> ClusteringResult | None:
+    """Read a saved result; None when absent or unreadable (then it is simply recomputed)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"fgcam_clustering"])
+        frame = table.to_pandas()
+        return ClusteringResult(
+            ids=frame["id"].to_numpy(np.int64), labels=frame["cluster"].to_numpy(np.int64),
+            embedding=frame[["x", "y"]].to_numpy(np.float32),
+            eigenvalues=np.asarray(meta["eigenvalues"], np.float64), suggested_k=int(meta["suggested_k"]),
+            n_clusters=int(meta["n_clusters"]), scope_size=int(meta["scope_size"]),
+            settings=ClusteringSettings(**meta["settings"]))
+    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
+        return None

@@ -1,0 +1,130 @@
+"""Background attention: which images does the model explain with something other than the object?
+
+Ranks images by an attention score (background_hotspot by default when a foreground is known, otherwise the
+annotation-free border_share / consensus_dissimilarity), flags those above a threshold, and shows them.
+View state in the URL: score, threshold, class, view, bg_page.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis import charts, explore
+from analysis.cache import Cache
+from dashboard import common
+
+VIEWS = {"overlay": "overlay", "map": "map only", "image": "image only"}
+ALL_CLASSES = -1
+
+
+def cache_key(cache: Cache) -> tuple:
+    """Identifies one state of a cache for st.cache_data (a running job changes `updated` and the length)."""
+    return str(cache.root), len(cache), str(cache.manifest.get("updated"))
+
+
+@st.cache_data(show_spinner="Comparing each map with its class consensus ...", max_entries=4)
+def consensus_scores(_cache: Cache, key: tuple) -> np.ndarray:
+    """consensus_dissimilarity of every row of the table (descriptors of all images: [n, D*D], small)."""
+    table = _cache.table
+    return explore.consensus_dissimilarity(_cache.descriptors(None, "positive"), table["pred"].to_numpy(),
+                                           table["correct"].to_numpy(),
+                                           len(_cache.manifest.get("class_names", [])) or int(table["pred"].max()) + 1)
+
+
+def scored_table(cache: Cache) -> pd.DataFrame:
+    table = cache.table
+    return table.assign(consensus_dissimilarity=consensus_scores(cache, cache_key(cache)))
+
+
+def why_this_score(table: pd.DataFrame, score: str, default: str) -> str:
+    n_fg = int(table["has_foreground"].sum()) if "has_foreground" in table.columns else 0
+    what = explore.SCORE_DESCRIPTIONS.get(score, score)
+    if explore.has_foreground(table):
+        reason = (f"The cache knows the object (mask or box) for **{n_fg:,} of {len(table):,}** images, so the "
+                  f"default is `{default}`, which measures attention off the object directly.")
+    else:
+        reason = ("The cache has **no foreground** (no masks or boxes were given to the job), so attention off "
+                  "the object cannot be measured directly; the page uses annotation-free scores instead: the "
+                  "relevance in the image border, and how unlike its class's usual map an image's map is.")
+    chosen = "" if score == default else f" You chose `{score}` instead of the default `{default}`."
+    return f"Ranked by **`{score}`**: {what}. {reason}{chosen}"
+
+
+def default_threshold(values: np.ndarray) -> float:
+    """The 90th percentile, rounded up to 0.01, so that about a tenth of the images is flagged at first."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.5
+    return float(min(1.0, np.ceil(np.quantile(finite, 0.9) * 100) / 100))
+
+
+def main() -> None:
+    cache = common.get_cache()
+    table = scored_table(cache)
+    names = list(cache.manifest.get("class_names", []))
+    st.title("Background attention")
+
+    scores = explore.available_attention_scores(table)
+    default = scores[0]
+    left, middle, right = st.columns([2, 2, 1])
+    score = left.selectbox("Score", scores, index=scores.index(common.query_value("score", default, choices=scores)),
+                           format_func=lambda s: f"{s} ({'needs a foreground' if s in explore.FOREGROUND_SCORES else 'annotation-free'})",
+                           key="bg_score")
+    common.set_query(score=score if score != default else None)
+    st.markdown(why_this_score(table, score, default))
+
+    values = table[score].to_numpy(np.float64)
+    upper = float(max(1.0, np.nanmax(values))) if np.isfinite(values).any() else 1.0
+    threshold_default = default_threshold(values)
+    threshold = middle.slider("Flag images with a score of at least", 0.0, upper,
+                              value=min(upper, common.query_value("threshold", threshold_default, float)),
+                              step=0.01, key=f"bg_threshold_{score}")
+    common.set_query(threshold=f"{threshold:.2f}" if abs(threshold - threshold_default) > 1e-9 else None)
+    class_options = [ALL_CLASSES] + sorted(int(c) for c in table["label"].unique())
+    chosen_class = middle.selectbox(
+        "True class", class_options,
+        index=class_options.index(common.query_value("class", ALL_CLASSES, int, choices=class_options)),
+        format_func=lambda c: "all classes" if c == ALL_CLASSES else (names[c] if c < len(names) else str(c)),
+        key="bg_class")
+    common.set_query(**{"class": chosen_class if chosen_class != ALL_CLASSES else None})
+    view = right.radio("Tiles", list(VIEWS), format_func=VIEWS.get,
+                       index=list(VIEWS).index(common.query_value("view", "overlay", choices=list(VIEWS))), key="bg_view")
+    common.set_query(view=view if view != "overlay" else None)
+
+    classes = None if chosen_class == ALL_CLASSES else [chosen_class]
+    in_scope = explore.rank_by_score(table, score, classes=classes)
+    flagged = explore.rank_by_score(table, score, threshold=threshold, classes=classes)
+    missing = int(table[score].isna().sum())
+    a, b, c = st.columns(3)
+    a.metric("Flagged images", f"{len(flagged):,}", help=f"{score} ≥ {threshold:.2f}")
+    b.metric("Share of scored images", f"{len(flagged) / max(1, len(in_scope)):.1%}")
+    c.metric("Images without this score", f"{missing:,}",
+             help="no foreground known for them" if score in explore.FOREGROUND_SCORES else "map without positive relevance")
+
+    chart_left, chart_right = st.columns(2)
+    finite = values[np.isfinite(values)]
+    with chart_left:
+        common.altair_chart(charts.histogram_chart(charts.histogram_frame(finite, bins=30), f"{score}, all images",
+                                                   threshold=threshold, width=380, height=220), width="content")
+    with chart_right:
+        common.altair_chart(charts.class_score_chart(charts.class_score_frame(table, score), score,
+                                                     threshold=threshold), width="content")
+
+    st.subheader(f"Flagged images, highest {score} first")
+    if view == "overlay":
+        st.caption("Red: relevance for the predicted class, blue: against it. Green outline: the object "
+                   "(mask or box), where known.")
+    score_of = dict(zip(flagged["id"].to_numpy(), flagged[score].to_numpy()))
+    rows = flagged.set_index("id")
+    common.gallery(cache, flagged["id"].tolist(), key="bg", kind=view,
+                   captions=lambda i: (f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} "
+                                       f"{score_of[i]:.2f}"))
+    if len(flagged):
+        export = flagged[["id", "path", "label_name", "pred_name", "confidence", "correct", score]]
+        st.download_button("Download the flagged images (CSV)", export.to_csv(index=False).encode(),
+                           file_name=f"background_{score}_{threshold:.2f}.csv", mime="text/csv",
+                           icon=":material/download:", key="bg_csv")
+
+
+main()

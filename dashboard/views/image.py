@@ -1,0 +1,106 @@
+"""Image: one image by id (?id=): the original, the map of the predicted class and, when the prediction is wrong,
+the map of the true class, as overlays and as maps; its scores; and its nearest neighbours in explanation space.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis import explore, overlay, report
+from dashboard import common
+
+VIEW_SIZE = 320
+NEIGHBOURS = 8
+SCORES = ("confidence", "background_share", "background_hotspot", "border_share", "concentration",
+          "deletion_auc", "insertion_auc")
+
+
+@st.cache_data(show_spinner="Reading the descriptors ...", max_entries=2)
+def _descriptors(_cache, state: str) -> np.ndarray:
+    """Every image's positive descriptor, in table order (one read per cache state)."""
+    return _cache.descriptors(None, "positive")
+
+
+def _view(tile: np.ndarray, caption: str) -> None:
+    st.image(tile, caption=caption, width="stretch")
+
+
+cache = common.get_cache()
+table = cache.table
+state = f"{cache.root}|{report.cache_state(cache)}"  # st.cache_data key: which cache, in which state
+names = report.class_names(cache)
+ids = table["id"].to_numpy(np.int64)
+
+st.title("Image")
+requested = common.query_value("id", int(ids[0]), int)
+if requested not in set(ids.tolist()):
+    st.warning(f"There is no explained image with id {requested}; showing #{int(ids[0])}.")
+    requested = int(ids[0])
+
+controls = st.columns([1, 1, 1, 2])
+with controls[0]:
+    image_id = int(st.number_input("Image id", int(ids.min()), int(ids.max()), requested, key=f"img_id_{requested}"))
+    if image_id not in set(ids.tolist()):
+        st.caption(f"No image with id {image_id}; showing #{requested}.")
+        image_id = requested
+with controls[1]:
+    opacity = float(st.slider("Overlay opacity", 0.0, 1.0, common.query_value("opacity", 0.6, float), 0.05,
+                              key="img_opacity"))
+with controls[2]:
+    colormaps = list(overlay.COLORMAPS)
+    colormap = st.selectbox("Colour map", colormaps,
+                            index=colormaps.index(common.query_value("cmap", overlay.DEFAULT_COLORMAP, str,
+                                                                     colormaps)), key="img_cmap")
+common.set_query(id=image_id, opacity=opacity if opacity != 0.6 else None,
+                 cmap=colormap if colormap != overlay.DEFAULT_COLORMAP else None)
+
+row = table.loc[table["id"] == image_id].iloc[0]
+verdict = "correct" if row["correct"] else "wrong"
+st.markdown(f"**#{image_id}** `{row['path']}` · true **{row['label_name']}**, predicted **{row['pred_name']}** "
+            f"({row['confidence']:.1%}) · {':green[correct]' if row['correct'] else ':red[wrong]'}")
+
+render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE)
+panels = [("original", common.tiles_for(cache, [image_id], "image", size=VIEW_SIZE)[0]),
+          (f"FG-CAM for the prediction ({row['pred_name']})",
+           common.tiles_for(cache, [image_id], "overlay", "pred", **render)[0]),
+          ("map (prediction)", common.tiles_for(cache, [image_id], "map", "pred", **render)[0])]
+if not row["correct"]:
+    panels += [(f"FG-CAM for the true class ({row['label_name']})",
+                common.tiles_for(cache, [image_id], "overlay", "true", **render)[0]),
+               ("map (true class)", common.tiles_for(cache, [image_id], "map", "true", **render)[0])]
+for column, (caption, tile) in zip(st.columns(len(panels)), panels):
+    with column:
+        _view(tile, caption)
+st.caption("Red: evidence for the class, blue: against it (symmetric scale per map). A green line outlines the "
+           "object when the cache knows its mask or box.")
+
+st.subheader("Scores")
+present = [s for s in SCORES if s in table.columns and pd.notna(row[s])]
+for column, score in zip(st.columns(max(1, len(present))), present):
+    column.metric(score.replace("_", " "), f"{row[score]:.3f}", help=explore.SCORE_DESCRIPTIONS.get(score))
+top5 = pd.DataFrame({"class": [names[int(c)] if 0 <= int(c) < len(names) else str(c) for c in row["top5_classes"]],
+                     "probability": np.asarray(row["top5_probs"], np.float64)})
+st.dataframe(top5, hide_index=True, column_config={
+    "probability": st.column_config.ProgressColumn("probability", format="percent", min_value=0, max_value=1)})
+
+st.subheader("Nearest neighbours in explanation space")
+st.caption("Images whose (positive, unit-mass) maps point the same way: cosine distance of the descriptors.")
+position = int(np.searchsorted(ids, image_id))
+rows, distances = explore.nearest_neighbours(_descriptors(cache, state), position, NEIGHBOURS)
+if len(rows) == 0:
+    st.info("This map has no positive relevance, so it has no direction to compare.")
+else:
+    neighbour_ids = ids[rows]
+    neighbours = table.set_index("id").loc[neighbour_ids]
+    tiles = common.tiles_for(cache, neighbour_ids, "overlay", "pred", opacity=opacity, colormap=colormap)
+    for column, neighbour, tile, distance in zip(st.columns(len(neighbour_ids)), neighbour_ids, tiles, distances):
+        info = neighbours.loc[neighbour]
+        with column:
+            st.image(tile, width="stretch")
+            # A button writing ?id= rather than st.page_link: a page link to the page itself shows the new image
+            # but leaves the old id in the browser's address bar (Streamlit 1.67), which breaks copied links.
+            st.button(f"#{int(neighbour)} {info['label_name']}→{info['pred_name']}", key=f"neighbour_{neighbour}",
+                      on_click=common.set_query, kwargs={"id": int(neighbour)}, icon=":material/open_in_new:",
+                      width="stretch")
+            st.caption(f"distance {distance:.3f}" + ("" if info["correct"] else " · wrong"))

@@ -1,0 +1,144 @@
+"""Mistakes: the confusion matrix, and for a cell its images with the map of the predicted class beside the
+map of the true class (what made the model say X, and what it saw of Y).
+
+A click on a cell, or on a row of the top confusions, opens the cell. View state in the URL: true, pred,
+value, mk_page.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis import charts, explore
+from analysis.cache import Cache
+from dashboard import common
+
+VALUES = {"count": "image counts", "row_share": "share of the true class"}
+PAIRS_PER_PAGE = 8
+PAIR_TILE = 150
+
+
+def n_classes(cache: Cache) -> int:
+    names = cache.manifest.get("class_names") or []
+    table = cache.table
+    return max(len(names), int(max(table["label"].max(), table["pred"].max())) + 1)
+
+
+def class_names(cache: Cache) -> list[str]:
+    names = list(cache.manifest.get("class_names") or [])
+    return names + [str(i) for i in range(len(names), n_classes(cache))]
+
+
+def open_cell(true: int, pred: int) -> None:
+    """Button callback: open a cell (written to the URL; the chart's own selection is left as it is)."""
+    common.set_query(true=true, pred=pred, mk_page=None)
+    st.session_state.pop("mk_page", None)  # a new cell starts on its first page
+
+
+def selected_cell(n: int) -> tuple[int, int] | None:
+    true = common.query_value("true", None, int, choices=range(n))
+    pred = common.query_value("pred", None, int, choices=range(n))
+    return (true, pred) if true is not None and pred is not None else None
+
+
+def chart_selection(event: object) -> tuple[int, int] | None:
+    """The cell a click on the heatmap selected, or None (no click, or the click was undone)."""
+    try:
+        points = event.selection[charts.CONFUSION_CELL]  # type: ignore[attr-defined]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not points:
+        return None
+    return int(points[0]["true"]), int(points[0]["pred"])
+
+
+def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pred: int) -> None:
+    rows = rows.sort_values(["confidence", "id"], ascending=[False, True], kind="stable")
+    st.subheader(f"True {names[true]}, predicted {names[pred]}: {len(rows):,} image{'s' if len(rows) != 1 else ''}")
+    if rows.empty:
+        st.info("No image falls in this cell.")
+        return
+    export = rows[["id", "path", "label_name", "pred_name", "confidence"]]
+    st.download_button("Download this cell's images (CSV)", export.to_csv(index=False).encode(),
+                       file_name=f"mistakes_{names[true]}_as_{names[pred]}.csv", mime="text/csv",
+                       icon=":material/download:", key="mk_csv")
+    if true == pred:
+        st.caption("A diagonal cell: the model was right, so the map of the predicted class is the map of the "
+                   "true class. Most confident first.")
+    else:
+        st.caption(f"Most confident first. Left: the image; middle: what made the model say **{names[pred]}**; "
+                   f"right: the relevance for the true class **{names[true]}** (red for, blue against).")
+    ids = rows["id"].tolist()
+    pages = (len(ids) + PAIRS_PER_PAGE - 1) // PAIRS_PER_PAGE
+    page = 1
+    if pages > 1:
+        page = int(st.number_input(f"Page (of {pages})", 1, pages, key="mk_page",
+                                   value=min(pages, common.query_value("mk_page", 1, int))))
+        common.set_query(mk_page=page if page > 1 else None)
+    shown = ids[(page - 1) * PAIRS_PER_PAGE: page * PAIRS_PER_PAGE]
+    images = common.tiles_for(cache, shown, kind="image", size=PAIR_TILE)
+    pred_maps = common.tiles_for(cache, shown, kind="overlay", which="pred", size=PAIR_TILE)
+    true_maps = pred_maps if true == pred else common.tiles_for(cache, shown, kind="overlay", which="true",
+                                                                size=PAIR_TILE)
+    confidence = dict(zip(rows["id"], rows["confidence"]))
+    for start in range(0, len(shown), 2):  # two images per row, each as image | pred map | true map
+        columns = st.columns(2)
+        for k, column in zip(range(start, min(start + 2, len(shown))), columns):
+            with column, st.container(border=True):
+                st.caption(f"#{shown[k]} · confidence {confidence[shown[k]]:.0%}")
+                a, b, c = st.columns(3)
+                a.image(images[k], caption="image", width="stretch")
+                b.image(pred_maps[k], caption=f"map for {names[pred]} (predicted)", width="stretch")
+                c.image(true_maps[k], caption=f"map for {names[true]} (true)", width="stretch")
+
+
+def main() -> None:
+    cache = common.get_cache()
+    table = cache.table
+    names = class_names(cache)
+    n = len(names)
+    st.title("Mistakes")
+    matrix = explore.confusion_matrix(table["label"].to_numpy(), table["pred"].to_numpy(), n)
+    wrong = int(matrix.sum() - np.trace(matrix))
+    st.markdown(f"**{wrong:,}** of **{int(matrix.sum()):,}** images are misclassified "
+                f"({wrong / max(1, int(matrix.sum())):.1%}). Click a cell of the matrix, or a row of the top "
+                "confusions, to see its images.")
+
+    value = st.radio("Colour cells by", list(VALUES), format_func=VALUES.get, horizontal=True, key="mk_value",
+                     index=list(VALUES).index(common.query_value("value", "count", choices=list(VALUES))))
+    common.set_query(value=value if value != "count" else None)
+
+    frame = explore.confusion_frame(matrix, names)
+    selected = selected_cell(n)
+    left, right = st.columns([3, 2])
+    with left:
+        event = common.altair_chart(charts.confusion_chart(frame, value=value, selectable=True, selected=selected),
+                                on_select="rerun", key="mk_matrix", width="content")
+    clicked = chart_selection(event)
+    # Only a new click moves the view: the chart keeps reporting its last click, which must not override a
+    # cell opened since from the list or from a link.
+    if clicked != st.session_state.get("mk_last_click"):
+        st.session_state["mk_last_click"] = clicked
+        if clicked is not None and clicked != selected:
+            open_cell(*clicked)
+            st.rerun()
+
+    with right:
+        st.markdown("**Top confusions**")
+        top = explore.top_confusions(matrix, names, k=10)
+        if top.empty:
+            st.info("No image is misclassified.")
+        for row in top.itertuples(index=False):
+            label = f"{row.true_name} → {row.pred_name}: {row.count:,} ({row.row_share:.0%} of {row.true_name})"
+            st.button(label, key=f"mk_top_{row.true}_{row.pred}", on_click=open_cell, args=(int(row.true), int(row.pred)),
+                      type="primary" if selected == (row.true, row.pred) else "secondary", width="stretch")
+
+    if selected is None:
+        st.info("No cell selected yet.")
+        return
+    true, pred = selected
+    show_cell(cache, table[(table["label"] == true) & (table["pred"] == pred)], names, true, pred)
+
+
+main()

@@ -1,0 +1,91 @@
+"""Overview: what the cache holds (model, dataset, counts, accuracy), per-class accuracy, the distributions of
+the attention scores, skipped files, the manifest, and the downloads (HTML report, table as CSV)."""
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import streamlit as st
+
+from analysis import charts, explore, report
+from dashboard import common
+
+SCORE_HELP = {
+    **explore.SCORE_DESCRIPTIONS,
+    "deletion_auc": "area under the deletion curve (low: removing the most relevant pixels quickly drops the "
+                    "score, a faithful map)",
+    "insertion_auc": "area under the insertion curve (high: adding the most relevant pixels quickly restores "
+                     "the score)",
+}
+
+
+@st.cache_data(max_entries=2)
+def _table_csv(_cache, state: str) -> bytes:
+    return _cache.table.to_csv(index=False).encode()
+
+
+cache = common.get_cache()
+table = cache.table
+manifest = cache.manifest
+state = f"{cache.root}|{report.cache_state(cache)}"  # st.cache_data key: which cache, in which state
+names = report.class_names(cache)
+
+st.title("Overview")
+model = manifest.get("model", {})
+dataset = manifest.get("dataset", {})
+options = manifest.get("options", {})
+st.caption(f"Model `{model.get('spec', '?')}` · dataset `{dataset.get('root', '?')}` · FG-CAM on "
+           f"`{options.get('base', '?')}`, target layer `{options.get('target_layer', '?')}`")
+
+errors = cache.errors
+columns = st.columns(5)
+columns[0].metric("Images explained", f"{len(table):,}")
+columns[1].metric("Skipped", f"{len(errors):,}")
+columns[2].metric("Accuracy", f"{table['correct'].mean():.1%}")
+columns[3].metric("Classes", f"{len(names):,}")
+columns[4].metric("Misclassified", f"{int((~table['correct']).sum()):,}")
+if not cache.complete:
+    st.warning("The job has not finished: these numbers cover the shards committed so far.")
+
+left, right = st.columns(2)
+with left:
+    # Deferred: the report (a clustering and a few charts) is built only when the button is clicked, outside
+    # the script run, so it must not use streamlit.
+    st.download_button("Download HTML report", data=lambda: report.build_report(cache).encode(),
+                       file_name="fgcam_report.html", mime="text/html", icon=":material/description:",
+                       key="report", help="One self-contained file (images and charts inlined, works offline): "
+                                          "summary, per-class maps, the most suspicious clusters, confusion matrix.")
+with right:
+    st.download_button("Download the table (CSV)", data=_table_csv(cache, state), file_name="fgcam_table.csv",
+                       mime="text/csv", icon=":material/download:", key="table_csv")
+
+st.subheader("Accuracy per class")
+# Streamlit counts a chart's title and axes in its height: a fixed step per class keeps every label readable.
+per_class = explore.per_class_accuracy(table, names)
+st.altair_chart(charts.accuracy_chart(per_class).properties(height=alt.Step(18)), key="accuracy_chart")
+
+st.subheader("Score distributions")
+scores = [s for s in report.SCORE_COLUMNS if s in table.columns and table[s].notna().any()]
+if not scores:
+    st.info("No score is available in this cache.")
+for start in range(0, len(scores), 3):
+    for column, score in zip(st.columns(3), scores[start:start + 3]):
+        values = table[score].to_numpy(np.float64)
+        with column:
+            st.altair_chart(charts.histogram_chart(charts.histogram_frame(values), score), height=220,
+                            key=f"hist_{score}")
+            st.caption(f"{SCORE_HELP.get(score, score)}. Median {np.nanmedian(values):.3f}, "
+                       f"{int(np.isfinite(values).sum()):,} images.")
+missing = [s for s in ("background_share", "deletion_auc") if s in table.columns and s not in scores]
+if "background_share" in missing:
+    st.caption("Background scores need a foreground (run the job with --masks or --boxes).")
+if "deletion_auc" in missing:
+    st.caption("Deletion / insertion AUCs need the job to run with --faithfulness.")
+
+st.subheader(f"Skipped files ({len(errors):,})")
+if errors.empty:
+    st.caption("No file was skipped.")
+else:
+    st.dataframe(errors[["path", "reason"]], hide_index=True, width="stretch")
+
+with st.expander("Manifest"):
+    st.json(manifest, expanded=1)

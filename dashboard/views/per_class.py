@@ -1,0 +1,161 @@
+"""Per-class maps: where, on average, does the model look for each class?
+
+Each class gets its mean image (a sample of its images) beside the mean map of its correctly and of its
+wrongly classified images (descriptors: every image's positive map scaled to unit mass, so each image counts
+once). Opening a class (?class=K) shows bigger maps and its images. View state in the URL: class, show, pc_page.
+"""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from analysis import explore, overlay
+from analysis.cache import Cache, CacheError
+from dashboard import common
+
+MEAN_IMAGE_SAMPLE = 64     # images averaged into a class's mean image (read from disk once, then cached)
+GRID_TILE = 96
+OPEN_TILE = 256
+GRID_COLUMNS = 3           # classes per row of the grid
+GRID_CLASSES_PER_PAGE = 24
+SHOW = {"all": "all images", "correct": "correct only", "wrong": "wrong only"}
+
+
+def cache_key(cache: Cache) -> tuple:
+    return str(cache.root), len(cache), str(cache.manifest.get("updated"))
+
+
+def n_classes(cache: Cache) -> int:
+    names = cache.manifest.get("class_names") or []
+    table = cache.table
+    return max(len(names), int(max(table["label"].max(), table["pred"].max())) + 1)
+
+
+@st.cache_data(show_spinner="Averaging the maps of each class ...", max_entries=4)
+def mean_maps(_cache: Cache, key: tuple) -> explore.ClassMeanMaps:
+    table = _cache.table
+    return explore.class_mean_maps(_cache.descriptors(None, "positive"), table["label"].to_numpy(),
+                                   table["correct"].to_numpy(), n_classes(_cache))
+
+
+@st.cache_data(show_spinner="Averaging the images of each class ...", max_entries=64)
+def class_mean_image(_cache: Cache, key: tuple, label: int, size: int) -> np.ndarray:
+    """Pixel mean of a seeded sample of the class's images; a placeholder when none can be read."""
+    ids = _cache.table.loc[_cache.table["label"] == label, "id"].to_numpy()
+    ids = ids[explore.sample_rows(len(ids), MEAN_IMAGE_SAMPLE, seed=label)]
+    paths = []
+    for image_id in ids:
+        try:
+            paths.append(_cache.image_path(int(image_id)))
+        except CacheError:  # a path outside the dataset root is never read
+            continue
+    mean = overlay.mean_image(paths, size)
+    return mean if mean is not None else overlay.placeholder(size, "no image")
+
+
+def map_tile(mean_map: np.ndarray, count: int, size: int) -> np.ndarray:
+    if count == 0 or not np.isfinite(mean_map).all():
+        return overlay.placeholder(size, "no image")
+    return overlay.heat(mean_map, size)
+
+
+def class_name(names: list[str], label: int) -> str:
+    return names[label] if label < len(names) else str(label)
+
+
+@st.cache_data(show_spinner="Drawing the grid ...", max_entries=4)
+def grid_png(_cache: Cache, key: tuple, classes: tuple[int, ...]) -> bytes:
+    """The grid as one PNG: per class, mean image | correct mean map | wrong mean map."""
+    cache, names, means = _cache, list(_cache.manifest.get("class_names") or []), mean_maps(_cache, key)
+    tiles, captions = [], []
+    for label in classes:
+        tiles += [class_mean_image(cache, cache_key(cache), label, GRID_TILE * 2),
+                  map_tile(means.correct[label], int(means.n_correct[label]), GRID_TILE * 2),
+                  map_tile(means.wrong[label], int(means.n_wrong[label]), GRID_TILE * 2)]
+        name = class_name(names, label)
+        captions += [f"{name}: mean image", f"correct (n={means.n_correct[label]})",
+                     f"wrong (n={means.n_wrong[label]})"]
+    return overlay.png_bytes(overlay.image_grid(tiles, captions, columns=3, caption_height=20))
+
+
+def open_class(label: int | None) -> None:
+    """Button callback (runs before the page, so the class selector may still be set): open a class, or the
+    grid for None."""
+    st.session_state["pc_class"] = label
+    common.set_query(**{"class": label, "show": None, "pc_page": None})
+
+
+def show_grid(cache: Cache, means: explore.ClassMeanMaps, names: list[str], classes: list[int]) -> None:
+    st.caption("Per class: the mean image, then the mean map of the correctly and of the wrongly classified "
+               "images (white: no relevance, dark red: most). Click a class to open it.")
+    for start in range(0, len(classes), GRID_COLUMNS):
+        for column, label in zip(st.columns(GRID_COLUMNS), classes[start:start + GRID_COLUMNS]):
+            with column, st.container(border=True):
+                name = class_name(names, label)
+                n_ok, n_bad = int(means.n_correct[label]), int(means.n_wrong[label])
+                total = n_ok + n_bad
+                st.markdown(f"**{name}** · {total:,} images, {n_ok / max(1, total):.0%} correct")
+                a, b, c = st.columns(3)
+                a.image(class_mean_image(cache, cache_key(cache), label, GRID_TILE), caption="mean image",
+                        width="stretch")
+                b.image(map_tile(means.correct[label], n_ok, GRID_TILE), caption=f"correct ({n_ok})",
+                        width="stretch")
+                c.image(map_tile(means.wrong[label], n_bad, GRID_TILE), caption=f"wrong ({n_bad})",
+                        width="stretch")
+                st.button(f"Open {name}", key=f"open_{label}", icon=":material/open_in_full:",
+                          on_click=open_class, args=(label,))
+
+
+def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], label: int) -> None:
+    name = class_name(names, label)
+    n_ok, n_bad = int(means.n_correct[label]), int(means.n_wrong[label])
+    st.subheader(f"Class {name}")
+    a, b, c = st.columns(3)
+    a.image(class_mean_image(cache, cache_key(cache), label, OPEN_TILE),
+            caption=f"mean of up to {MEAN_IMAGE_SAMPLE} images", width=OPEN_TILE)
+    b.image(map_tile(means.correct[label], n_ok, OPEN_TILE), caption=f"mean map, correct ({n_ok} images)",
+            width=OPEN_TILE)
+    c.image(map_tile(means.wrong[label], n_bad, OPEN_TILE),
+            caption=f"mean map of the prediction, wrong ({n_bad} images)", width=OPEN_TILE)
+    show = st.radio("Images", list(SHOW), format_func=SHOW.get, horizontal=True,
+                    index=list(SHOW).index(common.query_value("show", "all", choices=list(SHOW))), key="pc_show")
+    common.set_query(show=show if show != "all" else None)
+    rows = cache.table[cache.table["label"] == label]
+    if show != "all":
+        rows = rows[rows["correct"] == (show == "correct")]
+    rows = rows.sort_values(["correct", "confidence"], ascending=[True, False], kind="stable")
+    by_id = rows.set_index("id")
+    common.gallery(cache, rows["id"].tolist(), key="pc", kind="overlay",
+                   captions=lambda i: f"#{i} → {by_id.at[i, 'pred_name']} ({by_id.at[i, 'confidence']:.0%})")
+
+
+def main() -> None:
+    cache = common.get_cache()
+    names = list(cache.manifest.get("class_names") or [])
+    means = mean_maps(cache, cache_key(cache))
+    classes = sorted(int(c) for c in cache.table["label"].unique())
+    st.title("Per-class maps")
+
+    options = [None] + classes
+    chosen = st.selectbox("Class", options, format_func=lambda c: "all classes (grid)" if c is None else
+                          class_name(names, c), index=options.index(common.query_value("class", None, int, classes)),
+                          key="pc_class")
+    common.set_query(**{"class": chosen})
+    if chosen is None:
+        pages = (len(classes) + GRID_CLASSES_PER_PAGE - 1) // GRID_CLASSES_PER_PAGE
+        page = 1
+        if pages > 1:  # a 1,000-class model: draw a page of classes at a time
+            page = int(st.number_input(f"Page of classes (of {pages})", 1, pages, key="pc_grid_page",
+                                       value=min(pages, common.query_value("pc_grid_page", 1, int))))
+            common.set_query(pc_grid_page=page if page > 1 else None)
+        shown = classes[(page - 1) * GRID_CLASSES_PER_PAGE: page * GRID_CLASSES_PER_PAGE]
+        common.png_download("Download this grid (PNG)", grid_png(cache, cache_key(cache), tuple(shown)),
+                            "per_class_maps.png", key="pc_png")
+        show_grid(cache, means, names, shown)
+    else:
+        st.button("Back to all classes", icon=":material/arrow_back:", key="pc_back", on_click=open_class,
+                  args=(None,))
+        show_class(cache, means, names, chosen)
+
+
+main()

@@ -1,0 +1,219 @@
+"""Screenshots of every dashboard page, in headless Chromium (Debian's /usr/bin/chromium through PyPI playwright).
+
+    python scripts/screenshots.py --cache DIR --out docs/screenshots          # starts the app on DIR itself
+    python scripts/screenshots.py --url http://127.0.0.1:8501 --out shots      # an app already running
+
+Each page is opened by its URL, left to finish running, checked (no Streamlit exception box, no "Traceback" or
+"Error" text) and saved as PNG: the README's small viewport shots (1400 x 900, palette PNG), or with --full-page
+whole pages (the browser test, tests/test_browser.py, uses the same functions). Exit status 1 when a page
+shows a problem.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1400, "height": 900}
+FULL_PAGE_HEIGHT = 2800
+SHELL_TITLES = ("Background attention", "Per-class maps")  # navigation entries that only the app shell names
+
+
+@dataclass(frozen=True)
+class PageShot:
+    name: str          # file name of the screenshot (without .png)
+    path: str          # URL path and query
+    page_file: str     # dashboard/views/<file>: pages not written yet are skipped
+    title: str | None  # the page's title text, waited for (None: any title)
+
+
+def pages_for(cache_dir: Path | None) -> list[PageShot]:
+    """Every page, with a view that shows what it is for (the Mistakes page opens its largest confusion)."""
+    mistakes = "/mistakes"
+    if cache_dir is not None:
+        with contextlib.suppress(Exception):  # no cell when the cache cannot be read: the page says why itself
+            sys.path.insert(0, str(REPO))
+            from analysis.cache import load
+            from analysis.explore import confusion_matrix, top_confusions
+
+            cache = load(cache_dir)
+            names = list(cache.manifest["class_names"])
+            top = top_confusions(confusion_matrix(cache.table["label"], cache.table["pred"], len(names)), names, k=1)
+            if len(top):
+                mistakes = f"/mistakes?true={int(top['true'][0])}&pred={int(top['pred'][0])}"
+    return [
+        PageShot("overview", "/", "overview.py", None),
+        PageShot("clusters", "/clusters", "clusters.py", None),
+        PageShot("background", "/background", "background.py", "Background attention"),
+        PageShot("per_class", "/per-class", "per_class.py", "Per-class maps"),
+        PageShot("mistakes", mistakes, "mistakes.py", "Mistakes"),
+        PageShot("image", "/image?id=0", "image.py", None),
+        PageShot("trust", "/trust", "trust.py", "Trust"),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0) -> Iterator[str]:
+    """`streamlit run dashboard/app.py -- --cache DIR` on a free local port; yields its base URL and stops it."""
+    port = free_port()
+    command = [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"),
+               "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+               "--browser.gatherUsageStats", "false", "--", "--cache", str(cache_dir)]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + timeout
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"streamlit exited with {server.returncode}: {log_path.read_text()[-2000:]}")
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as answer:
+                        if answer.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not answer within {timeout:.0f} s")
+                time.sleep(0.5)
+            yield base
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def wait_until_done(page, title: str | None, timeout: float = 90.0) -> None:
+    """Until the page's title is shown and Streamlit has stopped running for a moment (reruns that a page
+    triggers itself, e.g. writing its state to the URL, start the status widget again)."""
+    heading = page.locator("h1").filter(has_text=title) if title else page.locator("h1")
+    heading.first.wait_for(state="visible", timeout=timeout * 1000)
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 1.5:
+            break
+        time.sleep(0.25)
+    with contextlib.suppress(Exception):  # images and charts still loading
+        page.wait_for_load_state("networkidle", timeout=10_000)
+    page.wait_for_timeout(800)  # Vega's render after its data arrived
+
+
+def page_problems(page) -> list[str]:
+    problems = []
+    if page.locator('[data-testid="stException"]').count():
+        problems.append("a Streamlit exception box: " + page.locator('[data-testid="stException"]').first.inner_text()[:500])
+    navigation = page.locator('[data-testid="stSidebarNav"]')
+    if navigation.count() and not all(title in navigation.first.inner_text() for title in SHELL_TITLES):
+        problems.append("the page ran without the app shell: the sidebar lists files, not the shell's pages "
+                        "(a folder named dashboard/pages/ is taken for an old-style pages folder)")
+    body = page.locator("body").inner_text()
+    if "Page not found" in body:
+        problems.append("Streamlit says 'Page not found' for this URL (the default page of st.navigation lives "
+                        "at '/', not at its url_path)")
+    for word in ("Traceback", "Error"):
+        if word in body:
+            at = body.index(word)
+            problems.append(f"{word!r} on the page: ...{body[max(0, at - 200): at + 200]}...")
+    return problems
+
+
+def shrink_png(path: Path, colours: int = 256) -> None:
+    """A palette PNG (screenshots have few colours; a fraction of the size of the RGB one)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
+
+
+def take_screenshots(base_url: str, out_dir: Path, shots: list[PageShot], full_page: bool = False,
+                     small: bool = True, open_root_first: bool = False) -> dict[str, list[str]]:
+    """Screenshot each page to out_dir/<name>.png -> {name: problems found on the page}.
+
+    open_root_first: load "/" once before the pages (as a person does). The browser test opens deep links
+    first on purpose: a shared link must open the page inside the app shell on a fresh server.
+    """
+    from playwright.sync_api import sync_playwright
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    found: dict[str, list[str]] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            # Streamlit scrolls inside its own container, so a "full page" screenshot is a tall viewport.
+            viewport = {**VIEWPORT, "height": FULL_PAGE_HEIGHT} if full_page else VIEWPORT
+            context = browser.new_context(viewport=viewport, device_scale_factor=1)
+            if open_root_first:
+                page = context.new_page()
+                page.goto(base_url + "/", wait_until="domcontentloaded", timeout=60_000)
+                wait_until_done(page, None)
+                page.close()
+            for shot in shots:
+                page = context.new_page()
+                page.goto(base_url + shot.path, wait_until="domcontentloaded", timeout=60_000)
+                try:
+                    wait_until_done(page, shot.title)
+                    found[shot.name] = page_problems(page)
+                except Exception as error:  # a page that never finished is a problem, with its screenshot
+                    found[shot.name] = [f"did not finish: {type(error).__name__}: {str(error)[:300]}"]
+                target = out_dir / f"{shot.name}.png"
+                page.screenshot(path=str(target))
+                if small:
+                    shrink_png(target)
+                page.close()
+        finally:
+            browser.close()
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cache", type=Path, help="start the dashboard on this cache")
+    where.add_argument("--url", help="base URL of a dashboard already running")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
+    parser.add_argument("--full-page", action="store_true",
+                        help=f"1400 x {FULL_PAGE_HEIGHT} (most of a page), not the 1400 x 900 viewport")
+    args = parser.parse_args(argv)
+    shots = [s for s in pages_for(args.cache) if (REPO / "dashboard" / "views" / s.page_file).exists()]
+    with contextlib.ExitStack() as stack:
+        log = Path(tempfile.gettempdir()) / f"screenshots-streamlit-{os.getpid()}.log"
+        base = args.url or stack.enter_context(running_app(args.cache.resolve(), log))
+        found = take_screenshots(base, args.out, shots, full_page=args.full_page, open_root_first=True)
+    bad = 0
+    for name, problems in found.items():
+        size = (args.out / f"{name}.png").stat().st_size
+        print(f"{name:12} {size / 1024:7.0f} KiB  {'ok' if not problems else 'PROBLEM: ' + ' | '.join(problems)}")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

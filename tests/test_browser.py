@@ -1,0 +1,51 @@
+"""Every dashboard page in a real browser: a real `streamlit run` server on the small real cache, headless
+Debian Chromium through playwright. Each page is opened by its URL (a deep link, as a shared link would be),
+left to finish running, checked for a Streamlit exception box, "Traceback"/"Error" text and the app shell's
+navigation, and saved as a screenshot (see scripts/screenshots.py, which also makes the README's).
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+
+
+def screenshots_module():
+    spec = importlib.util.spec_from_file_location("screenshots", REPO / "scripts" / "screenshots.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["screenshots"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_every_page_renders_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
+    shots_module = screenshots_module()
+    # The Trust page with a comparison: copy the cache (its images and model stay put) and make one.
+    cache = Path(shutil.copytree(small_cache, tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "analysis", "compare-methods", "--cache", str(cache),
+                           "--sample", "6", "--steps", "4", "--device", "cpu", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    shots = shots_module.pages_for(cache)
+    assert [s.name for s in shots] == ["overview", "clusters", "background", "per_class", "mistakes", "image",
+                                       "trust"]
+    missing = [s.page_file for s in shots if not (REPO / "dashboard" / "views" / s.page_file).exists()]
+    assert not missing, f"pages not written: {missing}"
+    out = tmp_path / "shots"
+    log = tmp_path / "streamlit.log"
+    with shots_module.running_app(cache, log) as base:
+        found = shots_module.take_screenshots(base, out, shots, full_page=True, small=False)
+    problems = {name: p for name, p in found.items() if p}
+    assert not problems, f"{problems}\nserver log:\n{log.read_text()[-3000:]}"
+    for shot in shots:
+        assert (out / f"{shot.name}.png").stat().st_size > 10_000, f"{shot.name}: screenshot nearly empty"

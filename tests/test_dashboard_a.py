@@ -1,0 +1,155 @@
+"""The Overview, Clusters and Image pages and the no-cache page, run by Streamlit's AppTest on a real cache made
+by the real job (tests/conftest.py: small_cache, 3 classes x 8 images, 3 mistakes)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.cache import load
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+
+
+def _app(monkeypatch: pytest.MonkeyPatch, cache_dir: Path | str | None, page: str | None = None,
+         query: dict[str, str] | None = None) -> AppTest:
+    if cache_dir is None:
+        monkeypatch.delenv("FGCAM_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("FGCAM_CACHE", str(cache_dir))
+    at = AppTest.from_file(APP, default_timeout=120)
+    for name, value in (query or {}).items():
+        at.query_params[name] = value
+    if page is not None:
+        at.switch_page(f"views/{page}.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+@pytest.fixture()
+def private_cache(small_cache: Path, tmp_path: Path) -> Path:
+    """A copy of the session cache, so that the clustering results the page saves in CACHE/dashboard/ start from
+    nothing and do not leak into other tests. The dataset root in the manifest still points to the images."""
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    return copy
+
+
+# ------------------------------------------------------------------------------------------------ no cache
+def test_no_cache_given(monkeypatch):
+    at = _app(monkeypatch, None)
+    assert [t.value for t in at.title] == ["FG-CAM explanation dashboard"]
+    assert "No cache was given" in at.warning[0].value
+
+
+def test_missing_cache_directory(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "nowhere")
+    assert "does not exist" in at.warning[0].value
+
+
+def test_corrupt_cache(monkeypatch, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ this is not json")
+    at = _app(monkeypatch, broken)
+    assert "cannot be read as a cache" in at.warning[0].value
+    assert [t.value for t in at.title] == ["FG-CAM explanation dashboard"]
+
+
+# ------------------------------------------------------------------------------------------------ overview
+def test_overview(monkeypatch, small_cache):
+    cache = load(small_cache)
+    at = _app(monkeypatch, small_cache, "overview")
+    assert [t.value for t in at.title] == ["Overview"]
+    metrics = _metrics(at)
+    assert metrics["Images explained"] == f"{len(cache):,}"
+    assert metrics["Misclassified"] == str(int((~cache.table["correct"]).sum()))
+    assert metrics["Accuracy"] == f"{cache.table['correct'].mean():.1%}"
+    charts = at.get("vega_lite_chart")
+    # accuracy per class + one histogram per score present in this cache (4 without --faithfulness)
+    assert len(charts) == 1 + 4
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels == ["Download HTML report", "Download the table (CSV)"]
+    assert any(e.label == "Manifest" for e in at.expander)
+
+
+# ------------------------------------------------------------------------------------------------ clusters
+def test_clusters_default_view_and_saved_result(monkeypatch, private_cache):
+    at = _app(monkeypatch, private_cache, "clusters")
+    assert [t.value for t in at.title] == ["Clusters"]
+    metrics = _metrics(at)
+    assert metrics["Images clustered"] == "24"
+    assert int(metrics["Clusters"]) == int(metrics["Eigengap suggests k"]) >= 2
+    assert len(at.get("vega_lite_chart")) == 2          # embedding scatter + eigenvalues
+    assert len(list((private_cache / "dashboard").glob("clustering-*.parquet"))) == 1
+    assert len(at.image) > 0                            # prototypes and the gallery
+
+
+def test_clusters_settings_change_the_view_and_the_url(monkeypatch, private_cache):
+    at = _app(monkeypatch, private_cache, "clusters")
+    at.selectbox(key="c_algo").set_value("agglomerative").run()
+    at.number_input(key="c_k").set_value(3).run()
+    assert not at.exception
+    assert _metrics(at)["Clusters"] == "3"
+    assert at.query_params["c_algo"] == "agglomerative" and at.query_params["c_k"] == "3"
+    assert sum(1 for b in at.markdown if "suspicion" in b.value and b.value.startswith("**#")) == 3
+    at.selectbox(key="c_scope").set_value("class").run()
+    assert not at.exception
+    assert _metrics(at)["Images clustered"] == "8"            # one class of the 3 x 8 images
+    assert at.selectbox(key="c_class").value == 0
+    assert len(list((private_cache / "dashboard").glob("clustering-*.parquet"))) == 4
+
+
+def test_clusters_view_from_url(monkeypatch, private_cache):
+    cache = load(private_cache)
+    at = _app(monkeypatch, private_cache, "clusters",
+              {"c_scope": "mistakes", "c_algo": "kmeans", "c_k": "2", "c_emb": "spectral"})
+    assert _metrics(at)["Images clustered"] == str(int((~cache.table["correct"]).sum()))
+    assert at.selectbox(key="c_scope").value == "mistakes"
+    assert at.selectbox(key="c_emb").value == "spectral"
+    # an id selection carried by a copied link shows just those images
+    wrong_ids = cache.table.loc[~cache.table["correct"], "id"].tolist()
+    at = _app(monkeypatch, private_cache, "clusters",
+              {"c_scope": "mistakes", "c_sel": "ids:" + ",".join(map(str, wrong_ids[:2]))})
+    assert any(b.value == "**2 images selected in the chart.**" for b in at.markdown)
+
+
+# ------------------------------------------------------------------------------------------------ image
+def test_image_page_by_url_and_widget(monkeypatch, small_cache):
+    cache = load(small_cache)
+    wrong = cache.table.loc[~cache.table["correct"]].iloc[0]
+    at = _app(monkeypatch, small_cache, "image", {"id": str(int(wrong["id"]))})
+    assert [t.value for t in at.title] == ["Image"]
+    assert any(f"**#{int(wrong['id'])}**" in b.value for b in at.markdown)
+    # wrong prediction: original + pred overlay + pred map + true overlay + true map, then the neighbours
+    captions = [c for image in at.image for c in image.captions]
+    assert any("true class" in c for c in captions)
+    neighbours = [b for b in at.button if b.key and b.key.startswith("neighbour_")]
+    assert len(neighbours) == 8
+    assert "background share" in _metrics(at)
+
+    # opening a neighbour shows it and puts its id in the URL
+    first = int(neighbours[0].key.removeprefix("neighbour_"))
+    neighbours[0].click().run()
+    assert not at.exception
+    assert at.query_params["id"] == str(first)
+    assert any(f"**#{first}**" in b.value for b in at.markdown)
+
+    right = int(cache.table.loc[cache.table["correct"], "id"].iloc[0])
+    number = at.number_input[0]
+    number.set_value(right).run()
+    assert not at.exception
+    assert at.query_params["id"] == str(right)
+    assert any(f"**#{right}**" in b.value for b in at.markdown)
+
+
+def test_image_page_unknown_id(monkeypatch, small_cache):
+    at = _app(monkeypatch, small_cache, "image", {"id": "987654"})
+    assert "no explained image with id 987654" in at.warning[0].value
