@@ -130,7 +130,8 @@ def cluster_scatter(frame: pd.DataFrame, selectable: bool = True, highlight: int
     """Embedding scatter coloured by cluster; drag a box (CLUSTER_BOX) or click/shift-click points
     (CLUSTER_PICK). frame: id, x, y, cluster, label_name, pred_name, correct."""
     data = frame.assign(cluster_name=np.where(frame["cluster"] < 0, "noise", "C" + frame["cluster"].astype(str)))
-    chart = alt.Chart(data, width=width, height=height).mark_circle(size=42, opacity=0.85).encode(
+    # mark_point, not mark_circle: a circle mark ignores the shape channel that marks the mistakes.
+    chart = alt.Chart(data, width=width, height=height).mark_point(size=42, opacity=0.85, filled=True).encode(
         x=alt.X("x:Q", axis=None, scale=alt.Scale(zero=False)),
         y=alt.Y("y:Q", axis=None, scale=alt.Scale(zero=False)),
         color=alt.Color("cluster_name:N", title="cluster", scale=alt.Scale(scheme="tableau20"),

@@ -240,3 +240,18 @@ def sample_rows(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=max_rows, replace=False)).astype(np.int64)
+
+
+def table_csv(frame: pd.DataFrame) -> bytes:
+    """CSV bytes of table rows for a download. List columns (top5_classes, top5_probs) are written as
+    space-separated values: pandas would print each numpy array's repr, which is both unreadable for a
+    spreadsheet and ~100x slower (18 s instead of well under 1 s for 100,000 rows)."""
+    out = frame.copy(deep=False)
+    for column in out.columns:
+        values = out[column]
+        if values.dtype == object and len(values) and isinstance(values.iloc[0], (list, tuple, np.ndarray)):
+            if np.asarray(values.iloc[0]).dtype.kind == "f":
+                out[column] = [" ".join(f"{x:.6g}" for x in np.asarray(v).tolist()) for v in values]
+            else:
+                out[column] = [" ".join(map(str, np.asarray(v).tolist())) for v in values]
+    return out.to_csv(index=False).encode("utf-8")

@@ -185,3 +185,12 @@ def altair_chart(chart: Any, **kwargs: Any) -> Any:
     import altair as alt
 
     return st.altair_chart(chart.properties(autosize=alt.AutoSizeParams(type="pad")), **kwargs)
+
+
+def chart_png_download(label: str, chart: Any, file_name: str, key: str) -> None:
+    """A PNG download of an Altair chart, rendered offline by vl-convert only when clicked (deferred data:
+    about a second per chart, which the page's run must not pay)."""
+    from analysis import charts
+
+    st.download_button(label, data=lambda: charts.chart_png(chart), file_name=file_name, mime="image/png",
+                       key=key, icon=":material/download:")

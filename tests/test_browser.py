@@ -49,3 +49,42 @@ def test_every_page_renders_in_a_browser(small_cache: Path, tmp_path: Path) -> N
     assert not problems, f"{problems}\nserver log:\n{log.read_text()[-3000:]}"
     for shot in shots:
         assert (out / f"{shot.name}.png").stat().st_size > 10_000, f"{shot.name}: screenshot nearly empty"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
+    """The deferred downloads (data made only on click, which AppTest cannot press): the table as CSV, a chart
+    as PNG rendered by vl-convert, the offline HTML report."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
+    import io
+
+    import pandas as pd
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from analysis.cache import load
+
+    shots_module = screenshots_module()
+    cache = Path(shutil.copytree(small_cache, tmp_path / "cache"))  # the report saves its clustering there
+    files: dict[str, Path] = {}
+    with shots_module.running_app(cache, tmp_path / "streamlit.log") as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=shots_module.CHROMIUM_ARGS)
+        context = browser.new_context(viewport=shots_module.VIEWPORT, accept_downloads=True)
+        page = context.new_page()
+        page.goto(base + "/")
+        shots_module.wait_until_done(page, "Overview")
+        for label in ("Download the table (CSV)", "Accuracy chart (PNG)", "Download HTML report"):
+            with page.expect_download(timeout=180_000) as info:
+                page.get_by_role("button", name=label).click()
+            files[label] = tmp_path / info.value.suggested_filename
+            info.value.save_as(files[label])
+        browser.close()
+    table = pd.read_csv(files["Download the table (CSV)"])
+    expected = load(cache).table
+    assert table["id"].tolist() == expected["id"].tolist()
+    assert table["top5_classes"].iloc[0] == " ".join(map(str, expected["top5_classes"].iloc[0]))
+    with Image.open(io.BytesIO(files["Accuracy chart (PNG)"].read_bytes())) as image:
+        assert image.format == "PNG" and image.width > 200
+    report = files["Download HTML report"].read_text()
+    assert report.startswith("<!DOCTYPE html>") and "<svg" in report and "data:image/png;base64," in report
+    assert "<script src" not in report and 'src="http' not in report

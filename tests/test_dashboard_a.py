@@ -76,7 +76,7 @@ def test_overview(monkeypatch, small_cache):
     # accuracy per class + one histogram per score present in this cache (4 without --faithfulness)
     assert len(charts) == 1 + 4
     labels = [b.proto.label for b in at.get("download_button")]
-    assert labels == ["Download HTML report", "Download the table (CSV)"]
+    assert labels == ["Download HTML report", "Download the table (CSV)", "Accuracy chart (PNG)"]
     assert any(e.label == "Manifest" for e in at.expander)
 
 

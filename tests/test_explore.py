@@ -180,3 +180,21 @@ def test_mean_image_and_grid(tmp_path):
     assert grid.size == (2 * 12 + 2, 3 * (10 + 12 + 2) + 2)
     assert overlay.png_bytes(grid)[:8] == b"\x89PNG\r\n\x1a\n"
     assert overlay.png_data_uri(np.zeros((2, 2, 3), np.uint8)).startswith("data:image/png;base64,iVBOR")
+
+
+def test_table_csv_writes_list_columns_as_space_separated_values():
+    import io
+    frame = pd.DataFrame({
+        "id": [0, 1],
+        "top5_classes": [np.array([2, 0, 1]), np.array([1, 2, 0])],
+        "top5_probs": [np.array([0.5, 0.3, 0.2], np.float32), np.array([0.9, 0.05, 0.05], np.float32)],
+        "correct": [True, False],
+    })
+    text = explore.table_csv(frame).decode()
+    assert text.splitlines()[0] == "id,top5_classes,top5_probs,correct"
+    back = pd.read_csv(io.StringIO(text))
+    assert back["top5_classes"].tolist() == ["2 0 1", "1 2 0"]
+    assert back["top5_probs"].tolist() == ["0.5 0.3 0.2", "0.9 0.05 0.05"]
+    assert back["correct"].tolist() == [True, False]
+    assert "array(" not in text and "[" not in text
+    assert frame["top5_classes"].iloc[0].tolist() == [2, 0, 1]   # the caller's frame is left alone

@@ -43,9 +43,16 @@ def denoise(components: Tensor) -> Tensor:
 
 
 def _on_model(model: nn.Module, images: Tensor) -> Tensor:
-    """The images on the model's device, in its floating dtype."""
+    """The images on the model's device, in its floating dtype, in channels-last layout.
+
+    Channels-last makes every recorded activation channels-last too, which is the layout oneDNN's
+    convolutions are fastest in on CPU; the rules then run without a single layout conversion (the model
+    itself is not touched).
+    """
     parameter = next(model.parameters(), None)
-    return images if parameter is None else images.to(parameter.device, parameter.dtype)
+    if parameter is not None:
+        images = images.to(parameter.device, parameter.dtype)
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def _logits(output: object) -> Tensor:

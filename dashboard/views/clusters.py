@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis import charts, clustering, overlay, report
+from analysis import charts, clustering, explore, overlay, report
 from analysis.clustering import ClusteringResult, ClusteringSettings
 from dashboard import common
 
@@ -137,6 +137,8 @@ with left:
                 "(shift-click adds) to show them below; double-click clears.")
     event = st.altair_chart(charts.cluster_scatter(frame), on_select="rerun", key="c_scatter",
                             width="stretch")
+    common.chart_png_download("Embedding (PNG)", charts.cluster_scatter(frame, selectable=False),
+                              "cluster_embedding.png", "c_scatter_png")
 with right:
     if len(result.eigenvalues):
         st.altair_chart(charts.eigenvalue_chart(result.eigenvalues, result.suggested_k), height=240,
@@ -199,7 +201,7 @@ else:
     csv_name = f"cluster_{report.cluster_label(focus)}.csv"
 rows = table.set_index("id").loc[shown].reset_index()
 rows.insert(1, "cluster", frame.set_index("id").loc[shown, "cluster"].to_numpy())
-st.download_button("Download these images (CSV)", rows.to_csv(index=False).encode(), file_name=csv_name,
+st.download_button("Download these images (CSV)", explore.table_csv(rows), file_name=csv_name,
                    mime="text/csv", key="c_csv", icon=":material/download:")
 by_id = rows.set_index("id")
 common.gallery(cache, shown, key="c_gallery",

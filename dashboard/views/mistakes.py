@@ -115,6 +115,9 @@ def main() -> None:
     with left:
         event = common.altair_chart(charts.confusion_chart(frame, value=value, selectable=True, selected=selected),
                                 on_select="rerun", key="mk_matrix", width="content")
+        common.chart_png_download("Confusion matrix (PNG)", charts.confusion_chart(frame, value=value,
+                                                                                   selectable=False),
+                                  "confusion_matrix.png", "mk_matrix_png")
     clicked = chart_selection(event)
     # Only a new click moves the view: the chart keeps reporting its last click, which must not override a
     # cell opened since from the list or from a link.
