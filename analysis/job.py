@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.cache import (FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, CacheError, CacheWriter, ShardRecords,
                             load, now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
@@ -48,24 +49,8 @@ class SetupError(Exception):
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from analysis.cli_types import percentage as _percentage, positive_float as _positive_float, positive_int as _positive_int
 from analysis.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
                                    logits_of, model_device_dtype, upsample_maps)
 
@@ -399,34 +400,10 @@ def shortcut_test_on_cache(cache: Any, ids: Sequence[int] | np.ndarray, q: float
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def _percentage(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], got {text!r}") from None
-    if not (0 < value <= 100):
-        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -36,6 +36,7 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
+from analysis.cli_types import positive_int as _positive_int
 from data import fashion_mnist, shortcut
 from data.fashion_mnist import FOLDER_NAMES, FashionMNISTUnavailable, Split
 
@@ -535,14 +536,6 @@ def step_dashboard(paths: DemoPaths, port: int) -> int:
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:

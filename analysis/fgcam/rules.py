@@ -16,6 +16,8 @@ padding, dilation and groups, and the flat rule for relevance that z+ cannot pla
 """
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -120,7 +122,7 @@ def conv_zplus(relevance: Tensor, x: Tensor, weight: Tensor, geometry: ConvGeome
     ``output`` is the convolution's value in the forward pass, bias included (for ``_unplaced``).
     """
     w_pos = weight.clamp(min=0)
-    if float(x.min()) >= 0:  # after a ReLU, the common case: the x- term vanishes, half the cost
+    if not bool((x < 0).any()):  # after a ReLU, the common case: the x- term vanishes, half the cost
         z = geometry.forward(x, w_pos)
         placed = x * geometry.backward(x.shape, w_pos, safe_divide(relevance, z))
     else:
@@ -161,7 +163,7 @@ def linear_zplus(relevance: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
 def split_sum(relevance: Tensor, summands: Sequence[Tensor]) -> list[Tensor]:
     """A sum of tensors (a residual addition): R_i = a_i * R / sum_j a_j, so the parts add up to R."""
-    s = safe_divide(relevance, sum(summands))
+    s = safe_divide(relevance, functools.reduce(operator.add, summands))
     return [(a * s).sum_to_size(a.shape) for a in summands]
 
 
