@@ -223,3 +223,16 @@ def make_small_cache(out_dir: Path | str) -> Path:
         if code != 0:
             raise RuntimeError(f"the explain job failed with exit code {code}")
     return cache
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """`python -m analysis ARGV` in this process (argparse errors exit through SystemExit, as the real
+    command does) -> (exit code, stdout, stderr)."""
+    from analysis.__main__ import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

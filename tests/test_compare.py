@@ -12,14 +12,13 @@ import pytest
 import torch
 import torchvision
 
-from analysis.__main__ import main
 from analysis.compare import (METHODS, ComparisonError, Explainers, compare_methods, default_intermediate_layer,
                               method_maps, read_comparison, sample_positions, summarise, trust_page_data)
 from analysis.faithfulness import deletion_insertion_curves
 from data.demo_model import DemoCNN
 from PIL import Image
 
-from tests.helpers import TINY_MODEL_FILE, train_tiny_cnn
+from tests.helpers import TINY_MODEL_FILE, run_main, train_tiny_cnn
 from tests.tiny_models import TinyCNN
 
 TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
@@ -46,15 +45,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("compare")
     make_mark_folder(root / "images")
     return root / "images", train_tiny_cnn(root / "images", root / "tiny_cnn.pth", steps=100)
-
-
-def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_compare_methods_end_to_end(dataset: tuple[Path, Path], tmp_path: Path,

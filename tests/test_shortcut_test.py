@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.__main__ import main
 from analysis.cache import load
 from analysis.fgcam import FGCAM
 from analysis.models import ModelSpecError
 from analysis.shortcut_test import (control_regions, foreground_test, model_from_manifest, per_class_foreground,
                                     prototype_map, region_pixel_count, shortcut_test, top_region)
+from tests.helpers import run_main
 from tests.tiny_models import TinyCNN
 
 SIDE = 16
@@ -134,15 +134,6 @@ def test_wrong_options_fail_with_one_line(shortcut_model: TinyCNN) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # On a real cache (the session's small cache: 3 colour classes x 8 images, masks, a trained tiny CNN)
 # ----------------------------------------------------------------------------------------------------------
-
-def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def test_command_line_on_a_cache(small_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cat.csv"
