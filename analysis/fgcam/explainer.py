@@ -90,9 +90,9 @@ class FGCAM:
         path = self.graph.path(target, cam)
         if target not in path:
             raise ValueError(f"target_layer {target_layer!r} is not below cam_layer {self.cam_layer!r}")
-        keep = path | {inp for node in path for inp in node.all_input_nodes}
         gradients_needed = self.base in NEEDS_GRADIENTS
-        output, values = self.graph.run(images, keep, grad_from=cam if gradients_needed else None)
+        output, values = self.graph.run(images, self.graph.values_needed(target, cam),
+                                        grad_from=cam if gradients_needed else None)
         logits = _logits(output)
         if classes is None:
             classes = logits.argmax(dim=1)
@@ -131,8 +131,7 @@ class LRP:
 
     def __call__(self, images: Tensor, target_layer: str = "input", classes: Tensor | None = None) -> FGCAMResult:
         target = self.graph.node_for(target_layer)
-        path = self.graph.path(target, self._logits_node)
-        keep = path | {inp for node in path for inp in node.all_input_nodes}
+        keep = self.graph.values_needed(target, self._logits_node)
         output, values = self.graph.run(_on_model(self.model, images), keep)
         logits = _logits(output)
         classes = logits.argmax(dim=1) if classes is None else classes.to(logits.device).long()

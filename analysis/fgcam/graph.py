@@ -77,6 +77,8 @@ class ModelGraph:
         self.output_node = next(n for n in self.nodes if n.op == "output")
         self._inplace: set[fx.Node] = {n for n in self.nodes if self._looks_inplace(n)}
         self.reads_image = self._nodes_reading_image()
+        self.live = self.descendants(self.input_node)  # nodes whose value depends on the image
+        self._paths: dict[tuple[fx.Node, fx.Node], frozenset[fx.Node]] = {}
 
     # ----------------------------------------------------------------------------------------------- naming
     def module_name(self, node: fx.Node) -> str | None:
@@ -174,9 +176,16 @@ class ModelGraph:
                     stack.append(user)
         return seen
 
-    def path(self, low: fx.Node, high: fx.Node) -> set[fx.Node]:
-        """Nodes through which relevance flows from ``high`` down to ``low``, both included."""
-        return self.ancestors(high) & self.descendants(low)
+    def path(self, low: fx.Node, high: fx.Node) -> frozenset[fx.Node]:
+        """Nodes through which relevance flows from ``high`` down to ``low``, both included (computed once)."""
+        if (low, high) not in self._paths:
+            self._paths[low, high] = frozenset(self.ancestors(high) & self.descendants(low))
+        return self._paths[low, high]
+
+    def values_needed(self, low: fx.Node, high: fx.Node) -> frozenset[fx.Node]:
+        """The nodes whose values a forward run must keep to carry relevance from ``high`` to ``low``."""
+        path = self.path(low, high)
+        return path | {inp for node in path for inp in node.all_input_nodes}
 
     # ------------------------------------------------------------------------------------------- running
     @staticmethod

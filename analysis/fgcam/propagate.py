@@ -70,7 +70,7 @@ class RelevanceWalk:
 
     def __init__(self, graph: ModelGraph, env: dict[fx.Node, Any]) -> None:
         self.graph, self.env = graph, env
-        self.live = graph.descendants(graph.input_node)
+        self.live = graph.live
 
     def run(self, start: fx.Node, relevance: Tensor, stop: fx.Node) -> Tensor:
         """Relevance at the output of ``stop``, given ``relevance`` at the output of ``start``."""
