@@ -23,18 +23,15 @@ from analysis.models import load_model, weights_sha256
 from analysis.scores import all_scores, resize_maps
 from data.datasets import load_image, resize_mask_nearest, to_model_mode
 from tests.helpers import (CLASS_NAMES, REPO_ROOT, TINY_MODEL_FILE, job_command, make_image_folder,
-                           make_mask_folder, small_cache_arguments, square_box)
+                           make_mask_folder, run_main, small_cache_arguments, square_box)
 
 TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
 
 
 def run_inprocess(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    """main() in this process; argparse errors exit through SystemExit, like the real command."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    return code, capsys.readouterr().err
+    """The command in this process -> (exit code, stderr)."""
+    code, _, err = run_main(capsys, *argv)
+    return code, err
 
 
 def explain_args(data: Path, out: Path, *extra: str, model: str = TINY) -> list[str]:
