@@ -84,7 +84,7 @@ def default_intermediate_layer(explainer: Any, image: Tensor) -> str:
     if parameter is not None:
         image = image.to(parameter.device, parameter.dtype)
     with torch.no_grad():
-        _, values = graph.run(image[:1], keep={node for _, node in candidates})
+        _, values = graph.run(image[:1], shapes={node for _, node in candidates})
     spatial = [(name, node, tuple(values[node].shape[-2:])) for name, node in candidates
                if isinstance(values.get(node), Tensor) and values[node].dim() == 4]
     if not spatial:

@@ -17,8 +17,7 @@ def test_conv_zplus_positive_input_by_hand():
     # one 2x2 input, 2x2 kernel, one output: z = 1*2 + 2*0 + 3*1 + 4*0 (negative weights ignored) = 5
     x = t([[[[1.0, 2.0], [3.0, 4.0]]]])
     w = t([[[[2.0, -1.0], [1.0, -3.0]]]])
-    geometry = rules.ConvGeometry(1, 0, 1, 1, (2, 2))
-    r = rules.conv_zplus(t([[[[10.0]]]]), x, w, geometry, t([[[[1.0]]]]))
+    r = rules.conv_zplus(t([[[[10.0]]]]), x, rules.Conv(w))
     # R_in = x * w+ * R / z = [1*2, 0, 3*1, 0] * 10 / 5
     assert torch.allclose(r, t([[[[4.0, 0.0], [6.0, 0.0]]]]))
 
@@ -27,7 +26,7 @@ def test_conv_zplus_signed_input_uses_negative_parts():
     # x = [2, -1], w = [1, -2]: z = 2*1 (x+ w+) + (-1)(-2) (x- w-) = 4
     x = t([[[[2.0, -1.0]]]])
     w = t([[[[1.0, -2.0]]]])
-    r = rules.conv_zplus(t([[[[8.0]]]]), x, w, rules.ConvGeometry(1, 0, 1, 1, (1, 2)), t([[[[1.0]]]]))
+    r = rules.conv_zplus(t([[[[8.0]]]]), x, rules.Conv(w))
     assert torch.allclose(r, t([[[[4.0, 4.0]]]]))  # 2/4*8 and 2/4*8
 
 
@@ -37,7 +36,7 @@ def test_conv_zbox_by_hand():
     # R_in_i = (x_i w_i - l w+_i - h w-_i) * R / z = [(1 - 1) / 0.5, (1 - 0.5) / 0.5]
     x = t([[[[0.5, 1.0]]]])
     w = t([[[[2.0, 1.0]]]])
-    r = rules.conv_zbox(t([[[[1.0]]]]), x, w, rules.ConvGeometry(1, 0, 1, 1, (1, 2)))
+    r = rules.conv_zbox(t([[[[1.0]]]]), x, rules.Conv(w))
     assert torch.allclose(r, t([[[[0.0, 1.0]]]]))
 
 
@@ -45,7 +44,7 @@ def test_conv_zbox_zero_padding_applies_to_bounds():
     # 1 pixel image with padding 1 and a 3-wide kernel: the padded l and h contribute nothing
     x = t([[[[2.0]]]])   # l = h = 2
     w = t([[[[5.0, 1.0, 7.0]]]])
-    r = rules.conv_zbox(t([[[[3.0]]]]), x, w, rules.ConvGeometry(1, (0, 1), 1, 1, (1, 3)))
+    r = rules.conv_zbox(t([[[[3.0]]]]), x, rules.Conv(w, padding=(0, 1)))
     # z = 2*1 - 2*1 - 0 = 0: all relevance vanishes (0/0 = 0), not 5 or 7 of the padding
     assert r.abs().sum() == 0
 
@@ -54,10 +53,9 @@ def test_conv_zplus_honours_stride_groups_dilation():
     torch.manual_seed(0)
     x = torch.rand(2, 4, 9, 9, dtype=torch.float64)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
-    geometry = rules.ConvGeometry(2, 2, 2, 2, (3, 3))
     z = F.conv2d(x, w.clamp(min=0), None, 2, 2, 2, 2)
     relevance = torch.rand_like(z)
-    r = rules.conv_zplus(relevance, x, w, geometry, z)
+    r = rules.conv_zplus(relevance, x, rules.Conv(w, stride=2, padding=2, dilation=2, groups=2))
     # the gradient trick computed by autograd on the same conv
     x_leaf = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(F.conv2d(x_leaf, w.clamp(min=0), None, 2, 2, 2, 2), x_leaf, relevance / z)
@@ -67,14 +65,13 @@ def test_conv_zplus_honours_stride_groups_dilation():
 
 def test_conv_flat_fallback_conserves_relevance_of_an_all_zero_window():
     # a depthwise window of zeros carries relevance (a bias-driven activation): spread evenly, not dropped
-    x = t([[[[0.0, 0.0, 0.0]]]])
     w = t([[[[1.0, 1.0]]]])
-    geometry = rules.ConvGeometry(1, 0, 1, 1, (1, 2))
-    r = rules.conv_zplus(t([[[[4.0, 6.0]]]]), x, w, geometry, t([[[[0.5, 0.5]]]]))  # output = bias 0.5
+    r = rules.conv_zplus(t([[[[4.0, 6.0]]]]), t([[[[0.0, 0.0, 0.0]]]]), rules.Conv(w, bias=t([0.5])))  # output = bias
     assert torch.allclose(r, t([[[[2.0, 5.0, 3.0]]]]))
-    # on an activation that is exactly zero the relevance is dropped, as in the reference
-    r = rules.conv_zplus(t([[[[4.0, 6.0]]]]), x, w, geometry, t([[[[0.0, 0.5]]]]))
-    assert torch.allclose(r, t([[[[0.0, 3.0, 3.0]]]]))
+    # on an activation that is exactly zero the relevance is dropped, as in the reference: no bias, x = [0, 0, 1]
+    # gives outputs [0, 1]; the first window's 4 is dropped, the second's 6 goes to the 1
+    r = rules.conv_zplus(t([[[[4.0, 6.0]]]]), t([[[[0.0, 0.0, 1.0]]]]), rules.Conv(w))
+    assert torch.allclose(r, t([[[[0.0, 0.0, 6.0]]]]))
 
 
 def test_max_pool_routes_to_the_winner_and_ignores_negatives():

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .bases import BASES, NEEDS_GRADIENTS, CamInputs
 from .graph import ModelGraph
-from .propagate import RelevanceWalk
+from .propagate import RelevanceWalk, walk_plan
 
 
 @dataclass
@@ -91,7 +91,8 @@ class FGCAM:
         if target not in path:
             raise ValueError(f"target_layer {target_layer!r} is not below cam_layer {self.cam_layer!r}")
         gradients_needed = self.base in NEEDS_GRADIENTS
-        output, values = self.graph.run(images, self.graph.values_needed(target, cam),
+        plan = walk_plan(self.graph, target, cam)
+        output, values = self.graph.run(images, plan.values | {cam}, plan.shapes,
                                         grad_from=cam if gradients_needed else None)
         logits = _logits(output)
         if classes is None:
@@ -131,8 +132,8 @@ class LRP:
 
     def __call__(self, images: Tensor, target_layer: str = "input", classes: Tensor | None = None) -> FGCAMResult:
         target = self.graph.node_for(target_layer)
-        keep = self.graph.values_needed(target, self._logits_node)
-        output, values = self.graph.run(_on_model(self.model, images), keep)
+        plan = walk_plan(self.graph, target, self._logits_node)
+        output, values = self.graph.run(_on_model(self.model, images), plan.values, plan.shapes)
         logits = _logits(output)
         classes = logits.argmax(dim=1) if classes is None else classes.to(logits.device).long()
         start = torch.zeros_like(logits).scatter_(1, classes[:, None], logits.gather(1, classes[:, None]))

@@ -9,13 +9,17 @@ No hook is ever registered on the model, and its train/eval mode is never touche
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
+
+from .conv import Conv
 
 
 class UnsupportedOperation(RuntimeError):
@@ -77,8 +81,9 @@ class ModelGraph:
         self.output_node = next(n for n in self.nodes if n.op == "output")
         self._inplace: set[fx.Node] = {n for n in self.nodes if self._looks_inplace(n)}
         self.reads_image = self._nodes_reading_image()
+        self._engine_ops = {n: kind for n in self.nodes if (kind := self._engine_op(n)) is not None}
         self.live = self.descendants(self.input_node)  # nodes whose value depends on the image
-        self._paths: dict[tuple[fx.Node, fx.Node], frozenset[fx.Node]] = {}
+        self._cache: dict[Hashable, Any] = {}
 
     # ----------------------------------------------------------------------------------------------- naming
     def module_name(self, node: fx.Node) -> str | None:
@@ -127,20 +132,21 @@ class ModelGraph:
         raise ValueError(f"could not find the last spatial layer of {type(self.model).__name__}; "
                          "pass cam_layer=<module name>")
 
-    def _module(self, node: fx.Node) -> nn.Module | None:
+    def module(self, node: fx.Node) -> nn.Module | None:
+        """The module a call_module node calls (None for other nodes)."""
         return self.model.get_submodule(node.target) if node.op == "call_module" else None
 
     def _is_reducing(self, node: fx.Node) -> bool:
-        return (isinstance(self._module(node), _REDUCING_MODULES)
+        return (isinstance(self.module(node), _REDUCING_MODULES)
                 or (node.op == "call_function" and node.target in _REDUCING_FUNCTIONS)
                 or (node.op == "call_method" and node.target in _REDUCING_METHODS))
 
     def _is_transparent(self, node: fx.Node) -> bool:
-        return isinstance(self._module(node), _TRANSPARENT_MODULES) or \
+        return isinstance(self.module(node), _TRANSPARENT_MODULES) or \
             (node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS)
 
     def _is_head(self, node: fx.Node) -> bool:
-        return (isinstance(self._module(node), _HEAD_MODULES)
+        return (isinstance(self.module(node), _HEAD_MODULES)
                 or (node.op == "call_function" and node.target in _HEAD_FUNCTIONS))
 
     # ------------------------------------------------------------------------------------------- structure
@@ -154,7 +160,7 @@ class ModelGraph:
         return reading
 
     def _mixes_pixels(self, node: fx.Node) -> bool:
-        module = self._module(node)
+        module = self.module(node)
         return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or \
             (node.op == "call_function" and node.target in (F.conv2d, torch.conv2d, F.linear))
 
@@ -178,18 +184,78 @@ class ModelGraph:
 
     def path(self, low: fx.Node, high: fx.Node) -> frozenset[fx.Node]:
         """Nodes through which relevance flows from ``high`` down to ``low``, both included (computed once)."""
-        if (low, high) not in self._paths:
-            self._paths[low, high] = frozenset(self.ancestors(high) & self.descendants(low))
-        return self._paths[low, high]
+        return self.cached(("path", low, high), lambda: frozenset(self.ancestors(high) & self.descendants(low)))
 
-    def values_needed(self, low: fx.Node, high: fx.Node) -> frozenset[fx.Node]:
-        """The nodes whose values a forward run must keep to carry relevance from ``high`` to ``low``."""
-        path = self.path(low, high)
-        return path | {inp for node in path for inp in node.all_input_nodes}
+    def cached(self, key: Hashable, compute: Callable[[], Any], stamp: tuple = ()) -> Any:
+        """``compute()``, once per ``key`` for this graph (paths, walk plans), and again whenever ``stamp``
+        changes (its tensors are compared by identity, the rest by value)."""
+        entry = self._cache.get(key)
+        if entry is None or not _same_stamp(entry[0], stamp):
+            entry = self._cache[key] = (stamp, compute())
+        return entry[1]
+
+    def conv(self, node: fx.Node, env: dict[fx.Node, Any]) -> Conv:
+        """The ``Conv`` of a convolution node, kept while its weight is the same tensor with the same contents
+        (an optimizer step, a new parameter or ``model.to()`` makes a new one)."""
+        module = self.module(node)
+        if module is not None:
+            if module.padding_mode != "zeros":
+                raise UnsupportedOperation(f"module '{node.target}' ({type(module).__name__}) pads with "
+                                           f"'{module.padding_mode}'")
+            weight, bias = module.weight, module.bias
+            geometry = (module.stride, module.padding, module.dilation, module.groups)
+        else:
+            weight, bias = argument(node, env, 1, "weight", None), argument(node, env, 2, "bias", None)
+            geometry = (argument(node, env, 3, "stride", 1), argument(node, env, 4, "padding", 0),
+                        argument(node, env, 5, "dilation", 1), argument(node, env, 6, "groups", 1))
+        stamp = (weight, weight.data_ptr(), weight._version, weight.dtype, weight.device, geometry,
+                 bias, None if bias is None else (bias.data_ptr(), bias._version))
+        return self.cached(("conv", node), lambda: Conv(weight, bias, *geometry), stamp)
+
+    def _engine_value(self, node: fx.Node, env: dict[fx.Node, Any], overwrite_input: bool) -> Any:
+        """A plain convolution's or an eval-mode batch norm's output computed the engine's way, or None where
+        the model's own call must run (another op, a subclass with its own forward, a hook, gradients, another
+        device or dtype).
+
+        The numbers are the same up to float rounding; the time is not. Convolutions run with packed weights
+        (``conv.py``). A batch norm whose input nothing else needs overwrites it, as ``x * a + b`` with the
+        per-channel a and b of the inference kernel: on CPU a new activation-sized tensor costs more than the
+        arithmetic (its pages are faulted in one by one).
+        """
+        kind = self._engine_ops.get(node)
+        if kind is None or torch.is_grad_enabled() or _global_hooks():
+            return None
+        module = self.module(node)
+        if module is not None and (module._forward_hooks or module._forward_pre_hooks):
+            return None
+        x = env[node.args[0]]
+        if not isinstance(x, Tensor):
+            return None
+        if kind == "conv":
+            conv = self.conv(node, env)
+            return conv.output(x) if conv.packs_for(x) else None
+        if module.training or module.running_mean is None or not overwrite_input or not _dense(x):
+            return None
+        stamp = tuple(t if t is None else (t, t._version, t.data_ptr())
+                      for t in (module.running_mean, module.running_var, module.weight, module.bias)) + (module.eps,)
+        scale, shift = self.cached(("batch_norm", node), lambda: _batch_norm_affine(module), stamp)
+        return torch.addcmul(shift, x, scale, out=x)
+
+    def _engine_op(self, node: fx.Node) -> str | None:
+        module = self.module(node)
+        if module is None:
+            return "conv" if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d) else None
+        if type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward \
+                and module.padding_mode == "zeros":
+            return "conv"
+        if isinstance(module, nn.BatchNorm2d) and type(module).forward is nn.BatchNorm2d.forward:
+            return "batch_norm"
+        return None
 
     # ------------------------------------------------------------------------------------------- running
-    @staticmethod
-    def _looks_inplace(node: fx.Node) -> bool:
+    def _looks_inplace(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return getattr(self.module(node), "inplace", False) is True
         if node.op == "call_method":
             return node.target.endswith("_") and not node.target.startswith("_")
         if node.op == "call_function":
@@ -205,17 +271,18 @@ class ModelGraph:
             value = getattr(value, part)
         return value
 
-    def call(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-        """Evaluate one node on the values in ``env`` (which may replace some inputs, as the rules do)."""
+    def call(self, node: fx.Node, env: dict[fx.Node, Any], overwrite_input: bool = False) -> Any:
+        """Evaluate one node on the values in ``env`` (which may replace some inputs, as the rules do).
+
+        An op that works in place gets a copy of its first argument, unless ``overwrite_input`` says that
+        nothing else needs that value.
+        """
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        if node.op == "call_module":
-            module = self.model.get_submodule(node.target)
-            if getattr(module, "inplace", False) is True and args and isinstance(args[0], Tensor):
-                args = (args[0].clone(),) + tuple(args[1:])
-            return module(*args, **kwargs)
-        if node in self._inplace and args and isinstance(args[0], Tensor):
+        if not overwrite_input and node in self._inplace and args and isinstance(args[0], Tensor):
             args = (args[0].clone(),) + tuple(args[1:])
+        if node.op == "call_module":
+            return self.module(node)(*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -224,24 +291,34 @@ class ModelGraph:
             return self._fetch_attr(node.target)
         raise AssertionError(node.op)
 
-    def run(self, images: Tensor, keep: Iterable[fx.Node] = (), grad_from: fx.Node | None = None
-            ) -> tuple[Any, dict[fx.Node, Any]]:
+    def run(self, images: Tensor, keep: Iterable[fx.Node] = (), shapes: Iterable[fx.Node] = (),
+            grad_from: fx.Node | None = None) -> tuple[Any, dict[fx.Node, Any]]:
         """Run the model on ``images``; return its output and the values of the ``keep`` nodes.
 
+        For the ``shapes`` nodes only a stand-in on the meta device is returned (type, shape, dtype and
+        strides, no data): what the relevance walk checks where it reads no value, at no memory cost.
         Nothing tracks gradients, except, when ``grad_from`` is given, the part of the graph above it:
         its value is returned as a leaf that requires grad, so that the output can be differentiated with
         respect to it alone (the classifier head only, no parameter gradients).
         """
         for _ in range(2):
             try:
-                return self._run(images, set(keep), grad_from)
+                return self._run(images, set(keep), set(shapes), grad_from)
             except _MutatedInput:
                 continue  # the node was marked in-place; the second run clones its input
         raise AssertionError("unreachable")
 
-    def _run(self, images: Tensor, keep: set[fx.Node], grad_from: fx.Node | None) -> tuple[Any, dict]:
+    def _run(self, images: Tensor, keep: set[fx.Node], shapes: set[fx.Node], grad_from: fx.Node | None
+             ) -> tuple[Any, dict]:
         env: dict[fx.Node, Any] = {}
+        stand_ins: dict[fx.Node, Any] = {}
         uses = {node: len(node.users) for node in self.nodes}
+        # Storages seen by more than one value: an in-place op may overwrite only a value that nothing else
+        # sees (the images and the model's own tensors are seen from outside, so they are never overwritten).
+        holders = _StorageCount()
+        holders.add(images)
+        for tensor in (*self.model.parameters(), *self.model.buffers()):
+            holders.add(tensor)
         grad_before = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:
@@ -251,25 +328,103 @@ class ModelGraph:
                         raise UnsupportedOperation(f"forward takes more than one input ({node.name})")
                     value = images
                 elif node.op == "output":
-                    return fx.node.map_arg(node.args[0], env.__getitem__), {n: env[n] for n in keep if n in env}
+                    values = {n: env[n] for n in keep if n in env}
+                    return fx.node.map_arg(node.args[0], env.__getitem__), {**stand_ins, **values}
                 else:
                     inputs = [env[n] for n in node.all_input_nodes if isinstance(env[n], Tensor)]
                     versions = [t._version for t in inputs]
-                    value = self.call(node, env)
-                    if node not in self._inplace and any(t._version != v for t, v in zip(inputs, versions)):
-                        self._inplace.add(node)
-                        raise _MutatedInput(node)
+                    first = node.args[0] if node.args else None
+                    overwrite = (isinstance(first, fx.Node) and first not in keep and first is not grad_from
+                                 and uses[first] == 1 and holders.only_one(env[first]))
+                    value = self._engine_value(node, env, overwrite)
+                    if value is None:
+                        value = self.call(node, env, overwrite_input=overwrite)
+                        if node not in self._inplace and any(t._version != v for t, v in zip(inputs, versions)):
+                            self._inplace.add(node)
+                            raise _MutatedInput(node)
                 if node is grad_from:
                     value = value.detach().requires_grad_(True)
                     torch.set_grad_enabled(True)
                 env[node] = value
+                holders.add(value)
+                if node in shapes and node not in keep:
+                    stand_ins[node] = _stand_in(value)
                 for inp in node.all_input_nodes:
                     uses[inp] -= 1
                     if uses[inp] == 0 and inp not in keep:
-                        del env[inp]
+                        holders.remove(env.pop(inp))
             raise AssertionError("graph without output")
         finally:
             torch.set_grad_enabled(grad_before)
+
+
+def argument(node: fx.Node, env: dict, index: int, name: str, default: Any) -> Any:
+    """The value of a call's argument, given by position ``index`` or by keyword ``name``."""
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    return env[value] if isinstance(value, fx.Node) else value
+
+
+def _batch_norm_affine(module: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm as x * scale + shift, [1, C, 1, 1] each (how torch's inference kernel computes it)."""
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    shift = -module.running_mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias
+    return scale.detach().view(1, -1, 1, 1), shift.detach().view(1, -1, 1, 1)
+
+
+def _global_hooks() -> bool:
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _same_stamp(old: tuple, new: tuple) -> bool:
+    return len(old) == len(new) and all(
+        a is b or not (isinstance(a, Tensor) or isinstance(b, Tensor)) and a == b for a, b in zip(old, new))
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for t in value if isinstance(t, Tensor)]
+    return []
+
+
+class _StorageCount:
+    """How many recorded values use each storage (views and in-place results share their input's)."""
+
+    def __init__(self) -> None:
+        self._count: Counter[int] = Counter()
+
+    @staticmethod
+    def _key(tensor: Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    def add(self, value: Any) -> None:
+        for tensor in _tensors(value):
+            self._count[self._key(tensor)] += 1
+
+    def remove(self, value: Any) -> None:
+        for tensor in _tensors(value):
+            self._count[self._key(tensor)] -= 1
+
+    def only_one(self, value: Any) -> bool:
+        return isinstance(value, Tensor) and self._count[self._key(value)] == 1
+
+
+def _stand_in(value: Any) -> Any:
+    """A value's meta-device twin: same type, shape, dtype and strides, no data."""
+    if isinstance(value, Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_stand_in(v) for v in value)
+    return value
 
 
 class _MutatedInput(Exception):

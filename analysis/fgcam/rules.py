@@ -13,6 +13,10 @@ concatenation splits by slices), multiplicative gates such as squeeze-excitation
 features with the gate held constant (``passthrough`` on the feature input), ``linear_zplus`` (z+ for
 fully connected layers, used when relevance starts at the logit), convolutions with any stride,
 padding, dilation and groups, and the flat rule for relevance that z+ cannot place (``_unplaced``).
+
+The rules never write into the relevance or the values they are given; they divide and multiply over
+temporaries of their own, because on CPU a new activation-sized tensor costs more than the arithmetic on it.
+The convolution products (and how they are made fast) are in ``conv.py``.
 """
 from __future__ import annotations
 
@@ -24,18 +28,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .conv import Conv
+
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """numerator / denominator with 0 wherever the denominator is 0 (the reference's 0/0 = 0).
+    """numerator / denominator with 0 wherever the denominator is 0 (the reference's 0/0 = 0)."""
+    quotient = numerator / denominator
+    return _zero_where_undefined(quotient)[0]
 
-    A zero denominator gives inf or nan, which are replaced by 0: two passes over the tensor instead of
-    three (the quotient of two finite float32 numbers cannot overflow to inf in practice).
+
+def _divide_into(relevance: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
+    """R / z written over z, a temporary of the rule's own (no new tensor), with 0/0 = 0; and where z was 0
+    (None: nowhere)."""
+    return _zero_where_undefined(torch.div(relevance, z, out=z))
+
+
+def _zero_where_undefined(quotient: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The quotient with its inf and nan (a zero denominator) set to 0, in place, and where they were.
+
+    The common case, no zero denominator, costs one sum: an inf or nan anywhere makes the sum inf or nan.
     """
-    return (numerator / denominator).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _has_zero(t: Tensor) -> bool:
-    return int(torch.count_nonzero(t)) < t.numel()
+    if bool(quotient.sum().isfinite()):
+        return quotient, None
+    undefined = ~quotient.isfinite()
+    return quotient.masked_fill_(undefined, 0.0), undefined
 
 
 def passthrough(relevance: Tensor) -> Tensor:
@@ -43,30 +59,34 @@ def passthrough(relevance: Tensor) -> Tensor:
     return relevance
 
 
-def pool(relevance: Tensor, x: Tensor, pooling: Callable[[Tensor], Tensor], output: Tensor) -> Tensor:
+def pool(relevance: Tensor, x: Tensor, pooling: Callable[[Tensor], Tensor], output: Tensor,
+         x_nonnegative: bool = False) -> Tensor:
     """Max / average / adaptive pooling: x+ = max(x, 0); R_in = x+ * grad_x+[pool(x+)] applied to R/pool(x+).
 
-    ``output`` is the op's value in the forward pass (for the flat rule of ``_unplaced``).
+    ``output`` is the op's value in the forward pass (for the flat rule of ``_unplaced``);
+    ``x_nonnegative``: x is known to be >= 0 (a ReLU's output), so x+ = x needs no copy.
     """
-    x_pos = x.detach().clamp(min=0)
-    placed, z = _gradient_rule(relevance, x_pos, pooling)
-    unplaced = _unplaced(relevance, z, output)
+    x_pos = x.detach() if x_nonnegative else x.detach().clamp(min=0)
+    placed, zero = _gradient_rule(relevance, x_pos, pooling)
+    unplaced = _unplaced(relevance, zero, output)
     if unplaced is not None:  # a window with no positive input that still carries relevance
         placed = placed + _gradient_rule(unplaced, torch.ones_like(x_pos), pooling)[0]
     return placed
 
 
-def _gradient_rule(relevance: Tensor, x: Tensor, op: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """x * grad_x[op(x)] applied to R / op(x), and op(x)."""
-    x = x.requires_grad_(True)
+def _gradient_rule(relevance: Tensor, x: Tensor, op: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
+    """x * grad_x[op(x)] applied to R / op(x), and where op(x) was 0 (None: nowhere)."""
+    x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = op(x)
-    (gradient,) = torch.autograd.grad(z, x, safe_divide(relevance, z.detach()))
-    return x.detach() * gradient, z.detach()
+    # a copy of z: the op's backward may read its own output (amax does)
+    s, zero = _divide_into(relevance, z.detach().clone())
+    (gradient,) = torch.autograd.grad(z, x, s)
+    return x.detach() * gradient, zero
 
 
-def _unplaced(relevance: Tensor, z: Tensor, output: Tensor) -> Tensor | None:
-    """Relevance on a non-zero activation that a rule cannot place (its denominator is 0), or None.
+def _unplaced(relevance: Tensor, zero: Tensor | None, output: Tensor) -> Tensor | None:
+    """Relevance on a non-zero activation that a rule cannot place (its denominator ``zero`` is 0), or None.
 
     Ours, beyond the reference: it happens where an activation is carried by the bias alone (a depthwise
     window of zeros) or where a pooling window holds only negatives; the reference drops it (it never
@@ -74,70 +94,34 @@ def _unplaced(relevance: Tensor, z: Tensor, output: Tensor) -> Tensor | None:
     so that relevance is conserved. Relevance on an activation that is exactly zero (denoised components
     can put some there) is dropped, as in the reference.
     """
-    if not _has_zero(z):  # the common case, checked first because it costs one reduction
+    if zero is None:
         return None
-    unplaced = relevance * ((z == 0) & (output != 0))
+    unplaced = relevance * (zero & (output != 0))
     return unplaced if bool(unplaced.any()) else None
 
 
-class ConvGeometry:
-    """Stride, padding, dilation and groups of a 2-d convolution, with its forward and transposed product."""
-
-    def __init__(self, stride, padding, dilation, groups: int, kernel_size: Sequence[int]) -> None:
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-        self.stride, self.dilation, self.groups = pair(stride), pair(dilation), groups
-        if padding == "valid":
-            padding = 0
-        elif padding == "same":
-            total = [d * (k - 1) for d, k in zip(self.dilation, kernel_size)]
-            if any(t % 2 for t in total):
-                raise ValueError("padding='same' with an even receptive field is asymmetric")
-            padding = tuple(t // 2 for t in total)
-        self.padding = pair(padding)
-        self.kernel_size = tuple(kernel_size)
-
-    # Both products run in channels-last layout: oneDNN's convolutions are about a third faster in it on
-    # CPU (bench/bench_engine.py), and the results are the same numbers.
-    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.conv2d(_channels_last(x), _channels_last(weight), None, self.stride, self.padding,
-                        self.dilation, self.groups)
-
-    def backward(self, shape: torch.Size, weight: Tensor, s: Tensor) -> Tensor:
-        """The transposed convolution convT(s, W), sized to the input ``shape``."""
-        output_padding = tuple(
-            size - ((out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
-            for size, out, stride, pad, dil, k in zip(shape[2:], s.shape[2:], self.stride, self.padding,
-                                                       self.dilation, self.kernel_size))
-        return F.conv_transpose2d(_channels_last(s), _channels_last(weight), None, self.stride, self.padding,
-                                  output_padding, self.groups, self.dilation)
-
-
-def _channels_last(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-
-def conv_zplus(relevance: Tensor, x: Tensor, weight: Tensor, geometry: ConvGeometry, output: Tensor) -> Tensor:
+def conv_zplus(relevance: Tensor, x: Tensor, conv: Conv, x_nonnegative: bool = False) -> Tensor:
     """z = conv(x+, W+) + conv(x-, W-); R_in = x+ * convT(R/z, W+) + x- * convT(R/z, W-).
 
-    ``output`` is the convolution's value in the forward pass, bias included (for ``_unplaced``).
+    ``x_nonnegative``: x is known to be >= 0 (a ReLU's output), so it need not be checked. Where some z is 0,
+    the flat rule (``_unplaced``) needs the layer's output: it is recomputed then, rather than kept for all.
     """
-    w_pos = weight.clamp(min=0)
-    if not bool((x < 0).any()):  # after a ReLU, the common case: the x- term vanishes, half the cost
-        z = geometry.forward(x, w_pos)
-        placed = x * geometry.backward(x.shape, w_pos, safe_divide(relevance, z))
+    if x_nonnegative or not bool((x < 0).any()):  # after a ReLU, the common case: the x- term vanishes, half the cost
+        s, zero = _divide_into(relevance, conv.forward(x, "positive"))
+        placed = conv.backward(x.shape, s, "positive").mul_(x)
     else:
-        x_pos, x_neg, w_neg = x.clamp(min=0), x.clamp(max=0), weight.clamp(max=0)
-        z = geometry.forward(x_pos, w_pos) + geometry.forward(x_neg, w_neg)
-        s = safe_divide(relevance, z)
-        placed = x_pos * geometry.backward(x.shape, w_pos, s) + x_neg * geometry.backward(x.shape, w_neg, s)
-    unplaced = _unplaced(relevance, z, output)
-    if unplaced is not None:
-        ones, flat = torch.ones_like(x[:1]), torch.ones_like(weight)
-        placed = placed + geometry.backward(x.shape, flat, safe_divide(unplaced, geometry.forward(ones, flat)))
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        s, zero = _divide_into(relevance, conv.forward(x_pos, "positive").add_(conv.forward(x_neg, "negative")))
+        placed = conv.backward(x.shape, s, "positive").mul_(x_pos)
+        placed.addcmul_(conv.backward(x.shape, s, "negative"), x_neg)
+    unplaced = None if zero is None else _unplaced(relevance, zero, conv.output(x))
+    if unplaced is not None:  # the flat rule: an even share of each window
+        window_sizes = conv.forward(torch.ones_like(x[:1]), "ones")
+        placed = placed + conv.backward(x.shape, safe_divide(unplaced, window_sizes), "ones")
     return placed
 
 
-def conv_zbox(relevance: Tensor, x: Tensor, weight: Tensor, geometry: ConvGeometry) -> Tensor:
+def conv_zbox(relevance: Tensor, x: Tensor, conv: Conv) -> Tensor:
     """z^B for the convolution reading the image, bounds l = min(x), h = max(x) per image.
 
     z = conv(x, W) - conv(l, W+) - conv(h, W-); s = R/z; R_in = x*convT(s, W) - l*convT(s, W+) - h*convT(s, W-).
@@ -145,12 +129,13 @@ def conv_zbox(relevance: Tensor, x: Tensor, weight: Tensor, geometry: ConvGeomet
     """
     dims = tuple(range(1, x.dim()))
     low, high = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-    w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
     ones = torch.ones_like(x[:1])
-    z = geometry.forward(x, weight) - low * geometry.forward(ones, w_pos) - high * geometry.forward(ones, w_neg)
-    s = safe_divide(relevance, z)
-    back_all, back_pos = geometry.backward(x.shape, weight, s), geometry.backward(x.shape, w_pos, s)
-    return x * back_all - low * back_pos - high * (back_all - back_pos)  # convT(s, W-) = convT(s, W) - convT(s, W+)
+    z = conv.forward(x, "whole")
+    z.addcmul_(low, conv.forward(ones, "positive"), value=-1).addcmul_(high, conv.forward(ones, "negative"), value=-1)
+    s, _ = _divide_into(relevance, z)
+    back_all, back_pos = conv.backward(x.shape, s, "whole", "positive")
+    # with convT(s, W-) = convT(s, W) - convT(s, W+): R_in = convT(s, W) (x - h) + convT(s, W+) (h - l)
+    return back_all.mul_(x - high).addcmul_(back_pos, high - low)
 
 
 def linear_zplus(relevance: Tensor, x: Tensor, weight: Tensor) -> Tensor:
@@ -163,8 +148,13 @@ def linear_zplus(relevance: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
 def split_sum(relevance: Tensor, summands: Sequence[Tensor]) -> list[Tensor]:
     """A sum of tensors (a residual addition): R_i = a_i * R / sum_j a_j, so the parts add up to R."""
-    s = safe_divide(relevance, functools.reduce(operator.add, summands))
-    return [(a * s).sum_to_size(a.shape) for a in summands]
+    total = functools.reduce(operator.add, summands)
+    if len(summands) > 1 and total.shape == relevance.shape:  # the sum is a new tensor: divide over it
+        s, _ = _divide_into(relevance, total)
+    else:  # one summand beside a constant, or a sum that broadcasts to R
+        s = safe_divide(relevance, total)
+    *first, last = summands
+    return [(a * s).sum_to_size(a.shape) for a in first] + [s.mul_(last).sum_to_size(last.shape)]
 
 
 def move(relevance: Sequence[Tensor | None], inputs: Sequence[Tensor],
