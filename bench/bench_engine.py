@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,19 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.fgcam import FGCAM  # noqa: E402
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` runs, after one warm-up run each.
+
+    The functions take turns (a, b, c, a, b, c, ...), so that a machine whose speed drifts while the
+    benchmark runs (shared cores, turbo) affects all of them alike and the ratios stay fair.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def cam_target_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -68,17 +74,21 @@ def main() -> None:
                 with torch.no_grad():
                     model(images)
 
-            t_forward = timed(forward, args.repeats, device)
-            t_fgcam = timed(lambda: explainer(images, target_layer="input"), args.repeats, device)
-            row = [name, str(batch), f"{batch / t_forward:.2f}", f"{batch / t_fgcam:.2f}", f"{t_fgcam / t_forward:.2f}"]
-            if args.no_grad_cam:
-                row += ["-", "-"]
-            else:
+            def grad_cam():
                 from pytorch_grad_cam import GradCAM
-                with GradCAM(model=model, target_layers=[cam_target_layer(model, name)]) as grad_cam:
-                    t_grad_cam = timed(lambda: grad_cam(images, targets=None), args.repeats, device)
-                model.zero_grad(set_to_none=True)
-                row += [f"{batch / t_grad_cam:.2f}", f"{t_grad_cam / t_fgcam:.2f}x"]
+                # made for each call (it only registers two hooks), so that its hooks, which copy the
+                # activations, are not on the model while the plain forward pass is timed
+                with GradCAM(model=model, target_layers=[cam_target_layer(model, name)]) as cam:
+                    cam(images, targets=None)
+
+            fns = {"forward": forward, "fgcam": lambda: explainer(images, target_layer="input")}
+            if not args.no_grad_cam:
+                fns["grad_cam"] = grad_cam
+            t = timed(fns, args.repeats, device)
+            model.zero_grad(set_to_none=True)
+            row = [name, str(batch), f"{batch / t['forward']:.2f}", f"{batch / t['fgcam']:.2f}",
+                   f"{t['fgcam'] / t['forward']:.2f}"]
+            row += ["-", "-"] if args.no_grad_cam else [f"{batch / t['grad_cam']:.2f}", f"{t['grad_cam'] / t['fgcam']:.2f}x"]
             print("| " + " | ".join(row) + " |", flush=True)
 
 
