@@ -119,12 +119,17 @@ def walk_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
     return graph.cached(("walk", low, high), lambda: _make_plan(graph, low, high))
 
 
+def _nonnegative_nodes(graph: ModelGraph, kinds: dict[fx.Node, str | None]) -> frozenset[fx.Node]:
+    known: set[fx.Node] = set()
+    for node in graph.nodes:  # in graph order: a node's inputs are decided before it
+        if _is_nonnegative(graph, node, kinds[node], known):
+            known.add(node)
+    return frozenset(known)
+
+
 def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
     kinds = graph.cached("kinds", lambda: {node: _kind(graph, node) for node in graph.nodes})
-    nonnegative: set[fx.Node] = set()
-    for node in graph.nodes:
-        if _is_nonnegative(graph, node, kinds[node], nonnegative):
-            nonnegative.add(node)
+    nonnegative = graph.cached("nonnegative", lambda: _nonnegative_nodes(graph, kinds))
     path = graph.path(low, high)
     order = tuple(sorted(path, key=graph.order.__getitem__, reverse=True))
     values: set[fx.Node] = set()
@@ -143,14 +148,12 @@ def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
     for value, reader in last_reader.items():
         release.setdefault(reader, []).append(value)
     return WalkPlan(order, frozenset(values), frozenset(seen - values),
-                    {node: tuple(vals) for node, vals in release.items()}, kinds, frozenset(nonnegative))
+                    {node: tuple(vals) for node, vals in release.items()}, kinds, nonnegative)
 
 
 def _reads(node: fx.Node, kind: str | None, live_inputs: list[fx.Node]) -> set[fx.Node]:
     """The nodes whose values ``node``'s rule reads (the rest of its inputs it only checks for type and size)."""
-    if kind == "conv":
-        return {node.args[0]}
-    if kind == "linear":
+    if kind in ("conv", "linear"):
         return {node.args[0]}
     if kind in ("pool", "move"):
         return {*live_inputs, node}          # the op is re-run on its inputs
