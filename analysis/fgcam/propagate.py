@@ -133,8 +133,7 @@ def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
     path = graph.path(low, high)
     order = tuple(sorted(path, key=graph.order.__getitem__, reverse=True))
     values: set[fx.Node] = set()
-    seen: set[fx.Node] = set()
-    last_reader: dict[fx.Node, fx.Node] = {}
+    last_reader: dict[fx.Node, fx.Node] = {}  # every value the walk touches, and the last node that does
     for node in order:
         if node is low:
             continue  # the walk stops there: its rule never runs
@@ -142,12 +141,11 @@ def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
         values |= {n for n in node.all_input_nodes if n not in graph.live}  # weights, constants: no memory
         values |= _reads(node, kinds[node], live_inputs)
         for value in (node, *live_inputs):
-            seen.add(value)
             last_reader[value] = node  # the walk goes down the order, so the last assignment is the last reader
     release: dict[fx.Node, list[fx.Node]] = {}
     for value, reader in last_reader.items():
         release.setdefault(reader, []).append(value)
-    return WalkPlan(order, frozenset(values), frozenset(seen - values),
+    return WalkPlan(order, frozenset(values), frozenset(last_reader.keys() - values),
                     {node: tuple(vals) for node, vals in release.items()}, kinds, nonnegative)
 
 
