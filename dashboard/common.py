@@ -187,10 +187,22 @@ def altair_chart(chart: Any, **kwargs: Any) -> Any:
     return st.altair_chart(chart.properties(autosize=alt.AutoSizeParams(type="pad")), **kwargs)
 
 
+def deferred_download(label: str, make: Callable[[], bytes | str], file_name: str, mime: str, key: str,
+                      **button: Any) -> None:
+    """A download whose data ``make()`` builds only when the button is clicked, outside the script run (so it
+    must not use streamlit): for files that take seconds, which opening a page must not pay.
+
+    The click does not rerun the page (nothing depends on it). With a rerun, Streamlit 1.67 requests the file
+    while the rerun replaces the page's deferred callables, and the request can find its callable gone: the
+    click then downloads nothing (seen in tests/test_browser.py on a loaded machine).
+    """
+    st.download_button(label, data=make, file_name=file_name, mime=mime, key=key, on_click="ignore", **button)
+
+
 def chart_png_download(label: str, chart: Any, file_name: str, key: str) -> None:
-    """A PNG download of an Altair chart, rendered offline by vl-convert only when clicked (deferred data:
-    about a second per chart, which the page's run must not pay)."""
+    """A PNG download of an Altair chart, rendered offline by vl-convert only when clicked (about a second per
+    chart)."""
     from analysis import charts
 
-    st.download_button(label, data=lambda: charts.chart_png(chart), file_name=file_name, mime="image/png",
-                       key=key, icon=":material/download:")
+    deferred_download(label, lambda: charts.chart_png(chart), file_name, "image/png", key,
+                      icon=":material/download:")

@@ -42,17 +42,15 @@ if not cache.complete:
 
 left, right = st.columns(2)
 with left:
-    # Deferred: the report (a clustering and a few charts) is built only when the button is clicked, outside
-    # the script run, so it must not use streamlit.
-    st.download_button("Download HTML report", data=lambda: report.build_report(cache).encode(),
-                       file_name="fgcam_report.html", mime="text/html", icon=":material/description:",
-                       key="report", help="One self-contained file (images and charts inlined, works offline): "
-                                          "summary, per-class maps, the most suspicious clusters, confusion matrix.")
+    # Deferred: the report runs a clustering and renders a few charts.
+    common.deferred_download("Download HTML report", lambda: report.build_report(cache).encode(),
+                             "fgcam_report.html", "text/html", "report", icon=":material/description:",
+                             help="One self-contained file (images and charts inlined, works offline): summary, "
+                                  "per-class maps, the most suspicious clusters, confusion matrix.")
 with right:
-    # Deferred like the report: 100,000 rows take seconds to write, and the page must open in under 3 s.
-    st.download_button("Download the table (CSV)", data=lambda: explore.table_csv(cache.table),
-                       file_name="fgcam_table.csv",
-                       mime="text/csv", icon=":material/download:", key="table_csv")
+    # Deferred: 100,000 rows take seconds to write, and the page must open in under 3 s.
+    common.deferred_download("Download the table (CSV)", lambda: explore.table_csv(cache.table), "fgcam_table.csv",
+                             "text/csv", "table_csv", icon=":material/download:")
 
 st.subheader("Accuracy per class")
 # Streamlit counts a chart's title and axes in its height: a fixed step per class keeps every label readable.
