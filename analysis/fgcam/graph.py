@@ -76,6 +76,11 @@ class ModelGraph:
         once = [name for name in names if len(self.module_outputs[name]) == 1]
         return max(once or names, key=lambda name: (name.count("."), len(name)))
 
+    def enclosing_module(self, node: fx.Node) -> str | None:
+        """The innermost module whose forward makes the call of ``node`` (None: the model's own forward)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        return next(reversed(stack), None) or None
+
     def node_for(self, name: str) -> fx.Node:
         """The node whose value is the output of module ``name`` (its last call), or the input for "input"."""
         if name == "input":

@@ -350,5 +350,5 @@ def describe(graph: ModelGraph, node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module '{node.target}' ({type(graph.module(node)).__name__})"
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    where = graph.module_name(node)
+    where = graph.module_name(node) or graph.enclosing_module(node)
     return f"op '{target}' (graph node '{node.name}'{f', in {where}' if where else ''})"
