@@ -104,6 +104,7 @@ def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: st
                 batch_size: int = 8, estimate_for: int = 10_000) -> ModelCheck:
     """Everything the report says; raises OptionError for a layer name the model does not have."""
     from analysis.fgcam import FGCAM, UnsupportedOperation
+    from analysis.fgcam.propagate import node_kinds
 
     device = device or torch.device("cpu")
     model = loaded.model.to(device)
@@ -120,32 +121,19 @@ def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: st
     except ValueError as error:
         if cam_layer is not None:
             raise OptionError(f"--cam-layer: {_first_line(error)}") from None
-        check.error = f"{_first_line(error)}"  # no spatial layer before the head was found
+        check.error = _first_line(error)  # no spatial layer before the head was found
         return check
     check.cam_layer = explainer.cam_layer
-    graph = explainer.graph
     try:
-        target = graph.node_for(target_layer)
+        target = explainer.graph.node_for(target_layer)
     except ValueError as error:
         raise OptionError(f"--target-layer: {_first_line(error)}") from None
-    try:
-        shapes = _shapes(graph, images[:1])
-    except Exception as error:  # the model's own forward fails on these images (size, channels)
-        check.error = f"the model fails on the preprocessed images {tuple(images.shape[1:])}: " \
-                      f"{type(error).__name__}: {_first_line(error)}"
+    described = _describe_layers(check, explainer, images, target)
+    if described is None:
         return check
-    cam = graph.node_for(explainer.cam_layer)
-    check.cam_shape = _shape_of(shapes.get(cam))
-    calls = len(graph.module_outputs.get(explainer.cam_layer, []))
-    if calls > 1:
-        check.notes.append(f"module {explainer.cam_layer!r} is called {calls} times in forward: the CAM layer is "
-                           "its last call")
-    check.candidates = _candidates(graph, shapes, cam)
-    if target not in graph.path(target, cam):
-        raise OptionError(f"--target-layer {target_layer!r} is not below the CAM layer {explainer.cam_layer!r}")
-    from analysis.fgcam.propagate import node_kinds
-    kinds = node_kinds(graph)
-    _tabulate_ops(check, graph, _path_ops(graph, shapes, target, cam), kinds)
+    shapes, cam = described
+    kinds = node_kinds(explainer.graph)
+    _tabulate_ops(check, explainer.graph, _path_ops(explainer.graph, shapes, target, cam), kinds)
     try:
         flow = _measure_conservation(check, explainer, images, target_layer)
     except UnsupportedOperation as error:
@@ -156,12 +144,35 @@ def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: st
     except (RuntimeError, ValueError) as error:
         check.error = f"{type(error).__name__}: {_first_line(error)}"
         return check
-    _tabulate_ops(check, graph, [step.node for step in flow], kinds)  # the ops relevance really went through
+    _tabulate_ops(check, explainer.graph, [step.node for step in flow], kinds)  # where relevance really went
     try:
         _measure_speed(check, explainer, model, images, target_layer)
     except RuntimeError as error:  # out of memory at --batch-size
-        check.error = f"timing a batch of {batch_size} failed: {type(error).__name__}: {_first_line(error)}"
+        check.notes.append(f"timing a batch of {batch_size} failed ({type(error).__name__}: {_first_line(error)}); "
+                           "try a smaller --batch-size")
     return check
+
+
+def _describe_layers(check: ModelCheck, explainer, images: Tensor, target) -> tuple[dict, Any] | None:
+    """The CAM layer's shape, the finer candidates, notes; every node's shape and the CAM layer's node (None:
+    the model's forward fails on the images)."""
+    graph = explainer.graph
+    try:
+        shapes = _shapes(graph, images[:1])
+    except Exception as error:  # the model's own forward fails on these images (size, channels)
+        check.error = f"the model fails on the preprocessed images {tuple(images.shape[1:])}: " \
+                      f"{type(error).__name__}: {_first_line(error)}"
+        return None
+    cam = graph.node_for(explainer.cam_layer)
+    if target not in graph.path(target, cam):
+        raise OptionError(f"--target-layer {check.target_layer!r} is not below the CAM layer {explainer.cam_layer!r}")
+    check.cam_shape = _shape_of(shapes.get(cam))
+    calls = len(graph.module_outputs.get(explainer.cam_layer, []))
+    if calls > 1:
+        check.notes.append(f"module {explainer.cam_layer!r} is called {calls} times in forward: the CAM layer is "
+                           "its last call")
+    check.candidates = _candidates(graph, shapes, cam)
+    return shapes, cam
 
 
 def _first_line(error: BaseException) -> str:

@@ -12,8 +12,10 @@ z+ then needs no sign check), gates of a product, and the ops the graph's search
 through. The mapping is by op, never by architecture; an op on the relevance path with no kind raises
 ``UnsupportedOperation`` naming it.
 
-Extending: a new rule for an op is a ``Kind`` placed before the one that covers the op now (the first match
-wins); a rule that depends on where a node sits (the image-reading convolution) adds an ``applies`` test.
+Extending: a new rule for an op is a ``Kind`` placed before the row that covers the op now (the first match
+wins); a rule that depends on where a node sits adds an ``applies`` test, as the image-reading convolution
+does (a rule for the layers below some depth would be one more such row). The rules see the relevance of
+every channel at once, so propagating a subset of the components changes nothing here.
 """
 from __future__ import annotations
 
@@ -64,17 +66,18 @@ def ops(modules: Iterable[type] = (), functions: Iterable[Any] = (), methods: It
 CONVOLUTIONS = ops([nn.Conv2d], [F.conv2d, torch.conv2d])
 LINEAR = ops([nn.Linear], [F.linear])
 MIXES_PIXELS = CONVOLUTIONS | LINEAR | ops([nn.Conv1d, nn.Conv3d])  # the ops after which a value is no longer the image
-NONNEGATIVE = ops(  # outputs >= 0 whatever the input
-    [nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax],
-    [F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax,
-     F.softmax],
-    ["relu", "relu_", "sigmoid", "sigmoid_", "softmax"])
-ELEMENTWISE = NONNEGATIVE | ops(  # activations, normalisations, casts: one value in, one value out
+RECTIFIERS = ops(  # element-wise, with outputs >= 0 whatever the input
+    [nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid],
+    [F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid],
+    ["relu", "relu_", "sigmoid", "sigmoid_"])
+NONNEGATIVE = RECTIFIERS | ops([nn.Softmax], [torch.softmax, F.softmax], ["softmax"])
+ELEMENTWISE = RECTIFIERS | ops(  # activations, normalisations, casts: one value in, one value out
     [nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardtanh,
      nn.Softplus, nn.Tanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
      nn.LayerNorm, nn.InstanceNorm2d, nn.AlphaDropout],
-    [F.alpha_dropout, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.softplus, torch.tanh, F.tanh,
-     F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm, torch.clone, torch.clamp, torch.clip],
+    [F.alpha_dropout, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.softplus,
+     torch.tanh, F.tanh, F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm, torch.clone, torch.clamp,
+     torch.clip],
     ["tanh", "clone", "clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "hardtanh_", "detach", "to", "float",
      "type_as"])
 IDENTITIES = ops(  # no value changes at inference (and no sign changes in training)

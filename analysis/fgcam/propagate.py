@@ -138,8 +138,9 @@ class RelevanceWalk:
 
     def _record(self, node: fx.Node, received: Any, parts: list[tuple[fx.Node, Any]]) -> None:
         kind = self.plan.kinds[node]
-        self.flow.append(NodeFlow(node, kind.name if kind else None, _image_sums(received),
-                                  sum((_image_sums(part) for _, part in parts), torch.zeros_like(_image_sums(received)))))
+        sums = _image_sums(received)
+        passed = sum((_image_sums(part) for _, part in parts), torch.zeros_like(sums))
+        self.flow.append(NodeFlow(node, kind.name if kind else None, sums, passed))
 
 
 def _on_activations(relevance: Tensor, activations: Any) -> Tensor:
