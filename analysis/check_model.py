@@ -158,7 +158,7 @@ def _describe_layers(check: ModelCheck, explainer, images: Tensor, target) -> tu
     the model's forward fails on the images)."""
     graph = explainer.graph
     try:
-        shapes = _shapes(graph, images[:1])
+        shapes = graph.run(images[:1], shapes=graph.nodes)[1]  # every node's value as a shape-only stand-in
     except Exception as error:  # the model's own forward fails on these images (size, channels)
         check.error = f"the model fails on the preprocessed images {tuple(images.shape[1:])}: " \
                       f"{type(error).__name__}: {_first_line(error)}"
@@ -178,12 +178,6 @@ def _describe_layers(check: ModelCheck, explainer, images: Tensor, target) -> tu
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def _shapes(graph, images: Tensor) -> dict:
-    """Every node's value as a shape-only stand-in, from one forward run on one image."""
-    _, stand_ins = graph.run(images, shapes=graph.nodes)
-    return stand_ins
 
 
 def _shape_of(value: Any) -> list[int] | None:
@@ -334,17 +328,11 @@ def _peak_memory(cuda: bool) -> tuple[int | None, str]:
     if cuda:
         return int(torch.cuda.max_memory_allocated()), "GPU memory allocated by torch"
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "peak resident memory of the process"
-    except OSError:
-        pass
-    try:
-        import resource
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, \
-            "peak resident memory of the process since it started"
-    except (ImportError, OSError):
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # not Linux
         return None, "not measurable here"
+    peak = [int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")]
+    return (peak[0], "peak resident memory of the process") if peak else (None, "not measurable here")
 
 
 # ----------------------------------------------------------------------------------------------------------
