@@ -27,7 +27,7 @@ from analysis.cli_types import non_negative_int as _non_negative_int, positive_i
 from analysis.cache import (FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, CacheError, CacheWriter, ShardRecords,
                             load, now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
-from analysis.models import LoadedModel, ModelSpecError, load_model
+from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
 from analysis.scores import all_scores, descriptors, resize_maps
 from data.datasets import (Batch, DatasetError, DatasetListing, ExplainDataset, attach_boxes, attach_masks,
                            collate_items, evenly_spaced, list_dataset, load_image, to_model_mode)
@@ -55,13 +55,10 @@ class SetupError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `explain` options on a (sub)parser."""
-    io = parser.add_argument_group("data, model and output")
+    io = parser.add_argument_group("data and output")
     io.add_argument("--data", required=True, type=Path,
                     help="an ImageFolder tree root/<class>/<image>, or a CSV manifest with columns path,label "
                          "[,mask][,x0,y0,x1,y1] (paths relative to the CSV)")
-    io.add_argument("--model", required=True,
-                    help="torchvision:NAME, package.module:callable or path/to/file.py:callable (the callable "
-                         "returns an nn.Module or (nn.Module, transform))")
     io.add_argument("--out", required=True, type=Path,
                     help="cache directory; re-running the same command on it resumes where it stopped")
     io.add_argument("--overwrite", action="store_true",
@@ -72,21 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="class names, one per line, line i = model output i (default: the sorted class "
                          "folder / label names, or the torchvision weights' categories when the labels are "
                          "among them)")
-    model = parser.add_argument_group("model loading and preprocessing")
-    model.add_argument("--weights", default=None,
-                       help="torchvision weights enum name, e.g. DEFAULT or ResNet50_Weights.IMAGENET1K_V2 "
-                            "(downloaded by torchvision; with --checkpoint only its preprocessing is used)")
-    model.add_argument("--checkpoint", type=Path, default=None,
-                       help="a state dict file (.pth), loaded with torch.load(weights_only=True)")
-    model.add_argument("--num-classes", type=_positive_int, default=None,
-                       help="number of outputs for a torchvision model built without --weights")
-    model.add_argument("--image-size", type=_positive_int, default=None,
-                       help="resize images to SIZE x SIZE when no transform comes with the model (then 224)")
-    model.add_argument("--mean", type=float, nargs="+", default=None,
-                       help="normalisation mean per channel (default: ImageNet's) when no transform comes "
-                            "with the model")
-    model.add_argument("--std", type=float, nargs="+", default=None,
-                       help="normalisation std per channel (default: ImageNet's)")
+    add_model_arguments(parser)
     method = parser.add_argument_group("explanation")
     method.add_argument("--base", default="gradcam", choices=BASES, help="the CAM whose components FG-CAM refines")
     method.add_argument("--target-layer", default="input",

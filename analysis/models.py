@@ -11,6 +11,7 @@ Resize((--image-size, --image-size)) + ToTensor + Normalize(--mean, --std).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import importlib.util
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from analysis.cli_types import positive_int
 from data.datasets import MaskGeometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,6 +44,29 @@ class LoadedModel:
     mask_geometry: MaskGeometry | None     # the transform's resizes/crops, None if they cannot be derived
     weights_sha256: str
     output_names: list[str] | None         # class names of the outputs when the weights know them
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which model to load and how to preprocess its images (`load_model`'s arguments),
+    shared by the commands that load one (`explain`, `check-model`)."""
+    model = parser.add_argument_group("model loading and preprocessing")
+    model.add_argument("--model", required=True,
+                       help="torchvision:NAME, package.module:callable or path/to/file.py:callable (the callable "
+                            "returns an nn.Module or (nn.Module, transform))")
+    model.add_argument("--weights", default=None,
+                       help="torchvision weights enum name, e.g. DEFAULT or ResNet50_Weights.IMAGENET1K_V2 "
+                            "(downloaded by torchvision; with --checkpoint only its preprocessing is used)")
+    model.add_argument("--checkpoint", type=Path, default=None,
+                       help="a state dict file (.pth), loaded with torch.load(weights_only=True)")
+    model.add_argument("--num-classes", type=positive_int, default=None,
+                       help="number of outputs for a torchvision model built without --weights")
+    model.add_argument("--image-size", type=positive_int, default=None,
+                       help="resize images to SIZE x SIZE when no transform comes with the model (then 224)")
+    model.add_argument("--mean", type=float, nargs="+", default=None,
+                       help="normalisation mean per channel (default: ImageNet's) when no transform comes "
+                            "with the model")
+    model.add_argument("--std", type=float, nargs="+", default=None,
+                       help="normalisation std per channel (default: ImageNet's)")
 
 
 # ----------------------------------------------------------------------------------------------------------

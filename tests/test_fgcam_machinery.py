@@ -181,3 +181,31 @@ def test_in_place_ops_give_the_same_maps_and_leave_the_images_alone(dtype):
         assert torch.equal(images, kept)
         assert torch.allclose(ours.logits, expected_logits, rtol=1e-5, atol=1e-5)
         assert torch.allclose(ours.maps, theirs.maps, rtol=1e-5, atol=1e-6 * float(theirs.maps.abs().max()))
+
+
+def test_a_rule_reading_a_value_its_row_does_not_declare_fails_loudly(monkeypatch):
+    # the plan keeps only what ops.KINDS declares, and the walk hands each rule only that: a row that
+    # declares too little is an error naming the rule, never a rule silently reading a value that was dropped
+    import dataclasses
+
+    from analysis.fgcam import ops
+    model = _random_batch_norm(torchvision.models.resnet18(num_classes=5).eval(), 8)
+    images = torch.randn(1, 3, 32, 32)
+    FGCAM(model)(images)  # as declared, it runs
+    rows = tuple(dataclasses.replace(kind, reads=ops.reads_nothing) if kind.name == "conv" else kind
+                 for kind in ops.KINDS)
+    monkeypatch.setattr(ops, "KINDS", rows)
+    with pytest.raises(AssertionError, match="the 'conv' rule read .* does not declare"):
+        FGCAM(model)(images)
+
+
+def test_every_kind_states_its_rule_and_the_first_match_wins():
+    from analysis.fgcam import ops
+    assert len({kind.name for kind in ops.KINDS}) == len(ops.KINDS)
+    assert all(kind.rule and kind.reads and kind.step for kind in ops.KINDS)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    graph = FGCAM(model).graph
+    kinds = {graph.module_name(node): ops.kind_of(graph, node).name for node in graph.nodes
+             if node.op == "call_module"}
+    assert kinds == {"0": "image conv", "1": "pass", "2": "conv", "3": "pool", "4": "move", "5": "linear"}

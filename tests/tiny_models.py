@@ -71,3 +71,21 @@ def tiny_cnn_opaque_transform():
 
 def not_a_model():
     return "hello"
+
+
+class _RunningSum(nn.Module):
+    """A block whose forward calls an op FG-CAM has no rule for (a cumulative sum mixes pixels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(self.conv(x), dim=3)
+
+
+def cnn_with_unsupported_op():
+    """TinyCNN with a cumulative sum inside `features.2` (for check-model's 'no rule' report)."""
+    model = _model()
+    model.features[2] = _RunningSum()
+    return model

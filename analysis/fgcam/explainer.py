@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .bases import BASES, NEEDS_GRADIENTS, CamInputs
 from .graph import ModelGraph
-from .propagate import RelevanceWalk, walk_plan
+from .propagate import NodeFlow, RelevanceWalk, walk_plan
 
 
 @dataclass
@@ -81,7 +81,10 @@ class FGCAM:
         """A plain forward pass through the traced graph (no values kept, no gradients)."""
         return _logits(self.graph.run(images)[0])
 
-    def __call__(self, images: Tensor, target_layer: str = "input", classes: Tensor | None = None) -> FGCAMResult:
+    def __call__(self, images: Tensor, target_layer: str = "input", classes: Tensor | None = None, *,
+                 flow: list[NodeFlow] | None = None) -> FGCAMResult:
+        """``flow``: a list that receives, op by op down the walk, the relevance each op received and passed
+        on, per image (``propagate.NodeFlow``; what ``check-model`` reports)."""
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         images = _on_model(self.model, images)
@@ -112,7 +115,8 @@ class FGCAM:
                                                      self.score_batch_size))
             if self.denoise:
                 components = denoise(components)
-            relevance = components if target is cam else RelevanceWalk(self.graph, values).run(cam, components, target)
+            relevance = components if target is cam else \
+                RelevanceWalk(self.graph, values, flow).run(cam, components, target)
         return FGCAMResult(relevance.sum(dim=1), classes, logits.detach())
 
 

@@ -15,15 +15,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
+from . import ops
 from .conv import Conv
-
-
-class UnsupportedOperation(RuntimeError):
-    """The engine met an operation it has no relevance rule for (never a silently wrong map)."""
+from .ops import UnsupportedOperation, argument  # noqa: F401  (UnsupportedOperation: re-exported, the old home)
 
 
 class _NamingTracer(fx.Tracer):
@@ -42,21 +39,6 @@ class _NamingTracer(fx.Tracer):
         if name and isinstance(out, fx.Proxy):
             self.module_outputs.setdefault(name, []).append(out.node)
         return out
-
-
-# Ops that turn a spatial feature map into a vector: the classifier head starts at the first of them.
-_REDUCING_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten)
-_REDUCING_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
-                       F.adaptive_max_pool1d, torch.flatten, torch.reshape, torch.mean, torch.amax,
-                       torch.squeeze}
-_REDUCING_METHODS = {"view", "reshape", "flatten", "mean", "amax", "squeeze"}
-# Head layers above the reduction (an MLP classifier), and layers that change no value at inference,
-# which may also sit between two reductions (Inception v3: pool, dropout, flatten).
-_HEAD_MODULES = (nn.Linear, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.BatchNorm1d, nn.LayerNorm)
-_HEAD_FUNCTIONS = {F.linear, F.relu, torch.relu}
-_TRANSPARENT_MODULES = (nn.Dropout, nn.Identity)
-_TRANSPARENT_FUNCTIONS = {F.dropout}
 
 
 class ModelGraph:
@@ -93,6 +75,11 @@ class ModelGraph:
             return None
         once = [name for name in names if len(self.module_outputs[name]) == 1]
         return max(once or names, key=lambda name: (name.count("."), len(name)))
+
+    def enclosing_module(self, node: fx.Node) -> str | None:
+        """The innermost module whose forward makes the call of ``node`` (None: the model's own forward)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        return next(reversed(stack), None) or None
 
     def node_for(self, name: str) -> fx.Node:
         """The node whose value is the output of module ``name`` (its last call), or the input for "input"."""
@@ -137,17 +124,13 @@ class ModelGraph:
         return self.model.get_submodule(node.target) if node.op == "call_module" else None
 
     def _is_reducing(self, node: fx.Node) -> bool:
-        return (isinstance(self.module(node), _REDUCING_MODULES)
-                or (node.op == "call_function" and node.target in _REDUCING_FUNCTIONS)
-                or (node.op == "call_method" and node.target in _REDUCING_METHODS))
+        return ops.REDUCING.match(node, self.module(node))
 
     def _is_transparent(self, node: fx.Node) -> bool:
-        return isinstance(self.module(node), _TRANSPARENT_MODULES) or \
-            (node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS)
+        return ops.TRANSPARENT.match(node, self.module(node))
 
     def _is_head(self, node: fx.Node) -> bool:
-        return (isinstance(self.module(node), _HEAD_MODULES)
-                or (node.op == "call_function" and node.target in _HEAD_FUNCTIONS))
+        return ops.HEAD.match(node, self.module(node))
 
     # ------------------------------------------------------------------------------------------- structure
     def _nodes_reading_image(self) -> set[fx.Node]:
@@ -160,9 +143,7 @@ class ModelGraph:
         return reading
 
     def _mixes_pixels(self, node: fx.Node) -> bool:
-        module = self.module(node)
-        return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or \
-            (node.op == "call_function" and node.target in (F.conv2d, torch.conv2d, F.linear))
+        return ops.MIXES_PIXELS.match(node, self.module(node))
 
     def ancestors(self, node: fx.Node) -> set[fx.Node]:
         seen, stack = {node}, [node]
@@ -212,6 +193,27 @@ class ModelGraph:
                  bias, None if bias is None else (bias.data_ptr(), bias._version))
         return self.cached(("conv", node), lambda: Conv(weight, bias, *geometry), stamp)
 
+    def padding(self, node: fx.Node, env: dict[fx.Node, Any], like: Tensor) -> tuple[Tensor, float] | None:
+        """For a constant pad op, where its output holds padding: [1, ...] of the output's size, 1 where a value
+        of the input went, 0 at the padding; and the padding's value. None for any other op (a reflect or
+        replicate pad copies values: every position holds one).
+
+        Only the input's shape is used (``env`` may hold a stand-in); ``like`` gives the dtype and device.
+        """
+        if not ops.PADS.match(node, self.module(node)):
+            return None
+        value = ops.pad_value(self, node)
+        if value is None:
+            return None
+        x_node = node.args[0]
+        shape = (1, *env[x_node].shape[1:])
+
+        def compute() -> Tensor:
+            ones = torch.ones(shape, dtype=like.dtype, device=like.device)
+            return self.call(node, {**env, x_node: ones}) - self.call(node, {**env, x_node: torch.zeros_like(ones)})
+
+        return self.cached(("padding", node, shape, like.dtype, like.device), compute), value
+
     def _engine_value(self, node: fx.Node, env: dict[fx.Node, Any], overwrite_input: bool) -> Any:
         """A plain convolution's or an eval-mode batch norm's output computed the engine's way, or None where
         the model's own call must run (another op, a subclass with its own forward, a hook, gradients, another
@@ -243,10 +245,9 @@ class ModelGraph:
 
     def _engine_op(self, node: fx.Node) -> str | None:
         module = self.module(node)
-        if module is None:
-            return "conv" if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d) else None
-        if type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward \
-                and module.padding_mode == "zeros":
+        if ops.CONVOLUTIONS.match(node, module) and (module is None or (
+                type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
+                and module.padding_mode == "zeros")):
             return "conv"
         if isinstance(module, nn.BatchNorm2d) and type(module).forward is nn.BatchNorm2d.forward:
             return "batch_norm"
@@ -348,7 +349,7 @@ class ModelGraph:
                 env[node] = value
                 holders.add(value)
                 if node in shapes and node not in keep:
-                    stand_ins[node] = _stand_in(value)
+                    stand_ins[node] = stand_in(value)
                 for inp in node.all_input_nodes:
                     uses[inp] -= 1
                     if uses[inp] == 0 and inp not in keep:
@@ -356,12 +357,6 @@ class ModelGraph:
             raise AssertionError("graph without output")
         finally:
             torch.set_grad_enabled(grad_before)
-
-
-def argument(node: fx.Node, env: dict, index: int, name: str, default: Any) -> Any:
-    """The value of a call's argument, given by position ``index`` or by keyword ``name``."""
-    value = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-    return env[value] if isinstance(value, fx.Node) else value
 
 
 def _batch_norm_affine(module: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -418,12 +413,12 @@ class _StorageCount:
         return isinstance(value, Tensor) and self._count[self._key(value)] == 1
 
 
-def _stand_in(value: Any) -> Any:
+def stand_in(value: Any) -> Any:
     """A value's meta-device twin: same type, shape, dtype and strides, no data."""
     if isinstance(value, Tensor):
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
     if isinstance(value, (tuple, list)):
-        return type(value)(_stand_in(v) for v in value)
+        return type(value)(stand_in(v) for v in value)
     return value
 
 

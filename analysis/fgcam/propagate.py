@@ -1,102 +1,22 @@
-"""Which rule each op of the graph gets, and the walk that carries relevance from one node down to another.
+"""The walk that carries relevance from one node of the graph down to another, and its plan: which nodes it
+visits and which values of the forward run it reads.
 
-The mapping is by op, never by architecture: any CNN written with ordinary torch.nn modules and
-functional calls works. An op with no rule raises ``UnsupportedOperation`` naming it.
+Which rule each op gets, and which values that rule reads, is the table in ``ops.py`` (``KINDS``): the plan
+keeps what the table declares and the walk hands each rule exactly that, so the two cannot drift apart.
+The mapping is by op, never by architecture: any CNN written with ordinary torch.nn modules and functional
+calls works. An op with no rule raises ``UnsupportedOperation`` naming it.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-import torchvision.ops
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import rules
-from .graph import ModelGraph, UnsupportedOperation, argument
-
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                 nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
-                 nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-                 nn.InstanceNorm2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
-                 torchvision.ops.StochasticDepth)
-_PASS_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
-                   F.silu, F.mish, F.hardswish, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh,
-                   F.tanh, F.hardsigmoid, F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm, F.dropout,
-                   F.dropout2d, F.alpha_dropout, torch.clone, torch.clamp, torch.clip,
-                   torchvision.ops.stochastic_depth}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clone", "clamp", "clamp_", "clamp_min",
-                 "clamp_min_", "clip", "hardtanh_", "detach", "to", "float", "type_as"}
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool1d,
-                   F.avg_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.mean, torch.amax}
-_POOL_METHODS = {"mean", "amax"}
-_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.ChannelShuffle, nn.PixelShuffle,
-                 nn.PixelUnshuffle)
-_MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.cat, torch.concat, torch.concatenate, torch.stack,
-                   torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
-                   torch.narrow, torch.movedim, torch.channel_shuffle, F.pixel_shuffle, F.pad, operator.getitem}
-_MOVE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                 "chunk", "split", "narrow", "view_as", "reshape_as", "expand", "expand_as", "repeat",
-                 "movedim", "__getitem__"}
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"}
-_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
-_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Tanh)
-_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax, torch.tanh, F.tanh,
-                   "sigmoid", "softmax", "tanh", "hardsigmoid"}
-
-
-_NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-_NONNEGATIVE_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, torch.sigmoid, F.sigmoid,
-                          F.hardsigmoid, torch.softmax, F.softmax}
-_NONNEGATIVE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "softmax"}
-# Ops whose output is >= 0 when all their inputs are: pooling and data movement (except padding with a
-# value of the caller's), dropout, identity.
-_SIGN_KEEPING_KINDS = {"pool", "move"}
-_SIGN_KEEPING_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-
-
-def _kind(graph: ModelGraph, node: fx.Node) -> str | None:
-    """Which rule ``node``'s op gets: conv, linear, pass, pool, move, add, sub, mul, div; None for no rule."""
-    module = graph.module(node)
-    target = node.target
-    is_fn, is_method = node.op == "call_function", node.op == "call_method"
-    if isinstance(module, nn.Conv2d) or (is_fn and target in (F.conv2d, torch.conv2d)):
-        return "conv"
-    if isinstance(module, nn.Linear) or (is_fn and target is F.linear):
-        return "linear"
-    if isinstance(module, _PASS_MODULES) or (is_fn and target in _PASS_FUNCTIONS) or \
-            (is_method and target in _PASS_METHODS):
-        return "pass"
-    if isinstance(module, _POOL_MODULES) or (is_fn and target in _POOL_FUNCTIONS) or \
-            (is_method and target in _POOL_METHODS):
-        return "pool"
-    if isinstance(module, _MOVE_MODULES) or (is_fn and target in _MOVE_FUNCTIONS) or \
-            (is_method and target in _MOVE_METHODS):
-        return "move"
-    op = target if (is_fn or is_method) else None
-    for kind, ops in (("add", _ADD), ("sub", _SUB), ("mul", _MUL), ("div", _DIV)):
-        if op in ops:
-            return kind
-    return None
-
-
-def _is_nonnegative(graph: ModelGraph, node: fx.Node, kind: str | None, known: set[fx.Node]) -> bool:
-    """Whether ``node``'s value is >= 0 by construction, given the nodes ``known`` to be."""
-    module = graph.module(node)
-    if isinstance(module, _NONNEGATIVE_MODULES) or \
-            (node.op == "call_function" and node.target in _NONNEGATIVE_FUNCTIONS) or \
-            (node.op == "call_method" and node.target in _NONNEGATIVE_METHODS):
-        return True
-    keeps_sign = (kind in _SIGN_KEEPING_KINDS or isinstance(module, _SIGN_KEEPING_MODULES)) and \
-        not isinstance(module, nn.ConstantPad2d) and node.target is not F.pad
-    return keeps_sign and bool(node.all_input_nodes) and all(n in known for n in node.all_input_nodes)
+from .graph import ModelGraph, UnsupportedOperation, stand_in
+from .ops import Kind, ReadValues, Step, describe, is_nonnegative, kind_of
 
 
 @dataclass(frozen=True)
@@ -111,73 +31,71 @@ class WalkPlan:
     values: frozenset[fx.Node]
     shapes: frozenset[fx.Node]
     release: dict[fx.Node, tuple[fx.Node, ...]]
-    kinds: dict[fx.Node, str | None]
+    kinds: dict[fx.Node, Kind | None]
+    reads: dict[fx.Node, frozenset[fx.Node]]         # per node: what its rule may read (its kind's reads, constants)
     nonnegative: frozenset[fx.Node]                  # nodes whose value is >= 0 by construction (ReLU outputs)
+
+
+@dataclass
+class NodeFlow:
+    """The relevance one op of the walk received and passed on, per image (``RelevanceWalk``'s ``flow``)."""
+    node: fx.Node
+    kind: str | None
+    received: Tensor                                 # [N] float64: the sum at the op's output
+    passed: Tensor                                   # [N] float64: the sum it gave to inputs on the path
 
 
 def walk_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
     return graph.cached(("walk", low, high), lambda: _make_plan(graph, low, high))
 
 
-def _nonnegative_nodes(graph: ModelGraph, kinds: dict[fx.Node, str | None]) -> frozenset[fx.Node]:
+def node_kinds(graph: ModelGraph) -> dict[fx.Node, Kind | None]:
+    """Every node's row of the op table (None: no rule), once per graph."""
+    return graph.cached("kinds", lambda: {node: kind_of(graph, node) for node in graph.nodes})
+
+
+def _nonnegative_nodes(graph: ModelGraph, kinds: dict[fx.Node, Kind | None]) -> frozenset[fx.Node]:
     known: set[fx.Node] = set()
     for node in graph.nodes:  # in graph order: a node's inputs are decided before it
-        if _is_nonnegative(graph, node, kinds[node], known):
+        if is_nonnegative(graph, node, kinds[node], known):
             known.add(node)
     return frozenset(known)
 
 
 def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
-    kinds = graph.cached("kinds", lambda: {node: _kind(graph, node) for node in graph.nodes})
+    kinds = node_kinds(graph)
     nonnegative = graph.cached("nonnegative", lambda: _nonnegative_nodes(graph, kinds))
     path = graph.path(low, high)
     order = tuple(sorted(path, key=graph.order.__getitem__, reverse=True))
-    values: set[fx.Node] = set()
+    reads: dict[fx.Node, frozenset[fx.Node]] = {}
     last_reader: dict[fx.Node, fx.Node] = {}  # every value the walk touches, and the last node that does
     for node in order:
         if node is low:
             continue  # the walk stops there: its rule never runs
         live_inputs = [n for n in node.all_input_nodes if n in graph.live]
-        values |= {n for n in node.all_input_nodes if n not in graph.live}  # weights, constants: no memory
-        values |= _reads(node, kinds[node], live_inputs)
+        constants = {n for n in node.all_input_nodes if n not in graph.live}  # weights, constants: no memory
+        declared = kinds[node].reads(node, live_inputs) if kinds[node] is not None else set()
+        reads[node] = frozenset(constants | declared)
         for value in (node, *live_inputs):
             last_reader[value] = node  # the walk goes down the order, so the last assignment is the last reader
+    values = frozenset().union(*reads.values(), {high})  # the walk reads the start's value (RelevanceWalk.run)
     release: dict[fx.Node, list[fx.Node]] = {}
     for value, reader in last_reader.items():
         release.setdefault(reader, []).append(value)
-    return WalkPlan(order, frozenset(values), frozenset(last_reader.keys() - values),
-                    {node: tuple(vals) for node, vals in release.items()}, kinds, nonnegative)
-
-
-def _reads(node: fx.Node, kind: str | None, live_inputs: list[fx.Node]) -> set[fx.Node]:
-    """The nodes whose values ``node``'s rule reads (the rest of its inputs it only checks for type and size)."""
-    if kind in ("conv", "linear"):
-        return {node.args[0]}
-    if kind in ("pool", "move"):
-        return {*live_inputs, node}          # the op is re-run on its inputs
-    if kind in ("add", "sub"):
-        return {a for a in node.args[:2] if isinstance(a, fx.Node) and a in live_inputs}
-    return set()                             # pass, mul and div read no value; no rule: the walk raises
-
-
-def _describe(graph: ModelGraph, node: fx.Node) -> str:
-    if node.op == "call_module":
-        module = graph.module(node)
-        return f"module '{node.target}' ({type(module).__name__})"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    where = graph.module_name(node)
-    return f"op '{target}' (graph node '{node.name}'{f', in {where}' if where else ''})"
+    return WalkPlan(order, values, frozenset(last_reader.keys() - values),
+                    {node: tuple(vals) for node, vals in release.items()}, kinds, reads, nonnegative)
 
 
 class RelevanceWalk:
     """Carries relevance down a traced model, op by op, with the values of one forward run.
 
     The walk takes ``env`` over: it drops each value once no rule below needs it, and it writes into the
-    relevance tensors it is given and makes (never into the values).
+    relevance tensors it is given and makes (never into the values). ``flow``, when given, receives a
+    ``NodeFlow`` per op (the per-layer relevance table of ``check-model``).
     """
 
-    def __init__(self, graph: ModelGraph, env: dict[fx.Node, Any]) -> None:
-        self.graph, self.env = graph, env
+    def __init__(self, graph: ModelGraph, env: dict[fx.Node, Any], flow: list[NodeFlow] | None = None) -> None:
+        self.graph, self.env, self.flow = graph, env, flow
         self.live = graph.live
 
     def run(self, start: fx.Node, relevance: Tensor, stop: fx.Node) -> Tensor:
@@ -188,95 +106,60 @@ class RelevanceWalk:
                              f"'{self.graph.module_name(start) or start.name}' in the model: relevance cannot "
                              "flow there (choose a shallower target_layer)")
         self.plan = walk_plan(self.graph, stop, start)
-        pending: dict[fx.Node, Any] = {start: relevance}
+        pending: dict[fx.Node, Any] = {start: _on_activations(relevance, self.env[start])}
         for node in self.plan.order:
             if node is stop:
                 return pending[node]
             if node in pending:
-                for source, part in self.to_inputs(node, pending.pop(node)):
-                    if source in path:
-                        pending[source] = _accumulate(pending.get(source), part)
+                received = pending.pop(node)
+                parts = [(source, part) for source, part in self.to_inputs(node, received) if source in path]
+                if self.flow is not None:
+                    self._record(node, received, parts)
+                for source, part in parts:
+                    pending[source] = _accumulate(pending.get(source), part)
             for value in self.plan.release.get(node, ()):
                 self.env.pop(value, None)
         raise ValueError("no relevance reached the target layer")
 
-    def live_operands(self, node: fx.Node) -> list[fx.Node]:
-        return [a for a in node.args[:2] if isinstance(a, fx.Node) and a in self.live
-                and isinstance(self.env[a], Tensor)]
-
     def to_inputs(self, node: fx.Node, relevance: Any) -> list[tuple[fx.Node, Any]]:
-        """Split the relevance at ``node``'s output among its inputs with the rule of its op."""
-        graph, env = self.graph, self.env
+        """Split the relevance at ``node``'s output among its inputs with the rule of its kind (ops.KINDS)."""
+        env = self.env
         inputs = [n for n in node.all_input_nodes if n in self.live and isinstance(env[n], (Tensor, tuple, list))]
         if not inputs:
             return []
         kind = self.plan.kinds[node]
-        if kind == "conv":
-            return [(inputs[0], self._conv(node, relevance))]
-        if kind == "linear":
-            module = graph.module(node)
-            weight = module.weight if module is not None else argument(node, env, 1, "weight", None)
-            return [(inputs[0], rules.linear_zplus(relevance, env[node.args[0]], weight))]
-        if kind == "pass":
-            if len(inputs) != 1:
-                raise UnsupportedOperation(f"{_describe(graph, node)} combines several inputs")
-            return [(inputs[0], rules.passthrough(relevance))]
-        if kind == "pool":
-            x_node = node.args[0]
-            pooled = rules.pool(relevance, env[x_node], lambda t: graph.call(node, {**env, x_node: t}), env[node],
-                                x_nonnegative=x_node in self.plan.nonnegative)
-            return [(x_node, pooled)]
-        if kind == "move":
-            return self._move(node, relevance, inputs)
-        if kind in ("add", "sub"):
-            operands = self.live_operands(node)
-            negated = [False, kind == "sub"]
-            summands = [-env[a] if negate else env[a] for a, negate in zip(node.args[:2], negated)
-                        if isinstance(a, fx.Node) and a in operands]
-            return list(zip(operands, rules.split_sum(relevance, summands)))
-        if kind == "mul":
-            return [(self._gated_operand(node), rules.passthrough(relevance))]
-        if kind == "div" and self.live_operands(node) == [node.args[0]]:
-            return [(node.args[0], rules.passthrough(relevance))]
-        raise UnsupportedOperation(f"FG-CAM has no relevance rule for {_describe(graph, node)}")
+        if kind is None:
+            raise UnsupportedOperation(f"FG-CAM has no relevance rule for {describe(self.graph, node)}")
+        return kind.step(Step(self.graph, node, relevance, inputs, ReadValues(env, self.plan.reads[node], kind.name),
+                              lambda n: stand_in(env[n]), self.plan.nonnegative, self._padding))
 
-    def _conv(self, node: fx.Node, relevance: Tensor) -> Tensor:
-        conv = self.graph.conv(node, self.env)
-        x_node = node.args[0]
-        if x_node in self.graph.reads_image:
-            return rules.conv_zbox(relevance, self.env[x_node], conv)
-        return rules.conv_zplus(relevance, self.env[x_node], conv, x_nonnegative=x_node in self.plan.nonnegative)
+    def _padding(self, x_node: fx.Node, x: Tensor) -> tuple[Tensor, float] | None:
+        return self.graph.padding(x_node, self.env, x)
 
-    def _move(self, node: fx.Node, relevance: Any, inputs: list[fx.Node]) -> list[tuple[fx.Node, Any]]:
-        graph, env = self.graph, self.env
-        if node.target is operator.getitem and isinstance(env[node.args[0]], (tuple, list)):
-            return [(node.args[0], {node.args[1]: relevance})]  # one element of a chunk / split
-        tensor_inputs = [n for n in inputs if isinstance(env[n], Tensor)]
-        out = env[node]
-        n_out = len(out) if isinstance(out, (tuple, list)) else 1
-        per_output = [relevance.get(i) for i in range(n_out)] if isinstance(relevance, dict) else [relevance]
-        parts = rules.move(per_output, [env[n] for n in tensor_inputs],
-                           lambda *xs: graph.call(node, {**env, **dict(zip(tensor_inputs, xs))}))
-        return list(zip(tensor_inputs, parts))
+    def _record(self, node: fx.Node, received: Any, parts: list[tuple[fx.Node, Any]]) -> None:
+        kind = self.plan.kinds[node]
+        sums = _image_sums(received)
+        passed = sum((_image_sums(part) for _, part in parts), torch.zeros_like(sums))
+        self.flow.append(NodeFlow(node, kind.name if kind else None, sums, passed))
 
-    def _gated_operand(self, node: fx.Node) -> fx.Node:
-        """For a product, the operand that carries the features; the other is a gate held constant."""
-        operands = self.live_operands(node)
-        if len(operands) == 1:
-            return operands[0]
-        a, b = operands
-        if self.env[a].numel() != self.env[b].numel():  # squeeze-excitation: [N,C,1,1] * [N,C,H,W]
-            return a if self.env[a].numel() > self.env[b].numel() else b
-        gates = [n for n in operands if self._is_gate(n)]
-        if len(gates) == 1:
-            return b if gates[0] is a else a
-        raise UnsupportedOperation(f"FG-CAM cannot tell features from gate in the product "
-                                   f"{_describe(self.graph, node)}")
 
-    def _is_gate(self, node: fx.Node) -> bool:
-        if node.op == "call_module":
-            return isinstance(self.graph.module(node), _GATE_MODULES)
-        return node.op in ("call_function", "call_method") and node.target in _GATE_FUNCTIONS
+def _on_activations(relevance: Tensor, activations: Any) -> Tensor:
+    """The starting relevance without what sits on activations that are exactly 0.
+
+    Components w_k A_k are 0 there anyway; denoised ones are not (each channel is centred): a neuron that
+    is 0 contributed nothing below, so there is nothing to carry that relevance to. The reference drops it
+    too, at its first rule (which cannot place it); everything after this point is conserved.
+    """
+    if isinstance(activations, Tensor) and activations.shape == relevance.shape:
+        return relevance.masked_fill(activations == 0, 0.0)
+    return relevance
+
+
+def _image_sums(relevance: Any) -> Tensor:
+    """Relevance summed per image, in float64 ([N]); a dict holds one entry per output of a multi-output op."""
+    if isinstance(relevance, dict):
+        return sum(_image_sums(r) for r in relevance.values() if r is not None)
+    return relevance.detach().flatten(1).sum(dim=1, dtype=torch.float64)
 
 
 def _accumulate(total: Any, part: Any) -> Any:
