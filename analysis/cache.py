@@ -62,8 +62,16 @@ TABLE_SCHEMA = pa.schema([
     ("has_foreground", pa.bool_()),
     ("deletion_auc", pa.float32()),    # NaN unless the job ran with --faithfulness
     ("insertion_auc", pa.float32()),
+    ("image_width", pa.int32()),       # the original image's size (0: not recorded, a cache of an older job)
+    ("image_height", pa.int32()),
+    ("crop_x0", pa.float32()),         # the crop box: the region of the original the model saw, in original
+    ("crop_y0", pa.float32()),         # pixels (analysis.geometry); NaN where it is unknown
+    ("crop_x1", pa.float32()),
+    ("crop_y1", pa.float32()),
 ])
 OPTIONAL_SCORES = ("deletion_auc", "insertion_auc")
+SIZE_COLUMNS = ("image_width", "image_height")
+BOX_COLUMNS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1")
 # Internal columns: how to find and rescale the stored maps of a row.
 INTERNAL_SCHEMA = pa.schema([
     ("_scale_pred", pa.float32()),
@@ -78,6 +86,11 @@ DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.
 
 class CacheError(Exception):
     """A cache directory that is missing, corrupt or not a cache (the message is one line)."""
+
+
+class UnknownGeometry(CacheError):
+    """Where an image's map lies in the original image is not known (a cache of an older job, or a transform
+    whose geometry could not be measured)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,8 +226,10 @@ def _stored_table(records: ShardRecords, scale_pred: np.ndarray, scale_true: np.
             columns[field.name] = pa.array(rows[field.name].tolist(), type=field.type)
         elif field.name == "has_foreground":
             columns[field.name] = pa.array(np.zeros(n, bool), type=field.type)
-        elif field.name in OPTIONAL_SCORES:
+        elif field.name in OPTIONAL_SCORES or field.name in BOX_COLUMNS:
             columns[field.name] = pa.array(np.full(n, np.nan, np.float32), type=field.type)
+        elif field.name in SIZE_COLUMNS:
+            columns[field.name] = pa.array(np.zeros(n, np.int32), type=field.type)
         else:
             raise ValueError(f"shard rows lack column {field.name!r}")
     columns["_scale_pred"] = pa.array(scale_pred.astype(np.float32), type=pa.float32())
@@ -497,7 +512,7 @@ class _PartsView:
         parts, tables, errors, part_of_row, row_in_part = [], [], [], [], []
         for number, path in enumerate(part_paths):
             try:
-                table = pq.read_table(path / "table.parquet", schema=STORED_SCHEMA)
+                table = _with_defaults(pq.read_table(path / "table.parquet", schema=STORED_SCHEMA))
                 errors.append(pq.read_table(path / "errors.parquet", schema=ERRORS_SCHEMA))
                 part = _Part.open(path)
             except FileNotFoundError:
@@ -613,6 +628,17 @@ class _PartsView:
             stream("foreground.npy", (width,), np.uint8, lambda a, b: self.packed_foreground(all_pos[a:b]), n)
 
 
+def _with_defaults(table: pa.Table) -> pa.Table:
+    """Columns a part written by an older job lacks are read as nulls: geometry unknown (size 0, box NaN)."""
+    for names, value in ((SIZE_COLUMNS, 0), (BOX_COLUMNS, float("nan"))):
+        for name in names:
+            column = table.column(name)
+            if column.null_count:
+                index = table.schema.get_field_index(name)
+                table = table.set_column(index, table.schema.field(index), column.fill_null(value))
+    return table
+
+
 def _take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Fancy-index a memory map in ascending row order (sequential reads), returning rows in request order."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -697,6 +723,39 @@ class Cache:
             return None
         size = self._view.parts[0].maps_pred.shape[1]
         return unpack_foreground(self._view.packed_foreground(positions), size)
+
+    def geometry(self, id: int) -> dict[str, Any]:
+        """How image `id` relates to the model's input: {"width", "height": the original size (None when not
+        recorded), "crop_box": (x0, y0, x1, y1), the region of the original the model saw, in original pixels
+        (None: unknown), "known": bool, "input_size": the model input's (width, height), "scale": model pixels
+        per original pixel (x, y), "aspect_change": scale x / scale y (1.0: none), "method": how the box was
+        found ("derived", "measured", or "unknown" for a cache of an older job)}."""
+        position = int(self._view.positions([id])[0])
+        stored = self._view.stored
+        width, height = (int(stored.column(name)[position].as_py() or 0) for name in SIZE_COLUMNS)
+        box = tuple(float(stored.column(name)[position].as_py()) for name in BOX_COLUMNS)
+        known = width > 0 and height > 0 and all(np.isfinite(box)) and box[2] > box[0] and box[3] > box[1]
+        recorded = self.manifest.get("geometry") or {}
+        input_size = recorded.get("input_size")
+        scale = aspect = None
+        if known and input_size:
+            scale = (input_size[0] / (box[2] - box[0]), input_size[1] / (box[3] - box[1]))
+            aspect = scale[0] / scale[1]
+        return {"width": width or None, "height": height or None, "crop_box": box if known else None,
+                "known": bool(known), "input_size": tuple(input_size) if input_size else None, "scale": scale,
+                "aspect_change": aspect, "method": recorded.get("method", "unknown")}
+
+    def map_in_image(self, id: int, which: str = "pred") -> np.ndarray:
+        """float32 [H, W] at the original image's size: the map laid on the region the model saw (bilinear
+        between map cells), NaN where the model never looked. UnknownGeometry when the cache does not know
+        where the map lies (see `geometry`)."""
+        from analysis.geometry import place_map
+
+        geometry = self.geometry(id)
+        if not geometry["known"]:
+            raise UnknownGeometry(f"image {id}: where the model's input lies in the original image is unknown "
+                                  f"({geometry['method']} geometry); re-run the job to record it")
+        return place_map(self.maps([id], which)[0], geometry["crop_box"], geometry["width"], geometry["height"])
 
     def image_path(self, id: int) -> Path:
         """Absolute path of an explained image inside the manifest's dataset root."""

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
-from analysis.cache import (FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, CacheError, CacheWriter, ShardRecords,
-                            load, now_iso)
+from analysis.cache import (BOX_COLUMNS, FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, SIZE_COLUMNS, CacheError,
+                            CacheWriter, ShardRecords, load, now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
 from analysis.scores import all_scores, descriptors, resize_maps
@@ -258,6 +258,36 @@ def _dry_run(plan_model: LoadedModel, explainer: Any, listing: DatasetListing, d
     return int(result.logits.shape[1])
 
 
+def _geometry_record(loaded: LoadedModel, listing: DatasetListing) -> dict[str, Any]:
+    """The manifest's `geometry` (how each image's crop box is found), checked on the first readable image.
+
+    A derived box whose input size disagrees with what the transform really returns (a torchvision release
+    that changed its arithmetic) is replaced by a measured one; a transform whose box cannot be measured
+    there (random, flipping, warping) gets no boxes at all: the cache says "unknown" rather than guess.
+    """
+    from PIL import Image
+
+    from analysis.geometry import MeasuredGeometry, NoGeometry
+
+    image, where = Image.new("RGB", (64, 48), (128, 128, 128)), "a grey 64x48 image"
+    for sample in listing.samples[:20]:
+        try:
+            image, where = load_image(listing.root / sample.path), sample.path
+            break
+        except Exception:
+            continue
+    tensor = loaded.transform(to_model_mode(image, loaded.in_channels))  # the dry run showed that it works
+    input_size = (int(tensor.shape[-1]), int(tensor.shape[-2]))
+    located = loaded.geometry.locate(*image.size)
+    if located is not None and located[1] != input_size:
+        loaded.geometry = MeasuredGeometry(loaded.transform, loaded.in_channels)
+        located = loaded.geometry.locate(*image.size)
+    if located is None:
+        loaded.geometry = NoGeometry(f"the preprocessing is not a deterministic resize/crop (probed on {where})")
+    return {"method": loaded.geometry.method, "transform": loaded.geometry.describe(),
+            "input_size": list(input_size)}
+
+
 def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
     """The parts of a manifest that must match for a resume."""
     options = {k: v for k, v in manifest.get("options", {}).items() if k not in RUNTIME_OPTIONS}
@@ -333,10 +363,6 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
                             num_classes=args.num_classes, image_size=args.image_size, mean=args.mean, std=args.std)
     except ModelSpecError as error:
         raise SetupError(str(error)) from None
-    if listing.has_foreground and loaded.mask_geometry is None:
-        raise SetupError("foreground masks/boxes need a model transform made of Resize/CenterCrop/ToTensor/"
-                         "Normalize steps (to place the masks like the pixels); give the callable such a "
-                         "transform or use --image-size/--mean/--std")
     model = loaded.model.to(device)
     try:
         explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise)
@@ -345,6 +371,10 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
     except Exception as error:  # UnsupportedOperation: a model the engine cannot trace
         raise SetupError(f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
     outputs = _dry_run(loaded, explainer, listing, device, args.target_layer)
+    geometry = _geometry_record(loaded, listing)
+    if listing.has_foreground and geometry["method"] == "unknown":
+        raise SetupError(f"foreground masks/boxes cannot be placed: {geometry['transform']}; give the model a "
+                         "transform that only resizes and crops (or use --image-size/--mean/--std)")
 
     class_names = _class_mapping(listing, loaded, args.classes)
     if outputs != len(class_names):
@@ -375,7 +405,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
         "dataset": {"root": str(listing.root), "kind": listing.kind, "fingerprint": listing.fingerprint(),
                     "n_images": len(listing.samples), "n_listed": listed,
                     "foreground": listing.has_foreground},
-        "options": options, "class_names": class_names,
+        "options": options, "class_names": class_names, "geometry": geometry,
         "counts": {"images": len(listing.samples), "explained": 0, "errors": 0, "correct": 0},
         "software": _software_versions(), "world_size": ranks.world_size,
     }
@@ -386,7 +416,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
             raise SetupError(f"--out {out} holds a cache made with different options ({'; '.join(diffs)}); "
                              "use --overwrite to replace it, or another --out")
         existing = True
-        manifest = {**existing_manifest, "world_size": ranks.world_size,
+        manifest = {**existing_manifest, "world_size": ranks.world_size, "geometry": geometry,
                     "options": {**existing_manifest["options"], **{k: options[k] for k in RUNTIME_OPTIONS}}}
     return JobPlan(out=out, listing=listing, labels=labels, class_names=class_names, loaded=loaded,
                    explainer=explainer, device=device, target_layer=args.target_layer, map_size=args.map_size,
@@ -417,6 +447,8 @@ class BatchOutput:
     descriptors_absolute: np.ndarray
     foreground: np.ndarray | None
     has_foreground: np.ndarray
+    sizes: np.ndarray                 # int [n, 2] original (width, height)
+    boxes: np.ndarray                 # float [n, 4] crop boxes in original pixels (NaN: unknown)
 
 
 def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_layer: str, map_size: int,
@@ -455,6 +487,8 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
         descriptors_absolute=descriptors(maps_pred, descriptor_size, "absolute").cpu().numpy(),
         foreground=None if batch.foreground is None else batch.foreground.numpy(),
         has_foreground=batch.has_foreground.numpy(),
+        sizes=batch.sizes.numpy() if batch.sizes is not None else np.zeros((len(batch.ids), 2), np.int64),
+        boxes=batch.boxes.numpy() if batch.boxes is not None else np.full((len(batch.ids), 4), np.nan),
     )
 
 
@@ -480,6 +514,8 @@ def shard_records(outputs: list[BatchOutput], errors: list[tuple[int, str]], pla
         **{name: (np.concatenate([o.scores[name] for o in outputs]) if outputs else np.zeros(0, np.float32))
            for name in SCORE_COLUMNS + (FAITHFULNESS_COLUMNS if plan.faithfulness_steps else ())},
         "has_foreground": cat("has_foreground", (0,), bool).astype(bool),
+        **{name: column for name, column in zip(SIZE_COLUMNS, cat("sizes", (0, 2), np.int64).astype(np.int32).T)},
+        **{name: column for name, column in zip(BOX_COLUMNS, cat("boxes", (0, 4), np.float64).astype(np.float32).T)},
     })
     foreground = None
     if plan.listing.has_foreground:
@@ -537,7 +573,7 @@ def explain_shards(plan: JobPlan, writer: CacheWriter, shards: list[int], show_p
     if not batches:
         return 0
     dataset = ExplainDataset(plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels,
-                             plan.map_size, plan.loaded.mask_geometry)
+                             plan.map_size, plan.loaded.geometry)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=plan.workers, collate_fn=collate_items,
         pin_memory=plan.device.type == "cuda", persistent_workers=False,
@@ -607,6 +643,7 @@ def run(args: argparse.Namespace) -> int:
             manifest = writer.read_manifest() or plan.manifest
             manifest["updated"] = now_iso()
             manifest["options"] = plan.manifest["options"]
+            manifest["geometry"] = plan.manifest["geometry"]
             manifest["world_size"] = ranks.world_size
             writer.write_manifest(manifest)
         else:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.cli_types import positive_int
-from data.datasets import MaskGeometry
+from analysis.geometry import TransformGeometry, geometry_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,7 +41,7 @@ class LoadedModel:
     transform: Callable[[Any], Tensor]     # PIL image (already in the model's mode) -> [C, H, W]
     preprocessing: str                     # "weights", "callable" or "options": where `transform` came from
     in_channels: int                       # 1 or 3
-    mask_geometry: MaskGeometry | None     # the transform's resizes/crops, None if they cannot be derived
+    geometry: TransformGeometry            # where the transform's output lies in the original image
     weights_sha256: str
     output_names: list[str] | None         # class names of the outputs when the weights know them
 
@@ -195,38 +195,6 @@ def default_transform(image_size: int, mean: Sequence[float], std: Sequence[floa
     return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(list(mean), list(std))])
 
 
-def mask_geometry_of(transform: Any) -> MaskGeometry | None:
-    """The resizes and centre crops of a transform, in order; None when it has a step we cannot mirror.
-
-    Known: Compose, Resize, CenterCrop (v1 and v2), torchvision weights' ImageClassification, and the
-    value-only steps (ToTensor, PILToTensor, ConvertImageDtype, Normalize, Grayscale, ToImage, ToDtype).
-    """
-    from torchvision import transforms as T
-    from torchvision.transforms import v2
-    from torchvision.transforms._presets import ImageClassification
-
-    value_only = (T.ToTensor, T.PILToTensor, T.ConvertImageDtype, T.Normalize, T.Grayscale,
-                  v2.ToImage, v2.ToDtype, v2.Normalize, v2.Grayscale, v2.ToPureTensor, nn.Identity)
-    steps: list[tuple[Any, ...]] = []
-
-    def walk(step: Any) -> bool:
-        if isinstance(step, (T.Compose, v2.Compose)):
-            return all(walk(s) for s in step.transforms)
-        if isinstance(step, ImageClassification):
-            steps.append(("resize", list(step.resize_size), None))
-            steps.append(("crop", list(step.crop_size)))
-            return True
-        if isinstance(step, (T.Resize, v2.Resize)):
-            steps.append(("resize", step.size, getattr(step, "max_size", None)))
-            return True
-        if isinstance(step, (T.CenterCrop, v2.CenterCrop)):
-            steps.append(("crop", list(step.size)))
-            return True
-        return isinstance(step, value_only)
-
-    return MaskGeometry(steps) if walk(transform) else None
-
-
 def _channels_of(model: nn.Module, transform: Any) -> int:
     """1 or 3: the transform's Grayscale output, else the first convolution's input channels, else 3."""
     from torchvision import transforms as T
@@ -314,5 +282,5 @@ def load_model(spec: str, weights: str | None = None, checkpoint: Path | None = 
             raise ModelSpecError("--std values must be positive")
         transform = default_transform(image_size or DEFAULT_IMAGE_SIZE, mean, std)
     return LoadedModel(model=model, transform=transform, preprocessing=source, in_channels=channels,
-                       mask_geometry=mask_geometry_of(transform), weights_sha256=weights_sha256(model),
+                       geometry=geometry_of(transform, channels), weights_sha256=weights_sha256(model),
                        output_names=output_names)

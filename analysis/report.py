@@ -118,26 +118,65 @@ def members_by_suspicion(cache: Cache, result: clustering.ClusteringResult, clus
 # Rendering helpers
 # ----------------------------------------------------------------------------------------------------------
 
-def _original(cache: Cache, image_id: int, size: int) -> np.ndarray:
-    try:
-        image = overlay.load_image(cache.image_path(int(image_id)), size)
-    except CacheError:
-        return overlay.placeholder(size, "outside dataset")
-    return image if image is not None else overlay.placeholder(size, "image missing")
+def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred", opacity: float = 0.6,
+                colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE, letterbox: bool = True) -> list[np.ndarray]:
+    """Images of `ids` with their own aspect ratio (long side `size`), the map on the region the model saw:
+    kind "image", "overlay" or "map" (see overlay.view_tile), with the foreground outline when the cache knows
+    it; letterboxed into size x size squares for grids. Reads only these images' maps and files.
 
-
-def overlay_tiles(cache: Cache, ids: Sequence[int], size: int = TILE, which: str = "pred") -> list[np.ndarray]:
-    """FG-CAM overlays of `ids` with the foreground outline when the cache knows it."""
+    A placement the cache does not know (an older cache, a transform whose geometry could not be measured,
+    or an image file whose size changed since the job) is drawn over the whole image and labelled so.
+    """
     ids = [int(i) for i in ids]
     if not ids:
         return []
-    maps = cache.maps(ids, which)
+    maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
     masks = cache.foreground(ids)
     tiles = []
     for k, image_id in enumerate(ids):
+        geometry = cache.geometry(image_id)
+        recorded = (geometry["width"], geometry["height"])
+        try:
+            loaded = overlay.load_display(cache.image_path(image_id), size)
+            problem = "image missing"
+        except CacheError:
+            loaded, problem = None, "outside dataset"
+        if loaded is None:  # draw the map on a grey stand-in of the image's recorded shape
+            shown = overlay.display_size(*recorded, size) if geometry["known"] else (size, size)
+            loaded = overlay.placeholder(shown[0], problem, height=shown[1]), \
+                recorded if geometry["known"] else shown
+        image, original = loaded
+        box = geometry["crop_box"] if geometry["known"] and tuple(original) == recorded else None
         mask = None if masks is None or not masks[k].any() else masks[k]
-        tiles.append(overlay.overlay(_original(cache, image_id, size), maps[k], mask=mask))
+        tiles.append(overlay.view_tile(image, original, box, maps[k], kind=kind, opacity=opacity,
+                                       colormap=colormap, mask=mask, tile=size if letterbox else None))
     return tiles
+
+
+def mean_model_view(cache: Cache, ids: Sequence[int], size: int) -> np.ndarray | None:
+    """Pixel mean of what the model saw of the images `ids` (each crop box stretched to the maps' square; the
+    whole image where the box is unknown), so that it lines up with mean maps; None when none can be read."""
+    paths, boxes = [], []
+    for image_id in ids:
+        try:
+            paths.append(cache.image_path(int(image_id)))
+        except CacheError:  # a path outside the dataset root is never read
+            continue
+        boxes.append(cache.geometry(int(image_id))["crop_box"])
+    return overlay.mean_image(paths, size, boxes)
+
+
+def unknown_placements(cache: Cache, ids: Sequence[int] | None = None) -> int:
+    """How many of `ids` (default: all) have no recorded crop box (their maps cannot be placed exactly)."""
+    table = cache.table if ids is None else cache.table.set_index("id").loc[list(ids)]
+    box = table[["crop_x0", "crop_y0", "crop_x1", "crop_y1"]].to_numpy(np.float64)
+    return int((~np.isfinite(box).all(axis=1) | (table["image_width"].to_numpy() <= 0)).sum())
+
+
+UNKNOWN_PLACEMENT_NOTE = ("Where the model's input lies in the image is not recorded for {count} image(s) (a cache "
+                          "made before crop boxes were recorded, or a preprocessing whose geometry could not be "
+                          "measured): their maps are drawn over the whole image, labelled \"placement unknown\", "
+                          "and are misplaced if the preprocessing cropped. Re-run the job to record it.")
 
 
 def _img(tile: np.ndarray, alt: str, caption: str | None = None) -> str:
@@ -232,6 +271,7 @@ def _summary_section(cache: Cache) -> str:
         "dataset": manifest.get("dataset", {}).get("root", "?"),
         "base CAM": options.get("base", "?"),
         "target layer": options.get("target_layer", "?"),
+        "model input": _input_description(manifest),
         "job finished": manifest.get("finished") or "no (partial cache)",
         "images in dataset": counts.get("images", "?"),
     }
@@ -246,6 +286,16 @@ def _summary_section(cache: Cache) -> str:
             f'<table class="details">{rows}</table>'
             f'<div class="charts">{_svg(charts.accuracy_chart(per_class))}</div>'
             f'<h3>Score distributions</h3><div class="charts">{"".join(histograms)}</div></section>')
+
+
+def _input_description(manifest: dict) -> str:
+    """How images became the model's input, e.g. "Resize(short side 256) + CenterCrop(224) -> 224 x 224"."""
+    geometry = manifest.get("geometry")
+    if not geometry:
+        return "not recorded (an older cache)"
+    size = geometry.get("input_size") or ["?", "?"]
+    method = {"derived": "", "measured": " (measured)"}.get(geometry.get("method"), " (placement unknown)")
+    return f"{geometry.get('transform', '?')} -> {size[0]} x {size[1]}{method}"
 
 
 def _class_maps_section(cache: Cache, tile: int) -> str:
@@ -283,7 +333,7 @@ def _clusters_section(cache: Cache, result: clustering.ClusteringResult, options
         cluster = int(record["cluster"])
         examples = members_by_suspicion(cache, result, cluster, options.examples_per_cluster)
         rows = cache.table.set_index("id").loc[examples]
-        tiles = overlay_tiles(cache, examples, options.tile)
+        tiles = image_tiles(cache, examples, "overlay", size=options.tile)
         figures = [_img(prototype_tile(prototypes[position], options.tile), f"prototype of {cluster_label(cluster)}",
                         "prototype")]
         figures += [_img(t, f"image {i}", f"#{i} {r.label_name}→{r.pred_name}")
@@ -336,6 +386,9 @@ def build_report(cache: Cache, clustering_result: clustering.ClusteringResult | 
                 _clusters_section(cache, clustering_result, options), _confusion_section(cache),
                 _errors_section(cache)]
     partial = "" if cache.complete else "<p><strong>The job had not finished: this covers a partial cache.</strong></p>"
+    unknown = unknown_placements(cache)
+    if unknown:
+        partial += f"<p><strong>{html.escape(UNKNOWN_PLACEMENT_NOTE.format(count=unknown))}</strong></p>"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p class=\"meta\">Cache {html.escape(str(cache.root))} · made {created}</p>"

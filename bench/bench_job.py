@@ -44,7 +44,7 @@ def directory_bytes(path: Path) -> int:
 def engine_alone(plan: job.JobPlan) -> float:
     """images/s of the engine calls on preloaded device batches (same batches as the job)."""
     dataset = ExplainDataset(plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels,
-                             plan.map_size, plan.loaded.mask_geometry)
+                             plan.map_size, plan.loaded.geometry)
     ids = list(range(len(dataset)))
     batches = []
     for start in range(0, len(ids), plan.batch_size):
@@ -75,7 +75,7 @@ def job_loop(args: argparse.Namespace, out: Path) -> tuple[float, float, int]:
     writer.write_manifest(plan.manifest)
     # Warm-up outside the timing, as for the engine: one batch through the engine.
     dataset = ExplainDataset(plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels,
-                             plan.map_size, plan.loaded.mask_geometry)
+                             plan.map_size, plan.loaded.geometry)
     warm = collate_items([dataset[i] for i in range(min(plan.batch_size, len(dataset)))])
     plan.explainer(warm.images.to(plan.device), target_layer=plan.target_layer)
     _sync(plan.device)

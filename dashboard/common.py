@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from analysis import overlay
+from analysis import overlay, report
 from analysis.cache import Cache, CacheError, load
 
 ENV_VAR = "FGCAM_CACHE"
@@ -118,36 +118,21 @@ def set_query(**values: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ images
-def original(cache: Cache, image_id: int, size: int = TILE) -> np.ndarray:
-    """The image as the dataset holds it, or a placeholder when it is gone (or outside the dataset root)."""
-    try:
-        path = cache.image_path(int(image_id))
-    except CacheError:
-        return overlay.placeholder(size, "outside dataset")
-    image = overlay.load_image(path, size)
-    return image if image is not None else overlay.placeholder(size, "image missing")
-
-
 def tiles_for(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred",
-              opacity: float = 0.6, colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE) -> list[np.ndarray]:
-    """Rendered tiles for ``ids``: "image", "map" or "overlay" (with the foreground outline when known).
-    Reads only these images' maps."""
-    ids = [int(i) for i in ids]
-    if not ids:
-        return []
-    maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
-    masks = cache.foreground(ids)
-    tiles = []
-    for k, image_id in enumerate(ids):
-        mask = None if masks is None else masks[k]
-        if kind == "map":
-            tile = overlay.colorize(maps[k], colormap, size=size)
-        else:
-            tile = original(cache, image_id, size)
-            if kind == "overlay":
-                tile = overlay.overlay(tile, maps[k], opacity=opacity, colormap=colormap)
-        tiles.append(overlay.with_outline(tile, mask) if mask is not None and mask.any() else tile)
-    return tiles
+              opacity: float = 0.6, colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE,
+              letterbox: bool = True) -> list[np.ndarray]:
+    """Rendered tiles for ``ids`` (report.image_tiles): "image", "map" or "overlay", each image with its own
+    aspect ratio and the map on the region the model saw, letterboxed into size x size squares unless
+    ``letterbox`` is False. Reads only these images' maps."""
+    return report.image_tiles(cache, ids, kind=kind, which=which, opacity=opacity, colormap=colormap, size=size,
+                              letterbox=letterbox)
+
+
+def placement_notice(cache: Cache, ids: Sequence[int]) -> None:
+    """Say so on the page when some of ``ids`` have maps whose placement in the image is not known."""
+    unknown = report.unknown_placements(cache, [int(i) for i in ids])
+    if unknown:
+        st.caption(":orange[" + report.UNKNOWN_PLACEMENT_NOTE.format(count=unknown) + "]")
 
 
 def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int], str] | None = None,
@@ -165,6 +150,7 @@ def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int]
         set_query(**{f"{key}_page": page if page > 1 else None})
     shown = ids[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
     tiles = tiles_for(cache, shown, kind=kind, which=which, **render)
+    placement_notice(cache, shown)
     for start in range(0, len(shown), columns):
         for column, image_id, tile in zip(st.columns(columns), shown[start:start + columns], tiles[start:start + columns]):
             column.image(tile, caption=captions(image_id) if captions else f"#{image_id}", width="stretch")

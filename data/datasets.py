@@ -1,6 +1,7 @@
 """Labelled image datasets for the offline job: listing (ImageFolder tree or CSV manifest), foreground
 sources (mask folder, boxes), robust image decoding (any PIL mode), and the torch Dataset that turns one
-listed image into a model input plus its foreground at map size -- or into a recorded error, never a crash.
+listed image into a model input plus its crop box (where the input lies in the original, see analysis.geometry)
+and its foreground at map size in the model's frame -- or into a recorded error, never a crash.
 """
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torch import Tensor
+
+from analysis.geometry import Box, TransformGeometry, foreground_in_frame
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
@@ -27,9 +29,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 class DatasetError(ValueError):
     """A dataset, mask folder or box file that cannot be used (one-line message, raised before any work)."""
-
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass
@@ -261,31 +260,17 @@ def _short_reason(error: BaseException) -> str:
     return f"{name}: {text}" if text and name not in ("ValueError",) else (text or name)
 
 
-class MaskGeometry:
-    """Applies the geometric part of a model transform (resizes, centre crops) to a foreground mask.
-
-    Built by `analysis.models`; `steps` is a list of ("resize", size, max_size) / ("crop", size) in order.
-    """
-
-    def __init__(self, steps: Sequence[tuple[Any, ...]]):
-        self.steps = list(steps)
-
-    def __call__(self, mask: Image.Image) -> Image.Image:
-        import torchvision.transforms.functional as TF
-        from torchvision.transforms import InterpolationMode
-
-        for step in self.steps:
-            if step[0] == "resize":
-                mask = TF.resize(mask, step[1], interpolation=InterpolationMode.NEAREST, max_size=step[2])
-            elif step[0] == "crop":
-                mask = TF.center_crop(mask, step[1])
-        return mask
-
-
-def resize_mask_nearest(mask: np.ndarray, map_size: int) -> np.ndarray:
-    """bool [H, W] -> bool [map_size, map_size] by nearest neighbour."""
-    tensor = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
-    return F.interpolate(tensor, size=(map_size, map_size), mode="nearest")[0, 0].numpy() > 0.5
+def mask_foreground(mask: Image.Image) -> np.ndarray:
+    """bool [H, W]: the mask's non-zero pixels are the object, whatever its mode and bit depth (a 16-bit mask
+    with values 1..128 included; alpha is ignored, a palette mask is read through its colours)."""
+    if mask.mode in ("1", "L", "I", "F") or mask.mode.startswith("I;16"):
+        values = np.asarray(mask)
+        return np.nan_to_num(values.astype(np.float64)) != 0 if mask.mode == "F" else values != 0
+    if mask.mode in ("LA", "La"):
+        return np.asarray(mask)[..., 0] != 0
+    if mask.mode not in ("RGB", "RGBA", "RGBa", "RGBX"):
+        mask = mask.convert("RGBA" if mask.mode == "P" and "transparency" in mask.info else "RGB")
+    return np.asarray(mask)[..., :3].any(axis=-1)
 
 
 def boxes_to_mask(boxes: Sequence[Box], width: int, height: int) -> np.ndarray:
@@ -311,19 +296,21 @@ class Item:
     image: Tensor | None
     foreground: Tensor | None      # bool [map_size, map_size], or None (no foreground known for this image)
     error: str | None = None
+    size: tuple[int, int] = (0, 0)  # the original image's (width, height)
+    box: Box | None = None          # the crop box the model saw, in original pixels (None: unknown)
 
 
 class ExplainDataset(torch.utils.data.Dataset):
     """Decodes listed images for the job; a bad file becomes an Item with `error` set, never an exception."""
 
     def __init__(self, listing: DatasetListing, labels: Sequence[int], transform: Callable[[Image.Image], Tensor],
-                 channels: int, map_size: int, mask_geometry: MaskGeometry | None):
+                 channels: int, map_size: int, geometry: TransformGeometry | None):
         self.listing = listing
         self.labels = list(labels)
         self.transform = transform
         self.channels = channels
         self.map_size = map_size
-        self.mask_geometry = mask_geometry
+        self.geometry = geometry
 
     def __len__(self) -> int:
         return len(self.listing.samples)
@@ -335,8 +322,10 @@ class ExplainDataset(torch.utils.data.Dataset):
             image = load_image(self.listing.root / sample.path)
         except Exception as error:  # PIL raises many types for bad files; every one means "skip and record"
             return Item(index, label, None, None, f"unreadable image: {_short_reason(error)}")
+        located = self.geometry.locate(*image.size) if self.geometry is not None else None
+        box = located[0] if located is not None else None
         try:
-            foreground = self._foreground(sample, image.size)
+            foreground = self._foreground(sample, image.size, box)
         except Exception as error:
             return Item(index, label, None, None, f"bad foreground: {_short_reason(error)}")
         try:
@@ -345,9 +334,11 @@ class ExplainDataset(torch.utils.data.Dataset):
             return Item(index, label, None, None, f"preprocessing failed: {_short_reason(error)}")
         if not isinstance(tensor, Tensor) or tensor.dim() != 3:
             return Item(index, label, None, None, "preprocessing did not return a [C, H, W] tensor")
-        return Item(index, label, tensor, foreground)
+        return Item(index, label, tensor, foreground, size=image.size, box=box)
 
-    def _foreground(self, sample: Sample, size: tuple[int, int]) -> Tensor | None:
+    def _foreground(self, sample: Sample, size: tuple[int, int], box: Box | None) -> Tensor | None:
+        """The object at map size in the model's frame: the mask and boxes (original pixels) placed through the
+        crop box. None without a mask or box, or when the box is unknown (nowhere to place them)."""
         width, height = size
         mask: np.ndarray | None = None
         if sample.mask is not None and self.listing.mask_root is not None:
@@ -356,16 +347,13 @@ class ExplainDataset(torch.utils.data.Dataset):
                 if mask_image.size != size:
                     raise ValueError(f"mask {sample.mask} is {mask_image.size[0]}x{mask_image.size[1]}, "
                                      f"the image is {width}x{height}")
-                mask = np.asarray(to_model_mode(mask_image, 1)) > 0
+                mask = mask_foreground(mask_image)
         if sample.boxes:
             box_mask = boxes_to_mask(sample.boxes, width, height)
             mask = box_mask if mask is None else (mask | box_mask)
-        if mask is None:
+        if mask is None or box is None:
             return None
-        if self.mask_geometry is not None:
-            placed = self.mask_geometry(Image.fromarray(mask.astype(np.uint8) * 255, "L"))
-            mask = np.asarray(placed) > 127
-        return torch.from_numpy(resize_mask_nearest(mask, self.map_size))
+        return torch.from_numpy(foreground_in_frame(mask, box, self.map_size))
 
 
 @dataclass
@@ -376,6 +364,8 @@ class Batch:
     foreground: Tensor | None      # bool [n, M, M] (rows without a foreground are all False), or None
     has_foreground: Tensor         # bool [n]
     errors: list[tuple[int, str]]  # (id, reason) of the skipped images of this batch
+    sizes: Tensor | None = None    # long [n, 2]: each original image's (width, height)
+    boxes: Tensor | None = None    # float64 [n, 4]: each crop box x0, y0, x1, y1 (NaN: unknown)
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True): page-locked images make the copy to the GPU asynchronous."""
@@ -399,7 +389,8 @@ def collate_items(items: list[Item]) -> Batch:
     errors.sort()
     if not good:
         return Batch(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0),
-                     None, torch.zeros(0, dtype=torch.bool), errors)
+                     None, torch.zeros(0, dtype=torch.bool), errors, torch.zeros((0, 2), dtype=torch.long),
+                     torch.zeros((0, 4), dtype=torch.float64))
     has_fg = torch.tensor([item.foreground is not None for item in good])
     foreground = None
     if has_fg.any():
@@ -409,4 +400,7 @@ def collate_items(items: list[Item]) -> Batch:
     return Batch(ids=torch.tensor([item.id for item in good], dtype=torch.long),
                  labels=torch.tensor([item.label for item in good], dtype=torch.long),
                  images=torch.stack([item.image for item in good]), foreground=foreground,
-                 has_foreground=has_fg, errors=errors)
+                 has_foreground=has_fg, errors=errors,
+                 sizes=torch.tensor([list(item.size) for item in good], dtype=torch.long),
+                 boxes=torch.tensor([list(item.box) if item.box is not None else [math.nan] * 4 for item in good],
+                                    dtype=torch.float64))

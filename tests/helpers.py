@@ -19,6 +19,7 @@ from analysis.cache import CacheWriter, ShardRecords
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_FILE = Path(__file__).resolve().parent / "tiny_models.py"
+IMAGENET_MODEL_FILE = Path(__file__).resolve().parent / "imagenet_models.py"
 CLASS_NAMES = ("cat", "dog", "fox")
 
 
@@ -137,6 +138,18 @@ def make_image_folder(root: Path, classes: Sequence[str] = CLASS_NAMES, per_clas
     return sorted(paths)
 
 
+def cell_majority(mask: np.ndarray, size: int) -> np.ndarray:
+    """bool [size, size]: the cells of a size x size grid over a whole square mask that the mask covers at
+    least half of. Computed independently of analysis.geometry: each pixel is repeated into an lcm x lcm
+    block of sub-pixels, so that every cell is a whole number of them, and each cell's sub-pixels are averaged."""
+    side = mask.shape[0]
+    assert mask.shape == (side, side)
+    fine = int(np.lcm(side, size))
+    sub = np.kron(mask.astype(np.float64), np.ones((fine // side, fine // side)))
+    step = fine // size
+    return sub.reshape(size, step, size, step).mean(axis=(1, 3)) >= 0.5
+
+
 def make_mask_folder(image_root: Path, mask_root: Path, size: int = 20) -> None:
     """One mask PNG per image, mirroring the tree: the object square (see `square_box`) is foreground."""
     classes = sorted(p.name for p in image_root.iterdir() if p.is_dir())
@@ -236,3 +249,57 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
         code = int(exit_.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real photos, a real pretrained ImageNet model, the real command
+# ----------------------------------------------------------------------------------------------------------
+
+# scikit-image's photos as an ImageFolder: (file, class folder = the true ImageNet class, skimage.data name,
+# a box around the object in original pixels, judged by eye on the photo).
+PHOTOS = (("espresso/coffee.png", "espresso", "coffee", (170, 15, 415, 305)),      # 600 x 400, the cup
+          ("missile/rocket.png", "missile", "rocket", (300, 125, 340, 410)),      # 640 x 427, the rocket
+          ("tabby/chelsea.png", "tabby", "chelsea", (0, 0, 390, 300)))            # 451 x 300, the cat's head
+
+
+def imagenet_class_names() -> list[str]:
+    """torchvision's ImageNet-1k category names (index = model output), made unique (two are listed twice)."""
+    from torchvision.models import ResNet18_Weights
+
+    names: list[str] = []
+    for name in ResNet18_Weights.IMAGENET1K_V1.meta["categories"]:
+        names.append(name if name not in names else f"{name} ({len(names)})")
+    return names
+
+
+def photo_job_arguments(out_dir: Path) -> list[str]:
+    """`python -m analysis` arguments of the photo cache (see make_photo_cache)."""
+    return ["explain", "--data", str(out_dir / "photos"), "--model", f"{IMAGENET_MODEL_FILE}:efficientnet_lite0",
+            "--classes", str(out_dir / "imagenet_classes.txt"), "--boxes", str(out_dir / "boxes.csv"),
+            "--out", str(out_dir / "cache"), "--device", "cpu", "--workers", "0", "--batch-size", "3",
+            "--map-size", "28", "--descriptor-size", "4", "--quiet"]
+
+
+def make_photo_cache(out_dir: Path | str) -> Path:
+    """A real cache of real non-square photos (scikit-image's coffee, rocket, chelsea written as PNG files into
+    an ImageFolder) explained by the real `python -m analysis explain` command (a subprocess) with a pretrained
+    EfficientNet-Lite0 and torchvision's standard Resize(256) + CenterCrop(224), boxes around the objects,
+    map size 28 (8 x 8 input pixels a cell). Returns `out_dir/cache`."""
+    import skimage.data
+
+    out_dir = Path(out_dir)
+    cache = out_dir / "cache"
+    if (cache / "manifest.json").exists():
+        return cache
+    for relative, _, name, _ in PHOTOS:
+        (out_dir / "photos" / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(skimage.data, name)()).save(out_dir / "photos" / relative)
+    (out_dir / "imagenet_classes.txt").write_text("\n".join(imagenet_class_names()) + "\n", encoding="utf-8")
+    (out_dir / "boxes.csv").write_text("path,x0,y0,x1,y1\n" + "".join(
+        f"{relative},{','.join(map(str, box))}\n" for relative, _, _, box in PHOTOS))
+    done = subprocess.run([sys.executable, "-m", "analysis", *photo_job_arguments(out_dir)], cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the explain job failed ({done.returncode}): {done.stderr[-2000:]}")
+    return cache

@@ -88,3 +88,39 @@ def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
     report = files["Download HTML report"].read_text()
     assert report.startswith("<!DOCTYPE html>") and "<svg" in report and "data:image/png;base64," in report
     assert "<script src" not in report and 'src="http' not in report
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_photos_keep_their_aspect_ratio_in_a_browser(photo_cache: Path, tmp_path: Path) -> None:
+    """The cache of real photos (600 x 400 coffee, Resize(256) + CenterCrop(224)): the Image page draws the
+    photo 3:2 with the map on the centre crop, a gallery draws square letterboxed tiles; both pages are clean."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
+    from playwright.sync_api import sync_playwright
+
+    shots_module = screenshots_module()
+    shots = shots_module.photo_pages(photo_cache)
+    assert [s.name for s in shots] == ["photo_image", "photo_gallery"]
+    sizes: dict[str, list[tuple[int, int]]] = {}
+    with shots_module.running_app(photo_cache, tmp_path / "streamlit.log") as base:
+        found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=shots_module.CHROMIUM_ARGS)
+            page = browser.new_context(viewport=shots_module.VIEWPORT).new_page()
+            for shot in shots:
+                page.goto(base + shot.path)
+                shots_module.wait_until_done(page, shot.title)
+                images = page.locator('[data-testid="stImage"] img')
+                images.last.scroll_into_view_if_needed()
+                page.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')]"
+                                       ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+                sizes[shot.name] = [tuple(images.nth(k).evaluate("i => [i.naturalWidth, i.naturalHeight]"))
+                                    for k in range(images.count())]
+            browser.close()
+    assert not any(found.values()), found
+    for shot in shots:
+        assert (tmp_path / "shots" / f"{shot.name}.png").stat().st_size > 10_000
+    # Image page: original, overlay and map of the 600 x 400 coffee at 480 x 320, then square neighbour tiles.
+    assert sizes["photo_image"][:3] == [(480, 320)] * 3, sizes["photo_image"]
+    assert all(w == h for w, h in sizes["photo_image"][3:])
+    # Gallery: one tile per photo, all the same square size whatever the photo's shape.
+    assert len(sizes["photo_gallery"]) == 3 and set(sizes["photo_gallery"]) == {(160, 160)}, sizes["photo_gallery"]

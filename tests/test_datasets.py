@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from analysis.models import mask_geometry_of
+from analysis.geometry import foreground_in_frame, geometry_of
 from data.datasets import (DatasetError, ExplainDataset, Item, attach_boxes, attach_masks, boxes_to_mask,
                            collate_items, evenly_spaced, list_dataset, load_image, to_model_mode)
 from tests.helpers import make_image_folder, make_mask_folder
@@ -138,18 +138,18 @@ def test_boxes_to_mask() -> None:
         boxes_to_mask([(6, 0, 8, 2)], 5, 4)
 
 
-def test_mask_geometry_follows_resize_and_center_crop() -> None:
+def test_mask_follows_resize_and_center_crop() -> None:
     transform = T.Compose([T.Resize(8), T.CenterCrop(4), T.ToTensor(), T.Normalize([0.5], [0.5])])
-    geometry = mask_geometry_of(transform)
-    assert geometry is not None
-    # 16 x 8 (W x H) mask: left half set. Resize(8): shorter side 8 -> 16 x 8; crop 4 x 4 at x 6..9.
-    mask = np.zeros((8, 16), np.uint8)
-    mask[:, :8] = 255
-    placed = np.asarray(geometry(Image.fromarray(mask, "L"))) > 127
-    assert placed.shape == (4, 4)
-    np.testing.assert_array_equal(placed, np.tile([True, True, False, False], (4, 1)))
-    assert mask_geometry_of(lambda image: image) is None
-    assert mask_geometry_of(T.Compose([T.RandomHorizontalFlip()])) is None
+    geometry = geometry_of(transform)
+    assert geometry.method == "derived"
+    # 16 x 8 (W x H) mask: left half set. Resize(8): shorter side 8 -> 16 x 8; crop 4 x 4 at x 6..9, y 2..5.
+    box, input_size = geometry.locate(16, 8)
+    assert box == (6.0, 2.0, 10.0, 6.0) and input_size == (4, 4)
+    mask = np.zeros((8, 16), bool)
+    mask[:, :8] = True
+    np.testing.assert_array_equal(foreground_in_frame(mask, box, 4), np.tile([True, True, False, False], (4, 1)))
+    assert geometry_of(lambda image: image).method == "measured"
+    assert geometry_of(T.Compose([T.RandomHorizontalFlip()])).method == "measured"
 
 
 def _write_bad_files(root: Path) -> None:
@@ -167,7 +167,7 @@ def test_dataset_turns_bad_files_into_errors(tmp_path: Path) -> None:
     listing = list_dataset(tmp_path / "imgs")
     attach_masks(listing, tmp_path / "masks")
     transform = T.Compose([T.Resize((20, 20)), T.ToTensor()])
-    dataset = ExplainDataset(listing, [0] * len(listing.samples), transform, 3, 10, mask_geometry_of(transform))
+    dataset = ExplainDataset(listing, [0] * len(listing.samples), transform, 3, 10, geometry_of(transform))
     items = {listing.samples[i].path: dataset[i] for i in range(len(dataset))}
     assert items["cat/zero.png"].error == "unreadable image: zero-byte file"
     assert items["cat/truncated.png"].error.startswith("unreadable image:")

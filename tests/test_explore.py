@@ -140,16 +140,36 @@ def test_overlay_leaves_zero_relevance_pixels_unchanged_and_draws_outline():
     image = np.full((8, 8, 3), 100, np.uint8)
     signed = np.zeros((4, 4), np.float32)
     signed[0, 0] = 1.0
-    out = overlay.overlay(image, signed, opacity=1.0, colormap="bwr")
+    whole = (0.0, 0.0, 8.0, 8.0)  # the model saw the whole 8 x 8 image
+    out = overlay.view_tile(image, (8, 8), whole, signed, opacity=1.0, colormap="bwr")
     assert tuple(out[7, 7]) == (100, 100, 100)          # no relevance: image unchanged
     assert out[0, 0, 0] > 200 and out[0, 0, 2] < 50     # full relevance at full opacity: red
-    faint = overlay.overlay(image, signed, opacity=0.0)
+    faint = overlay.view_tile(image, (8, 8), whole, signed, opacity=0.0)
     np.testing.assert_array_equal(faint, image)
     mask = np.zeros((4, 4), bool)
     mask[1:3, 1:3] = True
-    outlined = overlay.overlay(image, signed, opacity=0.0, mask=mask)
+    outlined = overlay.view_tile(image, (8, 8), whole, signed, opacity=0.0, mask=mask)
     assert tuple(outlined[2, 2]) == overlay.OUTLINE_COLOR   # boundary of the upscaled mask
     assert tuple(outlined[0, 7]) == (100, 100, 100)
+
+
+def test_view_tile_places_the_map_on_the_crop_box_and_dims_the_rest():
+    image = np.full((20, 40, 3), 100, np.uint8)          # a 400 x 200 original drawn at 40 x 20
+    signed = np.ones((4, 4), np.float32)
+    out = overlay.view_tile(image, (400, 200), (100, 0, 300, 200), signed, opacity=1.0, colormap="bwr")
+    assert out.shape == (20, 40, 3)
+    dimmed = round(100 * overlay.OUTSIDE_KEEP + overlay.OUTSIDE_COLOR[0] * (1 - overlay.OUTSIDE_KEEP))
+    assert tuple(out[10, 5]) == (dimmed,) * 3 and tuple(out[10, 35]) == (dimmed,) * 3   # x 50 and 350: outside
+    assert tuple(out[10, 20]) == (255, 0, 0)                                           # inside: all relevance
+    assert tuple(out[10, 10]) in overlay.BOX_COLORS and tuple(out[10, 9]) in overlay.BOX_COLORS  # the outline
+    only_map = overlay.view_tile(image, (400, 200), (100, 0, 300, 200), signed, kind="map", colormap="bwr")
+    assert tuple(only_map[10, 5]) == overlay.OUTSIDE_MAP_COLOR and tuple(only_map[10, 20]) == (255, 0, 0)
+    unknown = overlay.view_tile(image, (400, 200), None, signed, opacity=1.0, colormap="bwr", tile=48)
+    assert unknown.shape == (48, 48, 3) and tuple(unknown[0, 0]) == overlay.LETTERBOX_COLOR
+    assert tuple(unknown[18, 6]) == (255, 0, 0)          # drawn over the whole (centred 40 x 20) image ...
+    assert (unknown[14:34] == (255, 244, 200)).all(axis=-1).any()  # ... and labelled "placement unknown"
+    with pytest.raises(ValueError, match="kind"):
+        overlay.view_tile(image, (400, 200), None, signed, kind="nope")
 
 
 def test_mask_outline_is_the_boundary():

@@ -21,8 +21,8 @@ from analysis.cache import CacheError, load
 from analysis.fgcam import FGCAM
 from analysis.models import load_model, weights_sha256
 from analysis.scores import all_scores, resize_maps
-from data.datasets import load_image, resize_mask_nearest, to_model_mode
-from tests.helpers import (CLASS_NAMES, REPO_ROOT, TINY_MODEL_FILE, job_command, make_image_folder,
+from data.datasets import load_image, to_model_mode
+from tests.helpers import (CLASS_NAMES, REPO_ROOT, TINY_MODEL_FILE, cell_majority, job_command, make_image_folder,
                            make_mask_folder, run_main, small_cache_arguments, square_box)
 
 TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
@@ -107,9 +107,8 @@ def test_small_cache_matches_a_direct_computation(small_cache: Path) -> None:
                                atol=float(np.abs(true_maps).max()) * 2e-3, rtol=0)
     assert not np.allclose(cache.maps(np.array(ids)[wrong], "true"), cache.maps(np.array(ids)[wrong], "pred"))
 
-    # Foreground: the mask PNG resized to the map size (nearest); scores from the float32 maps.
-    fg = np.stack([resize_mask_nearest(np.asarray(Image.open(parent / "masks" / table.path[i])) > 0, 16)
-                   for i in ids])
+    # Foreground: the map cells the mask PNG covers at least half of; scores from the float32 maps.
+    fg = np.stack([cell_majority(np.asarray(Image.open(parent / "masks" / table.path[i])) > 0, 16) for i in ids])
     np.testing.assert_array_equal(cache.foreground(ids), fg)
     scores = all_scores(torch.from_numpy(maps), torch.from_numpy(fg), torch.ones(len(ids), dtype=torch.bool))
     for name, values in scores.items():
@@ -259,7 +258,7 @@ def test_mask_folder_with_a_wrong_size_and_a_missing_mask(images: Path, tmp_path
     expected = np.zeros((20, 20), bool)
     expected[y0:y1, x0:x1] = True
     np.testing.assert_array_equal(cache.foreground([int(table.loc["cat/img_001.png"].id)])[0],
-                                  resize_mask_nearest(expected, 10))
+                                  cell_majority(expected, 10))
 
 
 def test_boxes_file_and_manifest_boxes_give_the_mask_foreground(images: Path, tmp_path: Path, trained: list[str],
@@ -367,8 +366,8 @@ SETUP_ERRORS = [
     (["--masks", "{tmp}/missing"], "--masks {tmp}/missing: no such file"),
     (["--model", f"{TINY_MODEL_FILE}:tiny_cnn_ten"], "the model has 10 outputs but the dataset has 3 classes"),
     (["--classes", "{tmp}/classes.txt"], "dataset labels not listed: fox"),
-    (["--model", f"{TINY_MODEL_FILE}:tiny_cnn_opaque_transform", "--masks", "{masks}"],
-     "foreground masks/boxes need a model transform"),
+    (["--model", f"{TINY_MODEL_FILE}:tiny_cnn_random_transform", "--masks", "{masks}"],
+     "foreground masks/boxes cannot be placed: the preprocessing is not a deterministic resize/crop"),
     (["--weights", "IMAGENET1K_V1"], "--weights applies to torchvision"),
     (["--model", "torchvision:resnet18", "--weights", "NOPE"], "not a weights name of torchvision resnet18"),
     (["--checkpoint", "{tmp}/wrong.pth"], "does not fit the model"),

@@ -65,8 +65,13 @@ def tiny_cnn_ten():
 
 
 def tiny_cnn_opaque_transform():
-    """A transform the job cannot mirror on masks (a plain function)."""
+    """A plain function: the job cannot read its steps, and measures its geometry with probe images."""
     return _model(), (lambda image: T.functional.to_tensor(image.resize((20, 20))))
+
+
+def tiny_cnn_random_transform():
+    """A random crop: no crop box can be known (the job must say so, and refuse masks it cannot place)."""
+    return _model(), T.Compose([T.RandomResizedCrop(20), T.ToTensor()])
 
 
 def not_a_model():
@@ -89,3 +94,56 @@ def cnn_with_unsupported_op():
     model = _model()
     model.features[2] = _RunningSum()
     return model
+
+
+class BrightnessCNN(nn.Module):
+    """Hand-weighted, no training: output 0's logit is the mean over the image of relu(brightness - 0.5)
+    (brightness: the mean of the three channels in 0..1), output 1's the negative. Its evidence for class 0 is
+    exactly the bright pixels, so its map must peak on a bright marker wherever the preprocessing puts it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 1, 1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.features[0].weight.fill_(1.0 / 3.0)
+            self.features[0].bias.fill_(-0.5)
+            self.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.features(x))))
+
+
+def _crop_and_shrink(image):
+    """A user's own preprocessing as a plain function (the job measures its geometry): the region x 100..400,
+    y 30..270 of a 500 x 300 image, shrunk to 150 x 120 (an aspect change)."""
+    return T.functional.to_tensor(image.crop((100, 30, 400, 270)).resize((150, 120)))
+
+
+def brightness_center_crop():
+    return BrightnessCNN(), T.Compose([T.CenterCrop(200), T.ToTensor()])
+
+
+def brightness_resize_square():
+    return BrightnessCNN(), T.Compose([T.Resize((160, 160)), T.ToTensor()])
+
+
+def brightness_resize_short_side():
+    return BrightnessCNN(), T.Compose([T.Resize(150), T.ToTensor()])
+
+
+def brightness_padding_crop():
+    """A centre crop taller than a 500 x 300 image: torchvision pads 10 rows above and below."""
+    return BrightnessCNN(), T.Compose([T.CenterCrop((320, 480)), T.ToTensor()])
+
+
+def brightness_own_function():
+    return BrightnessCNN(), _crop_and_shrink
+
+
+def brightness_crop30():
+    """CenterCrop(30): a 60 x 30 image loses 15 columns on each side."""
+    return BrightnessCNN(), T.Compose([T.CenterCrop(30), T.ToTensor()])

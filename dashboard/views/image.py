@@ -1,5 +1,6 @@
 """Image: one image by id (?id=): the original, the map of the predicted class and, when the prediction is wrong,
-the map of the true class, as overlays and as maps; its scores; and its nearest neighbours in explanation space.
+the map of the true class, as overlays and as maps (each image with its own aspect ratio, the map on the region
+the model saw); its scores; and its nearest neighbours in explanation space.
 """
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pandas as pd
 import streamlit as st
 
 from analysis import explore, overlay, report
+from analysis.geometry import covers_image
 from dashboard import common
 
-VIEW_SIZE = 320
+VIEW_SIZE = 480    # long side of the big panels (the image keeps its aspect ratio)
 NEIGHBOURS = 8
 SCORES = ("confidence", "background_share", "background_hotspot", "border_share", "concentration",
           "deletion_auc", "insertion_auc")
@@ -60,8 +62,8 @@ verdict = "correct" if row["correct"] else "wrong"
 st.markdown(f"**#{image_id}** `{row['path']}` · true **{row['label_name']}**, predicted **{row['pred_name']}** "
             f"({row['confidence']:.1%}) · {':green[correct]' if row['correct'] else ':red[wrong]'}")
 
-render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE)
-panels = [("original", common.tiles_for(cache, [image_id], "image", size=VIEW_SIZE)[0]),
+render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE, letterbox=False)
+panels = [("original", common.tiles_for(cache, [image_id], "image", size=VIEW_SIZE, letterbox=False)[0]),
           (f"FG-CAM for the prediction ({row['pred_name']})",
            common.tiles_for(cache, [image_id], "overlay", "pred", **render)[0]),
           ("map (prediction)", common.tiles_for(cache, [image_id], "map", "pred", **render)[0])]
@@ -74,6 +76,22 @@ for column, (caption, tile) in zip(st.columns(len(panels)), panels):
         _view(tile, caption)
 st.caption("Red: evidence for the class, blue: against it (symmetric scale per map). A green line outlines the "
            "object when the cache knows its mask or box.")
+geometry = cache.geometry(image_id)
+if geometry["known"]:
+    x0, y0, x1, y1 = geometry["crop_box"]
+    width, height = geometry["width"], geometry["height"]
+    if covers_image(geometry["crop_box"], width, height, tolerance=0.5):
+        where = f"the whole {width} x {height} image"
+    else:
+        padded = x0 < -0.5 or y0 < -0.5 or x1 > width + 0.5 or y1 > height + 0.5
+        where = (f"the region x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} of this {width} x {height} image (outlined; "
+                 f"the rest is dimmed: the model never saw it{', and saw padding beyond the image' if padded else ''})")
+    size, aspect = geometry["input_size"], geometry["aspect_change"]
+    stretch = "" if aspect is None or abs(aspect - 1) < 0.01 else \
+        f"; its aspect ratio changed: width scaled {aspect:.2f} times as much as height"
+    st.caption(f"The model saw {where}" + (f" as a {size[0]} x {size[1]} input" if size else "") + stretch + ".")
+else:
+    common.placement_notice(cache, [image_id])
 
 st.subheader("Scores")
 present = [s for s in SCORES if s in table.columns and pd.notna(row[s])]

@@ -81,6 +81,7 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
     pred_maps = common.tiles_for(cache, shown, kind="overlay", which="pred", size=PAIR_TILE)
     true_maps = pred_maps if true == pred else common.tiles_for(cache, shown, kind="overlay", which="true",
                                                                 size=PAIR_TILE)
+    common.placement_notice(cache, shown)
     confidence = dict(zip(rows["id"], rows["confidence"]))
     for start in range(0, len(shown), 2):  # two images per row, each as image | pred map | true map
         columns = st.columns(2)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis import explore, overlay
-from analysis.cache import Cache, CacheError
+from analysis import explore, overlay, report
+from analysis.cache import Cache
 from dashboard import common
 
 MEAN_IMAGE_SAMPLE = 64     # images averaged into a class's mean image (read from disk once, then cached)
@@ -40,16 +40,11 @@ def mean_maps(_cache: Cache, key: tuple) -> explore.ClassMeanMaps:
 
 @st.cache_data(show_spinner="Averaging the images of each class ...", max_entries=64)
 def class_mean_image(_cache: Cache, key: tuple, label: int, size: int) -> np.ndarray:
-    """Pixel mean of a seeded sample of the class's images; a placeholder when none can be read."""
+    """Pixel mean of what the model saw of a seeded sample of the class's images (report.mean_model_view); a
+    placeholder when none can be read."""
     ids = _cache.table.loc[_cache.table["label"] == label, "id"].to_numpy()
     ids = ids[explore.sample_rows(len(ids), MEAN_IMAGE_SAMPLE, seed=label)]
-    paths = []
-    for image_id in ids:
-        try:
-            paths.append(_cache.image_path(int(image_id)))
-        except CacheError:  # a path outside the dataset root is never read
-            continue
-    mean = overlay.mean_image(paths, size)
+    mean = report.mean_model_view(_cache, ids, size)
     return mean if mean is not None else overlay.placeholder(size, "no image")
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from analysis import charts, compare, explore, overlay
 from analysis.cache import Cache, CacheError
+from analysis.report import mean_model_view
 from dashboard import common
 
 SELECT_BY = {"label": "true class", "pred": "predicted class"}
@@ -130,13 +131,7 @@ def cached_test(_cache: Cache, key: tuple, ids: tuple[int, ...], q: float):
 
 def region_tile(cache: Cache, ids: np.ndarray, region: np.ndarray) -> np.ndarray:
     """The selection's mean image with the tested region tinted red and outlined."""
-    paths = []
-    for image_id in ids[explore.sample_rows(len(ids), 64)]:
-        try:
-            paths.append(cache.image_path(int(image_id)))
-        except CacheError:
-            continue
-    tile = overlay.mean_image(paths, REGION_TILE)
+    tile = mean_model_view(cache, ids[explore.sample_rows(len(ids), 64)], REGION_TILE)
     if tile is None:
         tile = overlay.placeholder(REGION_TILE, "no image")
     mask = np.asarray(Image.fromarray(region.astype(np.uint8) * 255).resize((REGION_TILE, REGION_TILE),
