@@ -47,7 +47,7 @@ class DatasetListing:
     root: Path                          # absolute dataset root (ImageFolder root, or the manifest's folder)
     kind: str                           # "imagefolder" or "csv"
     samples: list[Sample]               # sorted by path: the index is the image id
-    label_names: list[str]              # distinct labels, sorted (numerically when all are integers)
+    label_names: list[str]              # class names, index = model output: sorted as strings (class_order)
     mask_root: Path | None = None       # where Sample.mask paths live
     has_foreground: bool = False        # a foreground source was given (masks or boxes)
 
@@ -59,9 +59,10 @@ class DatasetListing:
         return digest.hexdigest()
 
 
-def _sort_labels(names: set[str]) -> list[str]:
-    if names and all(name.lstrip("-").isdigit() for name in names):
-        return sorted(names, key=int)
+def class_order(names: set[str]) -> list[str]:
+    """Class names in model-output order: torchvision's ImageFolder order, a plain sort of the names as strings
+    (code points: "10" before "2", "B" before "a", "é" after "z"), so a model trained with ImageFolder has its
+    outputs named right. A numeric sort would give folders 0..10 other labels than the model was trained with."""
     return sorted(names)
 
 
@@ -74,9 +75,13 @@ def _relative_inside(root: Path, relative: str, what: str) -> str:
 
 
 def list_image_folder(root: Path) -> DatasetListing:
-    """root/<class>/**/<image>: every file with an image extension, sorted by relative path."""
+    """root/<class>/**/<image>: every file with an image extension, sorted by relative path.
+
+    The classes are the class folders, as torchvision's ImageFolder finds them (with allow_empty=True): every
+    folder is a class, an empty one too, so output i is the i-th folder whatever the split holds. Hidden
+    folders (.name) are not classes (ImageFolder counts them)."""
     root = Path(root).resolve()
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_order({p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")})
     if not classes:
         raise DatasetError(f"--data {root}: no class folders (expected root/<class>/<image>)")
     samples = []
@@ -88,8 +93,7 @@ def list_image_folder(root: Path) -> DatasetListing:
     if not samples:
         raise DatasetError(f"--data {root}: no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     samples.sort(key=lambda s: s.path)
-    used = {s.label_name for s in samples}
-    return DatasetListing(root=root, kind="imagefolder", samples=samples, label_names=_sort_labels(used))
+    return DatasetListing(root=root, kind="imagefolder", samples=samples, label_names=classes)
 
 
 def _parse_box(row: dict[str, str], where: str) -> Box | None:
@@ -143,7 +147,7 @@ def list_csv_manifest(manifest: Path) -> DatasetListing:
     has_masks = any(s.mask for s in samples)
     has_boxes = any(s.boxes for s in samples)
     return DatasetListing(root=root, kind="csv", samples=samples,
-                          label_names=_sort_labels({s.label_name for s in samples}),
+                          label_names=class_order({s.label_name for s in samples}),
                           mask_root=root if has_masks else None, has_foreground=has_masks or has_boxes)
 
 

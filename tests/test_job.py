@@ -208,6 +208,32 @@ def test_torchrun_two_cpu_processes_share_the_dataset(small_cache: Path, tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Class order
+# ----------------------------------------------------------------------------------------------------------
+
+def test_a_model_trained_with_image_folder_on_numeric_folders_gets_its_classes(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """Folders 1, 2, 10: ImageFolder trains output 1 on folder "10"; the job must call output 1 "10" (a numeric
+    sort would call it "2" and score every image of two classes as wrong)."""
+    from torchvision.datasets import ImageFolder
+
+    from tests.helpers import train_tiny_cnn
+
+    data = tmp_path / "images"
+    make_image_folder(data, classes=("1", "2", "10"), per_class=8)
+    checkpoint = train_tiny_cnn(data, tmp_path / "tiny.pth", steps=80)
+    out = tmp_path / "cache"
+    code, err = run_inprocess(capsys, *explain_args(data, out, "--checkpoint", str(checkpoint)))
+    assert code == 0, err
+    cache = load(out)
+    assert cache.manifest["class_names"] == ["1", "10", "2"]
+    assert {name: i for i, name in enumerate(cache.manifest["class_names"])} == ImageFolder(str(data)).class_to_idx
+    table = cache.table
+    assert (table["label_name"] == table["path"].str.split("/").str[0]).all()
+    assert table["correct"].mean() >= 0.9, table[["path", "label_name", "pred_name"]]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------
 
