@@ -4,8 +4,10 @@ listed image into a model input plus its foreground at map size -- or into a rec
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -66,6 +68,31 @@ def class_order(names: set[str]) -> list[str]:
     return sorted(names)
 
 
+def read_text(path: Path, what: str) -> str:
+    """A text file the user gives (CSV manifest, --boxes, --classes) as UTF-8 (an optional BOM is dropped); a
+    DatasetError naming the line of the first byte that is not UTF-8, instead of a UnicodeDecodeError."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        offset = error.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw[:offset].count(b"\n") + 1
+        raise DatasetError(f"{what}: not UTF-8 text (byte 0x{raw[offset]:02x} on line {line}); save the file as "
+                           "UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _csv_rows(path: Path, what: str) -> csv.DictReader:
+    """A DictReader over a UTF-8 CSV file whose header names each column once (csv.DictReader would keep the
+    last of two same-named columns without a word)."""
+    reader = csv.DictReader(io.StringIO(read_text(path, what), newline=""))
+    columns = [name.strip() for name in reader.fieldnames or []]
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise DatasetError(f"{what}: column(s) {', '.join(repeated)} appear more than once in the header; keep "
+                           "one of each")
+    return reader
+
+
 def _relative_inside(root: Path, relative: str, what: str) -> str:
     path = PurePosixPath(relative.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or not path.parts:
@@ -114,33 +141,32 @@ def list_csv_manifest(manifest: Path) -> DatasetListing:
     """
     manifest = Path(manifest).resolve()
     root = manifest.parent
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
-        missing = {"path", "label"} - columns
-        if missing:
-            raise DatasetError(f"--data {manifest}: missing column(s) {', '.join(sorted(missing))} "
-                               "(expected path,label[,mask][,x0,y0,x1,y1])")
-        by_path: dict[str, Sample] = {}
-        for line, row in enumerate(reader, start=2):
-            where = f"{manifest.name} line {line}"
-            if not (row.get("path") or "").strip():
-                raise DatasetError(f"{where}: empty path")
-            relative = _relative_inside(root, row["path"].strip(), f"{where}: path")
-            label = (row.get("label") or "").strip()
-            if not label:
-                raise DatasetError(f"{where}: empty label")
-            mask = (row.get("mask") or "").strip() or None
-            if mask is not None:
-                mask = _relative_inside(root, mask, f"{where}: mask")
-            box = _parse_box(row, where)
-            sample = by_path.get(relative)
-            if sample is None:
-                sample = by_path[relative] = Sample(path=relative, label_name=label, mask=mask)
-            elif sample.label_name != label:
-                raise DatasetError(f"{where}: {relative} listed with labels {sample.label_name!r} and {label!r}")
-            if box is not None:
-                sample.boxes.append(box)
+    reader = _csv_rows(manifest, f"--data {manifest}")
+    columns = set(reader.fieldnames or [])
+    missing = {"path", "label"} - columns
+    if missing:
+        raise DatasetError(f"--data {manifest}: missing column(s) {', '.join(sorted(missing))} "
+                           "(expected path,label[,mask][,x0,y0,x1,y1])")
+    by_path: dict[str, Sample] = {}
+    for line, row in enumerate(reader, start=2):
+        where = f"{manifest.name} line {line}"
+        if not (row.get("path") or "").strip():
+            raise DatasetError(f"{where}: empty path")
+        relative = _relative_inside(root, row["path"].strip(), f"{where}: path")
+        label = (row.get("label") or "").strip()
+        if not label:
+            raise DatasetError(f"{where}: empty label")
+        mask = (row.get("mask") or "").strip() or None
+        if mask is not None:
+            mask = _relative_inside(root, mask, f"{where}: mask")
+        box = _parse_box(row, where)
+        sample = by_path.get(relative)
+        if sample is None:
+            sample = by_path[relative] = Sample(path=relative, label_name=label, mask=mask)
+        elif sample.label_name != label:
+            raise DatasetError(f"{where}: {relative} listed with labels {sample.label_name!r} and {label!r}")
+        if box is not None:
+            sample.boxes.append(box)
     if not by_path:
         raise DatasetError(f"--data {manifest}: the manifest lists no images")
     samples = sorted(by_path.values(), key=lambda s: s.path)
@@ -191,20 +217,19 @@ def attach_boxes(listing: DatasetListing, box_file: Path) -> None:
     for sample in listing.samples:
         sample.boxes = []
     matched = 0
-    with open(box_file, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"path", *BOX_COLUMNS} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"--boxes {box_file}: missing column(s) {', '.join(sorted(missing))} "
-                               "(expected path,x0,y0,x1,y1)")
-        for line, row in enumerate(reader, start=2):
-            where = f"{box_file.name} line {line}"
-            relative = _relative_inside(listing.root, (row.get("path") or "").strip(), f"{where}: path")
-            box = _parse_box(row, where)
-            sample = by_path.get(relative)
-            if sample is not None and box is not None:
-                sample.boxes.append(box)
-                matched += 1
+    reader = _csv_rows(box_file, f"--boxes {box_file}")
+    missing = {"path", *BOX_COLUMNS} - set(reader.fieldnames or [])
+    if missing:
+        raise DatasetError(f"--boxes {box_file}: missing column(s) {', '.join(sorted(missing))} "
+                           "(expected path,x0,y0,x1,y1)")
+    for line, row in enumerate(reader, start=2):
+        where = f"{box_file.name} line {line}"
+        relative = _relative_inside(listing.root, (row.get("path") or "").strip(), f"{where}: path")
+        box = _parse_box(row, where)
+        sample = by_path.get(relative)
+        if sample is not None and box is not None:
+            sample.boxes.append(box)
+            matched += 1
     if matched == 0:
         raise DatasetError(f"--boxes {box_file}: no row matches an image of the dataset "
                            f"(paths must be relative to {listing.root})")
