@@ -48,6 +48,10 @@ TMP_PREFIX = ".tmp-"
 COVERED_NAME = "shards.json"
 DAMAGED_DIR = "damaged"   # committed parts a resumed job found unreadable, moved here (kept) and redone
 LOCK_NAME = ".lock"       # the writer's lock (WriterLock); never deleted, see there
+# Results derived from a cache and kept in its directory (compare-methods, the dashboard's saved clusterings):
+# --overwrite removes them with the cache, and each records the cache_identity it was made from.
+TRUST_DIR = "trust"
+DASHBOARD_DIR = "dashboard"
 
 # Public per-image columns, in order, with their dtypes (docs/contracts.md).
 TABLE_SCHEMA = pa.schema([
@@ -136,6 +140,17 @@ def _parse_index(name: str, prefix: str) -> int | None:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_cache_id() -> str:
+    """A fresh cache's identity, stored in its manifest as `cache_id` (kept on resume, new on --overwrite)."""
+    return uuid.uuid4().hex
+
+
+def cache_identity(manifest: dict[str, Any]) -> str:
+    """Which cache a manifest describes: its `cache_id`, or for a cache made before cache ids, its `created`
+    stamp. A derived result stores this and is stale when the cache's differs."""
+    return str(manifest.get("cache_id") or f"created {manifest.get('created')}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,11 +511,13 @@ def _remove_atomically(path: Path) -> None:
 
 
 def wipe_cache_dir(root: Path) -> None:
-    """Remove the cache files of `root` (only names this module writes; other files are left alone)."""
+    """Remove the cache files of `root` and the results derived from them (only names this project writes;
+    other files are left alone)."""
     root = Path(root)
     for entry in os.scandir(root):
         name = entry.name
-        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR) or name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
+        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, TRUST_DIR, DASHBOARD_DIR) or \
+                name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
             path = Path(entry.path)
             shutil.rmtree(path) if entry.is_dir() and not entry.is_symlink() else path.unlink()
 
@@ -788,6 +805,11 @@ class Cache:
 
     def __len__(self) -> int:
         return len(self._view.ids)
+
+    @property
+    def identity(self) -> str:
+        """See `cache_identity`: results derived from this cache record it."""
+        return cache_identity(self.manifest)
 
     @property
     def map_size(self) -> int:

@@ -26,7 +26,8 @@ import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.cache import (COMPACT_PREFIX, DAMAGED_DIR, FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, SHARDS_DIR,
-                            TMP_PREFIX, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, load, now_iso)
+                            TMP_PREFIX, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, load, new_cache_id,
+                            now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
 from analysis.scores import all_scores, descriptors, resize_maps
@@ -465,7 +466,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
     }
     now = now_iso()
     manifest = {
-        "format_version": FORMAT_VERSION, "created": now, "updated": now, "finished": None,
+        "format_version": FORMAT_VERSION, "cache_id": new_cache_id(), "created": now, "updated": now,
+        "finished": None,
         "model": {"spec": _normalised_spec(args.model), "weights_sha256": loaded.weights_sha256,
                   "checkpoint": _absolute(args.checkpoint), "num_classes": outputs,
                   "preprocessing": preprocessing_fingerprint(loaded.transform, loaded.in_channels)},

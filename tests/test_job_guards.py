@@ -325,3 +325,32 @@ def test_a_read_only_out_fails_before_the_model_loads(images: Path, tmp_path: Pa
     assert f"--out {out}: cannot write in {folder}" in err and "choose a writable --out" in err
     assert not marker.exists()
     assert list(folder.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --overwrite removes what was derived from the old cache
+# ----------------------------------------------------------------------------------------------------------
+
+def test_overwrite_removes_the_old_caches_derived_results(small_cache: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from analysis import report
+    from analysis.clustering import ClusteringSettings
+    from tests.helpers import small_cache_arguments
+
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    code, _, err = run_main(capsys, "compare-methods", "--cache", str(copy), "--sample", "3", "--steps", "2",
+                            "--device", "cpu", "--quiet")
+    assert code == 0, err
+    old = load(copy)
+    report.cluster_cache(old, ClusteringSettings(embedding="spectral"))
+    assert list((copy / "trust").iterdir()) and list((copy / "dashboard").iterdir())
+    argv = small_cache_arguments(small_cache.parent)
+    argv[argv.index("--out") + 1] = str(copy)
+    argv[argv.index("--map-size") + 1] = "8"
+    code, _, err = run_main(capsys, *argv, "--overwrite")
+    assert code == 0, err
+    assert not (copy / "trust").exists() and not (copy / "dashboard").exists()
+    new = load(copy)
+    assert new.map_size == 8 and new.identity != old.identity
+    assert report.cache_state(new) != report.cache_state(old)  # a saved clustering is never taken for the new one

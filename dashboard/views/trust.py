@@ -71,11 +71,17 @@ def faithfulness_section(cache: Cache) -> None:
     directory = cache.root / compare.TRUST_DIR_NAME
     try:
         table, curves, meta = compare.trust_page_data(directory)
+        stale = compare.made_for_another_cache(meta, cache.manifest)
     except compare.ComparisonError as error:
         if (directory / compare.META_FILE).exists():
             st.warning(f"The method comparison cannot be read: {error}. Make it again with:")
         else:
             st.info(f"No method comparison for this cache yet (nothing in `{directory}`). Make one with:")
+        stale = ""
+    if stale is not None:
+        if stale:
+            st.warning(f"The method comparison in `{directory}` does not belong to this cache: {stale}. It is not "
+                       "shown; make it again with:")
         st.code(f"python -m analysis compare-methods --cache {cache.root}", language="bash")
         st.caption("It scores FG-CAM, FG-CAM denoised, the plain CAM, LRP and a random map on a sample of the "
                    "cache's images (--sample, default 100) and writes them to CACHE/trust/; reload this page "
