@@ -276,6 +276,8 @@ def _clusters_section(cache: Cache, result: clustering.ClusteringResult, options
              f'k = {result.n_clusters} (eigengap suggests {result.suggested_k}), {html.escape(settings.descriptor)}'
              ' descriptors. Clusters are ranked by suspicion: the mean of the share of relevance off the object, '
              'on the border, the error rate and how unlike its class\'s consensus the prototype is.</p>')
+    if result.note:
+        intro += f'<p class="meta">{html.escape(result.note)}</p>'
     table = summary[["rank", "cluster", "size", "accuracy", "majority_name", "class_mix", "background_share",
                      "border_share", "suspicion"]].assign(cluster=summary["cluster"].map(cluster_label))
     blocks = []

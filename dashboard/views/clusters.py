@@ -116,6 +116,11 @@ if scope_size < 3:
     st.stop()
 
 result = _clustering(cache, state, settings)
+if result.note:
+    st.info(result.note)
+if len(result.ids) < 3:
+    st.info(f"{len(result.ids)} image(s) left to cluster: too few. Choose another scope.")
+    st.stop()
 summary, prototypes = _summary(cache, state, settings)
 frame = result.frame().merge(table[["id", "label_name", "pred_name", "correct"]], on="id", how="left")
 
@@ -133,12 +138,16 @@ if sampled:
 # ------------------------------------------------------------------------------------------------ embedding
 left, right = st.columns([3, 2])
 with left:
-    st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}** of the explanations: drag a box or click points "
-                "(shift-click adds) to show them below; double-click clears.")
-    event = st.altair_chart(charts.cluster_scatter(frame), on_select="rerun", key="c_scatter",
-                            width="stretch")
-    common.chart_png_download("Embedding (PNG)", charts.cluster_scatter(frame, selectable=False),
-                              "cluster_embedding.png", "c_scatter_png")
+    if result.identical:  # every point at one place: no chart to select from
+        event = None
+        st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}**: none, every map of the scope is alike.")
+    else:
+        st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}** of the explanations: drag a box or click "
+                    "points (shift-click adds) to show them below; double-click clears.")
+        event = st.altair_chart(charts.cluster_scatter(frame), on_select="rerun", key="c_scatter",
+                                width="stretch")
+        common.chart_png_download("Embedding (PNG)", charts.cluster_scatter(frame, selectable=False),
+                                  "cluster_embedding.png", "c_scatter_png")
 with right:
     if len(result.eigenvalues):
         st.altair_chart(charts.eigenvalue_chart(result.eigenvalues, result.suggested_k), height=240,
