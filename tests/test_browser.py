@@ -88,3 +88,23 @@ def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
     report = files["Download HTML report"].read_text()
     assert report.startswith("<!DOCTYPE html>") and "<svg" in report and "data:image/png;base64," in report
     assert "<script src" not in report and 'src="http' not in report
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_bad_links_show_pages_not_tracebacks_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
+    """Links whose query parameters once put a traceback (with server paths) on the page, opened in a real browser
+    on a real server: each shows its page, no exception box, no "Traceback" or "Error" text, and the server
+    keeps serving."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
+    shots_module = screenshots_module()
+    links = {"mistakes_page": ("/mistakes?true=0&pred=0&mk_page=-3", "Mistakes"),
+             "image_opacity": ("/image?id=0&opacity=inf", None),
+             "background_threshold": ("/background?threshold=-inf&bg_page=0", "Background attention"),
+             "clusters_selection": ("/clusters?c_sel=ids:nan&c_gallery_page=-3", None),
+             "trust_run": ("/trust?st_run=1&st_q=nan&st_max=-1", "Trust")}
+    shots = [shots_module.PageShot(name, path, "", title) for name, (path, title) in links.items()]
+    log = tmp_path / "streamlit.log"
+    with shots_module.running_app(small_cache, log) as base:
+        found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False)
+    problems = {name: p for name, p in found.items() if p}
+    assert not problems, f"{problems}\nserver log:\n{log.read_text()[-3000:]}"

@@ -157,9 +157,15 @@ def test_trust_with_comparison_and_shortcut_test(monkeypatch: pytest.MonkeyPatch
     assert len(at.get("vega_lite_chart")) == 4  # deletion + insertion at two layers
     assert "No method comparison" not in texts(at)
 
-    # The shortcut test, from a link: images predicted as class 2, top 10% region.
+    # The shortcut test, from a link: images predicted as class 2, top 10% region. The link fills in the form; the
+    # test (a model load, up to 5,000 images) runs only on a click, even when the link says st_run=1.
     at.query_params.update({"st_run": "1", "st_by": "pred", "st_class": "2", "st_q": "10"})
     at.run()
+    assert not at.exception
+    assert "Accuracy before" not in {m.label for m in at.metric} and "press **Run the test**" in texts(at)
+    assert at.slider[0].value == 10.0 and at.radio[0].value == "pred" and at.selectbox[0].value == 2
+    assert "st_run" not in at.query_params
+    next(b for b in at.button if b.label == "Run the test").click().run()
     assert not at.exception
     n_pred = int((load(cache_copy).table["pred"] == 2).sum())
     assert f"{n_pred} images with predicted class fox, region: top 10%" in texts(at)
@@ -175,6 +181,8 @@ def test_trust_shortcut_test_without_the_model_warns(monkeypatch: pytest.MonkeyP
     manifest["model"]["checkpoint"] = str(cache_copy / "gone.pth")
     manifest_path.write_text(json.dumps(manifest))
     at = open_page(monkeypatch, cache_copy, "trust", st_run=1)
+    assert not any("cannot be loaded here" in w.value for w in at.warning)  # opening the page loads no model
+    next(b for b in at.button if b.label == "Run the test").click().run()
     warnings = [w.value for w in at.warning]
     assert any("cannot be loaded here" in w for w in warnings), warnings
 

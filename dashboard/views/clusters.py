@@ -61,13 +61,15 @@ def _selection_from_url(value: str | None, frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(0, np.int64)
     kind, _, numbers = value.partition(":")
     try:
-        parts = [float(v) for v in numbers.split(",") if v]
+        parts = [float(v) for v in numbers.split(",") if v.strip()]
     except ValueError:
+        return np.zeros(0, np.int64)
+    if not all(np.isfinite(parts)):  # nan, inf: no point is there (and int() of them raises)
         return np.zeros(0, np.int64)
     if kind == "box" and len(parts) == 4:
         return _in_box(frame, *parts)
     if kind == "ids":
-        return frame.loc[frame["id"].isin([int(p) for p in parts]), "id"].to_numpy(np.int64)
+        return frame.loc[frame["id"].isin([int(p) for p in parts if p == int(p)]), "id"].to_numpy(np.int64)
     return np.zeros(0, np.int64)
 
 
