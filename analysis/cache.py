@@ -486,8 +486,9 @@ def part_problem(path: Path, map_size: int, descriptor_size: int, ids: range | N
     n = table.num_rows
     true_rows = table.column("_true_row").to_numpy()
     expected = {"maps_pred.npy": (part.maps_pred, (n, map_size, map_size)),
-                "maps_true.npy": (part.maps_true, (int((true_rows >= 0).sum()), map_size, map_size)),
-                **{name: (part.descriptors[kind], (n, descriptor_size ** 2)) for kind, name in DESCRIPTOR_FILES.items()}}
+                "maps_true.npy": (part.maps_true, (int((true_rows >= 0).sum()), map_size, map_size))}
+    for kind, name in DESCRIPTOR_FILES.items():
+        expected[name] = (part.descriptors[kind], (n, descriptor_size ** 2))
     if part.foreground is not None:
         expected["foreground.npy"] = (part.foreground, (n, (map_size * map_size + 7) // 8))
     for name, (array, shape) in expected.items():

@@ -26,8 +26,8 @@ import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.cache import (COMPACT_PREFIX, DAMAGED_DIR, FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, SHARDS_DIR,
-                            TMP_PREFIX, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, load, new_cache_id,
-                            now_iso)
+                            TMP_PREFIX, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, load,
+                            new_cache_id, now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
 from analysis.scores import all_scores, descriptors, resize_maps

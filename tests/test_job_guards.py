@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.cache import LOCK_NAME, WriterLock, load
+from analysis.cache import load
 from tests.helpers import REPO_ROOT, TINY_MODEL_FILE, job_command, make_image_folder, run_main
 
 TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
@@ -102,6 +102,7 @@ def test_a_second_job_on_a_cache_being_written_is_refused_and_a_killed_one_block
 def test_torchrun_ranks_agree_when_the_cache_is_taken(images: Path, tmp_path: Path) -> None:
     """Another process holds --out: rank 0 is refused the lock and no rank starts (one message, from rank 0);
     nothing is written. (tests/test_job.py runs torchrun on a free --out: rank 1 writes under rank 0's lock.)"""
+    from analysis.cache import LOCK_NAME
     out = tmp_path / "cache"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom analysis.cache import WriterLock\n"
@@ -128,6 +129,8 @@ def test_torchrun_ranks_agree_when_the_cache_is_taken(images: Path, tmp_path: Pa
 
 
 def test_the_lock_is_refused_in_the_same_process_too_and_released(tmp_path: Path) -> None:
+    from analysis.cache import WriterLock
+
     first, second = WriterLock(tmp_path), WriterLock(tmp_path)
     first.acquire()
     with pytest.raises(Exception, match=rf"being written by another job \(pid {os.getpid()} on "):
@@ -185,13 +188,13 @@ def test_a_resume_with_an_edited_transform_is_refused(images: Path, tmp_path: Pa
     out = tmp_path / "cache"
     committed = killed_half_way(images, out, model=spec)
     stamp = (out / "manifest.json").read_text()
-    assert json.loads(stamp)["model"]["preprocessing"]["description"].startswith("Compose( Resize(size=(20, 20)")
 
     model_file.write_text(MODEL_FILE.format(last=edit))
     refused = run_job(images, out, model=spec)
     assert refused.returncode == 2 and one_line(refused.stderr), refused.stderr
     assert "different options (preprocessing" in refused.stderr and named in refused.stderr, refused.stderr
     assert (out / "manifest.json").read_text() == stamp
+    assert json.loads(stamp)["model"]["preprocessing"]["description"].startswith("Compose( Resize(size=(20, 20)")
     assert len(list((out / "shards").glob("shard-*"))) == committed
 
     model_file.write_text(MODEL_FILE.format(last=last))  # the transform it was made with: the resume goes on
