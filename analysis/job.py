@@ -25,9 +25,9 @@ import pandas as pd
 import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
-from analysis.cache import (COMPACT_PREFIX, DAMAGED_DIR, FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, SHARDS_DIR,
-                            TMP_PREFIX, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, load,
-                            new_cache_id, now_iso)
+from analysis.cache import (COMPACT_PREFIX, DAMAGED_DIR, DASHBOARD_DIR, FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME,
+                            SHARDS_DIR, TMP_PREFIX, TRUST_DIR, CacheError, CacheLocked, CacheWriter, ShardRecords,
+                            WriterLock, load, new_cache_id, now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
 from analysis.scores import all_scores, descriptors, resize_maps
@@ -398,7 +398,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
                 if not args.overwrite:
                     raise SetupError(f"{error}; use --overwrite to replace it") from None
         else:
-            foreign = [p.name for p in out.iterdir() if p.name not in (SHARDS_DIR, LOCK_NAME, DAMAGED_DIR)
+            ours = (SHARDS_DIR, LOCK_NAME, DAMAGED_DIR, TRUST_DIR, DASHBOARD_DIR)
+            foreign = [p.name for p in out.iterdir() if p.name not in ours
                        and not p.name.startswith((TMP_PREFIX, COMPACT_PREFIX))]
             if foreign:
                 raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "

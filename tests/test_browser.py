@@ -104,7 +104,8 @@ def test_bad_links_show_pages_not_tracebacks_in_a_browser(small_cache: Path, tmp
              "trust_run": ("/trust?st_run=1&st_q=nan&st_max=-1", "Trust")}
     shots = [shots_module.PageShot(name, path, "", title) for name, (path, title) in links.items()]
     log = tmp_path / "streamlit.log"
-    with shots_module.running_app(small_cache, log) as base:
+    cache = Path(shutil.copytree(small_cache, tmp_path / "cache"))  # the Clusters page saves its clustering there
+    with shots_module.running_app(cache, log) as base:
         found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False)
     problems = {name: p for name, p in found.items() if p}
     assert not problems, f"{problems}\nserver log:\n{log.read_text()[-3000:]}"
