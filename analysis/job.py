@@ -26,8 +26,8 @@ import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.cache import (COMPACT_PREFIX, DAMAGED_DIR, DASHBOARD_DIR, FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME,
-                            SHARDS_DIR, TMP_PREFIX, TRUST_DIR, CacheError, CacheLocked, CacheWriter, ShardRecords,
-                            WriterLock, load, new_cache_id, now_iso)
+                            SHARD_PREFIX, SHARDS_DIR, TMP_PREFIX, TRUST_DIR, CacheError, CacheLocked, CacheWriter,
+                            ShardRecords, WriterLock, load, new_cache_id, now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
 from analysis.scores import all_scores, descriptors, resize_maps
@@ -354,7 +354,7 @@ def _out_snapshot(out: Path) -> tuple:
     Compared again once the lock is held, in case another job wrote --out in between."""
     manifest = out / MANIFEST_NAME
     parts = out.is_dir() and (any(p.name.startswith(COMPACT_PREFIX) for p in out.iterdir()) or (
-        (out / SHARDS_DIR).is_dir() and any(p.name.startswith("shard-") for p in (out / SHARDS_DIR).iterdir())))
+        (out / SHARDS_DIR).is_dir() and any(p.name.startswith(SHARD_PREFIX) for p in (out / SHARDS_DIR).iterdir())))
     return (manifest.read_bytes() if manifest.is_file() else None, bool(parts))
 
 
