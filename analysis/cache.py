@@ -13,6 +13,8 @@ Layout of a cache directory::
         errors.parquet                id, path, reason of every image of the shard's range that was skipped
     DIR/compact-000001/               the same files for many shards at once, plus shards.json (covered shards)
     DIR/shards/.tmp-*                 a shard being written (ignored by readers, removed on the next run)
+    DIR/damaged/                      committed parts a resumed job could not read back (kept; their ids redone)
+    DIR/.lock                         the writer lock (WriterLock): one job writes a cache at a time
 
 Every shard and compaction is written under a temporary name, fsync'ed and renamed, so a reader (or a
 resumed job) only ever sees complete parts.  Maps are stored divided by their max |value| because input-level
@@ -21,9 +23,11 @@ relevance can be far below float16's smallest normal number; the float32 scale l
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,6 +46,12 @@ SHARD_PREFIX = "shard-"
 COMPACT_PREFIX = "compact-"
 TMP_PREFIX = ".tmp-"
 COVERED_NAME = "shards.json"
+DAMAGED_DIR = "damaged"   # committed parts a resumed job found unreadable, moved here (kept) and redone
+LOCK_NAME = ".lock"       # the writer's lock (WriterLock); never deleted, see there
+# Results derived from a cache and kept in its directory (compare-methods, the dashboard's saved clusterings):
+# --overwrite removes them with the cache, and each records the cache_identity it was made from.
+TRUST_DIR = "trust"
+DASHBOARD_DIR = "dashboard"
 
 # Public per-image columns, in order, with their dtypes (docs/contracts.md).
 TABLE_SCHEMA = pa.schema([
@@ -143,6 +153,17 @@ def _parse_index(name: str, prefix: str) -> int | None:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_cache_id() -> str:
+    """A fresh cache's identity, stored in its manifest as `cache_id` (kept on resume, new on --overwrite)."""
+    return uuid.uuid4().hex
+
+
+def cache_identity(manifest: dict[str, Any]) -> str:
+    """Which cache a manifest describes: its `cache_id`, or for a cache made before cache ids, its `created`
+    stamp. A derived result stores this and is stale when the cache's differs."""
+    return str(manifest.get("cache_id") or f"created {manifest.get('created')}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,6 +269,67 @@ def _errors_table(errors: pd.DataFrame | None) -> pa.Table:
     }, schema=ERRORS_SCHEMA)
 
 
+class CacheLocked(CacheError):
+    """Another process holds the cache's writer lock (the message names it)."""
+
+
+class WriterLock:
+    """The right to write one cache directory, held by one process at a time: an flock(2) on DIR/.lock.
+
+    The kernel drops an flock when its process ends, however it ends (kill -9 included), so a dead job never
+    blocks the next one and there is no stale lock to clean up. The file records who holds it (pid, host, start
+    time) for the message a second job gets. It is never deleted: deleting a lock file while another process
+    waits on it would let two processes hold "the" lock on two different files. (flock works across the hosts
+    of an NFS v4 mount on Linux, where it is emulated with POSIX locks.)
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.path = self.root / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock or raise CacheLocked at once (never waits); creates the directory if needed."""
+        if self._fd is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise CacheLocked(f"{self.root} is being written by another job ({self.holder()}); wait for it to "
+                              "finish (then run this command again to resume), or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()}).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def holder(self) -> str:
+        """Who holds the lock, as the lock file says (it is written right after the lock is taken)."""
+        for _ in range(20):
+            try:
+                info = json.loads(self.path.read_text(encoding="utf-8") or "null")
+            except (OSError, ValueError):
+                info = None
+            if isinstance(info, dict):
+                return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}"
+            time.sleep(0.05)  # taken a moment ago, its holder not written yet
+        return "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class CacheWriter:
     """Writes committed shards, the manifest and compactions into one cache directory.
 
@@ -332,6 +414,35 @@ class CacheWriter:
             raise
         return final
 
+    def set_aside_damaged_parts(self, map_size: int, descriptor_size: int,
+                                shard_size: int) -> list[tuple[str, str, Path]]:
+        """Check that every committed part reads back whole; move each damaged one into DIR/damaged/ so that
+        the job explains its images again. Returns (part, what is wrong, where it went) per moved part.
+
+        The commit protocol never leaves a half-written part, so damage comes from outside (a disk error, an
+        interrupted copy, a hand edit). Moving it aside costs one shard of work and no decision from the user,
+        keeps the bytes for a look, and lets the resume finish; the alternative, stopping and asking the user
+        to delete it, would stop an unattended resume for something the job can mend itself. Call only while
+        no other process writes the cache (the job holds the cache's lock).
+        """
+        parts = []
+        compaction = _latest_compaction(self.root)
+        if compaction is not None:
+            parts.append((compaction, None))
+        parts += [(path, range(index * shard_size, (index + 1) * shard_size))
+                  for index, path in sorted(_list_shards(self.shards_dir).items())]
+        moved = []
+        for path, ids in parts:
+            problem = part_problem(path, map_size, descriptor_size, ids)
+            if problem is None:
+                continue
+            target = self.root / DAMAGED_DIR / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
+            target.parent.mkdir(exist_ok=True)
+            os.rename(path, target)
+            _fsync_path(path.parent)
+            moved.append((path.name, problem, target))
+        return moved
+
     # -- compaction ------------------------------------------------------------------------------------
     def compact(self, chunk_rows: int = 4096) -> Path | None:
         """Merge the current compaction and all committed shards into one new compaction, then delete them.
@@ -373,6 +484,38 @@ class CacheWriter:
         return final
 
 
+def part_problem(path: Path, map_size: int, descriptor_size: int, ids: range | None = None) -> str | None:
+    """What keeps a committed shard or compaction from being read back whole (None: nothing): a missing or
+    unreadable file, arrays whose rows or sizes disagree with the table and the cache's options, ids outside
+    the shard's range."""
+    try:
+        table = pq.read_table(path / "table.parquet", schema=STORED_SCHEMA)
+        pq.read_table(path / "errors.parquet", schema=ERRORS_SCHEMA)
+        part = _Part.open(path)
+        if path.name.startswith(COMPACT_PREFIX):
+            _read_covered(path)
+    except FileNotFoundError as error:
+        return f"{Path(error.filename or '?').name} is missing"
+    except (OSError, ValueError, pa.ArrowException, CacheError) as error:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    n = table.num_rows
+    true_rows = table.column("_true_row").to_numpy()
+    expected = {"maps_pred.npy": (part.maps_pred, (n, map_size, map_size)),
+                "maps_true.npy": (part.maps_true, (int((true_rows >= 0).sum()), map_size, map_size))}
+    for kind, name in DESCRIPTOR_FILES.items():
+        expected[name] = (part.descriptors[kind], (n, descriptor_size ** 2))
+    if part.foreground is not None:
+        expected["foreground.npy"] = (part.foreground, (n, (map_size * map_size + 7) // 8))
+    for name, (array, shape) in expected.items():
+        if tuple(array.shape) != shape:
+            return f"{name} has shape {tuple(array.shape)}, the table and options need {shape}"
+    if ids is not None and n:
+        id_values = table.column("id").to_numpy()
+        if id_values.min() < ids.start or id_values.max() >= ids.stop:
+            return f"it holds image ids outside its range {ids.start}..{ids.stop - 1}"
+    return None
+
+
 def _remove_atomically(path: Path) -> None:
     """Rename to a temporary name, then delete: a reader sees the whole part or none of it, never half."""
     doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}.{uuid.uuid4().hex[:8]}")
@@ -384,11 +527,13 @@ def _remove_atomically(path: Path) -> None:
 
 
 def wipe_cache_dir(root: Path) -> None:
-    """Remove the cache files of `root` (only names this module writes; other files are left alone)."""
+    """Remove the cache files of `root` and the results derived from them (only names this project writes;
+    other files are left alone)."""
     root = Path(root)
     for entry in os.scandir(root):
         name = entry.name
-        if name in (MANIFEST_NAME, SHARDS_DIR) or name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
+        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, TRUST_DIR, DASHBOARD_DIR) or \
+                name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
             path = Path(entry.path)
             shutil.rmtree(path) if entry.is_dir() and not entry.is_symlink() else path.unlink()
 
@@ -687,6 +832,11 @@ class Cache:
 
     def __len__(self) -> int:
         return len(self._view.ids)
+
+    @property
+    def identity(self) -> str:
+        """See `cache_identity`: results derived from this cache record it."""
+        return cache_identity(self.manifest)
 
     @property
     def map_size(self) -> int:

@@ -65,6 +65,28 @@ def scope_ids(table: pd.DataFrame, scope: str, class_index: int | None = None) -
 # Graph, eigengap, clustering, embedding
 # ----------------------------------------------------------------------------------------------------------
 
+def checked_descriptors(x: np.ndarray) -> np.ndarray:
+    """float64 [n, P] descriptors, or ValueError when they hold NaN or inf: every path below checks its input
+    with this before any native code (scikit-learn, ARPACK) sees it."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"descriptors must be a 2-D array [n, P], not of shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("descriptors hold NaN or inf")
+    return x
+
+
+def all_identical(x: np.ndarray) -> bool:
+    """True when no two rows differ by more than float32 rounding (1e-6 of the largest value), e.g. every map
+    of a scope without positive relevance (the uniform descriptor). Such a set has one cluster and no
+    embedding; t-SNE's PCA start divides by its zero spread and crashes scikit-learn's native code."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape[0] < 2:
+        return True
+    scale = float(np.abs(x).max())
+    return scale == 0.0 or float(np.ptp(x, axis=0).max()) <= 1e-6 * scale
+
+
 def effective_neighbours(n_points: int, n_neighbors: int) -> int:
     return int(max(1, min(n_neighbors, n_points - 1)))
 
@@ -73,7 +95,7 @@ def knn_affinity(x: np.ndarray, n_neighbors: int = 10) -> sparse.csr_matrix:
     """Symmetric 0/1 k-nearest-neighbour graph (Euclidean; i~j if either is among the other's k nearest)."""
     from sklearn.neighbors import NearestNeighbors
 
-    x = np.asarray(x, dtype=np.float64)
+    x = checked_descriptors(x)
     n = x.shape[0]
     if n < 2:
         return sparse.csr_matrix((n, n))
@@ -136,9 +158,12 @@ def eigengap(x: np.ndarray, n_neighbors: int = 10, max_k: int = 12) -> Eigengap:
 
     The suggestion lies in [2, max_k] (one cluster is no clustering); with fewer than 3 points it is 1.
     """
-    n = np.asarray(x).shape[0]
+    x = checked_descriptors(x)
+    n = x.shape[0]
     if n < 3:
         return Eigengap(suggested_k=max(n, 1) if n else 1, eigenvalues=np.zeros(min(n, 1), np.float64))
+    if all_identical(x):
+        return Eigengap(suggested_k=1, eigenvalues=np.zeros(1, np.float64))
     affinity = knn_affinity(x, n_neighbors).astype(np.float64)
     count = min(max_k + 1, n)
     # The spectrum of a graph is the union of the spectra of its connected components. Solving per component
@@ -159,6 +184,11 @@ def eigengap(x: np.ndarray, n_neighbors: int = 10, max_k: int = 12) -> Eigengap:
     return Eigengap(suggested_k=best, eigenvalues=values)
 
 
+def distinct_rows(x: np.ndarray) -> int:
+    """The number of different rows (exact duplicates counted once)."""
+    return int(np.unique(np.asarray(x), axis=0).shape[0]) if len(x) else 0
+
+
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:
     """Renumber clusters 0, 1, ... from largest to smallest (ties by old label); -1 (noise) stays -1."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -176,13 +206,15 @@ def cluster_labels(x: np.ndarray, algorithm: str, n_clusters: int, n_neighbors: 
     """Cluster descriptors -> labels (0 = largest cluster; -1 = noise, only HDBSCAN)."""
     from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans, SpectralClustering
 
-    x = np.asarray(x, dtype=np.float64)
+    x = checked_descriptors(x)
     n = x.shape[0]
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
     if n == 0:
         return np.zeros(0, np.int64)
-    k = int(max(1, min(n_clusters, n)))
+    if all_identical(x):
+        return np.zeros(n, np.int64)
+    k = int(max(1, min(n_clusters, distinct_rows(x))))  # k-means cannot find more groups than distinct points
     if algorithm != "hdbscan" and (k == 1 or n < 3):
         return np.zeros(n, np.int64)
     with warnings.catch_warnings():
@@ -209,12 +241,14 @@ def embed_2d(x: np.ndarray, method: str = "tsne", n_neighbors: int = 10, seed: i
     graph. Fewer than 4 points are laid out on a line (neither method is defined there)."""
     from sklearn.manifold import TSNE, SpectralEmbedding
 
-    x = np.asarray(x, dtype=np.float64)
+    x = checked_descriptors(x)
     n = x.shape[0]
     if method not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, not {method!r}")
     if n < 4:
         return np.column_stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)])
+    if all_identical(x):  # nothing to lay out: every point at the origin (t-SNE would crash, see all_identical)
+        return np.zeros((n, 2), np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         if method == "tsne":
@@ -349,6 +383,8 @@ class ClusteringResult:
     n_clusters: int              # the k used (for HDBSCAN: the number it found)
     scope_size: int              # images in the scope before sampling
     settings: ClusteringSettings = field(default_factory=ClusteringSettings)
+    note: str = ""               # what the page should say about the input (identical maps, rows left out)
+    identical: bool = False      # every map alike: one cluster, no embedding (all points at the origin)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({"id": self.ids, "cluster": self.labels,
@@ -361,14 +397,31 @@ def run_clustering(ids: np.ndarray, descriptors: np.ndarray, settings: Clusterin
     settings.validate()
     ids = np.asarray(ids, dtype=np.int64)
     x = np.asarray(descriptors, dtype=np.float32)
+    scope_size = int(scope_size if scope_size is not None else len(ids))
+    notes = []
+    finite = np.isfinite(x).all(axis=1) if x.ndim == 2 else np.zeros(len(ids), bool)
+    if not finite.all():  # a damaged row: its descriptor says nothing, the others still cluster
+        notes.append(f"{int((~finite).sum()):,} image(s) left out: their maps hold NaN or inf.")
+        ids, x = ids[finite], x[finite]
+    if len(ids) >= 2 and all_identical(x):
+        notes.append(f"All {len(ids):,} maps of this scope give the same descriptor (no positive relevance "
+                     "anywhere, e.g. a weak model or --denoise on a CAM layer with fewer than 10 channels): one "
+                     "cluster, nothing to embed.")
+        return ClusteringResult(ids=ids, labels=np.zeros(len(ids), np.int64), embedding=np.zeros((len(ids), 2),
+                                np.float32), eigenvalues=np.zeros(0), suggested_k=1, n_clusters=1,
+                                scope_size=scope_size, settings=settings, note=" ".join(notes), identical=True)
     gap = eigengap(x, settings.n_neighbors)
     k = settings.n_clusters or gap.suggested_k
+    distinct = distinct_rows(x)
+    if 0 < distinct < k:
+        notes.append(f"Only {distinct} different maps: {distinct} clusters instead of {k}.")
+        k = distinct
     labels = cluster_labels(x, settings.algorithm, k, settings.n_neighbors, settings.seed)
     found = int(len(set(labels[labels >= 0].tolist())))
     coords = embed_2d(x, settings.embedding, settings.n_neighbors, settings.seed)
     return ClusteringResult(ids=ids, labels=labels, embedding=coords, eigenvalues=gap.eigenvalues,
                             suggested_k=gap.suggested_k, n_clusters=found if settings.algorithm == "hdbscan" else k,
-                            scope_size=int(scope_size if scope_size is not None else len(ids)), settings=settings)
+                            scope_size=scope_size, settings=settings, note=" ".join(notes))
 
 
 def save_result(path: Path, result: ClusteringResult) -> None:
@@ -381,6 +434,8 @@ def save_result(path: Path, result: ClusteringResult) -> None:
         "n_clusters": int(result.n_clusters),
         "scope_size": int(result.scope_size),
         "settings": asdict(result.settings),
+        "note": result.note,
+        "identical": bool(result.identical),
     }
     table = pa.Table.from_pandas(result.frame(), preserve_index=False)
     table = table.replace_schema_metadata({b"fgcam_clustering": json.dumps(meta).encode()})
@@ -403,6 +458,7 @@ def load_result(path: Path) -> ClusteringResult | None:
             embedding=frame[["x", "y"]].to_numpy(np.float32),
             eigenvalues=np.asarray(meta["eigenvalues"], np.float64), suggested_k=int(meta["suggested_k"]),
             n_clusters=int(meta["n_clusters"]), scope_size=int(meta["scope_size"]),
-            settings=ClusteringSettings(**meta["settings"]))
+            settings=ClusteringSettings(**meta["settings"]), note=str(meta.get("note", "")),
+            identical=bool(meta.get("identical", False)))
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
         return None

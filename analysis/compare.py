@@ -29,6 +29,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from analysis.cache import TRUST_DIR, cache_identity
 from analysis.cli_types import positive_float as _positive_float, positive_int as _positive_int
 from analysis.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
                                    deletion_insertion_curves, forward_passes_per_image)
@@ -48,7 +50,7 @@ HELP = ("faithfulness of FG-CAM vs. its denoised variant, the plain CAM, LRP and
 METHODS = ("fgcam", "fgcam_denoised", "cam", "lrp", "random")
 BASE_LABELS = {"gradcam": "Grad-CAM", "scorecam": "Score-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
                "layercam": "LayerCAM"}
-TRUST_DIR_NAME = "trust"            # compare-methods --cache DIR writes DIR/trust/ (the Trust page reads it)
+TRUST_DIR_NAME = TRUST_DIR          # compare-methods --cache DIR writes DIR/trust/ (the Trust page reads it)
 FORMAT_VERSION = 1
 META_FILE, TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE = ("comparison.json", "table.parquet", "curves.parquet",
                                                       "per_image.parquet")
@@ -306,6 +308,26 @@ def read_comparison(directory: Path) -> MethodComparison:
     return MethodComparison(table=frames[0], curves=frames[1], per_image=frames[2], meta=meta)
 
 
+def made_for_another_cache(meta: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+    """Why a comparison does not belong to the cache of `manifest` (None: it does, or it cannot be told).
+
+    A comparison made with --cache records the cache's identity (analysis.cache.cache_identity); one made
+    before identities were recorded is stale when it is older than the cache."""
+    recorded = meta.get("cache_identity")
+    if recorded is not None:
+        if recorded != cache_identity(manifest):
+            return f"it was made {meta.get('created', '?')} for another cache (one this directory held before)"
+        return None
+    try:
+        made = datetime.strptime(str(meta.get("created")), "%Y-%m-%dT%H:%M:%S%z")
+        created = datetime.strptime(str(manifest.get("created")), "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return None
+    if made < created:
+        return f"it was made {meta['created']}, before this cache ({manifest['created']})"
+    return None
+
+
 def trust_page_data(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """(table, mean curves, meta) of the comparison in `directory` (e.g. CACHE/trust), for the Trust page."""
     comparison = read_comparison(directory)
@@ -401,6 +423,7 @@ class _Population:
     relative: list[str]          # paths as the table shows them
     description: str
     model_spec: str | None
+    cache_identity: str | None = None  # with --cache: which cache (analysis.cache.cache_identity)
 
 
 def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
@@ -419,7 +442,7 @@ def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
         ids = cache.ids
         table = cache.table
         population = _Population([cache.image_path(int(i)) for i in ids], ids, table["path"].tolist(),
-                                 f"cache {args.cache}", cache.manifest.get("model", {}).get("spec"))
+                                 f"cache {args.cache}", cache.manifest.get("model", {}).get("spec"), cache.identity)
         return population, model_from_manifest(cache.manifest)
     if args.model is None:
         raise ValueError("--data needs --model (or use --cache CACHE for a cache's images and model)")
@@ -490,7 +513,8 @@ def run(args: argparse.Namespace) -> int:
                                             chosen[comparison.per_image["image"].to_numpy()]])
     comparison.meta.update({
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": population.description,
-        "model": population.model_spec, "sample": args.sample, "device": str(device),
+        "model": population.model_spec, "cache_identity": population.cache_identity, "sample": args.sample,
+        "device": str(device),
         "skipped": [{"path": population.relative[positions[p]], "reason": r} for p, r in errors],
         "forward_passes": passes, "seconds": round(time.perf_counter() - started, 1),
         "options": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()

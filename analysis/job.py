@@ -11,6 +11,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,13 +25,14 @@ import pandas as pd
 import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
-from analysis.cache import (BOX_COLUMNS, FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, SIZE_COLUMNS, CacheError,
-                            CacheWriter, ShardRecords, load, now_iso)
+from analysis.cache import (BOX_COLUMNS, COMPACT_PREFIX, DAMAGED_DIR, DASHBOARD_DIR, FORMAT_VERSION, LOCK_NAME,
+                            MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR, SIZE_COLUMNS, TMP_PREFIX, TRUST_DIR, CacheError,
+                            CacheLocked, CacheWriter, ShardRecords, WriterLock, load, new_cache_id, now_iso)
 from analysis.faithfulness import cost_note, faithfulness_scores
-from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
+from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model, preprocessing_fingerprint
 from analysis.scores import all_scores, descriptors, resize_maps
 from data.datasets import (Batch, DatasetError, DatasetListing, ExplainDataset, attach_boxes, attach_masks,
-                           collate_items, evenly_spaced, list_dataset, load_image, to_model_mode)
+                           collate_items, evenly_spaced, list_dataset, load_image, read_text, to_model_mode)
 
 COMMAND = "explain"
 HELP = "explain a labelled dataset into a resumable cache (the dashboard's input)"
@@ -123,17 +125,34 @@ class Ranks:
         except ValueError:
             raise SetupError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
 
-    def barrier(self) -> None:
-        if self.world_size == 1:
-            return
+    def _group(self) -> Any:
         import torch.distributed as dist
 
         if not self.initialised:
-            # gloo on CPU is enough: the ranks only ever wait for each other, they exchange no tensors.
+            # gloo on CPU is enough: the ranks only wait for each other and agree on go / no-go, no tensors.
             # A long timeout: rank 0 waits at the end for the slowest rank to finish its shards.
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=timedelta(days=7))
             self.initialised = True
-        dist.barrier()
+        return dist
+
+    def barrier(self) -> None:
+        if self.world_size == 1:
+            return
+        self._group().barrier()
+
+    def agree(self, problem: str | None) -> str | None:
+        """Go / no-go of every rank before any work: None when no rank has a problem, else the first problem
+        (another rank's prefixed with it), the same text on every rank. Without this a rank whose set-up
+        failed would leave the others waiting at the next barrier, or writing a cache the job has no right
+        to write."""
+        if self.world_size == 1:
+            return problem
+        verdicts: list[str | None] = [None] * self.world_size
+        self._group().all_gather_object(verdicts, problem)
+        for rank, verdict in enumerate(verdicts):
+            if verdict is not None:
+                return verdict if rank == 0 else f"rank {rank}: {verdict}"
+        return None
 
     def close(self) -> None:
         if self.initialised:
@@ -167,6 +186,7 @@ class JobPlan:
     existing: bool                    # an identical cache exists: resume it
     wipe: bool                        # --overwrite on an existing cache
     quiet: bool
+    seen: tuple                       # what --out held when the plan was made (_out_snapshot)
 
     @property
     def n_shards(self) -> int:
@@ -213,7 +233,11 @@ def _class_mapping(listing: DatasetListing, loaded: LoadedModel, classes_file: P
     if classes_file is not None:
         if not classes_file.is_file():
             raise SetupError(f"--classes {classes_file}: no such file")
-        names = [line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = read_text(classes_file, f"--classes {classes_file}")
+        except DatasetError as error:
+            raise SetupError(str(error)) from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(set(names)) != len(names):
             raise SetupError(f"--classes {classes_file}: a class name appears twice")
         missing = sorted(set(listing.label_names) - set(names))
@@ -291,7 +315,8 @@ def _geometry_record(loaded: LoadedModel, listing: DatasetListing) -> dict[str, 
 def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
     """The parts of a manifest that must match for a resume."""
     options = {k: v for k, v in manifest.get("options", {}).items() if k not in RUNTIME_OPTIONS}
-    model = {k: manifest.get("model", {}).get(k) for k in ("spec", "weights_sha256", "checkpoint", "num_classes")}
+    model = {k: manifest.get("model", {}).get(k) for k in ("spec", "weights_sha256", "checkpoint", "num_classes",
+                                                           "preprocessing")}
     dataset = {k: manifest.get("dataset", {}).get(k) for k in ("root", "fingerprint", "n_images")}
     return {"options": options, "model": model, "dataset": dataset, "class_names": manifest.get("class_names")}
 
@@ -306,7 +331,9 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in sorted(set(a[section]) | set(b[section])):
             if a[section].get(key) != b[section].get(key):
                 label = names.get(f"{section}.{key}", "--" + key.replace("_", "-"))
-                if label == "dataset files" or label == "model weights":
+                if key == "preprocessing" and section == "model":
+                    diffs.append(_preprocessing_difference(a[section].get(key), b[section].get(key)))
+                elif label == "dataset files" or label == "model weights":
                     diffs.append(label)
                 else:
                     diffs.append(f"{label} {a[section].get(key)!r} -> {b[section].get(key)!r}")
@@ -315,8 +342,55 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
+def _preprocessing_difference(old: dict[str, str] | None, new: dict[str, str]) -> str:
+    """How the model's preprocessing changed, in words: the part of the descriptions that differs, with some
+    context (a whole torchvision Compose would not fit one line)."""
+    if not old:
+        return "preprocessing (not recorded in this cache: made by an older version of the job)"
+    before, after = str(old.get("description", "?")), str(new["description"])
+    if before == after:
+        shown = after if len(after) <= 120 else after[:117] + "..."
+        return (f"preprocessing output (same description {shown}, but other pixels on a probe image: the "
+                "transform's code changed)")
+    prefix = len(os.path.commonprefix([before, after]))
+    suffix = len(os.path.commonprefix([before[prefix:][::-1], after[prefix:][::-1]]))
+
+    def changed(text: str, context: int = 40) -> str:
+        start, stop = max(0, prefix - context), min(len(text), len(text) - suffix + context)
+        return ("..." if start else "") + text[start:stop] + ("..." if stop < len(text) else "")
+
+    return f"preprocessing {changed(before)} -> {changed(after)}"
+
+
+def _out_snapshot(out: Path) -> tuple:
+    """What --out holds that the plan depends on: the manifest's bytes, and whether there are committed parts.
+    Compared again once the lock is held, in case another job wrote --out in between."""
+    manifest = out / MANIFEST_NAME
+    parts = out.is_dir() and (any(p.name.startswith(COMPACT_PREFIX) for p in out.iterdir()) or (
+        (out / SHARDS_DIR).is_dir() and any(p.name.startswith(SHARD_PREFIX) for p in (out / SHARDS_DIR).iterdir())))
+    return (manifest.read_bytes() if manifest.is_file() else None, bool(parts))
+
+
 def _absolute(path: Path | None) -> str | None:
     return None if path is None else str(path.resolve())
+
+
+def _check_writable(out: Path) -> None:
+    """--out (or the folder it will be made in) takes new files: tried with a probe file, because permission
+    bits do not tell (root ignores them; a read-only mount or an immutable folder refuses root too)."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    for target in (folder, folder / SHARDS_DIR):
+        if target != folder and not target.is_dir():
+            continue
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".tmp-write-probe-", dir=target)
+            os.close(handle)
+            Path(probe).unlink(missing_ok=True)  # (a running job's clean-up may have taken it already)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise SetupError(f"--out {out}: cannot write in {target} ({reason}); choose a writable --out") from None
 
 
 def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
@@ -326,6 +400,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise SetupError(f"--out {out}: exists and is not a directory")
+    _check_writable(out)  # before the model loads: a read-only --out must not cost the user a model load
     existing_manifest = None
     if out.is_dir():
         manifest_path = out / MANIFEST_NAME
@@ -336,11 +411,17 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
                 if not args.overwrite:
                     raise SetupError(f"{error}; use --overwrite to replace it") from None
         else:
-            foreign = [p.name for p in out.iterdir() if p.name != SHARDS_DIR and not p.name.startswith(".tmp-")
-                       and not p.name.startswith("compact-")]
+            ours = (SHARDS_DIR, LOCK_NAME, DAMAGED_DIR, TRUST_DIR, DASHBOARD_DIR)
+            foreign = [p.name for p in out.iterdir() if p.name not in ours
+                       and not p.name.startswith((TMP_PREFIX, COMPACT_PREFIX))]
             if foreign:
                 raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "
                                  "choose a new or empty directory")
+            if _out_snapshot(out)[1] and not args.overwrite:
+                raise SetupError(f"--out {out} holds explanation shards but no {MANIFEST_NAME}, so nobody knows "
+                                 "which options made them and they cannot be resumed; use --overwrite to remove "
+                                 "them, or another --out")
+    seen = _out_snapshot(out)
 
     for option, path in (("--masks", args.masks), ("--boxes", args.boxes), ("--classes", args.classes),
                          ("--checkpoint", args.checkpoint)):
@@ -399,9 +480,11 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
     }
     now = now_iso()
     manifest = {
-        "format_version": FORMAT_VERSION, "created": now, "updated": now, "finished": None,
+        "format_version": FORMAT_VERSION, "cache_id": new_cache_id(), "created": now, "updated": now,
+        "finished": None,
         "model": {"spec": _normalised_spec(args.model), "weights_sha256": loaded.weights_sha256,
-                  "checkpoint": _absolute(args.checkpoint), "num_classes": outputs},
+                  "checkpoint": _absolute(args.checkpoint), "num_classes": outputs,
+                  "preprocessing": preprocessing_fingerprint(loaded.transform, loaded.in_channels)},
         "dataset": {"root": str(listing.root), "kind": listing.kind, "fingerprint": listing.fingerprint(),
                     "n_images": len(listing.samples), "n_listed": listed,
                     "foreground": listing.has_foreground},
@@ -423,7 +506,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
                    descriptor_size=args.descriptor_size, faithfulness_steps=args.faithfulness,
                    shard_size=shard_size, batch_size=args.batch_size,
                    workers=args.workers, manifest=manifest, existing=existing,
-                   wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet)
+                   wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet, seen=seen)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -559,8 +642,9 @@ def _commit(writer: CacheWriter, shard: int, records: ShardRecords) -> None:
     try:
         writer.write_shard(shard, records)
     except FileExistsError:
-        # Another job on the same --out (same options: the manifest check guarantees it) committed this shard
-        # first; its rows are the same, keeping one copy keeps the cache free of duplicates.
+        # Cannot happen while the job holds the cache's lock and the ranks take disjoint shards; should it
+        # anyway, the shard was made with the same options (checked under the lock), so keeping the first copy
+        # keeps the cache free of duplicates.
         print(f"shard {shard} was committed by another process; kept that copy", file=sys.stderr)
 
 
@@ -627,19 +711,66 @@ def _finish(plan: JobPlan, writer: CacheWriter) -> dict[str, Any]:
     return manifest
 
 
+def _take_the_cache(plan: JobPlan) -> WriterLock:
+    """Rank 0: the cache's writer lock, before anything is written; then --out must still hold what the plan
+    was made from (another job may have written it while this one loaded its model)."""
+    lock = WriterLock(plan.out)
+    try:
+        lock.acquire()
+    except CacheLocked as error:
+        raise SetupError(f"--out {error}") from None
+    except OSError as error:
+        raise SetupError(f"--out {plan.out}: cannot take the writer lock ({error.strerror or error})") from None
+    if _out_snapshot(plan.out) != plan.seen:
+        lock.release()
+        raise SetupError(f"--out {plan.out} was changed by another job while this one was starting; run the "
+                         "command again")
+    return lock
+
+
 def run(args: argparse.Namespace) -> int:
     """The `explain` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
     try:
         ranks = Ranks.from_environment()
-        plan = prepare(args, ranks)
     except SetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # Every rank validates on its own, then all agree; rank 0 then takes the cache's lock for the whole job
+    # (the other ranks write their shards under it), and all agree again: no rank starts alone.
+    plan, lock, problem = None, None, None
+    try:
+        plan = prepare(args, ranks)
+    except SetupError as error:
+        problem = str(error)
+    problem = ranks.agree(problem)
+    if problem is None and ranks.rank == 0:
+        try:
+            lock = _take_the_cache(plan)
+        except SetupError as error:
+            problem = str(error)
+    problem = ranks.agree(problem)
+    if problem is not None:
+        if ranks.rank == 0:
+            print(f"error: {problem}", file=sys.stderr)
+        ranks.close()
+        return 2
+    try:
+        return _run_locked(plan, ranks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
     writer = CacheWriter(plan.out)
     if ranks.rank == 0:
         writer.initialise(wipe=plan.wipe)
         writer.remove_stale_temporaries()
         if plan.existing:
+            for part, problem, target in writer.set_aside_damaged_parts(plan.map_size, plan.descriptor_size,
+                                                                        plan.shard_size):
+                print(f"warning: {part} of the cache cannot be read ({problem}); moved to {target}, its images are "
+                      "explained again", file=sys.stderr)
             manifest = writer.read_manifest() or plan.manifest
             manifest["updated"] = now_iso()
             manifest["options"] = plan.manifest["options"]

@@ -15,7 +15,9 @@ import argparse
 import hashlib
 import importlib
 import importlib.util
+import pickle
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -163,10 +165,22 @@ def _load_checkpoint(model: nn.Module, checkpoint: Path) -> None:
     if not checkpoint.is_file():
         raise ModelSpecError(f"--checkpoint {checkpoint}: no such file")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelSpecError(f"--checkpoint {checkpoint}: cannot load a state dict ({first})") from None
+        with warnings.catch_warnings():  # the safe unpickler warns about pickle protocols, in several lines
+            warnings.simplefilter("ignore")
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message advises weights_only=False, which runs whatever code the file holds: never that.
+        if "Unsupported global" in str(error):
+            raise ModelSpecError(f"--checkpoint {checkpoint}: holds pickled Python objects besides tensors (a whole "
+                                 "model?), not a state dict; save torch.save(model.state_dict(), PATH) where the "
+                                 "model is trusted, or build the model in a file.py:callable") from None
+        raise ModelSpecError(f"--checkpoint {checkpoint}: not a state dict torch can read (not a torch.save file, "
+                             "or damaged)") from None
+    except EOFError:
+        raise ModelSpecError(f"--checkpoint {checkpoint}: empty or truncated, not a state dict") from None
+    except Exception:  # RuntimeError of a zip that is no torch file, KeyError of text, ...: no useful detail
+        raise ModelSpecError(f"--checkpoint {checkpoint}: not a state dict torch can read (not a torch.save file, "
+                             "or damaged)") from None
     # Common wrappers: {"state_dict": ...} / {"model": ...}, and DDP's "module." prefixes.
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -227,6 +241,47 @@ def weights_sha256(model: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+PROBE_SIZE = (96, 64)   # width, height of the probe image: not square, so a crop or an aspect change shows
+
+
+def _probe_image() -> Any:
+    """A fixed RGB image with gradients and a fine pattern: any change of resize, crop or values shows in its
+    preprocessed pixels."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = PROBE_SIZE
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + 2 * y) * 37 % 256], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def describe_transform(transform: Any) -> str:
+    """The transform's repr on one line, without memory addresses (a lambda's or a plain object's repr names
+    one, which differs between runs)."""
+    import re
+
+    return " ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)).split())
+
+
+def preprocessing_fingerprint(transform: Callable[[Any], Tensor], channels: int) -> dict[str, str]:
+    """What the preprocessing is, for the manifest: its description and the sha256 of its output on a fixed
+    probe image (rounded to 1e-4, so that arithmetic noise does not count; shape included). Two
+    preprocessings with the same fingerprint turn an image into the same model input, whatever their code
+    looks like; editing the transform of a file.py:callable between a run and its resume changes it."""
+    import numpy as np
+
+    from data.datasets import to_model_mode
+
+    try:
+        output = transform(to_model_mode(_probe_image(), channels))
+        values = np.round(np.asarray(torch.as_tensor(output).detach().cpu(), dtype=np.float64), 4) + 0.0  # no -0.0
+        digest = hashlib.sha256(f"{values.shape}".encode() + values.tobytes()).hexdigest()
+    except Exception as error:  # the dry run reports a failing transform; here it only has to be told apart
+        digest = f"fails on the probe image: {type(error).__name__}"
+    return {"description": describe_transform(transform), "probe_sha256": digest}
 
 
 def load_model(spec: str, weights: str | None = None, checkpoint: Path | None = None,

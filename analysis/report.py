@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import charts, clustering, explore, overlay
-from analysis.cache import Cache, CacheError
+from analysis.cache import DASHBOARD_DIR, Cache, CacheError
 
-RESULTS_DIR_NAME = "dashboard"        # clustering results are saved in CACHE/dashboard/
+RESULTS_DIR_NAME = DASHBOARD_DIR      # clustering results are saved in CACHE/dashboard/
 SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration",
                  "deletion_auc", "insertion_auc")
 TILE = 112                            # pixels of one image tile in the report
@@ -30,8 +30,9 @@ TILE = 112                            # pixels of one image tile in the report
 # ----------------------------------------------------------------------------------------------------------
 
 def cache_state(cache: Cache) -> str:
-    """Identifies what the cache holds, so a saved clustering of an older state is not reused."""
-    return f"{cache.manifest.get('updated', '')}|{len(cache)}|{cache.manifest.get('finished', '')}"
+    """Identifies what the cache holds, so a saved clustering of another cache in the same directory (before an
+    --overwrite) or of an older state of this one is never reused."""
+    return f"{cache.identity}|{cache.manifest.get('updated', '')}|{len(cache)}|{cache.manifest.get('finished', '')}"
 
 
 def result_path(cache: Cache, settings: clustering.ClusteringSettings) -> Path:
@@ -325,6 +326,8 @@ def _clusters_section(cache: Cache, result: clustering.ClusteringResult, options
              f'k = {result.n_clusters} (eigengap suggests {result.suggested_k}), {html.escape(settings.descriptor)}'
              ' descriptors. Clusters are ranked by suspicion: the mean of the share of relevance off the object, '
              'on the border, the error rate and how unlike its class\'s consensus the prototype is.</p>')
+    if result.note:
+        intro += f'<p class="meta">{html.escape(result.note)}</p>'
     table = summary[["rank", "cluster", "size", "accuracy", "majority_name", "class_mix", "background_share",
                      "border_share", "suspicion"]].assign(cluster=summary["cluster"].map(cluster_label))
     blocks = []

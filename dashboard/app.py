@@ -25,6 +25,7 @@ PAGES = [  # (file, title, url path, icon); adding a page is one line here
 ]
 
 st.set_page_config(page_title="FG-CAM explanations", page_icon=":material/center_focus_strong:", layout="wide")
+st.set_option("client.showErrorDetails", "none")  # behind common.run_guarded: no stack trace ever reaches a page
 cache, problem = common.open_cache_or_problem()
 if cache is None:
     navigation = st.navigation([st.Page(common.no_cache_page, title="No cache", url_path="no-cache", default=True)])
@@ -33,4 +34,4 @@ else:
     navigation = st.navigation([st.Page(here / file, title=title, url_path=url, icon=icon, default=i == 0)
                                 for i, (file, title, url, icon) in enumerate(PAGES) if (here / file).exists()])
     common.sidebar_summary(cache)
-navigation.run()
+common.run_guarded(navigation.run)

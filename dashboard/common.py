@@ -5,8 +5,11 @@ Streamlit lives here and in the pages only; the computations are in `analysis`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,18 +96,57 @@ def sidebar_summary(cache: Cache) -> None:
             st.warning("The job has not finished: this view shows the shards committed so far. Reload to update.")
 
 
+# ------------------------------------------------------------------------------------------------ errors
+_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:)?[\\/][^'"]*\1""")
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\\/\s'\"]+)+[\\/]?")
+
+
+def without_paths(text: str) -> str:
+    """`text` with absolute file paths replaced by "<path>" (a page must never show the server's file layout)."""
+    return _PATH.sub("<path>", _QUOTED_PATH.sub(r"\1<path>\1", text))
+
+
+def run_guarded(run: Callable[[], Any]) -> None:
+    """Run a page; an error nobody expected shows one message instead of a stack trace (and no server path), and
+    its traceback goes to the server's log. The last resort: pages check their inputs themselves."""
+    try:
+        run()
+    except Exception as error:  # st.stop() and reruns are BaseExceptions: they pass through
+        traceback.print_exc()
+        detail = without_paths(str(error).strip().splitlines()[0]) if str(error).strip() else ""
+        st.error(f"This page hit an unexpected problem ({type(error).__name__}{': ' + detail if detail else ''}). "
+                 "Change the settings or reload the page; the server's log has the details.",
+                 icon=":material/error:")
+
+
 # ------------------------------------------------------------------------------------------------ URL state
-def query_value(name: str, default: Any, cast: Callable[[str], Any] = str, choices: Sequence | None = None) -> Any:
-    """A view setting from the URL (?name=value), falling back to ``default`` when absent or invalid."""
+def query_value(name: str, default: Any, cast: Callable[[str], Any] = str, choices: Sequence | None = None,
+                low: float | None = None, high: float | None = None) -> Any:
+    """A view setting from the URL (?name=value): ``cast``, checked and clamped to [low, high]; ``default`` when
+    absent or unusable (does not cast, NaN or infinite, not one of ``choices``).
+
+    The one place pages read the URL, so that whatever a link holds, a widget gets a value it accepts (a
+    number_input or slider given a value outside its range raises, and the page would show a traceback).
+    """
     raw = st.query_params.get(name)
     if raw is None:
         return default
     try:
-        value = cast(raw)
-    except (TypeError, ValueError):
+        value = cast(raw.strip())
+    except (TypeError, ValueError, OverflowError):
         return default
-    if choices is not None and value not in choices:
+    if isinstance(value, float) and not math.isfinite(value):
         return default
+    if choices is not None:
+        try:
+            if value not in choices:
+                return default
+        except TypeError:
+            return default
+    if low is not None and value < low:
+        value = type(value)(low)
+    if high is not None and value > high:
+        value = type(value)(high)
     return value
 
 
@@ -146,7 +188,7 @@ def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int]
     page = 1
     if pages > 1:
         page = int(st.number_input(f"Page (of {pages}, {len(ids):,} images)", 1, pages,
-                                   value=min(query_value(f"{key}_page", 1, int), pages), key=f"{key}_page"))
+                                   value=query_value(f"{key}_page", 1, int, low=1, high=pages), key=f"{key}_page"))
         set_query(**{f"{key}_page": page if page > 1 else None})
     shown = ids[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
     tiles = tiles_for(cache, shown, kind=kind, which=which, **render)

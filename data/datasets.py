@@ -5,8 +5,10 @@ and its foreground at map size in the model's frame -- or into a recorded error,
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -46,7 +48,7 @@ class DatasetListing:
     root: Path                          # absolute dataset root (ImageFolder root, or the manifest's folder)
     kind: str                           # "imagefolder" or "csv"
     samples: list[Sample]               # sorted by path: the index is the image id
-    label_names: list[str]              # distinct labels, sorted (numerically when all are integers)
+    label_names: list[str]              # class names, index = model output: sorted as strings (class_order)
     mask_root: Path | None = None       # where Sample.mask paths live
     has_foreground: bool = False        # a foreground source was given (masks or boxes)
 
@@ -58,10 +60,36 @@ class DatasetListing:
         return digest.hexdigest()
 
 
-def _sort_labels(names: set[str]) -> list[str]:
-    if names and all(name.lstrip("-").isdigit() for name in names):
-        return sorted(names, key=int)
+def class_order(names: set[str]) -> list[str]:
+    """Class names in model-output order: torchvision's ImageFolder order, a plain sort of the names as strings
+    (code points: "10" before "2", "B" before "a", "é" after "z"), so a model trained with ImageFolder has its
+    outputs named right. A numeric sort would give folders 0..10 other labels than the model was trained with."""
     return sorted(names)
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file the user gives (CSV manifest, --boxes, --classes) as UTF-8 (an optional BOM is dropped); a
+    DatasetError naming the line of the first byte that is not UTF-8, instead of a UnicodeDecodeError."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        offset = error.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw[:offset].count(b"\n") + 1
+        raise DatasetError(f"{what}: not UTF-8 text (byte 0x{raw[offset]:02x} on line {line}); save the file as "
+                           "UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _csv_rows(path: Path, what: str) -> csv.DictReader:
+    """A DictReader over a UTF-8 CSV file whose header names each column once (csv.DictReader would keep the
+    last of two same-named columns without a word)."""
+    reader = csv.DictReader(io.StringIO(read_text(path, what), newline=""))
+    columns = [name.strip() for name in reader.fieldnames or []]
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise DatasetError(f"{what}: column(s) {', '.join(repeated)} appear more than once in the header; keep "
+                           "one of each")
+    return reader
 
 
 def _relative_inside(root: Path, relative: str, what: str) -> str:
@@ -73,9 +101,13 @@ def _relative_inside(root: Path, relative: str, what: str) -> str:
 
 
 def list_image_folder(root: Path) -> DatasetListing:
-    """root/<class>/**/<image>: every file with an image extension, sorted by relative path."""
+    """root/<class>/**/<image>: every file with an image extension, sorted by relative path.
+
+    The classes are the class folders, as torchvision's ImageFolder finds them (with allow_empty=True): every
+    folder is a class, an empty one too, so output i is the i-th folder whatever the split holds. Hidden
+    folders (.name) are not classes (ImageFolder counts them)."""
     root = Path(root).resolve()
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_order({p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")})
     if not classes:
         raise DatasetError(f"--data {root}: no class folders (expected root/<class>/<image>)")
     samples = []
@@ -87,8 +119,7 @@ def list_image_folder(root: Path) -> DatasetListing:
     if not samples:
         raise DatasetError(f"--data {root}: no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     samples.sort(key=lambda s: s.path)
-    used = {s.label_name for s in samples}
-    return DatasetListing(root=root, kind="imagefolder", samples=samples, label_names=_sort_labels(used))
+    return DatasetListing(root=root, kind="imagefolder", samples=samples, label_names=classes)
 
 
 def _parse_box(row: dict[str, str], where: str) -> Box | None:
@@ -109,40 +140,39 @@ def list_csv_manifest(manifest: Path) -> DatasetListing:
     """
     manifest = Path(manifest).resolve()
     root = manifest.parent
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
-        missing = {"path", "label"} - columns
-        if missing:
-            raise DatasetError(f"--data {manifest}: missing column(s) {', '.join(sorted(missing))} "
-                               "(expected path,label[,mask][,x0,y0,x1,y1])")
-        by_path: dict[str, Sample] = {}
-        for line, row in enumerate(reader, start=2):
-            where = f"{manifest.name} line {line}"
-            if not (row.get("path") or "").strip():
-                raise DatasetError(f"{where}: empty path")
-            relative = _relative_inside(root, row["path"].strip(), f"{where}: path")
-            label = (row.get("label") or "").strip()
-            if not label:
-                raise DatasetError(f"{where}: empty label")
-            mask = (row.get("mask") or "").strip() or None
-            if mask is not None:
-                mask = _relative_inside(root, mask, f"{where}: mask")
-            box = _parse_box(row, where)
-            sample = by_path.get(relative)
-            if sample is None:
-                sample = by_path[relative] = Sample(path=relative, label_name=label, mask=mask)
-            elif sample.label_name != label:
-                raise DatasetError(f"{where}: {relative} listed with labels {sample.label_name!r} and {label!r}")
-            if box is not None:
-                sample.boxes.append(box)
+    reader = _csv_rows(manifest, f"--data {manifest}")
+    columns = set(reader.fieldnames or [])
+    missing = {"path", "label"} - columns
+    if missing:
+        raise DatasetError(f"--data {manifest}: missing column(s) {', '.join(sorted(missing))} "
+                           "(expected path,label[,mask][,x0,y0,x1,y1])")
+    by_path: dict[str, Sample] = {}
+    for line, row in enumerate(reader, start=2):
+        where = f"{manifest.name} line {line}"
+        if not (row.get("path") or "").strip():
+            raise DatasetError(f"{where}: empty path")
+        relative = _relative_inside(root, row["path"].strip(), f"{where}: path")
+        label = (row.get("label") or "").strip()
+        if not label:
+            raise DatasetError(f"{where}: empty label")
+        mask = (row.get("mask") or "").strip() or None
+        if mask is not None:
+            mask = _relative_inside(root, mask, f"{where}: mask")
+        box = _parse_box(row, where)
+        sample = by_path.get(relative)
+        if sample is None:
+            sample = by_path[relative] = Sample(path=relative, label_name=label, mask=mask)
+        elif sample.label_name != label:
+            raise DatasetError(f"{where}: {relative} listed with labels {sample.label_name!r} and {label!r}")
+        if box is not None:
+            sample.boxes.append(box)
     if not by_path:
         raise DatasetError(f"--data {manifest}: the manifest lists no images")
     samples = sorted(by_path.values(), key=lambda s: s.path)
     has_masks = any(s.mask for s in samples)
     has_boxes = any(s.boxes for s in samples)
     return DatasetListing(root=root, kind="csv", samples=samples,
-                          label_names=_sort_labels({s.label_name for s in samples}),
+                          label_names=class_order({s.label_name for s in samples}),
                           mask_root=root if has_masks else None, has_foreground=has_masks or has_boxes)
 
 
@@ -186,20 +216,19 @@ def attach_boxes(listing: DatasetListing, box_file: Path) -> None:
     for sample in listing.samples:
         sample.boxes = []
     matched = 0
-    with open(box_file, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"path", *BOX_COLUMNS} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"--boxes {box_file}: missing column(s) {', '.join(sorted(missing))} "
-                               "(expected path,x0,y0,x1,y1)")
-        for line, row in enumerate(reader, start=2):
-            where = f"{box_file.name} line {line}"
-            relative = _relative_inside(listing.root, (row.get("path") or "").strip(), f"{where}: path")
-            box = _parse_box(row, where)
-            sample = by_path.get(relative)
-            if sample is not None and box is not None:
-                sample.boxes.append(box)
-                matched += 1
+    reader = _csv_rows(box_file, f"--boxes {box_file}")
+    missing = {"path", *BOX_COLUMNS} - set(reader.fieldnames or [])
+    if missing:
+        raise DatasetError(f"--boxes {box_file}: missing column(s) {', '.join(sorted(missing))} "
+                           "(expected path,x0,y0,x1,y1)")
+    for line, row in enumerate(reader, start=2):
+        where = f"{box_file.name} line {line}"
+        relative = _relative_inside(listing.root, (row.get("path") or "").strip(), f"{where}: path")
+        box = _parse_box(row, where)
+        sample = by_path.get(relative)
+        if sample is not None and box is not None:
+            sample.boxes.append(box)
+            matched += 1
     if matched == 0:
         raise DatasetError(f"--boxes {box_file}: no row matches an image of the dataset "
                            f"(paths must be relative to {listing.root})")

@@ -124,3 +124,24 @@ def test_photos_keep_their_aspect_ratio_in_a_browser(photo_cache: Path, tmp_path
     assert all(w == h for w, h in sizes["photo_image"][3:])
     # Gallery: one tile per photo, all the same square size whatever the photo's shape.
     assert len(sizes["photo_gallery"]) == 3 and set(sizes["photo_gallery"]) == {(160, 160)}, sizes["photo_gallery"]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_bad_links_show_pages_not_tracebacks_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
+    """Links whose query parameters once put a traceback (with server paths) on the page, opened in a real browser
+    on a real server: each shows its page, no exception box, no "Traceback" or "Error" text, and the server
+    keeps serving."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
+    shots_module = screenshots_module()
+    links = {"mistakes_page": ("/mistakes?true=0&pred=0&mk_page=-3", "Mistakes"),
+             "image_opacity": ("/image?id=0&opacity=inf", None),
+             "background_threshold": ("/background?threshold=-inf&bg_page=0", "Background attention"),
+             "clusters_selection": ("/clusters?c_sel=ids:nan&c_gallery_page=-3", None),
+             "trust_run": ("/trust?st_run=1&st_q=nan&st_max=-1", "Trust")}
+    shots = [shots_module.PageShot(name, path, "", title) for name, (path, title) in links.items()]
+    log = tmp_path / "streamlit.log"
+    cache = Path(shutil.copytree(small_cache, tmp_path / "cache"))  # the Clusters page saves its clustering there
+    with shots_module.running_app(cache, log) as base:
+        found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False)
+    problems = {name: p for name, p in found.items() if p}
+    assert not problems, f"{problems}\nserver log:\n{log.read_text()[-3000:]}"

@@ -170,3 +170,69 @@ def test_connect_components_adds_one_weak_edge_per_extra_component():
     added = (joined - graph).toarray()
     np.testing.assert_array_equal(added, added.T)
     assert np.count_nonzero(added) == 4 and set(np.unique(added)) == {0.0, 0.01}
+
+
+# ---------------------------------------------------------------------------------------- degenerate input
+DEGENERATE_SCRIPT = r'''
+import json, sys
+import numpy as np
+from analysis import clustering
+
+out = {}
+uniform = np.full((40, 16), 1 / 16, np.float32)       # the descriptor of every map without positive relevance
+zeros = np.zeros((40, 16), np.float32)
+jitter = uniform + np.float32(1e-9) * np.random.default_rng(0).standard_normal(uniform.shape).astype(np.float32)
+for name, x in {"uniform": uniform, "zeros": zeros, "float32_jitter": jitter}.items():
+    for algorithm in clustering.ALGORITHMS:
+        for embedding in clustering.EMBEDDINGS:
+            settings = clustering.ClusteringSettings(algorithm=algorithm, embedding=embedding, n_clusters=4)
+            r = clustering.run_clustering(np.arange(40), x, settings)
+            out[f"{name}/{algorithm}/{embedding}"] = [r.n_clusters, sorted(set(r.labels.tolist())), r.identical,
+                                                     r.note, float(np.abs(r.embedding).max())]
+    out[f"{name}/embed_2d"] = float(np.abs(clustering.embed_2d(x, "tsne")).max())
+    out[f"{name}/cluster_labels"] = sorted(set(clustering.cluster_labels(x, "kmeans", 4).tolist()))
+    out[f"{name}/eigengap"] = clustering.eigengap(x).suggested_k
+print(json.dumps(out))
+'''
+
+
+def test_identical_or_zero_descriptors_give_one_cluster_and_a_message_never_a_crash():
+    """t-SNE on identical points crashed scikit-learn's native code (SIGSEGV), taking the process with it: run in
+    a child process, so that a regression fails this test instead of killing the test run."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    done = subprocess.run([sys.executable, "-c", DEGENERATE_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    results = json.loads(done.stdout)
+    for key, value in results.items():
+        if key.endswith("/embed_2d"):
+            assert value == 0.0, key                       # every point at the origin
+        elif key.endswith("/cluster_labels"):
+            assert value == [0], key
+        elif key.endswith("/eigengap"):
+            assert value == 1, key
+        else:
+            n_clusters, labels, identical, note, spread = value
+            assert n_clusters == 1 and labels == [0] and identical and spread == 0.0, (key, value)
+            assert note.startswith("All 40 maps of this scope give the same descriptor"), (key, note)
+
+
+def test_non_finite_descriptors_are_left_out_or_refused_and_k_is_capped_by_distinct_maps():
+    x, _ = _blobs(3, per=10)
+    x[[2, 5]] = np.nan
+    result = clustering.run_clustering(np.arange(30), x, clustering.ClusteringSettings(n_clusters=3))
+    assert len(result.ids) == 28 and 2 not in result.ids and 5 not in result.ids and result.scope_size == 30
+    assert result.note.startswith("2 image(s) left out: their maps hold NaN or inf.")
+    for call in (lambda: clustering.embed_2d(x), lambda: clustering.cluster_labels(x, "kmeans", 3),
+                 lambda: clustering.eigengap(x), lambda: clustering.knn_affinity(x)):
+        with pytest.raises(ValueError, match="descriptors hold NaN or inf"):
+            call()
+    three = np.repeat(np.eye(16, dtype=np.float32)[:3], 8, axis=0)  # 24 maps, 3 different ones
+    result = clustering.run_clustering(np.arange(24), three, clustering.ClusteringSettings(n_clusters=6))
+    assert result.n_clusters == 3 and sorted(set(result.labels.tolist())) == [0, 1, 2]
+    assert result.note == "Only 3 different maps: 3 clusters instead of 6."

@@ -153,3 +153,70 @@ def test_image_page_by_url_and_widget(monkeypatch, small_cache):
 def test_image_page_unknown_id(monkeypatch, small_cache):
     at = _app(monkeypatch, small_cache, "image", {"id": "987654"})
     assert "no explained image with id 987654" in at.warning[0].value
+
+
+# ------------------------------------------------------------------------------------------------ degenerate
+PAGES_SCRIPT = r'''
+import json, sys
+from streamlit.testing.v1 import AppTest
+from analysis import report
+from analysis.cache import load
+
+app, pages, out = sys.argv[1], sys.argv[2].split(","), {}
+for page in pages:
+    at = AppTest.from_file(app, default_timeout=300)
+    at.run()
+    at.switch_page(f"views/{page}.py")
+    at.run()
+    out[page] = {"exceptions": [e.value for e in at.exception], "titles": [t.value for t in at.title],
+                 "info": [i.value for i in at.info], "metrics": {m.label: m.value for m in at.metric},
+                 "charts": len(at.get("vega_lite_chart"))}
+html = report.build_report(load(sys.argv[3]))
+out["report"] = {"length": len(html), "note": "give the same descriptor" in html}
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def flat_cache(small_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real cache whose maps are all empty: the README's own case, --denoise on a CAM layer with fewer than 10
+    channels (the tiny CNN has 8: the denoising rank is 0), so every descriptor is the same uniform one."""
+    from analysis.__main__ import main
+    from tests.helpers import small_cache_arguments
+
+    out = tmp_path_factory.mktemp("flat") / "cache"
+    argv = small_cache_arguments(small_cache.parent)
+    argv[argv.index("--out") + 1] = str(out)
+    assert main([*argv, "--denoise"]) == 0
+    return out
+
+
+def test_every_page_and_the_report_survive_a_cache_without_relevance(flat_cache: Path) -> None:
+    """Every page and the HTML report on the flat cache, in a child process (scikit-learn's t-SNE crashed with
+    SIGSEGV on such a cache, taking the whole Streamlit server down): no exception, and the Clusters page shows
+    one cluster and says why."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    cache = load(flat_cache)
+    descriptors = cache.descriptors()
+    assert np.allclose(descriptors, descriptors[0]) and np.allclose(cache.maps(cache.ids), 0)
+    pages = ["overview", "clusters", "background", "per_class", "mistakes", "image", "trust"]
+    done = subprocess.run([sys.executable, "-c", PAGES_SCRIPT, APP, ",".join(pages), str(flat_cache)],
+                          cwd=Path(APP).parents[1], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "FGCAM_CACHE": str(flat_cache),
+                               "PYTHONPATH": str(Path(APP).parents[1])})
+    assert done.returncode == 0, f"exit {done.returncode} (a native crash is -11): {done.stderr[-3000:]}"
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for page in pages:
+        assert results[page]["exceptions"] == [], (page, results[page]["exceptions"])
+        assert results[page]["titles"], page
+    clusters = results["clusters"]
+    assert clusters["metrics"]["Clusters"] == "1" and clusters["metrics"]["Images clustered"] == "24"
+    assert any("All 24 maps of this scope give the same descriptor" in i for i in clusters["info"]), clusters
+    assert clusters["charts"] == 0  # no embedding and no eigenvalues to draw
+    assert results["report"]["note"] and results["report"]["length"] > 1000

@@ -157,9 +157,15 @@ def test_trust_with_comparison_and_shortcut_test(monkeypatch: pytest.MonkeyPatch
     assert len(at.get("vega_lite_chart")) == 4  # deletion + insertion at two layers
     assert "No method comparison" not in texts(at)
 
-    # The shortcut test, from a link: images predicted as class 2, top 10% region.
+    # The shortcut test, from a link: images predicted as class 2, top 10% region. The link fills in the form; the
+    # test (a model load, up to 5,000 images) runs only on a click, even when the link says st_run=1.
     at.query_params.update({"st_run": "1", "st_by": "pred", "st_class": "2", "st_q": "10"})
     at.run()
+    assert not at.exception
+    assert "Accuracy before" not in {m.label for m in at.metric} and "press **Run the test**" in texts(at)
+    assert at.slider[0].value == 10.0 and at.radio[0].value == "pred" and at.selectbox[0].value == 2
+    assert "st_run" not in at.query_params
+    next(b for b in at.button if b.label == "Run the test").click().run()
     assert not at.exception
     n_pred = int((load(cache_copy).table["pred"] == 2).sum())
     assert f"{n_pred} images with predicted class fox, region: top 10%" in texts(at)
@@ -175,5 +181,40 @@ def test_trust_shortcut_test_without_the_model_warns(monkeypatch: pytest.MonkeyP
     manifest["model"]["checkpoint"] = str(cache_copy / "gone.pth")
     manifest_path.write_text(json.dumps(manifest))
     at = open_page(monkeypatch, cache_copy, "trust", st_run=1)
+    assert not any("cannot be loaded here" in w.value for w in at.warning)  # opening the page loads no model
+    next(b for b in at.button if b.label == "Run the test").click().run()
     warnings = [w.value for w in at.warning]
     assert any("cannot be loaded here" in w for w in warnings), warnings
+
+
+def test_trust_does_not_show_another_caches_comparison(monkeypatch: pytest.MonkeyPatch, cache_copy: Path,
+                                                       small_cache: Path, tmp_path: Path) -> None:
+    """A comparison left beside a cache it was not made for (a directory synced over an old one, or an --overwrite
+    by an older version, which kept trust/) is named stale and not shown; so is one older than the cache."""
+    from tests.helpers import small_cache_arguments
+
+    done = subprocess.run([sys.executable, "-m", "analysis", "compare-methods", "--cache", str(cache_copy),
+                           "--sample", "4", "--steps", "2", "--device", "cpu", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((cache_copy / "trust" / "comparison.json").read_text())
+    assert meta["cache_identity"] == load(cache_copy).identity
+    other = tmp_path / "other"
+    argv = small_cache_arguments(small_cache.parent)
+    argv[argv.index("--out") + 1] = str(other)
+    done = subprocess.run([sys.executable, "-m", "analysis", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    shutil.copytree(cache_copy / "trust", other / "trust")
+    at = open_page(monkeypatch, other, "trust")
+    assert "does not belong to this cache: it was made" in texts(at) and "for another cache" in texts(at)
+    assert not at.dataframe and at.code[0].value == f"python -m analysis compare-methods --cache {other}"
+    # The comparison's own cache still shows it.
+    at = open_page(monkeypatch, cache_copy, "trust")
+    assert at.dataframe and "does not belong" not in texts(at)
+    # A comparison from before identities were recorded: stale when it is older than the cache.
+    meta.pop("cache_identity")
+    meta["created"] = "2001-01-01T00:00:00+0000"
+    (other / "trust" / "comparison.json").write_text(json.dumps(meta))
+    at = open_page(monkeypatch, other, "trust")
+    assert "it was made 2001-01-01T00:00:00+0000, before this cache" in texts(at) and not at.dataframe

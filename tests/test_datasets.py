@@ -74,9 +74,48 @@ def test_bad_csv_manifests(tmp_path: Path, content: str, message: str) -> None:
         list_dataset(tmp_path / "m.csv")
 
 
-def test_integer_labels_sort_numerically(tmp_path: Path) -> None:
-    (tmp_path / "m.csv").write_text("path,label\na.png,10\nb.png,9\nc.png,1\n")
-    assert list_dataset(tmp_path / "m.csv").label_names == ["1", "9", "10"]
+CLASS_ORDER_CASES = {
+    "numeric": [str(i) for i in range(11)],                      # ImageFolder: 0, 1, 10, 2, ... (not 0..10)
+    "mixed_case": ["apple", "Banana", "cherry", "Date", "elder", "FIG"],
+    "non_ascii": ["zebra", "éclair", "Ångström", "apple", "Zürich", "ß", "日本", "10", "9"],
+}
+
+
+@pytest.mark.parametrize("case", list(CLASS_ORDER_CASES))
+def test_class_order_is_torchvision_image_folders_for_folders_and_csv(tmp_path: Path, case: str) -> None:
+    """Output i of a model trained with ImageFolder is the i-th class folder in ImageFolder's order: the job must
+    name the outputs the same way, for a folder tree and for the same labels in a CSV manifest."""
+    from torchvision.datasets import ImageFolder
+
+    names = CLASS_ORDER_CASES[case]
+    root = tmp_path / "images"
+    rows = ["path,label"]
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(root / name / "x.png")
+        rows.append(f"{name}/x.png,{name}")
+    expected = ImageFolder(str(root)).class_to_idx
+    listing = list_dataset(root)
+    assert {name: i for i, name in enumerate(listing.label_names)} == expected
+    (root / "list.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert {name: i for i, name in enumerate(list_dataset(root / "list.csv").label_names)} == expected
+    if case == "numeric":
+        assert listing.label_names[:4] == ["0", "1", "10", "2"]
+
+
+def test_an_empty_class_folder_keeps_its_output_index(tmp_path: Path) -> None:
+    """A split without images of one class still has the class: the next classes keep their indices, as with
+    ImageFolder(allow_empty=True); a hidden folder is no class."""
+    from torchvision.datasets import ImageFolder
+
+    make_image_folder(tmp_path, per_class=1)
+    (tmp_path / "cow").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    listing = list_dataset(tmp_path)
+    assert listing.label_names == ["cat", "cow", "dog", "fox"]
+    (tmp_path / ".ipynb_checkpoints").rmdir()
+    assert ImageFolder(str(tmp_path), allow_empty=True).class_to_idx == {n: i for i, n in
+                                                                         enumerate(listing.label_names)}
 
 
 def test_attach_masks_and_boxes(tmp_path: Path) -> None:

@@ -148,8 +148,13 @@ def test_command_line_on_a_cache(small_cache: Path, tmp_path: Path, capsys: pyte
     assert frame["id"].tolist() == cat_ids and frame["path"].str.startswith("cat/").all()
     assert {"pred_prototype", "pred_random", "pred_object_only", "pred_background_only"} <= set(frame.columns)
     assert frame["probability_before"].between(0, 1).all() and frame["probability_prototype"].between(0, 1).all()
-    # "before" is the model now: it matches the cache's stored predictions.
-    assert frame["pred_before"].tolist() == cache.table.set_index("id").loc[cat_ids, "pred"].tolist()
+    # "before" is the model now: it matches the cache's stored predictions (other batches: a near-tie of the two
+    # best probabilities may fall either way, so those rows are left out; they must be few).
+    stored = cache.table.set_index("id").loc[cat_ids]
+    top = np.stack(stored["top5_probs"])
+    decisive = top[:, 0] - top[:, 1] > 1e-4
+    assert decisive.sum() >= len(cat_ids) - 1
+    assert frame["pred_before"][decisive].tolist() == stored["pred"][decisive].tolist()
     per_class = pd.read_csv(tmp_path / "cat_per_class.csv")
     assert per_class["class"].tolist() == ["cat"] and per_class["n"].tolist() == [8]
     # The printed accuracy "before" is the share of correct cat predictions.

@@ -2,10 +2,13 @@
 
 EXPLAIN_TEST_SLEEP (seconds per image, read when the transform runs) makes the job deterministically slow,
 for the kill -9 test: the sleep sits in preprocessing, which the job runs for every image.
+EXPLAIN_TEST_DIE_AFTER=N makes the process kill itself (SIGKILL, as kill -9 would) when the transform is about
+to run for the (N+1)-th time: a job stopped half-way, at once and without a timing loop.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -32,10 +35,17 @@ class SlowToTensor(T.ToTensor):
     """ToTensor that sleeps EXPLAIN_TEST_SLEEP seconds per image (0 when unset); still a value-only step, so
     the job can place masks through this transform."""
 
+    calls = 0  # in this process
+
     def __call__(self, image):
         delay = float(os.environ.get("EXPLAIN_TEST_SLEEP", "0") or 0)
         if delay:
             time.sleep(delay)
+        die_after = os.environ.get("EXPLAIN_TEST_DIE_AFTER")
+        if die_after:
+            SlowToTensor.calls += 1
+            if SlowToTensor.calls > int(die_after):
+                os.kill(os.getpid(), signal.SIGKILL)
         return super().__call__(image)
 
 

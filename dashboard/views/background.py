@@ -78,7 +78,7 @@ def main() -> None:
     upper = float(max(1.0, np.nanmax(values))) if np.isfinite(values).any() else 1.0
     threshold_default = default_threshold(values)
     threshold = middle.slider("Flag images with a score of at least", 0.0, upper,
-                              value=min(upper, common.query_value("threshold", threshold_default, float)),
+                              value=common.query_value("threshold", threshold_default, float, low=0.0, high=upper),
                               step=0.01, key=f"bg_threshold_{score}")
     common.set_query(threshold=f"{threshold:.2f}" if abs(threshold - threshold_default) > 1e-9 else None)
     class_options = [ALL_CLASSES] + sorted(int(c) for c in table["label"].unique())

@@ -61,13 +61,15 @@ def _selection_from_url(value: str | None, frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(0, np.int64)
     kind, _, numbers = value.partition(":")
     try:
-        parts = [float(v) for v in numbers.split(",") if v]
+        parts = [float(v) for v in numbers.split(",") if v.strip()]
     except ValueError:
+        return np.zeros(0, np.int64)
+    if not all(np.isfinite(parts)):  # nan, inf: no point is there (and int() of them raises)
         return np.zeros(0, np.int64)
     if kind == "box" and len(parts) == 4:
         return _in_box(frame, *parts)
     if kind == "ids":
-        return frame.loc[frame["id"].isin([int(p) for p in parts]), "id"].to_numpy(np.int64)
+        return frame.loc[frame["id"].isin([int(p) for p in parts if p == int(p)]), "id"].to_numpy(np.int64)
     return np.zeros(0, np.int64)
 
 
@@ -116,6 +118,11 @@ if scope_size < 3:
     st.stop()
 
 result = _clustering(cache, state, settings)
+if result.note:
+    st.info(result.note)
+if len(result.ids) < 3:
+    st.info(f"{len(result.ids)} image(s) left to cluster: too few. Choose another scope.")
+    st.stop()
 summary, prototypes = _summary(cache, state, settings)
 frame = result.frame().merge(table[["id", "label_name", "pred_name", "correct"]], on="id", how="left")
 
@@ -133,12 +140,16 @@ if sampled:
 # ------------------------------------------------------------------------------------------------ embedding
 left, right = st.columns([3, 2])
 with left:
-    st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}** of the explanations: drag a box or click points "
-                "(shift-click adds) to show them below; double-click clears.")
-    event = st.altair_chart(charts.cluster_scatter(frame), on_select="rerun", key="c_scatter",
-                            width="stretch")
-    common.chart_png_download("Embedding (PNG)", charts.cluster_scatter(frame, selectable=False),
-                              "cluster_embedding.png", "c_scatter_png")
+    if result.identical:  # every point at one place: no chart to select from
+        event = None
+        st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}**: none, every map of the scope is alike.")
+    else:
+        st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}** of the explanations: drag a box or click "
+                    "points (shift-click adds) to show them below; double-click clears.")
+        event = st.altair_chart(charts.cluster_scatter(frame), on_select="rerun", key="c_scatter",
+                                width="stretch")
+        common.chart_png_download("Embedding (PNG)", charts.cluster_scatter(frame, selectable=False),
+                                  "cluster_embedding.png", "c_scatter_png")
 with right:
     if len(result.eigenvalues):
         st.altair_chart(charts.eigenvalue_chart(result.eigenvalues, result.suggested_k), height=240,

@@ -47,8 +47,8 @@ with controls[0]:
         st.caption(f"No image with id {image_id}; showing #{requested}.")
         image_id = requested
 with controls[1]:
-    opacity = float(st.slider("Overlay opacity", 0.0, 1.0, common.query_value("opacity", 0.6, float), 0.05,
-                              key="img_opacity"))
+    opacity = float(st.slider("Overlay opacity", 0.0, 1.0,
+                              common.query_value("opacity", 0.6, float, low=0.0, high=1.0), 0.05, key="img_opacity"))
 with controls[2]:
     colormaps = list(overlay.COLORMAPS)
     colormap = st.selectbox("Colour map", colormaps,

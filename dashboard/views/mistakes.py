@@ -74,7 +74,7 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
     page = 1
     if pages > 1:
         page = int(st.number_input(f"Page (of {pages})", 1, pages, key="mk_page",
-                                   value=min(pages, common.query_value("mk_page", 1, int))))
+                                   value=common.query_value("mk_page", 1, int, low=1, high=pages)))
         common.set_query(mk_page=page if page > 1 else None)
     shown = ids[(page - 1) * PAIRS_PER_PAGE: page * PAIRS_PER_PAGE]
     images = common.tiles_for(cache, shown, kind="image", size=PAIR_TILE)

@@ -141,7 +141,7 @@ def main() -> None:
         page = 1
         if pages > 1:  # a 1,000-class model: draw a page of classes at a time
             page = int(st.number_input(f"Page of classes (of {pages})", 1, pages, key="pc_grid_page",
-                                       value=min(pages, common.query_value("pc_grid_page", 1, int))))
+                                       value=common.query_value("pc_grid_page", 1, int, low=1, high=pages)))
             common.set_query(pc_grid_page=page if page > 1 else None)
         shown = classes[(page - 1) * GRID_CLASSES_PER_PAGE: page * GRID_CLASSES_PER_PAGE]
         common.png_download("Download this grid (PNG)", grid_png(cache, cache_key(cache), tuple(shown)),

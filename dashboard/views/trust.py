@@ -2,8 +2,9 @@
 from `python -m analysis compare-methods --cache DIR`), and does the model really use the region a selection's
 maps point to (the causal shortcut test, run here on demand)?
 
-View state in the URL: st_by, st_class, st_q, st_max, st_run (a copied link re-runs the same test; results are
-cached per cache and settings).
+View state in the URL: st_by, st_class, st_q, st_max (a copied link fills in the same form). The test runs only
+when the form's button is clicked (it loads the model and runs it on up to 5,000 images): never on opening a page,
+whatever the URL says; its results stay on the page for the session and are cached per cache and settings.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dashboard import common
 
 SELECT_BY = {"label": "true class", "pred": "predicted class"}
 DEFAULT_MAX_IMAGES = 200     # images tested per run: 3 forward passes each (plus 2 with masks), on the CPU
+MAX_IMAGES = 5000
 REGION_TILE = 256
 CURVE_WIDTH = 300
 
@@ -72,11 +74,17 @@ def faithfulness_section(cache: Cache) -> None:
     directory = cache.root / compare.TRUST_DIR_NAME
     try:
         table, curves, meta = compare.trust_page_data(directory)
+        stale = compare.made_for_another_cache(meta, cache.manifest)
     except compare.ComparisonError as error:
         if (directory / compare.META_FILE).exists():
             st.warning(f"The method comparison cannot be read: {error}. Make it again with:")
         else:
             st.info(f"No method comparison for this cache yet (nothing in `{directory}`). Make one with:")
+        stale = ""
+    if stale is not None:
+        if stale:
+            st.warning(f"The method comparison in `{directory}` does not belong to this cache: {stale}. It is not "
+                       "shown; make it again with:")
         st.code(f"python -m analysis compare-methods --cache {cache.root}", language="bash")
         st.caption("It scores FG-CAM, FG-CAM denoised, the plain CAM, LRP and a random map on a sample of the "
                    "cache's images (--sample, default 100) and writes them to CACHE/trust/; reload this page "
@@ -161,16 +169,20 @@ def shortcut_section(cache: Cache) -> None:
         chosen = b.selectbox("Class", all_classes, format_func=lambda k: names[k] if k < len(names) else str(k),
                              index=all_classes.index(common.query_value("st_class", classes[0], int, all_classes)))
         q = c.slider("Region: top q% of the mean map", 1.0, 50.0, step=1.0,
-                     value=float(np.clip(common.query_value("st_q", 5.0, float), 1.0, 50.0)))
-        limit = d.number_input("At most images", 1, 5000,
-                               value=int(np.clip(common.query_value("st_max", DEFAULT_MAX_IMAGES, int), 1, 5000)))
+                     value=common.query_value("st_q", 5.0, float, low=1.0, high=50.0))
+        limit = d.number_input("At most images", 1, MAX_IMAGES,
+                               value=common.query_value("st_max", DEFAULT_MAX_IMAGES, int, low=1, high=MAX_IMAGES))
         submitted = st.form_submit_button("Run the test", icon=":material/science:")
+    common.set_query(st_run=None)  # (links made before the test needed a click carry it: it means nothing now)
     if submitted:
-        common.set_query(st_by=by, st_class=chosen, st_q=f"{q:g}", st_max=int(limit), st_run=1)
-    if common.query_value("st_run", 0, int) != 1:
-        st.caption("Choose a selection and run the test (it loads the model named in the cache's manifest and "
-                   "runs it on the CPU: 3 forward passes per image, 5 with masks).")
+        common.set_query(st_by=by, st_class=chosen, st_q=f"{q:g}", st_max=int(limit))
+        st.session_state["st_request"] = (str(cache.root), by, int(chosen), float(q), int(limit))
+    request = st.session_state.get("st_request")
+    if request is None or request[0] != str(cache.root):
+        st.caption("Choose a selection and press **Run the test** (it loads the model named in the cache's "
+                   "manifest and runs it on the CPU: 3 forward passes per image, 5 with masks).")
         return
+    _, by, chosen, q, limit = request
     column = table[by].to_numpy()
     ids = table["id"].to_numpy()[column == chosen]
     if len(ids) == 0:
