@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -118,9 +119,11 @@ def test_torchrun_ranks_agree_when_the_cache_is_taken(images: Path, tmp_path: Pa
         refusals = [line for line in result.stderr.splitlines() if line.startswith("error: --out")]
         assert len(refusals) == 1 and f"being written by another job (pid {holder.pid} on" in refusals[0], \
             result.stderr[-3000:]
-        # Both ranks ended through the one-line error path (exit code 2, not an exception's 1); the traceback
-        # in torchrun's output is its launcher's, which reports any non-zero rank that way.
-        assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]
+        # The ranks ended through the one-line error path (exit code 2, not an exception's 1); the traceback
+        # in torchrun's output is its launcher's, which reports any non-zero rank that way. Whichever rank exits
+        # first, torchrun may stop the other with SIGTERM (-15) before it exits by itself: both are fine.
+        codes = re.findall(r"exitcode\s*:\s*(-?\d+)", result.stderr)
+        assert "2" in codes and set(codes) <= {"2", "-15"}, result.stderr[-3000:]
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
     finally:
         holder.kill()
