@@ -51,7 +51,8 @@ def run_job(data: Path, out: Path, *extra: str, env: dict[str, str] | None = Non
 
 def killed_half_way(data: Path, out: Path, *extra: str, model: str = TINY) -> int:
     """A real job that kills itself (SIGKILL) after about half of the 12 images; returns its committed shards."""
-    result = run_job(data, out, *extra, env={"EXPLAIN_TEST_DIE_AFTER": "8"}, model=model)
+    result = run_job(data, out, *extra, model=model,
+                     env={"EXPLAIN_TEST_DIE_AFTER": "5", "EXPLAIN_TEST_SHARDS": str(out / "shards")})
     assert result.returncode == -signal.SIGKILL, result.stderr
     committed = sorted(p.name for p in (out / "shards").iterdir() if p.name.startswith("shard-"))
     assert 0 < len(committed) < 6, committed

@@ -3,7 +3,10 @@
 EXPLAIN_TEST_SLEEP (seconds per image, read when the transform runs) makes the job deterministically slow,
 for the kill -9 test: the sleep sits in preprocessing, which the job runs for every image.
 EXPLAIN_TEST_DIE_AFTER=N makes the process kill itself (SIGKILL, as kill -9 would) when the transform is about
-to run for the (N+1)-th time: a job stopped half-way, at once and without a timing loop.
+to run for the (N+1)-th time: a job stopped half-way, at once and without a timing loop. With
+EXPLAIN_TEST_SHARDS=DIR/shards only the calls made once that folder exists count (the job's set-up runs the
+transform too, more often for a transform whose geometry it measures), and the kill first waits for a committed
+shard there (the writer thread's speed on a loaded machine then does not matter).
 """
 from __future__ import annotations
 
@@ -42,11 +45,25 @@ class SlowToTensor(T.ToTensor):
         if delay:
             time.sleep(delay)
         die_after = os.environ.get("EXPLAIN_TEST_DIE_AFTER")
-        if die_after:
+        shards_dir = os.environ.get("EXPLAIN_TEST_SHARDS")
+        if die_after and (not shards_dir or os.path.isdir(shards_dir)):  # the job's set-up calls do not count
             SlowToTensor.calls += 1
             if SlowToTensor.calls > int(die_after):
+                _wait_for_a_commit(shards_dir)
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().__call__(image)
+
+
+def _wait_for_a_commit(shards_dir: str | None, timeout: float = 120.0) -> None:
+    """Before the kill: wait until the job's writer thread has committed a shard into ``shards_dir`` (when
+    given), so "killed half-way" never depends on how fast that thread runs on a loaded machine."""
+    if not shards_dir:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.isdir(shards_dir) and any(n.startswith("shard-") for n in os.listdir(shards_dir)):
+            return
+        time.sleep(0.05)
 
 
 def _model(in_channels: int = 3, num_classes: int = 3) -> TinyCNN:
