@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.cache import (FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, CacheError, CacheWriter, ShardRecords,
-                            load, now_iso)
+                            load, now_iso, probability_arrays)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, load_model
 from analysis.scores import all_scores, descriptors, resize_maps
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, type=Path,
                     help="cache directory; re-running the same command on it resumes where it stopped")
     io.add_argument("--overwrite", action="store_true",
-                    help="wipe an existing cache in --out (needed when the options differ)")
+                    help="wipe an existing cache in --out (needed when the options differ); its tags "
+                         "(review.sqlite) are kept aside in review-<old cache's date>.sqlite, not carried over")
     io.add_argument("--limit", type=_positive_int, default=None,
                     help="explain only N images, evenly spaced over the sorted list (all classes appear)")
     io.add_argument("--classes", type=Path, default=None,
@@ -387,6 +389,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
     now = now_iso()
     manifest = {
         "format_version": FORMAT_VERSION, "created": now, "updated": now, "finished": None,
+        "cache_id": uuid.uuid4().hex,  # unique per cache made (`created` has one-second resolution): tags follow it
         "model": {"spec": _normalised_spec(args.model), "weights_sha256": loaded.weights_sha256,
                   "checkpoint": _absolute(args.checkpoint), "num_classes": outputs},
         "dataset": {"root": str(listing.root), "kind": listing.kind, "fingerprint": listing.fingerprint(),
@@ -434,6 +437,7 @@ class BatchOutput:
     descriptors_absolute: np.ndarray
     foreground: np.ndarray | None
     has_foreground: np.ndarray
+    row_arrays: dict[str, np.ndarray] = field(default_factory=dict)   # analysis.cache.ROW_ARRAYS, [n, ...] each
 
 
 def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_layer: str, map_size: int,
@@ -442,7 +446,8 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
 
     Predictions come from the engine's logits (no second forward pass). Scores and descriptors are computed
     on the predicted-class map at map size, on the device; with ``faithfulness_steps``, the deletion and
-    insertion AUCs of the full-resolution predicted-class map too.
+    insertion AUCs of the full-resolution predicted-class map too. Every image's class probabilities are
+    kept (float16; the top 20 for more than 100 classes) for the label-error ranking.
     """
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device)
@@ -472,6 +477,7 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
         descriptors_absolute=descriptors(maps_pred, descriptor_size, "absolute").cpu().numpy(),
         foreground=None if batch.foreground is None else batch.foreground.numpy(),
         has_foreground=batch.has_foreground.numpy(),
+        row_arrays=probability_arrays(probs.cpu().numpy()),
     )
 
 
@@ -509,6 +515,8 @@ def shard_records(outputs: list[BatchOutput], errors: list[tuple[int, str]], pla
         descriptors_absolute=cat("descriptors_absolute", (0, d2), np.float32), foreground=foreground,
         errors=pd.DataFrame({"id": [i for i, _ in errors], "path": [samples[i].path for i, _ in errors],
                              "reason": [r for _, r in errors]}),
+        row_arrays={name: np.concatenate([o.row_arrays[name] for o in outputs])
+                    for name in (outputs[0].row_arrays if outputs else ())},
     )
 
 
@@ -608,6 +616,20 @@ def _finish(plan: JobPlan, writer: CacheWriter) -> dict[str, Any]:
     return manifest
 
 
+def _keep_tags_aside(out: Path) -> None:
+    """Tags name images by id, which a new cache may give to other images: they stay with the old cache."""
+    from analysis.review import ReviewError, keep_tags_aside
+
+    try:
+        moved = keep_tags_aside(out)
+    except ReviewError as error:  # the job's own work does not depend on the tags
+        print(f"warning: the tags of the replaced cache were not set aside: {error}", file=sys.stderr)
+        return
+    if moved is not None:
+        print(f"the replaced cache's tags were kept aside in {moved}; the new cache starts without tags",
+              file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """The `explain` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
     try:
@@ -628,6 +650,8 @@ def run(args: argparse.Namespace) -> int:
             writer.write_manifest(manifest)
         else:
             writer.write_manifest(plan.manifest)
+            if plan.wipe:
+                _keep_tags_aside(plan.out)
     ranks.barrier()  # nobody lists committed shards before rank 0 wiped or cleaned the directory
     committed = writer.committed_shards()
     mine = [k for k in range(plan.n_shards) if k % ranks.world_size == ranks.rank and k not in committed]
