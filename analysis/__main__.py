@@ -11,7 +11,8 @@ import sys
 from types import ModuleType
 from typing import NoReturn, Sequence
 
-COMMANDS: list[str] = ["analysis.job", "analysis.check_model", "analysis.compare", "analysis.shortcut_test"]
+COMMANDS: list[str] = ["analysis.job", "analysis.check_model", "analysis.compare", "analysis.shortcut_test",
+                       "analysis.commands.insertion_test", "analysis.commands.export"]
 
 
 class OneLineParser(argparse.ArgumentParser):

