@@ -2,7 +2,8 @@
 
 Adebayo, Gilmer, Muelly, Goodfellow, Hardt, Kim, "Sanity Checks for Saliency Maps", NeurIPS 2018; Sixt,
 Granz, Landgraf, "When Explanations Lie: Why Many Modified BP Attributions Fail", ICML 2020 (z+-style rules,
-as FG-CAM and LRP use below the CAM layer, can pass neither).
+as FG-CAM and LRP use below the CAM layer, can fail the randomisation check: products of non-negative
+propagation matrices converge to a map that no longer depends on the relevance above them).
 
 * **Cascading model randomisation.** On a copy of the model, re-initialise the classifier head, then the
   top block, then the next one down, cumulatively, and after each step compare each method's map (for the
@@ -13,13 +14,14 @@ as FG-CAM and LRP use below the CAM layer, can pass neither).
 
 How the blocks are found (`randomisation_blocks`, ours; the paper randomises Inception v3's named blocks):
 every module that owns parameters or buffers and is used in the traced forward pass is one *unit*. Units
-above the model's last spatial layer (the default CAM layer, whichever CAM layer the explainer uses, so that
-the cascade is the same for every choice of it) form the **head**. The others are grouped by the shortest prefix of their module name
-whose parent is a container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``), else by their
-top-level module: ResNet's ``layer3.1``, EfficientNet-Lite's ``_blocks.7``, VGG's ``features.10``,
-Inception's ``Mixed_6b``. A group without a weight of two or more dimensions (a batch norm on its own) joins
-the group before it in the graph (VGG's ``features.0 + features.1``, ResNet's ``conv1 + bn1``). Blocks are
-ordered by where they start in the graph; the cascade goes from the last one down.
+above the model's last spatial layer (the default CAM layer, whichever CAM layer the explainer uses, so
+that the cascade is the same for every choice of it) form the **head**. The others are grouped by the
+shortest prefix of their module name whose parent is a container (``nn.Sequential``, ``nn.ModuleList``,
+``nn.ModuleDict``), else by their top-level module: ResNet's ``layer3.1``, EfficientNet-Lite's
+``_blocks.7``, VGG's ``features.10``, Inception's ``Mixed_6b``. A group without a weight of two or more
+dimensions (a batch norm on its own) joins the group before it in the graph (VGG's ``features.0 +
+features.1``, ResNet's ``conv1 + bn1``). Blocks are ordered by where they start in the graph; the cascade
+goes from the last one down.
 
 How a unit is re-initialised: its own ``reset_parameters()`` (what a freshly built model holds before
 training: Kaiming-uniform weights for convolutions and linear layers; a batch norm becomes weight 1, bias 0,
@@ -180,7 +182,8 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
     return dict([*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)])
 
 
-def randomised_tensors(model: nn.Module, block: Block, seed: int) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+def randomised_tensors(model: nn.Module, block: Block, seed: int
+                       ) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
     """({module name: {tensor name: re-initialised value (CPU)}}, {module name: how}) for `block`, computed on
     CPU copies of its modules (the model is not changed)."""
     values: dict[str, dict[str, Tensor]] = {}
@@ -307,7 +310,8 @@ def map_variants(maps: Tensor, pooled_size: int) -> dict[str, np.ndarray]:
     """{variant: float64 [N, h, w]} of maps [N, h, w] (see the module docstring)."""
     maps = maps.detach().float().cpu()
     pooled = descriptors(maps, pooled_size, "positive").view(len(maps), pooled_size, pooled_size)
-    return {"abs": maps.abs().double().numpy(), "signed": maps.double().numpy(), "positive_pooled": pooled.double().numpy()}
+    return {"abs": maps.abs().double().numpy(), "signed": maps.double().numpy(),
+            "positive_pooled": pooled.double().numpy()}
 
 
 def rank_rows(values: np.ndarray) -> np.ndarray:
@@ -428,7 +432,8 @@ def _maps(explainers: Explainers, methods: Sequence[str], layers: Sequence[str],
 
 
 def _compare(reference: dict, ranks: dict, maps: dict) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
-    return {(layer, method, variant): (spearman_rows(ref, maps[(layer, method)][variant], ranks[(layer, method, variant)]),
+    return {(layer, method, variant): (spearman_rows(ref, maps[(layer, method)][variant],
+                                                     ranks[(layer, method, variant)]),
                                        ssim_rows(ref, maps[(layer, method)][variant]))
             for (layer, method), variants in reference.items() for variant, ref in variants.items()}
 
@@ -654,7 +659,8 @@ def format_sanity_table(table: pd.DataFrame, meta: dict[str, Any], variant: str 
         text = []
         for check, step, _ in columns:
             mean, ci = cells.get((check, step), (float("nan"), float("nan")))
-            text.append(f"{'n/a' if not np.isfinite(mean) else f'{mean:.2f}' + (f'±{ci:.2f}' if np.isfinite(ci) else ''):>{width}}")
+            cell = "n/a" if not np.isfinite(mean) else f"{mean:.2f}" + (f"±{ci:.2f}" if np.isfinite(ci) else "")
+            text.append(f"{cell:>{width}}")
         label = group["label"].iloc[0]
         lines.append(f"{shown[:21]:22}{label[:37]:38}" + "".join(text))
     undefined = data.assign(share=data["undefined"] / data["images"]).groupby(["layer", "method", "label"], sort=False)[

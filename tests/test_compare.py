@@ -96,7 +96,8 @@ def test_compare_methods_end_to_end(dataset: tuple[Path, Path], tmp_path: Path,
     assert meta["steps"] == 8 and meta["options"]["sample"] == 12
 
     # The sanity checks: printed (four tables and the sentence), stored beside the faithfulness results.
-    assert sanity_text.count("rank correlation with the original map") == 3 and "SSIM with the original map" in sanity_text
+    assert sanity_text.count("rank correlation with the original map") == 3
+    assert "SSIM with the original map" in sanity_text
     assert "head + 1 block: head, features.2" in sanity_text and "explaining another class gives" in sanity_text
     sanity_meta = comparison.meta["sanity"]
     assert [s["label"] for s in sanity_meta["steps"]] == ["head", "head + 1 block", "all (head + 2 blocks)"]
@@ -106,7 +107,8 @@ def test_compare_methods_end_to_end(dataset: tuple[Path, Path], tmp_path: Path,
     assert checks["id"].nunique() == 5 and set(checks["id"]) <= set(per_image["id"])
     assert (checks["path"] == per_image.set_index("id").loc[checks["id"], "path"].groupby(level=0).first()
             .loc[checks["id"]].to_numpy()).all()
-    assert set(comparison.sanity["method"]) == set(METHODS) and set(comparison.sanity["check"]) == {"randomise", "class"}
+    assert set(comparison.sanity["method"]) == set(METHODS)
+    assert set(comparison.sanity["check"]) == {"randomise", "class"}
     # The maps that ignore the model do not change.
     assert np.allclose(checks[checks["method"].isin(["edge", "random"])]["spearman"], 1.0)
 
@@ -202,8 +204,10 @@ def test_a_cache_gets_its_trust_folder(small_cache: Path, tmp_path: Path, capsys
     (["--data", "/nonexistent", "--model", TINY], "--data /nonexistent: no such file or directory"),
     (["--cache", "{images}", "--model", TINY], "--model goes with --data"),
     (["--data", "{images}", "--cache", "{images}"], "not allowed with argument"),
-    (["--data", "{images}", "--model", TINY, "--randomise", "9"], "--randomise 9: the model has 2 blocks below the head"),
-    (["--data", "{images}", "--model", TINY, "--randomise", "1,top"], "argument --randomise: expected 'none', 'default'"),
+    (["--data", "{images}", "--model", TINY, "--randomise", "9"],
+     "--randomise 9: the model has 2 blocks below the head"),
+    (["--data", "{images}", "--model", TINY, "--randomise", "1,top"],
+     "argument --randomise: expected 'none', 'default'"),
     (["--data", "{images}", "--model", TINY, "--sanity-sample", "0"], "argument --sanity-sample: expected a positive"),
 ])
 def test_wrong_options_fail_with_one_line(dataset: tuple[Path, Path], capsys: pytest.CaptureFixture,
@@ -241,7 +245,8 @@ def test_a_corrupt_image_is_skipped_and_named(dataset: tuple[Path, Path], tmp_pa
     (folder / "plain" / "img_005.png").write_bytes(b"not a png")   # the 14th of 16 files
     code, stdout, stderr = run_main(capsys, "compare-methods", "--data", str(folder), "--model", TINY, "--checkpoint",
                                     str(checkpoint), "--sample", "16", "--steps", "2", "--randomise", "head",
-                                    "--sanity-sample", "5", "--device", "cpu", "--quiet", "--out", str(tmp_path / "trust"))
+                                    "--sanity-sample", "5", "--device", "cpu", "--quiet",
+                                    "--out", str(tmp_path / "trust"))
     assert code == 0, stderr
     assert "skipped 1 unreadable image(s), e.g. plain/img_005.png" in stderr
     comparison = read_comparison(tmp_path / "trust")

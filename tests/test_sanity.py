@@ -22,7 +22,6 @@ from analysis.compare import (ComparisonError, MethodComparison, edge_maps, read
 from analysis.fgcam import FGCAM
 from data.demo_model import DemoCNN
 from tests.test_fgcam_engine import FunctionalNet
-from tests.tiny_models import TinyCNN
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,7 +337,8 @@ def test_numbers_equal_a_direct_computation_on_the_same_maps(mark_model: tuple[M
                 changed = maps_of(net, layer, method, explained)
                 for i in range(5):
                     a, b = original[i].double().numpy(), changed[i].double().numpy()
-                    pooled = [F.adaptive_avg_pool2d(torch.from_numpy(m).clamp(min=0)[None], 4)[0].numpy() for m in (a, b)]
+                    pooled = [F.adaptive_avg_pool2d(torch.from_numpy(m).clamp(min=0)[None], 4)[0].numpy()
+                              for m in (a, b)]
                     for variant, (x, y) in (("abs", (np.abs(a), np.abs(b))), ("signed", (a, b)),
                                             ("positive_pooled", pooled)):
                         row = per_image.loc[(check, step, layer, method, variant, i)]
@@ -366,8 +366,8 @@ def test_numbers_equal_a_direct_computation_on_the_same_maps(mark_model: tuple[M
 
 def test_sentence_and_curves_from_a_table_by_hand() -> None:
     rows = []
-    for check, step, label, fgcam, cam in (("randomise", 1, "head", 0.88, 0.04), ("randomise", 2, "all (head + 2 blocks)",
-                                                                                   0.62, -0.08),
+    for check, step, label, fgcam, cam in (("randomise", 1, "head", 0.88, 0.04),
+                                           ("randomise", 2, "all (head + 2 blocks)", 0.62, -0.08),
                                            ("class", 0, "another class", 0.60, 0.32)):
         for method, value in (("fgcam", fgcam), ("cam", cam)):
             rows.append({"check": check, "step": step, "depth": -1 if check == "class" else step - 1,
