@@ -1,6 +1,7 @@
-"""`python -m analysis compare-methods`: how faithful are the maps, compared with the alternatives?
+"""`python -m analysis compare-methods`: how faithful are the maps, compared with the alternatives, and do
+they pass the sanity checks?
 
-On the same N sampled images and the same explained class (the model's prediction), five maps are scored
+On the same N sampled images and the same explained class (the model's prediction), six maps are scored
 with deletion and insertion curves (Petsiuk et al., "RISE", BMVC 2018; Gaussian-blurred baseline; see
 `analysis.faithfulness`) at two layers -- the input, and an intermediate layer:
 
@@ -11,9 +12,15 @@ with deletion and insertion curves (Petsiuk et al., "RISE", BMVC 2018; Gaussian-
                    layer's resolution
   lrp              LRP from the logit, z+ rule for hidden layers and z^B for the image-reading convolution
   random           uniform noise at the layer's resolution (the floor every method must beat)
+  edge             the Sobel gradient magnitude of the image, area-averaged to the layer's resolution: a map
+                   that ignores the model (Adebayo et al., NeurIPS 2018, show edge detectors resemble saliency
+                   maps); the reference for "this map shows the image"
 
 A map at an intermediate layer orders input pixels after bilinear upsampling, as in the FG-CAM paper; the
 paper's claim is that FG-CAM beats CAMs at shallow and intermediate layers and LRP at the input layer.
+
+The same methods then go through the sanity checks of `analysis.sanity` (cascading model randomisation
+and class sensitivity, on a seeded subset of the sample: --sanity-sample, --randomise, --no-class-check).
 
 Method: `default_intermediate_layer`, `method_maps`, `compare_methods`, `summarise`. Machinery: sampling and
 loading images, `write_comparison` / `read_comparison` (the files the dashboard's "Trust" page reads, by
@@ -45,15 +52,19 @@ from analysis.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DE
                                    deletion_insertion_curves, forward_passes_per_image)
 
 COMMAND = "compare-methods"
-HELP = ("faithfulness of FG-CAM vs. its denoised variant, the plain CAM, LRP and a random map: mean "
-        "deletion / insertion AUC on sampled images at the input and an intermediate layer")
-METHODS = ("fgcam", "fgcam_denoised", "cam", "lrp", "random")
+HELP = ("faithfulness of FG-CAM vs. its denoised variant, the plain CAM, LRP, a random and an edge map: mean "
+        "deletion / insertion AUC on sampled images at the input and an intermediate layer; and the sanity "
+        "checks (cascading model randomisation, another class)")
+METHODS = ("fgcam", "fgcam_denoised", "cam", "lrp", "random", "edge")
 BASE_LABELS = {"gradcam": "Grad-CAM", "scorecam": "Score-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
                "layercam": "LayerCAM"}
-TRUST_DIR_NAME = TRUST_DIR          # compare-methods --cache DIR writes DIR/trust/ (the Trust page reads it)
-FORMAT_VERSION = 1
+TRUST_DIR_NAME = TRUST_DIR            # compare-methods --cache DIR writes DIR/trust/ (the Trust page reads it)
+# Version 2 added the sanity checks (SANITY_FILE, SANITY_PER_IMAGE_FILE, meta["sanity"]); version 1 is still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE, TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE = ("comparison.json", "table.parquet", "curves.parquet",
                                                       "per_image.parquet")
+SANITY_FILE, SANITY_PER_IMAGE_FILE = "sanity.parquet", "sanity_per_image.parquet"
 DEFAULT_SAMPLE = 100
 
 
@@ -62,7 +73,7 @@ def method_label(method: str, base: str) -> str:
     return {"fgcam": f"FG-CAM ({BASE_LABELS.get(base, base)})",
             "fgcam_denoised": f"FG-CAM ({BASE_LABELS.get(base, base)}), denoised",
             "cam": f"{BASE_LABELS.get(base, base)}, upsampled",
-            "lrp": "LRP (z+, z^B)", "random": "random map"}[method]
+            "lrp": "LRP (z+, z^B)", "random": "random map", "edge": "edge map (Sobel)"}[method]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,6 +153,19 @@ def random_maps(count_or_indices: Sequence[int], layer: str, size: tuple[int, in
     return out
 
 
+def edge_maps(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """float32 [N, h, w]: the Sobel gradient magnitude of each image's channel mean (edges replicated),
+    resized to `size` like a map of that layer (`upsample_maps`: area-like when shrinking). It reads the
+    image only: the reference a map that shows the image, not the model, looks like."""
+    from analysis.faithfulness import upsample_maps
+
+    gray = F.pad(images.float().mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")
+    derivative = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device)
+    gx = F.conv2d(gray, derivative.view(1, 1, 3, 3))
+    gy = F.conv2d(gray, derivative.t().contiguous().view(1, 1, 3, 3))
+    return upsample_maps(torch.sqrt(gx * gx + gy * gy)[:, 0], *size)
+
+
 def method_maps(explainers: Explainers, method: str, images: Tensor, layer: str, classes: Tensor,
                 layer_size: tuple[int, int], image_indices: Sequence[int], seed: int = 0) -> Tensor:
     """[N, h, w] maps of `method` for `classes` at `layer` (h, w = `layer_size`, the layer's resolution;
@@ -160,6 +184,8 @@ def method_maps(explainers: Explainers, method: str, images: Tensor, layer: str,
         return explainers.lrp(images, target_layer=layer, classes=classes).maps
     if method == "random":
         return random_maps(image_indices, layer, layer_size, seed).to(images.device)
+    if method == "edge":
+        return edge_maps(images, layer_size)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -170,7 +196,9 @@ class MethodComparison:
     table: pd.DataFrame       # one row per (layer, method): see `summarise`
     curves: pd.DataFrame      # layer, method, label, curve ("deletion"/"insertion"), fraction, probability (mean)
     per_image: pd.DataFrame   # image, path, class, layer, method, deletion_auc, insertion_auc
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)   # meta["sanity"]: the sanity checks' meta, when run
+    sanity: pd.DataFrame | None = None            # analysis.sanity.summarise_sanity's table, when run
+    sanity_per_image: pd.DataFrame | None = None  # per image: spearman and ssim per check, step, layer, method
 
 
 def summarise(per_image: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
@@ -273,16 +301,24 @@ class ComparisonError(Exception):
 
 
 def write_comparison(comparison: MethodComparison, directory: Path) -> Path:
-    """Write DIR/table.parquet, curves.parquet, per_image.parquet and comparison.json (meta, last: a reader
-    that finds it finds the rest). Each file is replaced atomically."""
+    """Write DIR/table.parquet, curves.parquet, per_image.parquet, with the sanity checks sanity.parquet and
+    sanity_per_image.parquet, and comparison.json (meta, last: a reader that finds it finds the rest). Each
+    file is replaced atomically; sanity files of an earlier run are removed when this one has none."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, frame in ((TABLE_FILE, comparison.table), (CURVES_FILE, comparison.curves),
-                        (PER_IMAGE_FILE, comparison.per_image)):
+    frames = [(TABLE_FILE, comparison.table), (CURVES_FILE, comparison.curves), (PER_IMAGE_FILE, comparison.per_image)]
+    if comparison.sanity is not None:
+        frames += [(SANITY_FILE, comparison.sanity), (SANITY_PER_IMAGE_FILE, comparison.sanity_per_image)]
+    else:
+        for name in (SANITY_FILE, SANITY_PER_IMAGE_FILE):
+            (directory / name).unlink(missing_ok=True)
+    for name, frame in frames:
         tmp = directory / f".tmp-{name}.{os.getpid()}"
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, directory / name)
     meta = {"format_version": FORMAT_VERSION, **comparison.meta}
+    if comparison.sanity is None:
+        meta.pop("sanity", None)
     tmp = directory / f".tmp-{META_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, directory / META_FILE)
@@ -290,8 +326,9 @@ def write_comparison(comparison: MethodComparison, directory: Path) -> Path:
 
 
 def read_comparison(directory: Path) -> MethodComparison:
-    """The comparison in `directory` (for the Trust page: `.table` and `.curves`); ComparisonError when
-    there is none or it cannot be read."""
+    """The comparison in `directory` (for the Trust page: `.table` and `.curves`, and `.sanity` when the
+    sanity checks were run: None for a version 1 comparison); ComparisonError when there is none or it
+    cannot be read."""
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
@@ -299,13 +336,18 @@ def read_comparison(directory: Path) -> MethodComparison:
                               f"--cache CACHE` to make one)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        frames = [pd.read_parquet(directory / name) for name in (TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE)]
+        if meta.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"format version {meta.get('format_version')!r}, expected one of "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+        names = [TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE]
+        if "sanity" in meta:
+            names += [SANITY_FILE, SANITY_PER_IMAGE_FILE]
+        frames = [pd.read_parquet(directory / name) for name in names] + [None, None]
     except Exception as error:
         raise ComparisonError(f"unreadable method comparison in {directory}: {type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}") from None
-    return MethodComparison(table=frames[0], curves=frames[1], per_image=frames[2], meta=meta)
+    return MethodComparison(table=frames[0], curves=frames[1], per_image=frames[2], meta=meta, sanity=frames[3],
+                            sanity_per_image=frames[4])
 
 
 def made_for_another_cache(meta: dict[str, Any], manifest: dict[str, Any]) -> str | None:
@@ -332,6 +374,22 @@ def trust_page_data(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[s
     """(table, mean curves, meta) of the comparison in `directory` (e.g. CACHE/trust), for the Trust page."""
     comparison = read_comparison(directory)
     return comparison.table, comparison.curves, comparison.meta
+
+
+def sanity_page_data(directory: Path, variant: str = "abs", metric: str = "spearman"
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
+    """For the Trust page: (randomisation curves -- `analysis.sanity.sanity_curves`: mean and 95% band of
+    `metric` against the step, from the original model at step 0 --, the class check's rows of the
+    summary, the sanity meta with its "sentence"), or None when the comparison has no sanity checks.
+    ComparisonError as `read_comparison`."""
+    from analysis.sanity import sanity_curves
+
+    comparison = read_comparison(directory)
+    if comparison.sanity is None:
+        return None
+    table = comparison.sanity
+    classes = table[(table["check"] == "class") & (table["variant"] == variant)].reset_index(drop=True)
+    return sanity_curves(table, variant, metric), classes, comparison.meta["sanity"]
 
 
 def _cell(row: Any, metric: str) -> str:
@@ -376,6 +434,15 @@ def format_table(comparison: MethodComparison) -> str:
 
 
 
+def _depths(text: str) -> list[int | str] | None:
+    from analysis.sanity import parse_depths
+
+    try:
+        return parse_depths(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `compare-methods` options."""
     source = parser.add_argument_group("images and model: --data with --model, or --cache")
@@ -403,9 +470,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and the CAM layer (see analysis/compare.py)")
     method.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
                         help="deletion / insertion steps; each image costs 2 x steps forward passes per method "
-                             "and layer (10 curves: 20 x steps)")
+                             "and layer (12 curves: 24 x steps)")
     method.add_argument("--blur-sigma", type=_positive_float, default=DEFAULT_BLUR_SIGMA,
                         help="std in input pixels of the Gaussian blur of the baseline image")
+    sanity = parser.add_argument_group("sanity checks (Adebayo et al. 2018; see analysis/sanity.py)")
+    sanity.add_argument("--randomise", type=_depths, default="default", metavar="DEPTHS",
+                        help="steps of the cascading model randomisation, in blocks below the classifier head, "
+                             "comma-separated: head (the head alone), 1, 2, ..., all; 'default': head, powers of "
+                             "two and all; 'none': skip. Each step costs one explanation per method and layer")
+    sanity.add_argument("--no-class-check", action="store_true",
+                        help="skip the class check (the predicted class against a random other class)")
+    sanity.add_argument("--sanity-sample", type=_positive_int, default=None,
+                        help="images for the sanity checks: a seeded subset of the sample (default: all of it)")
+    sanity.add_argument("--pooled-size", type=_positive_int, default=None,
+                        help="D of the positive_pooled variant (D x D; default: the cache's descriptor size, "
+                             "else 16)")
     run_group = parser.add_argument_group("execution and output")
     run_group.add_argument("--out", type=Path, default=None,
                            help="write the table, mean curves and per-image AUCs here (parquet + JSON)")
@@ -424,6 +503,7 @@ class _Population:
     description: str
     model_spec: str | None
     cache_identity: str | None = None  # with --cache: which cache (analysis.cache.cache_identity)
+    descriptor_size: int | None = None   # the cache's, for the sanity checks' pooled variant
 
 
 def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
@@ -442,7 +522,8 @@ def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
         ids = cache.ids
         table = cache.table
         population = _Population([cache.image_path(int(i)) for i in ids], ids, table["path"].tolist(),
-                                 f"cache {args.cache}", cache.manifest.get("model", {}).get("spec"), cache.identity)
+                                 f"cache {args.cache}", cache.manifest.get("model", {}).get("spec"), cache.identity,
+                                 cache.manifest.get("options", {}).get("descriptor_size"))
         return population, model_from_manifest(cache.manifest)
     if args.model is None:
         raise ValueError("--data needs --model (or use --cache CACHE for a cache's images and model)")
@@ -463,8 +544,42 @@ def sample_positions(count: int, sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=sample, replace=False))
 
 
+@dataclass
+class _SanityPlan:
+    depths: list[int]          # randomisation steps (blocks below the head)
+    class_check: bool
+    positions: np.ndarray      # rows of the loaded sample checked
+    pooled_size: int
+    blocks: int                # blocks below the head
+    passes_per_image: int      # progress units per image: one per step, one for the class check
+
+    @property
+    def explanations(self) -> int:
+        # per image, unit and layer: 6 methods of which random and edge need no explanation, the CAM one
+        # for both layers; plus the original maps once
+        per_unit = 2 * 3 + 1
+        return len(self.positions) * (self.passes_per_image + 1) * per_unit
+
+
+def _sanity_plan(args: argparse.Namespace, explainers: Explainers, count: int,
+                 descriptor_size: int | None) -> _SanityPlan | None:
+    """The sanity checks the options ask for (None: neither check); ValueError for a depth the model lacks."""
+    from analysis import sanity
+
+    class_check = not args.no_class_check
+    if args.randomise is None and not class_check:
+        return None
+    blocks = sanity.model_blocks(explainers.fgcam.graph, explainers.fgcam.cam_layer)
+    depths = [] if args.randomise is None else sanity.resolve_depths(args.randomise, blocks)
+    positions = sample_positions(count, args.sanity_sample or count, args.seed + 1)
+    pooled = args.pooled_size or descriptor_size or sanity.DEFAULT_POOLED_SIZE
+    return _SanityPlan(depths, class_check, positions, pooled, sanity.blocks_below_head(blocks),
+                       len(depths) + int(class_check))
+
+
 def run(args: argparse.Namespace) -> int:
     """The `compare-methods` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
+    from analysis import sanity
     from analysis.cache import CacheError
     from analysis.fgcam import UnsupportedOperation
     from analysis.models import ModelSpecError
@@ -493,6 +608,11 @@ def run(args: argparse.Namespace) -> int:
         # Dry run on one image: every method at every layer, so a bad layer or an op the engine cannot
         # propagate fails here, in one line, before the long loop.
         compare_methods(model, images[:1], layers=layers, steps=1, explainers=explainers, blur_sigma=args.blur_sigma)
+        sanity_plan = _sanity_plan(args, explainers, len(images), population.descriptor_size)
+        if sanity_plan is not None:  # the same for the sanity checks: every step of the cascade on one image
+            sanity.sanity_checks(model, images[:1], layers=layers, base=args.base, cam_layer=explainers.fgcam.cam_layer,
+                                 depths=sanity_plan.depths, class_check=sanity_plan.class_check, seed=args.seed,
+                                 pooled_size=sanity_plan.pooled_size)
     except (CacheError, ModelSpecError, DatasetError, ValueError, UnsupportedOperation) as error:
         return fail(str(error))
     n = len(images)
@@ -501,6 +621,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"compare-methods: {n} images of {population.description} (sample seed {args.seed}), "
               f"layers input and {layer}, {len(METHODS)} methods: {passes} perturbed forward passes on {device}",
               file=sys.stderr)
+        if sanity_plan is not None:
+            print(f"sanity checks: {len(sanity_plan.positions)} images, randomisation steps "
+                  f"{', '.join(map(str, sanity_plan.depths)) or 'none'} of {sanity_plan.blocks} blocks below the head, "
+                  f"class check {'on' if sanity_plan.class_check else 'off'}: {sanity_plan.explanations} explanations",
+                  file=sys.stderr)
     from tqdm import tqdm
 
     bar = tqdm(total=n, unit="img", disable=args.quiet, dynamic_ncols=True, desc="compare")
@@ -511,6 +636,21 @@ def run(args: argparse.Namespace) -> int:
     comparison.per_image.insert(1, "id", population.ids[chosen][comparison.per_image["image"].to_numpy()])
     comparison.per_image.insert(2, "path", [population.relative[i] for i in
                                             chosen[comparison.per_image["image"].to_numpy()]])
+    if sanity_plan is not None:
+        checked = sanity_plan.positions   # rows of `images`
+        bar = tqdm(total=len(checked) * sanity_plan.passes_per_image, unit="img", disable=args.quiet,
+                   dynamic_ncols=True, desc="sanity")
+        checks = sanity.sanity_checks(model, images[checked], layers=layers, base=args.base,
+                                      cam_layer=explainers.fgcam.cam_layer, depths=sanity_plan.depths,
+                                      class_check=sanity_plan.class_check, seed=args.seed,
+                                      batch_size=args.batch_size, pooled_size=sanity_plan.pooled_size,
+                                      progress=bar.update)
+        bar.close()
+        rows = chosen[checked][checks.per_image["image"].to_numpy()]
+        checks.per_image.insert(1, "id", population.ids[rows])
+        checks.per_image.insert(2, "path", [population.relative[i] for i in rows])
+        comparison.sanity, comparison.sanity_per_image = checks.table, checks.per_image
+        comparison.meta["sanity"] = checks.meta
     comparison.meta.update({
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": population.description,
         "model": population.model_spec, "cache_identity": population.cache_identity, "sample": args.sample,
@@ -521,6 +661,18 @@ def run(args: argparse.Namespace) -> int:
                     if key not in ("handler", "command")},
     })
     print(format_table(comparison))
+    if comparison.sanity is not None:
+        meta = comparison.meta["sanity"]
+        print()
+        if meta["steps"]:
+            print(sanity.format_blocks(meta))
+        for variant, metric in (("abs", "spearman"), ("abs", "ssim"), ("signed", "spearman"),
+                                ("positive_pooled", "spearman")):
+            print()
+            print(sanity.format_sanity_table(comparison.sanity, meta, variant, metric))
+        if meta.get("sentence"):
+            print()
+            print(meta["sentence"])
     if errors:
         print(f"skipped {len(errors)} unreadable image(s), e.g. {population.relative[positions[errors[0][0]]]}: "
               f"{errors[0][1]}", file=sys.stderr)

@@ -53,15 +53,16 @@ def test_compare_methods_end_to_end(dataset: tuple[Path, Path], tmp_path: Path,
     out = tmp_path / "trust"
     code, stdout, stderr = run_main(capsys, "compare-methods", "--data", str(images), "--model", TINY,
                                     "--checkpoint", str(checkpoint), "--sample", "12", "--steps", "8",
-                                    "--device", "cpu", "--quiet", "--out", str(out))
+                                    "--sanity-sample", "5", "--device", "cpu", "--quiet", "--out", str(out))
     assert code == 0, stderr
-    # The printed table: 2 layers x 5 methods, every number finite.
-    rows = [line for line in stdout.splitlines() if line.startswith(("input", "features"))]
-    assert len(rows) == 10
+    faithfulness, sanity_text = stdout.split("randomisation cascade")
+    # The printed table: 2 layers x 6 methods, every number finite.
+    rows = [line for line in faithfulness.splitlines() if line.startswith(("input", "features"))]
+    assert len(rows) == 12
     assert "deletion AUC (lower is better)" in stdout and "insertion AUC (higher is better)" in stdout
     numbers = [float(x) for line in rows for x in line.replace("±", " ").replace("[", " ").replace("]", " ").split()
                if x.replace(".", "").isdigit()]
-    assert len(numbers) >= 60 and all(math.isfinite(x) for x in numbers)
+    assert len(numbers) >= 72 and all(math.isfinite(x) for x in numbers)
 
     comparison = read_comparison(out)
     table = comparison.table.set_index(["layer", "method"])
@@ -81,18 +82,35 @@ def test_compare_methods_end_to_end(dataset: tuple[Path, Path], tmp_path: Path,
                        .to_numpy()).all()
     # The table is the per-image AUCs' summary; the mean curves are the per-image curves' means.
     per_image = comparison.per_image
-    assert len(per_image) == 12 * 10 and per_image["path"].str.endswith(".png").all()
+    assert len(per_image) == 12 * 12 and per_image["path"].str.endswith(".png").all()
     assert set(per_image["id"]) == set(sample_positions(16, 12, 0))
     for (at, method), group in per_image.groupby(["layer", "method"]):
         assert table.loc[(at, method), "n"] == 12
         assert table.loc[(at, method), "deletion_auc_mean"] == pytest.approx(group["deletion_auc"].mean(), rel=1e-6)
     curves = comparison.curves
-    assert len(curves) == 10 * 2 * 9  # (layer, method) x (deletion, insertion) x (steps + 1)
+    assert len(curves) == 12 * 2 * 9  # (layer, method) x (deletion, insertion) x (steps + 1)
     start = curves[(curves["curve"] == "deletion") & (curves["fraction"] == 0)]["probability"]
     assert np.allclose(start, start.iloc[0])  # every method starts from the same unperturbed images
     table_again, curves_again, meta = trust_page_data(out)
     pd.testing.assert_frame_equal(table_again, comparison.table)
     assert meta["steps"] == 8 and meta["options"]["sample"] == 12
+
+    # The sanity checks: printed (four tables and the sentence), stored beside the faithfulness results.
+    assert sanity_text.count("rank correlation with the original map") == 3
+    assert "SSIM with the original map" in sanity_text
+    assert "head + 1 block: head, features.2" in sanity_text and "explaining another class gives" in sanity_text
+    sanity_meta = comparison.meta["sanity"]
+    assert [s["label"] for s in sanity_meta["steps"]] == ["head", "head + 1 block", "all (head + 2 blocks)"]
+    assert sanity_meta["n_images"] == 5 and sanity_meta["pooled_size"] == 16 and sanity_meta["sentence"] in stdout
+    checks = comparison.sanity_per_image
+    assert len(checks) == 5 * (3 + 1) * 2 * 6 * 3   # images x (steps + class) x layers x methods x variants
+    assert checks["id"].nunique() == 5 and set(checks["id"]) <= set(per_image["id"])
+    assert (checks["path"] == per_image.set_index("id").loc[checks["id"], "path"].groupby(level=0).first()
+            .loc[checks["id"]].to_numpy()).all()
+    assert set(comparison.sanity["method"]) == set(METHODS)
+    assert set(comparison.sanity["check"]) == {"randomise", "class"}
+    # The maps that ignore the model do not change.
+    assert np.allclose(checks[checks["method"].isin(["edge", "random"])]["spearman"], 1.0)
 
 
 def test_curves_and_areas_equal_a_direct_computation(dataset: tuple[Path, Path]) -> None:
@@ -137,6 +155,7 @@ def test_curves_and_areas_equal_a_direct_computation(dataset: tuple[Path, Path])
     # Seeded per image: the random maps (and so their AUCs) repeat with other batches and layers. The random
     # maps have no ties, so only the model's probabilities differ, in their last bits (hence rtol 1e-5).
     again = compare_methods(model, images, layers=("input",), methods=("random",), steps=5, batch_size=3, seed=3)
+    # (Other batches: the perturbed forward passes differ in the last bits, hence a tolerance.)
     np.testing.assert_allclose(again.per_image["deletion_auc"],
                                comparison.per_image.query("layer == 'input' and method == 'random'")["deletion_auc"],
                                rtol=1e-5)
@@ -174,11 +193,15 @@ def test_a_cache_gets_its_trust_folder(small_cache: Path, tmp_path: Path, capsys
     cache = tmp_path / "cache"
     shutil.copytree(small_cache, cache)  # the session cache stays untouched
     code, stdout, stderr = run_main(capsys, "compare-methods", "--cache", str(cache), "--sample", "6", "--steps", "4",
-                                    "--device", "cpu", "--quiet")
+                                    "--randomise", "all", "--no-class-check", "--device", "cpu", "--quiet")
     assert code == 0, stderr
     comparison = read_comparison(cache / "trust")
     assert comparison.meta["model"].endswith("tiny_models.py:tiny_cnn") and comparison.meta["n_images"] == 6
     assert set(comparison.per_image["method"]) == set(METHODS)
+    # The pooled variant at the cache's own descriptor size; one step, no class check.
+    sanity_meta = comparison.meta["sanity"]
+    assert sanity_meta["pooled_size"] == 4 and [s["label"] for s in sanity_meta["steps"]] == ["all (head + 2 blocks)"]
+    assert set(comparison.sanity["check"]) == {"randomise"} and sanity_meta["n_images"] == 6
     assert comparison.per_image["path"].isin(pd.read_parquet(next(cache.rglob("table.parquet")))["path"]).all()
 
 
@@ -191,6 +214,11 @@ def test_a_cache_gets_its_trust_folder(small_cache: Path, tmp_path: Path, capsys
     (["--data", "/nonexistent", "--model", TINY], "--data /nonexistent: no such file or directory"),
     (["--cache", "{images}", "--model", TINY], "--model goes with --data"),
     (["--data", "{images}", "--cache", "{images}"], "not allowed with argument"),
+    (["--data", "{images}", "--model", TINY, "--randomise", "9"],
+     "--randomise 9: the model has 2 blocks below the head"),
+    (["--data", "{images}", "--model", TINY, "--randomise", "1,top"],
+     "argument --randomise: expected 'none', 'default'"),
+    (["--data", "{images}", "--model", TINY, "--sanity-sample", "0"], "argument --sanity-sample: expected a positive"),
 ])
 def test_wrong_options_fail_with_one_line(dataset: tuple[Path, Path], capsys: pytest.CaptureFixture,
                                           arguments: list[str], message: str) -> None:
@@ -200,9 +228,40 @@ def test_wrong_options_fail_with_one_line(dataset: tuple[Path, Path], capsys: py
     assert code == 2 and message in stderr and stderr.count("\n") == 1 and stdout == ""
 
 
+def test_no_sanity_checks_when_both_are_off(dataset: tuple[Path, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    images, checkpoint = dataset
+    code, stdout, stderr = run_main(capsys, "compare-methods", "--data", str(images), "--model", TINY, "--checkpoint",
+                                    str(checkpoint), "--sample", "2", "--steps", "2", "--randomise", "none",
+                                    "--no-class-check", "--device", "cpu", "--quiet", "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert "randomisation cascade" not in stdout and "Spearman" not in stdout
+    comparison = read_comparison(tmp_path)
+    assert comparison.sanity is None and "sanity" not in comparison.meta
+
+
 def test_reading_a_missing_comparison_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(ComparisonError, match=r"no method comparison in .* \(run `python -m analysis compare-methods"):
         read_comparison(tmp_path)
     (tmp_path / "comparison.json").write_text('{"format_version": 1}')
     with pytest.raises(ComparisonError, match="unreadable method comparison"):
         read_comparison(tmp_path)
+
+
+def test_a_corrupt_image_is_skipped_and_named(dataset: tuple[Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    images, checkpoint = dataset
+    folder = Path(shutil.copytree(images, tmp_path / "images"))
+    (folder / "plain" / "img_005.png").write_bytes(b"not a png")   # the 14th of 16 files
+    code, stdout, stderr = run_main(capsys, "compare-methods", "--data", str(folder), "--model", TINY, "--checkpoint",
+                                    str(checkpoint), "--sample", "16", "--steps", "2", "--randomise", "head",
+                                    "--sanity-sample", "5", "--device", "cpu", "--quiet",
+                                    "--out", str(tmp_path / "trust"))
+    assert code == 0, stderr
+    assert "skipped 1 unreadable image(s), e.g. plain/img_005.png" in stderr
+    comparison = read_comparison(tmp_path / "trust")
+    assert comparison.meta["skipped"][0]["path"] == "plain/img_005.png" and comparison.meta["n_images"] == 15
+    assert "plain/img_005.png" not in set(comparison.per_image["path"]) and comparison.per_image["id"].nunique() == 15
+    checked = comparison.sanity_per_image
+    assert "plain/img_005.png" not in set(checked["path"]) and checked["id"].nunique() == 5
+    assert set(checked["path"]) <= set(comparison.per_image["path"])

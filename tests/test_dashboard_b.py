@@ -152,8 +152,8 @@ def test_trust_with_comparison_and_shortcut_test(monkeypatch: pytest.MonkeyPatch
     assert done.returncode == 0, done.stderr
     at = open_page(monkeypatch, cache_copy, "trust")
     table = at.dataframe[0].value
-    assert len(table) == 10 and {"deletion AUC ↓", "insertion AUC ↑"} <= set(table.columns)
-    assert "FG-CAM (Grad-CAM)" in set(table["method"]) and "random map" in set(table["method"])
+    assert len(table) == 12 and {"deletion AUC ↓", "insertion AUC ↑"} <= set(table.columns)
+    assert {"FG-CAM (Grad-CAM)", "random map", "edge map (Sobel)"} <= set(table["method"])
     assert len(at.get("vega_lite_chart")) == 4  # deletion + insertion at two layers
     assert "No method comparison" not in texts(at)
 
