@@ -11,7 +11,7 @@ import sys
 from types import ModuleType
 from typing import NoReturn, Sequence
 
-COMMANDS: list[str] = ["analysis.job", "analysis.compare", "analysis.shortcut_test"]
+COMMANDS: list[str] = ["analysis.job", "analysis.compare", "analysis.shortcut_test", "analysis.cluster_cli"]
 
 
 class OneLineParser(argparse.ArgumentParser):
