@@ -1,7 +1,10 @@
-"""Shared fixtures. `small_cache`: a real cache built once per session by the real job (see tests/helpers.py)."""
+"""Shared fixtures. `small_cache`: a real cache built once per session by the real job (see tests/helpers.py);
+`small_demo`: the small demo, built once per session (tests/test_demo.py, tests/test_cluster_acceptance.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # The test machine has 2 cores shared by several processes: torch's default of one OpenMP thread per core
@@ -14,7 +17,7 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 import pytest
 
-from tests.helpers import make_small_cache
+from tests.helpers import REPO_ROOT, make_small_cache
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +25,19 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a complete cache: 3 classes x 8 images (one mislabelled per class), masks, tiny trained CNN,
     map size 16, descriptor size 4. Images in <parent>/images, masks in <parent>/masks."""
     return make_small_cache(tmp_path_factory.mktemp("small_cache"))
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory):
+    """`python -m data.demo --small --no-dashboard`, for real: 12,000 training images (2 epochs), the first
+    1,000 test images, the real job on them (and its clustering). About 40 s on 2 free cores."""
+    from data import demo, fashion_mnist
+
+    if not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR):
+        pytest.skip(f"Fashion-MNIST is not installed in {fashion_mnist.DEBIAN_DIR}")
+    out = tmp_path_factory.mktemp("demo") / "out"
+    done = subprocess.run([sys.executable, "-m", "data.demo", "--small", "--no-dashboard", "--offline",
+                           "--threads", "1", "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return demo.DemoPaths(out)

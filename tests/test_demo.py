@@ -246,20 +246,6 @@ def test_port_check_sees_a_port_in_use():
 # The small demo, end to end: the shortcut must be findable with the dashboard's analysis functions
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory) -> demo.DemoPaths:
-    """`python -m data.demo --small --no-dashboard`, for real: 12,000 training images (2 epochs), the first
-    1,000 test images, the real job on them. About 20 s on 2 free cores."""
-    if not fashion_mnist.has_files(DEBIAN_DIR):
-        pytest.skip(f"Fashion-MNIST is not installed in {DEBIAN_DIR}")
-    out = tmp_path_factory.mktemp("demo") / "out"
-    done = subprocess.run([sys.executable, "-m", "data.demo", "--small", "--no-dashboard", "--offline",
-                           "--threads", "1", "--out", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=540)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return demo.DemoPaths(out)
-
-
 def test_small_demo_writes_every_output(small_demo):
     from analysis.cache import load
 
