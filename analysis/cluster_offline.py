@@ -71,6 +71,7 @@ DENSITY_BINS = 256
 TOP_TO_VERIFY = 3
 BH_MAX = 4_000               # t-SNE below this many points: Barnes-Hut gradient (measured faster than FFT here)
 THREADED_MIN = 20_000        # t-SNE below this many points runs on one thread
+OPENTSNE_MIN = 1_000         # t-SNE below this many points: the dashboard's live one (scikit-learn)
 REFINE_ITERATIONS = 150      # t-SNE of a scope started from the all-images layout
 MAX_K = 100                  # spectral clustering keeps n x k eigenvector entries in memory
 # Options of the explain job that may change when it resumes (analysis.job.RUNTIME_OPTIONS; a test keeps the
@@ -151,7 +152,7 @@ class OfflineSettings:
 def class_names_of(cache: Any) -> list[str]:
     """Class names by model output index (the manifest's, extended with numbers for any index beyond it)."""
     names = list(cache.manifest.get("class_names") or [])
-    table = cache.table
+    table = cache.columns(["label", "pred"])
     largest = int(max(table["label"].max(), table["pred"].max())) + 1 if len(table) else 0
     return names + [str(i) for i in range(len(names), largest)]
 
@@ -219,15 +220,20 @@ def cache_fingerprint(cache: Any) -> str:
 # Method: input check, kNN graph, spectrum, clusters, embedding
 # ----------------------------------------------------------------------------------------------------------
 
-def geometry(x: np.ndarray, metric: str) -> np.ndarray:
+def geometry(x: np.ndarray, metric: str, in_place: bool = False) -> np.ndarray:
     """The points the kNN graph, k-means and t-SNE see: for "cosine", each descriptor scaled to unit length (a
     map without positive relevance stays zero), so that Euclidean distances are 2 - 2 cos. Cosine similarity
     compares where the relevance concentrates, whatever its spread -- the similarity the dashboard already uses
-    between maps (explore.nearest_neighbours, the suspicion's unlike_class)."""
+    between maps (explore.nearest_neighbours, the suspicion's unlike_class). `in_place` scales x itself (no
+    second copy at a million images); `restore_geometry` undoes it."""
     if metric == "euclidean":
         return x
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    scale = np.where(norms > 0, norms, 1.0).astype(np.float32)
+    if in_place:
+        x /= scale
+        return x
+    return (x / scale).astype(np.float32)
 
 
 def check_descriptors(x: np.ndarray) -> tuple[np.ndarray, list[str], bool]:
@@ -422,6 +428,11 @@ def tsne_layout(x: np.ndarray, graph: KnnGraph, seed: int = 0, threads: int | No
     threads = threads or os.cpu_count() or 1
     if n < 4:
         return _line_layout(n), EmbeddingInfo("line", n, 0, 0, 0.0)
+    if n < OPENTSNE_MIN:
+        # openTSNE's early exaggeration collapses a few dozen points to 0 (measured); the dashboard's live
+        # t-SNE (scikit-learn, perplexity capped at (n - 1) / 3) is made for this size.
+        coords = clustering.embed_2d(x, "tsne", seed=seed)
+        return coords, EmbeddingInfo("tsne (scikit-learn)", n, 0, 1000, round(time.perf_counter() - started, 3))
     rng = np.random.default_rng(seed)
     subsample = n > embed_max
     chosen = np.sort(rng.choice(n, embed_max, replace=False)) if subsample else np.arange(n)
@@ -451,10 +462,15 @@ def tsne_layout(x: np.ndarray, graph: KnnGraph, seed: int = 0, threads: int | No
                     progress(f"{label} {done}/{total}")
         return np.asarray(embedding, dtype=np.float64)
 
-    refine_only = init is not None and not subsample
+    start = None
+    if init is not None and not subsample:
+        start = np.array(init, np.float64) - np.mean(init, axis=0)
+        spread = float(start.std(axis=0).max())
+        start = start * (1e-4 / spread) if np.isfinite(spread) and spread > 0 else None   # else: all at one point
+    refine_only = start is not None
     phases = [(REFINE_ITERATIONS, 1.0, 0.8)] if refine_only else [(250, 12.0, 0.5), (500, 1.0, 0.8)]
-    start = initialization.rescale(np.array(init, np.float64), 1e-4) if refine_only else \
-        initialization.pca(x[chosen], random_state=seed)
+    if not refine_only:
+        start = initialization.pca(x[chosen], random_state=seed)
     coords = run(start, indices, distances, phases, f"t-SNE of {len(chosen):,}" if subsample else "t-SNE")
     iterations = sum(p[0] for p in phases)
     if subsample:
@@ -506,9 +522,11 @@ def clustering_name(algorithm: str, k: int) -> str:
 def cluster_scope(scope: str, ids: np.ndarray, descriptors: np.ndarray, rows: pd.DataFrame,
                   consensus: np.ndarray, class_names: Sequence[str], settings: OfflineSettings,
                   threads: int | None = None, progress: Progress | None = None,
-                  init: np.ndarray | None = None) -> ScopeResult:
+                  init: np.ndarray | None = None, overwrite_descriptors: bool = False) -> ScopeResult:
     """Cluster one scope: `ids` [n] with their `descriptors` [n, P] and table `rows` (same order); `init`
-    [n, 2]: the scope's points in the all-images layout, to start t-SNE from (see `tsne_layout`)."""
+    [n, 2]: the scope's points in the all-images layout, to start t-SNE from (see `tsne_layout`).
+    `overwrite_descriptors`: the descriptors (float32) may be used as working memory (a million images' worth
+    is a GiB)."""
     settings.validate()
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
@@ -523,6 +541,8 @@ def cluster_scope(scope: str, ids: np.ndarray, descriptors: np.ndarray, rows: pd
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     x, messages, degenerate = check_descriptors(descriptors)
+    if not overwrite_descriptors and x is descriptors:
+        x = x.copy()
     rows = rows.reset_index(drop=True)
     if n < 3 or degenerate:
         if n < 3:
@@ -537,7 +557,8 @@ def cluster_scope(scope: str, ids: np.ndarray, descriptors: np.ndarray, rows: pd
         knn_method = "none"
     else:
         say("kNN graph")
-        points = geometry(x, settings.metric)
+        norms = np.linalg.norm(x, axis=1).astype(np.float32)
+        points = geometry(x, settings.metric, in_place=True)     # x is the points until the summaries
         graph = knn_graph(points, settings.n_neighbors, settings.seed, threads)
         knn_method = graph.method
         adjacency = graph.adjacency()
@@ -575,6 +596,9 @@ def cluster_scope(scope: str, ids: np.ndarray, descriptors: np.ndarray, rows: pd
             coords, embedding = tsne_layout(points, graph, settings.seed, threads, settings.embed_max, init=init,
                                             progress=say)
         lap("embedding")
+        if points is x and settings.metric == "cosine":
+            x *= np.where(norms > 0, norms, 1.0)[:, None]        # back to the unit-mass descriptors
+        del points
 
     say("summaries")
     summaries, prototype_blocks, records = [], [], []
@@ -881,10 +905,8 @@ def fresh_scopes(cache: Any) -> list[str]:
     """Scopes with at least one clustering computed on the cache as it is now: all, mistakes, then true:<c>
     and pred:<c> in class order (the order of a scope menu)."""
     names = {s.scope for s in stored_scopes(cache.root, cache_fingerprint(cache)) if s.fresh}
-    try:
-        order = expand_scopes(DEFAULT_SCOPES, class_names_of(cache))
-    except ClusteringInputError:
-        order = []
+    # The manifest's class order (not the table's: building it costs seconds at a million images).
+    order = expand_scopes(DEFAULT_SCOPES, list(cache.manifest.get("class_names") or []))
     return [s for s in order if s in names] + sorted(names - set(order))
 
 
@@ -955,7 +977,7 @@ def compute_class_aggregates(cache: Any, chunk_rows: int = 4096,
                              progress: Callable[[int, int], None] | None = None) -> ClassAggregates:
     """Stream the cache in chunks of `chunk_rows` images (maps and descriptors read per chunk, never all at
     once) and return the per-class aggregates."""
-    table = cache.table
+    table = cache.columns(["label", "pred", "correct"])
     n_classes = len(class_names_of(cache))
     ids = cache.ids
     size = cache.map_size or cache.maps(ids[:1]).shape[-1] if len(ids) else 1
@@ -1164,7 +1186,7 @@ def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: Verif
     prototypes_all = np.load(stored.path / "prototypes.npy")
     names = [r["name"] for r in stored.meta.get("clusterings", [])]
     assignments = pq.read_table(stored.path / "assignments.parquet", columns=["id", *names]).to_pandas()
-    table = cache.table.set_index("id")
+    table = cache.columns(["id", "label"]).set_index("id")
     model = loaded.model.to(device)
     records = []
     for name in names:
@@ -1241,6 +1263,24 @@ def stored_verification_options(stored: StoredScope) -> dict[str, Any] | None:
 # Machinery: a whole run
 # ----------------------------------------------------------------------------------------------------------
 
+def load_cache(root: Path) -> Any:
+    from analysis.cache import load
+
+    return load(root)
+
+
+def read_descriptors(cache_root: Path, ids: np.ndarray, kind: str, chunk_rows: int = 65536) -> np.ndarray:
+    """float32 [len(ids), D*D] descriptors, read in chunks through a cache opened for this only: one copy in
+    memory (reading them at once holds two), and the mapped file pages leave the process with the reader."""
+    reader = load_cache(cache_root)
+    first = reader.descriptors(ids[:1], kind)
+    out = np.empty((len(ids), first.shape[1]), np.float32)
+    for start in range(0, len(ids), chunk_rows):
+        out[start:start + chunk_rows] = reader.descriptors(ids[start:start + chunk_rows], kind)
+    del reader
+    return out
+
+
 def _all_layout(folder: Path, fingerprint: str) -> pd.DataFrame | None:
     """The stored all-images layout (x, y indexed by id) of a run, when fresh."""
     meta = _read_meta(folder)
@@ -1281,10 +1321,11 @@ def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] =
     scope_list = expand_scopes(scopes, names)
     scope_list.sort(key=lambda scope: scope != "all")   # first: the other scopes' t-SNE starts from its layout
     fingerprint = cache_fingerprint(cache)
-    table = cache.table
+    table = cache.columns(SUMMARY_ROW_COLUMNS)
     if read_class_aggregates(cache) is None:
         progress.stage("per-class mean maps")
-        write_class_aggregates(cache.root, compute_class_aggregates(cache), fingerprint)
+        # Through a cache opened for this pass only: the file pages it maps leave the process with it.
+        write_class_aggregates(cache.root, compute_class_aggregates(load_cache(cache.root)), fingerprint)
     consensus = read_class_aggregates(cache).consensus[settings.descriptor]
     target = run_dir(cache.root, settings)
     target.mkdir(parents=True, exist_ok=True)
@@ -1297,7 +1338,6 @@ def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] =
                 if s.fresh and s.path.parent == target}
     masks = {scope: scope_mask(table, scope, names) for scope in scope_list}
     progress.start([(scope, int(masks[scope].sum())) for scope in scope_list])
-    rows_all = table[SUMMARY_ROW_COLUMNS]
     outcomes = []
     layout = None    # the all-images layout (id -> x, y), read when a scope needs it
     for scope in scope_list:
@@ -1322,8 +1362,9 @@ def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] =
                 layout = _all_layout(target / scope_folder("all"), fingerprint)
             init = None if layout is None else layout.reindex(ids).to_numpy(np.float64)
             init = None if init is None or not np.isfinite(init).all() else init
-        result = cluster_scope(scope, ids, cache.descriptors(ids, settings.descriptor), rows_all[mask], consensus,
-                               names, settings, threads, progress.stage, init=init)
+        result = cluster_scope(scope, ids, read_descriptors(cache.root, ids, settings.descriptor), table[mask],
+                               consensus, names, settings, threads, progress.stage, init=init,
+                               overwrite_descriptors=True)
         for message in result.messages:
             progress.message(f"{scope}: {message}")
         path = write_scope_result(target, result, settings, fingerprint)

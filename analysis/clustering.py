@@ -158,10 +158,19 @@ def graph_spectrum(affinity: sparse.csr_matrix, count: int,
     n_parts, part_of = connected_components(affinity, directed=False)
     order = np.argsort(part_of, kind="stable")
     bounds = np.searchsorted(part_of[order], np.arange(n_parts + 1))
+    # Every component contributes one zero eigenvalue, so one component can hold at most count - n_parts of the
+    # others: with many components, few (or no) eigenpairs need solving.
+    per_part = max(1, count - n_parts + 1)
     values, owners = [], []   # owners: (component members, its eigenvectors, column) of each value
     for part in range(n_parts):
         members = order[bounds[part]:bounds[part + 1]]
-        part_values, part_vectors = laplacian_eigenpairs(affinity[members][:, members], count)
+        sub = affinity[members][:, members]
+        if per_part == 1 or len(members) == 1:
+            # The zero eigenvalue's eigenvector is known: D^1/2 1, normalised.
+            root = np.sqrt(np.asarray(sub.sum(axis=1)).ravel()) if len(members) > 1 else np.ones(1)
+            part_values, part_vectors = np.zeros(1), (root / np.linalg.norm(root))[:, None]
+        else:
+            part_values, part_vectors = laplacian_eigenpairs(sub, per_part)
         values.extend(part_values.tolist())
         owners.extend((members, part_vectors if with_vectors else None, column) for column in range(len(part_values)))
     chosen = np.argsort(np.asarray(values, np.float64), kind="stable")[:count]
@@ -185,6 +194,10 @@ def suggest_k(eigenvalues: np.ndarray, max_k: int, n_points: int) -> int:
     candidates = np.arange(2, min(max_k, len(values) - 1) + 1)
     if len(candidates) == 0:
         return min(2, n_points)
+    if values[candidates[-1]] <= 1e-10:
+        # More than max_k separate components: every gap in range is 0, and the most clusters allowed is the
+        # closest to the truth (argmax would return the first candidate, 2).
+        return int(candidates[-1])
     return int(candidates[np.argmax(gaps[candidates - 1])])
 
 

@@ -110,6 +110,20 @@ def test_spectrum_eigengap_and_both_algorithms_recover_separated_groups(centres)
         assert np.bincount(labels).tolist() == [40] * centres     # relabelled by size, 0 first
 
 
+def test_more_separate_groups_than_max_k_suggest_max_k_and_need_no_solver():
+    x, truth = blobs(16, per=20, dim=32, spread=0.01)
+    adjacency = offline.knn_graph(x, 8).adjacency()
+    values, vectors = clustering.graph_spectrum(adjacency, 13, with_vectors=True)
+    assert np.all(values == 0) and clustering.suggest_k(values, 12, len(x)) == 12
+    # Each vector is its component's D^1/2 1, normalised: constant within one group, zero elsewhere.
+    for column in range(13):
+        support = np.unique(truth[np.abs(vectors[:, column]) > 0])
+        assert len(support) == 1
+        np.testing.assert_allclose(np.linalg.norm(vectors[:, column]), 1.0)
+    labels = offline.spectral_labels(vectors, np.asarray(adjacency.sum(axis=1)).ravel(), 12)
+    assert len(set(labels)) == 12
+
+
 def test_graph_spectrum_matches_a_dense_solver_on_a_connected_graph():
     from scipy.sparse.csgraph import laplacian
 
@@ -229,6 +243,8 @@ def test_explain_clusters_every_scope_at_its_end(clustered: Path):
         assert stored.prototypes.shape == (len(stored.summary), 16)
         np.testing.assert_allclose(stored.prototypes.sum(axis=1), 1.0, atol=1e-5)
         assert stored.suggested_k >= 1 and len(stored.eigenvalues) >= 1
+        if stored.n >= 4:   # a real layout, not every point in one place
+            assert (stored.assignments[["x", "y"]].std() > 1e-3).all() and np.isfinite(stored.assignments[["x", "y"]]).all().all()
 
 
 def test_reading_api_switches_settings_and_serves_the_page(clustered: Path):
