@@ -1213,6 +1213,10 @@ def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: Verif
             tested = sample[positions]
             side = int(round(np.sqrt(prototypes_all.shape[1])))
             prototype = prototypes_all[row_index].reshape(side, side)
+            if not np.isfinite(prototype).all() or prototype.max() <= 0:
+                records.append({**base, "tested": 0, "verdict": "not tested",
+                                "reason": "the prototype has no positive relevance: no region to test"})
+                continue
             labels = torch.from_numpy(table.loc[tested, "label"].to_numpy(np.int64).copy())
             try:
                 result = shortcut_test(model, images, labels, prototype, q=options.q, seed=options.seed,

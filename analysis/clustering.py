@@ -508,7 +508,7 @@ def calibrate_suspicion(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.
     # A tolerance below float noise, so that a cluster equal to the null (one cluster: the whole scope) is "as
     # extreme as chance" and not beyond it.
     exceed = (null_max[None, :] >= observed[:, None] - 1e-9).sum(axis=1)
-    p = np.where(real & np.isfinite(observed), (1.0 + exceed) / (1.0 + partitions), np.nan)
+    p = np.where(real & np.isfinite(observed) & (partitions > 0), (1.0 + exceed) / (1.0 + partitions), np.nan)
     return SuspicionCalibration(clusters=clusters, suspicion=observed, null_mean=null_mean, null_sd=null_sd, z=z,
                                 p=p, null_max=null_max, partitions=int(partitions))
 

@@ -215,6 +215,9 @@ def test_calibration_of_a_planted_suspicious_cluster_against_random_partitions()
     # One cluster (the whole scope) is exactly what chance gives.
     single = clustering.calibrate_suspicion(np.zeros(n, int), rows, x, consensus, partitions=20)
     assert single.top()["p"] == 1.0 and np.isnan(single.z[0])
+    # No partitions: not calibrated (NaN), rather than "as chance".
+    none = clustering.calibrate_suspicion(labels, rows, x, consensus, partitions=0)
+    assert np.isnan(none.p).all() and np.isnan(none.top()["z"])
 
 
 # ----------------------------------------------------------------------------------------------------------
