@@ -879,6 +879,16 @@ class Cache:
             self._table = public.to_pandas()
         return self._table
 
+    def columns(self, names: Sequence[str]) -> pd.DataFrame:
+        """Some public columns of `table`, in id order (cheaper than `table` at millions of rows: the list
+        columns are not built)."""
+        unknown = [name for name in names if name not in TABLE_SCHEMA.names]
+        if unknown:
+            raise ValueError(f"not table columns: {unknown}")
+        if self._table is not None:
+            return self._table[list(names)]
+        return self._view.stored.select(list(names)).to_pandas()
+
     @property
     def errors(self) -> pd.DataFrame:
         """Every skipped image: columns path, reason (and id)."""
@@ -1000,6 +1010,29 @@ class Cache:
         if not path.is_relative_to(root):
             raise CacheError(f"image path {relative!r} escapes the dataset root {root}")
         return path
+
+    # -- offline analysis results (written by `python -m analysis cluster`: analysis/cluster_offline.py) ---
+    def clustering_scopes(self) -> list[str]:
+        """Scopes with an offline clustering computed on the cache as it is now: all, mistakes, true:<class>,
+        pred:<class> (results of an older state of the cache are not listed)."""
+        from analysis import cluster_offline
+
+        return cluster_offline.fresh_scopes(self)
+
+    def clustering(self, scope: str, **settings: Any) -> Any:
+        """The stored clustering of a scope (analysis.cluster_offline.StoredClustering); `settings` choose among
+        the stored ones: descriptor, metric, n_neighbors, embedding, seed, algorithm, k, run. Raises
+        cluster_offline.ClusteringNotFound (a LookupError) when none matches."""
+        from analysis import cluster_offline
+
+        return cluster_offline.read_clustering(self, scope, **settings)
+
+    def class_maps(self) -> Any:
+        """Per-class mean maps and consensus maps over the whole cache (analysis.cluster_offline.ClassAggregates),
+        or None when the cluster command has not stored them for the cache as it is now."""
+        from analysis import cluster_offline
+
+        return cluster_offline.read_class_aggregates(self)
 
 
 def load(root: Path | str) -> Cache:

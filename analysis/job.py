@@ -106,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
                            help="data loading worker processes (0: load in the main process)")
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_group.add_argument("--no-cluster", action="store_true",
+                           help="do not run `python -m analysis cluster` (default settings) on the finished cache")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -827,4 +829,8 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
             print(f"explained {counts['explained']} images ({counts['errors']} skipped, see the errors table) "
                   f"into {plan.out}; this run: {processed} images in {seconds:.1f} s", file=sys.stderr)
     ranks.close()
+    if ranks.rank == 0 and not getattr(args, "no_cluster", False):
+        from analysis.cluster_cli import cluster_after_explain
+
+        return cluster_after_explain(plan.out, quiet=plan.quiet)
     return 0
