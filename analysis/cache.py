@@ -54,6 +54,10 @@ LOCK_NAME = ".lock"       # the writer's lock (WriterLock); never deleted, see t
 # --overwrite removes them with the cache, and each records the cache_identity it was made from.
 TRUST_DIR = "trust"
 DASHBOARD_DIR = "dashboard"
+ANALYSIS_DIR = "analysis"   # the offline clustering's results (python -m analysis cluster)
+DERIVED_DIRS = (TRUST_DIR, DASHBOARD_DIR, ANALYSIS_DIR)
+# The tags database (analysis/review.py) and the tags of replaced caches: kept by --overwrite (set aside instead).
+REVIEW_PREFIX = "review"
 
 # Public per-image columns, in order, with their dtypes (docs/contracts.md).
 TABLE_SCHEMA = pa.schema([
@@ -571,13 +575,19 @@ def _remove_atomically(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def is_cache_entry(name: str) -> bool:
+    """Whether a name in a cache directory is one this project writes there (the rest is the user's)."""
+    return name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, LOCK_NAME, *DERIVED_DIRS) or \
+        name.startswith((COMPACT_PREFIX, TMP_PREFIX, REVIEW_PREFIX))
+
+
 def wipe_cache_dir(root: Path) -> None:
     """Remove the cache files of `root` and the results derived from them (only names this project writes;
     other files are left alone)."""
     root = Path(root)
     for entry in os.scandir(root):
         name = entry.name
-        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, TRUST_DIR, DASHBOARD_DIR) or \
+        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, *DERIVED_DIRS) or \
                 name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
             path = Path(entry.path)
             shutil.rmtree(path) if entry.is_dir() and not entry.is_symlink() else path.unlink()

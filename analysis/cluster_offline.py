@@ -52,8 +52,9 @@ import pyarrow.parquet as pq
 from scipy import sparse
 
 from analysis import clustering, explore
+from analysis.cache import ANALYSIS_DIR
 
-RESULTS_DIR = "analysis"                 # CACHE/analysis/
+RESULTS_DIR = ANALYSIS_DIR               # CACHE/analysis/
 CLUSTERING_DIR = "clustering"            # CACHE/analysis/clustering/<run>/<scope>/
 CLASS_MAPS_FILE = "class_maps.parquet"   # CACHE/analysis/class_maps.parquet
 TMP_PREFIX = ".tmp-"
