@@ -11,8 +11,8 @@ import sys
 from types import ModuleType
 from typing import NoReturn, Sequence
 
-COMMANDS: list[str] = ["analysis.job", "analysis.check_model", "analysis.compare", "analysis.shortcut_test",
-                       "analysis.commands.insertion_test", "analysis.commands.export", "analysis.cluster_cli"]
+COMMANDS: list[str] = ["analysis.pipeline.job", "analysis.commands.check_model", "analysis.trust.compare", "analysis.trust.region_test",
+                       "analysis.commands.insertion_test", "analysis.commands.export", "analysis.commands.cluster"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -983,7 +983,7 @@ class Cache:
         """float32 [H, W] at the original image's size: the map laid on the region the model saw (bilinear
         between map cells), NaN where the model never looked. UnknownGeometry when the cache does not know
         where the map lies (see `geometry`)."""
-        from analysis.geometry import place_map
+        from analysis.pipeline.geometry import place_map
 
         geometry = self.geometry(id)
         if not geometry["known"]:
@@ -1025,7 +1025,7 @@ class Cache:
     def clustering_scopes(self) -> list[str]:
         """Scopes with an offline clustering computed on the cache as it is now: all, mistakes, true:<class>,
         pred:<class> (results of an older state of the cache are not listed)."""
-        from analysis import cluster_offline
+        from analysis.explore import cluster_offline
 
         return cluster_offline.fresh_scopes(self)
 
@@ -1033,14 +1033,14 @@ class Cache:
         """The stored clustering of a scope (analysis.cluster_offline.StoredClustering); `settings` choose among
         the stored ones: descriptor, metric, n_neighbors, embedding, seed, algorithm, k, run. Raises
         cluster_offline.ClusteringNotFound (a LookupError) when none matches."""
-        from analysis import cluster_offline
+        from analysis.explore import cluster_offline
 
         return cluster_offline.read_clustering(self, scope, **settings)
 
     def class_maps(self) -> Any:
         """Per-class mean maps and consensus maps over the whole cache (analysis.cluster_offline.ClassAggregates),
         or None when the cluster command has not stored them for the cache as it is now."""
-        from analysis import cluster_offline
+        from analysis.explore import cluster_offline
 
         return cluster_offline.read_class_aggregates(self)
 

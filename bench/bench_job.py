@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import job  # noqa: E402
+from analysis.pipeline import job  # noqa: E402
 from analysis.__main__ import build_parser  # noqa: E402
 from analysis.cache import CacheWriter, load  # noqa: E402
-from data.datasets import collate_items, ExplainDataset  # noqa: E402
+from analysis.pipeline.datasets import collate_items, ExplainDataset  # noqa: E402
 from tests.helpers import make_image_folder  # noqa: E402
 
 

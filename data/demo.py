@@ -36,7 +36,7 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
-from analysis.cli_types import positive_int as _positive_int
+from analysis.commands.cli_types import positive_int as _positive_int
 from data import fashion_mnist, shortcut
 from data.fashion_mnist import FOLDER_NAMES, FashionMNISTUnavailable, Split
 
@@ -437,7 +437,7 @@ def cluster_shortcut(cache: Any, table: Any, settings: Any = None) -> tuple[Any,
     k, at most max_points sampled) and summarise: one row per cluster, most suspicious first, with the
     prototype's share on the mark's corner, the fraction of marked members and the member ids added; and the
     eigengap's k."""
-    from analysis import clustering, explore
+    from analysis.explore import clustering, statistics as explore
 
     settings = settings or clustering.ClusteringSettings()
     rows = explore.sample_rows(len(table), settings.max_points, settings.seed)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from analysis import charts, explore
+from analysis.explore import charts, statistics as explore
 
 
 def _params(spec: dict) -> dict[str, dict]:

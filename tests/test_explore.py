@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import explore, overlay
+from analysis.explore import statistics as explore, overlay
 
 
 def _table(labels, preds, **scores) -> pd.DataFrame:

@@ -12,10 +12,10 @@ import torch
 
 from analysis.cache import load
 from analysis.fgcam import FGCAM
-from analysis.insertion_test import (INSERTION_DIR, insertion_test, insertion_test_on_cache, paste_regions,
+from analysis.trust.insertion_test import (INSERTION_DIR, insertion_test, insertion_test_on_cache, paste_regions,
                                      read_insertion_reports)
 from analysis.review import Review
-from analysis.shortcut_test import prototype_map, top_region
+from analysis.trust.region_test import prototype_map, top_region
 from tests.helpers import run_main
 from tests.test_shortcut_test import MARK, SIDE, planted_images, shortcut_model  # noqa: F401 (a fixture)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import clustering, report
+from analysis.explore import clustering, report
 from analysis.cache import load
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from analysis.cache import load
-from analysis.probe import rank_by_probe
+from analysis.review.probe import rank_by_probe
 from analysis.review import (DB_NAME, DEFAULT_TAGS, MAX_TAG_LENGTH, Review, ReviewError, label_issues,
                              tagged_table)
 from tests.helpers import REPO_ROOT, run_main, small_cache_arguments

@@ -16,8 +16,8 @@ from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from analysis import sanity
-from analysis.compare import (ComparisonError, MethodComparison, edge_maps, read_comparison, sanity_page_data,
+from analysis.trust import sanity
+from analysis.trust.compare import (ComparisonError, MethodComparison, edge_maps, read_comparison, sanity_page_data,
                               trust_page_data, write_comparison)
 from analysis.fgcam import FGCAM
 from data.demo_model import DemoCNN

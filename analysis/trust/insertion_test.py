@@ -36,9 +36,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from analysis.compare import TRUST_DIR_NAME
-from analysis.faithfulness import DEFAULT_FORWARD_BATCH
-from analysis.shortcut_test import (DEFAULT_Q, _check_q, _probabilities, control_regions, load_inputs,
+from analysis.trust.compare import TRUST_DIR_NAME
+from analysis.trust.faithfulness import DEFAULT_FORWARD_BATCH
+from analysis.trust.region_test import (DEFAULT_Q, _check_q, _probabilities, control_regions, load_inputs,
                                     model_from_manifest, prototype_map, top_region)
 
 DEFAULT_TARGETS = 200          # images of other classes the region is pasted into

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.cli_types import percentage as _percentage, positive_float as _positive_float, positive_int as _positive_int
-from analysis.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
+from analysis.commands.cli_types import percentage as _percentage, positive_float as _positive_float, positive_int as _positive_int
+from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
                                    logits_of, model_device_dtype, upsample_maps)
 
 COMMAND = "shortcut-test"
@@ -56,7 +56,7 @@ def prototype_map(maps: np.ndarray | Tensor) -> np.ndarray:
     """float32 [h, w]: mean of the selection's maps [n, h, w], each scaled to unit positive mass first, so
     that images with large relevance values do not decide the prototype alone (maps without positive
     relevance are left out). ValueError when no map has positive relevance."""
-    from analysis.explore import unit_mass
+    from analysis.explore.statistics import unit_mass
 
     maps = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
     if maps.ndim != 3 or len(maps) == 0:
@@ -280,7 +280,7 @@ def model_from_manifest(manifest: dict[str, Any]) -> Any:
     Raises `analysis.models.ModelSpecError` with one line saying why it cannot be loaded here (not
     importable, file or weights missing, or weights that differ from those the cache was made with).
     """
-    from analysis.models import ModelSpecError, load_model
+    from analysis.pipeline.models import ModelSpecError, load_model
 
     model_info = manifest.get("model") or {}
     options = manifest.get("options") or {}
@@ -306,7 +306,7 @@ def load_inputs(paths: Sequence[Path], transform: Any,
                 channels: int) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
     """Decode and preprocess images like the job: (float [n_ok, C, H, W], positions of the loaded ones in
     `paths`, [(position, reason)] of the skipped ones)."""
-    from data.datasets import Item, collate_items, load_image, to_model_mode
+    from analysis.pipeline.datasets import Item, collate_items, load_image, to_model_mode
 
     items = []
     for position, path in enumerate(paths):
@@ -513,7 +513,7 @@ def format_report(report: CacheShortcutReport, description: str, blur_sigma: flo
 def run(args: argparse.Namespace) -> int:
     """The `shortcut-test` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
     from analysis.cache import CacheError, load
-    from analysis.models import ModelSpecError
+    from analysis.pipeline.models import ModelSpecError
 
     try:
         device = pick_device(args.device)

@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.compare import BASE_LABELS, METHODS, Explainers, method_label, method_maps
-from analysis.scores import descriptors
+from analysis.trust.compare import BASE_LABELS, METHODS, Explainers, method_label, method_maps
+from analysis.pipeline.scores import descriptors
 
 VARIANTS = ("abs", "signed", "positive_pooled")
 VARIANT_LABELS = {"abs": "|map| at the map's resolution", "signed": "the signed map at its resolution",

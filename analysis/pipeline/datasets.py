@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageFile
 from torch import Tensor
 
-from analysis.geometry import Box, TransformGeometry, foreground_in_frame
+from analysis.pipeline.geometry import Box, TransformGeometry, foreground_in_frame
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import charts, clustering, explore, overlay
+from analysis.explore import charts, clustering, statistics as explore, overlay
 from analysis.cache import DASHBOARD_DIR, Cache, CacheError
 
 RESULTS_DIR_NAME = DASHBOARD_DIR      # clustering results are saved in CACHE/dashboard/

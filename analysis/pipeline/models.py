@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from analysis.cli_types import positive_int
-from analysis.geometry import TransformGeometry, geometry_of
+from analysis.commands.cli_types import positive_int
+from analysis.pipeline.geometry import TransformGeometry, geometry_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -273,7 +273,7 @@ def preprocessing_fingerprint(transform: Callable[[Any], Tensor], channels: int)
     looks like; editing the transform of a file.py:callable between a run and its resume changes it."""
     import numpy as np
 
-    from data.datasets import to_model_mode
+    from analysis.pipeline.datasets import to_model_mode
 
     try:
         output = transform(to_model_mode(_probe_image(), channels))

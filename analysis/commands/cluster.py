@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analysis import cluster_offline as offline
-from analysis.cli_types import non_negative_int, percentage, positive_int
+from analysis.explore import cluster_offline as offline
+from analysis.commands.cli_types import non_negative_int, percentage, positive_int
 
 COMMAND = "cluster"
 HELP = ("cluster every image of a cache offline, per scope (all, mistakes, each true and each predicted class): "
@@ -166,7 +166,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, offline.OfflineSettings, li
     scopes = offline.expand_scopes(args.scopes, offline.class_names_of(cache))
     loaded = device = None
     if args.verify_top:
-        from analysis.shortcut_test import model_from_manifest, pick_device
+        from analysis.trust.region_test import model_from_manifest, pick_device
 
         device = pick_device(args.device)
         loaded = model_from_manifest(cache.manifest)
@@ -176,7 +176,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, offline.OfflineSettings, li
 def run(args: argparse.Namespace) -> int:
     """The `cluster` subcommand: 0 on success, 2 for a setup problem (one line on stderr), 130 when stopped."""
     from analysis.cache import CacheError
-    from analysis.models import ModelSpecError
+    from analysis.pipeline.models import ModelSpecError
 
     try:
         cache, settings, scopes, loaded, device = _prepare(args)

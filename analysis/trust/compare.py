@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.cache import TRUST_DIR, cache_identity
-from analysis.cli_types import positive_float as _positive_float, positive_int as _positive_int
-from analysis.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
+from analysis.commands.cli_types import positive_float as _positive_float, positive_int as _positive_int
+from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
                                    deletion_insertion_curves, forward_passes_per_image)
 
 COMMAND = "compare-methods"
@@ -157,7 +157,7 @@ def edge_maps(images: Tensor, size: tuple[int, int]) -> Tensor:
     """float32 [N, h, w]: the Sobel gradient magnitude of each image's channel mean (edges replicated),
     resized to `size` like a map of that layer (`upsample_maps`: area-like when shrinking). It reads the
     image only: the reference a map that shows the image, not the model, looks like."""
-    from analysis.faithfulness import upsample_maps
+    from analysis.trust.faithfulness import upsample_maps
 
     gray = F.pad(images.float().mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")
     derivative = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device)
@@ -382,7 +382,7 @@ def sanity_page_data(directory: Path, variant: str = "abs", metric: str = "spear
     `metric` against the step, from the original model at step 0 --, the class check's rows of the
     summary, the sanity meta with its "sentence"), or None when the comparison has no sanity checks.
     ComparisonError as `read_comparison`."""
-    from analysis.sanity import sanity_curves
+    from analysis.trust.sanity import sanity_curves
 
     comparison = read_comparison(directory)
     if comparison.sanity is None:
@@ -435,7 +435,7 @@ def format_table(comparison: MethodComparison) -> str:
 
 
 def _depths(text: str) -> list[int | str] | None:
-    from analysis.sanity import parse_depths
+    from analysis.trust.sanity import parse_depths
 
     try:
         return parse_depths(text)
@@ -507,11 +507,11 @@ class _Population:
 
 
 def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
-    from analysis.models import load_model
+    from analysis.pipeline.models import load_model
 
     if args.cache is not None:
         from analysis.cache import load
-        from analysis.shortcut_test import model_from_manifest
+        from analysis.trust.region_test import model_from_manifest
 
         model_options = [name for name in ("model", "weights", "checkpoint", "num_classes", "image_size", "mean",
                                            "std") if getattr(args, name) is not None]
@@ -527,7 +527,7 @@ def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
         return population, model_from_manifest(cache.manifest)
     if args.model is None:
         raise ValueError("--data needs --model (or use --cache CACHE for a cache's images and model)")
-    from data.datasets import list_dataset
+    from analysis.pipeline.datasets import list_dataset
 
     listing = list_dataset(args.data)
     loaded = load_model(args.model, weights=args.weights, checkpoint=args.checkpoint, num_classes=args.num_classes,
@@ -564,7 +564,7 @@ class _SanityPlan:
 def _sanity_plan(args: argparse.Namespace, explainers: Explainers, count: int,
                  descriptor_size: int | None) -> _SanityPlan | None:
     """The sanity checks the options ask for (None: neither check); ValueError for a depth the model lacks."""
-    from analysis import sanity
+    from analysis.trust import sanity
 
     class_check = not args.no_class_check
     if args.randomise is None and not class_check:
@@ -579,12 +579,12 @@ def _sanity_plan(args: argparse.Namespace, explainers: Explainers, count: int,
 
 def run(args: argparse.Namespace) -> int:
     """The `compare-methods` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
-    from analysis import sanity
+    from analysis.trust import sanity
     from analysis.cache import CacheError
     from analysis.fgcam import UnsupportedOperation
-    from analysis.models import ModelSpecError
-    from analysis.shortcut_test import load_inputs, pick_device
-    from data.datasets import DatasetError
+    from analysis.pipeline.models import ModelSpecError
+    from analysis.trust.region_test import load_inputs, pick_device
+    from analysis.pipeline.datasets import DatasetError
 
     def fail(message: str) -> int:
         print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from analysis.cli_types import positive_int
-from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
-from data.datasets import IMAGE_EXTENSIONS, evenly_spaced, load_image, to_model_mode
+from analysis.commands.cli_types import positive_int
+from analysis.pipeline.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
+from analysis.pipeline.datasets import IMAGE_EXTENSIONS, evenly_spaced, load_image, to_model_mode
 
 COMMAND = "check-model"
 HELP = "check before a job that FG-CAM can explain a model: CAM layer, rule per op, conservation, time, memory"
@@ -477,7 +477,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `check-model` subcommand: 0 explainable, 1 not explainable, 2 an option that cannot be used."""
-    from analysis.shortcut_test import pick_device
+    from analysis.trust.region_test import pick_device
 
     try:
         device = pick_device(args.device)

@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import sparse
 
-from analysis import clustering, explore
+from analysis.explore import clustering, statistics as explore
 from analysis.cache import ANALYSIS_DIR
 
 RESULTS_DIR = ANALYSIS_DIR               # CACHE/analysis/
@@ -1159,8 +1159,8 @@ def region_off_object(region: np.ndarray, foreground: np.ndarray | None) -> tupl
     background_hotspot); without any foreground, the share in the border strip (as border_share)."""
     import torch
 
-    from analysis.scores import dilate, frame_mask
-    from analysis.shortcut_test import foreground_to_input
+    from analysis.pipeline.scores import dilate, frame_mask
+    from analysis.trust.region_test import foreground_to_input
 
     region_t = torch.as_tensor(np.asarray(region, bool))
     total = float(region_t.sum())
@@ -1181,7 +1181,7 @@ def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: Verif
     import torch
 
     from analysis.cache import _save_parquet
-    from analysis.shortcut_test import load_inputs, shortcut_test
+    from analysis.trust.region_test import load_inputs, shortcut_test
 
     summary_all = pq.read_table(stored.path / "summary.parquet").to_pandas()
     prototypes_all = np.load(stored.path / "prototypes.npy")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from analysis.cache import load
 from analysis.fgcam import FGCAM
-from analysis.models import ModelSpecError
-from analysis.shortcut_test import (control_regions, foreground_test, model_from_manifest, per_class_foreground,
+from analysis.pipeline.models import ModelSpecError
+from analysis.trust.region_test import (control_regions, foreground_test, model_from_manifest, per_class_foreground,
                                     prototype_map, region_pixel_count, shortcut_test, top_region)
 from tests.helpers import run_main
 from tests.tiny_models import TinyCNN

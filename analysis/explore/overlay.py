@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from analysis.geometry import covers_image, place_map, scale_box
+from analysis.pipeline.geometry import covers_image, place_map, scale_box
 
 # Diverging colour maps as anchor colours from -1 (most negative) to +1 (most positive); 0 is the middle
 # anchor. ColorBrewer / matplotlib anchors, interpolated linearly into a lookup table.

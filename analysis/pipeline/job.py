@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
+from analysis.commands.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.cache import (BOX_COLUMNS, COMPACT_PREFIX, FORMAT_VERSION, MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR,
                            SIZE_COLUMNS, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, is_cache_entry,
                            load, new_cache_id, now_iso, probability_arrays)
-from analysis.faithfulness import cost_note, faithfulness_scores
-from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model, preprocessing_fingerprint
-from analysis.scores import all_scores, descriptors, resize_maps
-from data.datasets import (Batch, DatasetError, DatasetListing, ExplainDataset, attach_boxes, attach_masks,
+from analysis.trust.faithfulness import cost_note, faithfulness_scores
+from analysis.pipeline.models import LoadedModel, ModelSpecError, add_model_arguments, load_model, preprocessing_fingerprint
+from analysis.pipeline.scores import all_scores, descriptors, resize_maps
+from analysis.pipeline.datasets import (Batch, DatasetError, DatasetListing, ExplainDataset, attach_boxes, attach_masks,
                            collate_items, evenly_spaced, list_dataset, load_image, read_text, to_model_mode)
 
 COMMAND = "explain"
@@ -295,7 +295,7 @@ def _geometry_record(loaded: LoadedModel, listing: DatasetListing) -> dict[str, 
     """
     from PIL import Image
 
-    from analysis.geometry import MeasuredGeometry, NoGeometry
+    from analysis.pipeline.geometry import MeasuredGeometry, NoGeometry
 
     image, where = Image.new("RGB", (64, 48), (128, 128, 128)), "a grey 64x48 image"
     for sample in listing.samples[:20]:
@@ -829,7 +829,7 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
                   f"into {plan.out}; this run: {processed} images in {seconds:.1f} s", file=sys.stderr)
     ranks.close()
     if ranks.rank == 0 and plan.cluster:
-        from analysis.cluster_cli import cluster_after_explain
+        from analysis.commands.cluster import cluster_after_explain
 
         return cluster_after_explain(plan.out, quiet=plan.quiet)
     return 0
