@@ -6,6 +6,7 @@ import pandas as pd
 
 from analysis.review.tags import Review
 
+
 EXPORT_COLUMNS = ("id", "path", "label", "prediction", "tags", "note", "who", "when")
 
 
