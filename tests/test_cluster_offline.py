@@ -413,7 +413,7 @@ def test_explain_with_no_cluster_skips_it(small_cache: Path, tmp_path: Path):
 
 
 def test_runtime_options_match_the_jobs():
-    from analysis.pipeline.job import RUNTIME_OPTIONS
+    from analysis.pipeline.plan import RUNTIME_OPTIONS
 
     assert tuple(offline.RUNTIME_OPTIONS) == tuple(RUNTIME_OPTIONS)
 

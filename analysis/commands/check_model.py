@@ -477,7 +477,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `check-model` subcommand: 0 explainable, 1 not explainable, 2 an option that cannot be used."""
-    from analysis.trust.region_test import pick_device
+    from analysis.pipeline.devices import pick_device
 
     try:
         device = pick_device(args.device)

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.cache import CacheError, load
     from analysis.pipeline.models import ModelSpecError
     from analysis.review import ReviewError
-    from analysis.trust.region_test import pick_device
+    from analysis.pipeline.devices import pick_device
 
     try:
         device = pick_device(args.device)

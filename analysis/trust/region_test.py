@@ -429,21 +429,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the per-image results to this CSV (and OUT stem + _per_class.csv with masks)")
 
 
-def pick_device(requested: str | None) -> torch.device:
-    """--device, or cuda when available; a one-line ValueError for one that cannot be used here."""
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"--device {requested!r}: not a torch device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def read_ids(path: Path) -> np.ndarray:
     """Ids from a text file (one per line; blank lines and # comments skipped) or a CSV with an 'id' column."""
     if not path.is_file():
