@@ -11,7 +11,8 @@ import sys
 from types import ModuleType
 from typing import NoReturn, Sequence
 
-COMMANDS: list[str] = ["analysis.commands.explain", "analysis.commands.check_model", "analysis.trust.compare", "analysis.trust.region_test",
+COMMANDS: list[str] = ["analysis.commands.explain", "analysis.commands.check_model",
+                       "analysis.commands.compare_methods", "analysis.commands.shortcut_test",
                        "analysis.commands.insertion_test", "analysis.commands.export", "analysis.commands.cluster"]
 
 

@@ -132,7 +132,7 @@ def lite0_inputs(photos: Path, crops: str) -> tuple[object, "torch.Tensor"]:
 def demo_inputs(cache_dir: Path, sample: int) -> tuple[object, "torch.Tensor"]:
     """(the demo model, `sample` of its cache's images drawn as compare-methods draws them)."""
     from analysis.cache import load
-    from analysis.trust.compare import sample_positions
+    from analysis.explore.statistics import sample_rows as sample_positions
     from analysis.trust.region_test import load_inputs, model_from_manifest
 
     cache = load(cache_dir)

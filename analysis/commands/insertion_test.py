@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _selection(cache, args: argparse.Namespace) -> tuple[np.ndarray, str]:
     from analysis.review import Review
-    from analysis.trust.region_test import select
+    from analysis.commands.shortcut_test import select
 
     if args.tag is None:
         return select(cache, args)
