@@ -32,11 +32,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from analysis.commands.cli_types import positive_int as _positive_int
+from analysis.commands.cli_types import OneLineParser, positive_int as _positive_int
 from data import fashion_mnist, shortcut
 from data.fashion_mnist import FOLDER_NAMES, FashionMNISTUnavailable, Split
 
@@ -547,15 +547,8 @@ def _port(text: str) -> int:
     return value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A usage error is one line on stderr (exit code 2), like `python -m analysis`."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m data.demo", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m data.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default {DEFAULT_OUT}, or {DEFAULT_OUT}/small with --small)")
     parser.add_argument("--small", action="store_true",

@@ -22,6 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Reading the logits from a model output (a tensor, or the first tensor of a tuple such as GoogLeNet's) has one
+# home: the engine's (analysis/fgcam/explainer.py).
+from analysis.fgcam.explainer import _logits as logits_of  # noqa: F401 (also used by trust.region_test)
+
+
 DEFAULT_STEPS = 20
 DEFAULT_BLUR_SIGMA = 5.0       # pixels of the model input; RISE's blur (sigma 5) at 224 x 224
 DEFAULT_FORWARD_BATCH = 256    # perturbed images per forward pass
@@ -160,15 +165,6 @@ class FaithfulnessCurves:
     insertion: np.ndarray      # float32 [N, steps + 1]: blurred -> image, most relevant pixels first
     deletion_auc: np.ndarray   # float32 [N], lower is better
     insertion_auc: np.ndarray  # float32 [N], higher is better
-
-
-def logits_of(output: object) -> Tensor:
-    """The logits from a model output: a tensor, or the first tensor of a tuple."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]  # e.g. GoogLeNet's (logits, aux...)
-    raise TypeError(f"the model returned {type(output).__name__}, expected a tensor of logits")
 
 
 def _class_probabilities(model: nn.Module, inputs: Tensor, classes: Tensor, forward_batch: int) -> Tensor:
