@@ -6,43 +6,21 @@ import pyarrow as pa
 
 
 FORMAT_VERSION = 1
-
-
 MANIFEST_NAME = "manifest.json"
-
-
 SHARDS_DIR = "shards"
-
-
 SHARD_PREFIX = "shard-"
-
-
 COMPACT_PREFIX = "compact-"
-
-
 TMP_PREFIX = ".tmp-"
-
-
 COVERED_NAME = "shards.json"
-
-
 DAMAGED_DIR = "damaged"   # committed parts a resumed job found unreadable, moved here (kept) and redone
-
-
 LOCK_NAME = ".lock"       # the writer's lock (WriterLock); never deleted, see there
 
 
 # Results derived from a cache and kept in its directory (compare-methods, the dashboard's saved clusterings):
 # --overwrite removes them with the cache, and each records the cache_identity it was made from.
 TRUST_DIR = "trust"
-
-
 DASHBOARD_DIR = "dashboard"
-
-
 ANALYSIS_DIR = "analysis"   # the offline clustering's results (python -m analysis cluster)
-
-
 DERIVED_DIRS = (TRUST_DIR, DASHBOARD_DIR, ANALYSIS_DIR)
 
 
@@ -76,14 +54,8 @@ TABLE_SCHEMA = pa.schema([
     ("crop_x1", pa.float32()),
     ("crop_y1", pa.float32()),
 ])
-
-
 OPTIONAL_SCORES = ("deletion_auc", "insertion_auc")
-
-
 SIZE_COLUMNS = ("image_width", "image_height")
-
-
 BOX_COLUMNS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1")
 
 
@@ -93,14 +65,8 @@ INTERNAL_SCHEMA = pa.schema([
     ("_scale_true", pa.float32()),   # NaN for correct rows
     ("_true_row", pa.int64()),       # row in maps_true.npy of the same part, -1 for correct rows
 ])
-
-
 STORED_SCHEMA = pa.schema(list(TABLE_SCHEMA) + list(INTERNAL_SCHEMA))
-
-
 ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
-
-
 DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.npy"}
 
 
@@ -109,11 +75,7 @@ DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.
 # writing, compaction and `Cache.row_array` need nothing else. Caches written before an array existed lack its
 # file: the reader then gives None.
 ROW_ARRAYS = {"probabilities": "probabilities.npy", "probability_classes": "probability_classes.npy"}
-
-
 PROBABILITY_TOP_K = 20            # with more than FULL_PROBABILITIES_MAX classes, only the top 20 are stored
-
-
 FULL_PROBABILITIES_MAX = 100
 
 

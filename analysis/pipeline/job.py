@@ -29,8 +29,6 @@ from analysis.pipeline.plan import JobPlan, Ranks, SetupError, _out_snapshot
 
 
 SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration")
-
-
 FAITHFULNESS_COLUMNS = ("deletion_auc", "insertion_auc")
 
 

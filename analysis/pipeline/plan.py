@@ -19,13 +19,10 @@ import torch
 from analysis.cache import (COMPACT_PREFIX, FORMAT_VERSION, MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR, CacheError,
                             CacheWriter, is_cache_entry, new_cache_id, now_iso)
 from analysis.pipeline.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
+from analysis.cache.identity import RUNTIME_OPTIONS  # options that may differ between a run and its resume
 from analysis.pipeline.devices import pick_device
 from analysis.pipeline.datasets import (DatasetError, DatasetListing, attach_boxes, attach_masks, evenly_spaced,
                                         list_dataset, load_image, read_text, to_model_mode)
-
-
-# Options that do not change any stored number: they may differ between a run and its resume.
-RUNTIME_OPTIONS = ("batch_size", "device", "workers")
 
 
 class SetupError(Exception):

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 import pandas as pd
 
+from analysis.cache.identity import identity_record
 from analysis.cache import MANIFEST_NAME, Cache, CacheError, CacheWriter, load
 from analysis.review.probe import as_ids, rank_by_probe
 
@@ -111,14 +112,6 @@ def _clean_optional(value: Any, what: str, limit: int, one_line: bool) -> str | 
     return value
 
 
-def cache_identity(manifest: dict[str, Any]) -> dict[str, str]:
-    """What ties tags to a cache: the manifest's `created` stamp, the dataset fingerprint and `cache_id` (a
-    random id per cache made; "None" in caches made before it existed)."""
-    return {"cache_created": str(manifest.get("created")),
-            "dataset_fingerprint": str((manifest.get("dataset") or {}).get("fingerprint")),
-            "cache_id": str(manifest.get("cache_id"))}
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -151,8 +144,8 @@ class Review:
         self.root = Path(root)
         self.path = self.root / DB_NAME
         manifest = _disk_manifest(self.root)
-        self.identity = cache_identity(manifest)
-        if cache is not None and cache_identity(cache.manifest) != self.identity:
+        self.identity = identity_record(manifest)
+        if cache is not None and identity_record(cache.manifest) != self.identity:
             raise ReviewError(f"the cache in {self.root} was replaced after it was opened: reload it")
         self._cache = cache
         self.set_aside: Path | None = self._open()

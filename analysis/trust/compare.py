@@ -50,29 +50,17 @@ from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BAT
 
 
 METHODS = ("fgcam", "fgcam_denoised", "cam", "lrp", "random", "edge")
-
-
 BASE_LABELS = {"gradcam": "Grad-CAM", "scorecam": "Score-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
                "layercam": "LayerCAM"}
-
-
 TRUST_DIR_NAME = TRUST_DIR            # compare-methods --cache DIR writes DIR/trust/ (the Trust page reads it)
 
 
 # Version 2 added the sanity checks (SANITY_FILE, SANITY_PER_IMAGE_FILE, meta["sanity"]); version 1 is still read.
 FORMAT_VERSION = 2
-
-
 READABLE_VERSIONS = (1, 2)
-
-
 META_FILE, TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE = ("comparison.json", "table.parquet", "curves.parquet",
                                                       "per_image.parquet")
-
-
 SANITY_FILE, SANITY_PER_IMAGE_FILE = "sanity.parquet", "sanity_per_image.parquet"
-
-
 DEFAULT_SAMPLE = 100
 
 

@@ -36,8 +36,6 @@ from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BAT
 
 
 DEFAULT_Q = 5.0            # percent of the image area
-
-
 CONTROL_TRIES = 16         # random placements tried per image; the one overlapping the region least is kept
 
 

@@ -11,75 +11,32 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.cache.classes import class_names as class_names_of  # noqa: F401 (offline.class_names_of)
+from analysis.cache.identity import RUNTIME_OPTIONS, cache_fingerprint  # noqa: F401 (re-exported)
 from analysis.explore import clustering
 from analysis.cache import ANALYSIS_DIR
 
 
 RESULTS_DIR = ANALYSIS_DIR               # CACHE/analysis/
-
-
 CLUSTERING_DIR = "clustering"            # CACHE/analysis/clustering/<run>/<scope>/
-
-
 CLASS_MAPS_FILE = "class_maps.parquet"   # CACHE/analysis/class_maps.parquet
-
-
 TMP_PREFIX = ".tmp-"
-
-
 SCOPE_PREFIX = "scope-"
-
-
 FORMAT_VERSION = 1
-
-
 ALGORITHMS = ("kmeans", "spectral")
-
-
 EMBEDDINGS = ("tsne", "spectral")
-
-
 METRICS = ("cosine", "euclidean")
-
-
 DESCRIPTOR_KINDS = clustering.DESCRIPTOR_KINDS
-
-
 SCOPE_GROUPS = ("all", "mistakes", "true", "pred")   # "true" / "pred": one scope per class
-
-
 DEFAULT_SCOPES = SCOPE_GROUPS
-
-
 EXACT_KNN_MAX = 20_000       # scopes up to this size get an exact kNN graph (faster than pynndescent there)
-
-
 DENSITY_BINS = 256
-
-
 TOP_TO_VERIFY = 3
-
-
 BH_MAX = 4_000               # t-SNE below this many points: Barnes-Hut gradient (measured faster than FFT here)
-
-
 THREADED_MIN = 20_000        # t-SNE below this many points runs on one thread
-
-
 OPENTSNE_MIN = 1_000         # t-SNE below this many points: the dashboard's live one (scikit-learn)
-
-
 REFINE_ITERATIONS = 150      # t-SNE of a scope started from the all-images layout
-
-
 MAX_K = 100                  # spectral clustering keeps n x k eigenvector entries in memory
-
-
-# Options of the explain job that may change when it resumes (analysis.job.RUNTIME_OPTIONS; a test keeps the
-# two equal): they change no stored number, so they are not part of the cache's content fingerprint.
-RUNTIME_OPTIONS = ("batch_size", "device", "workers")
-
-
 Progress = Callable[[str], None]
 
 
@@ -147,14 +104,6 @@ class OfflineSettings:
         return f"{self.descriptor}-{self.metric}-nn{self.n_neighbors}-{self.embedding}-seed{self.seed}-{digest}"
 
 
-def class_names_of(cache: Any) -> list[str]:
-    """Class names by model output index (the manifest's, extended with numbers for any index beyond it)."""
-    names = list(cache.manifest.get("class_names") or [])
-    table = cache.columns(["label", "pred"])
-    largest = int(max(table["label"].max(), table["pred"].max())) + 1 if len(table) else 0
-    return names + [str(i) for i in range(len(names), largest)]
-
-
 def expand_scopes(requested: Sequence[str], class_names: Sequence[str]) -> list[str]:
     """Scope names for a request: 'all', 'mistakes', 'true' (every 'true:<class>'), 'pred' (every
     'pred:<class>'), or single 'true:<class>' / 'pred:<class>'. ClusteringInputError for an unknown one."""
@@ -194,21 +143,3 @@ def scope_folder(scope: str) -> str:
     """A file-system-safe, unique folder name for a scope (class names may hold any character)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", scope.replace(":", "-"))[:40]
     return f"{SCOPE_PREFIX}{slug}-{hashlib.sha1(scope.encode()).hexdigest()[:8]}"
-
-
-def cache_fingerprint(cache: Any) -> str:
-    """Identifies what a cache holds: its generation (the manifest's creation, model weights, dataset files,
-    options) and the ids of its committed images. Results computed on another fingerprint are stale: an
-    `--overwrite` or a resume that added shards changes it; a resume that added nothing does not."""
-    manifest = cache.manifest
-    identity = {
-        "created": manifest.get("created"),
-        "weights": (manifest.get("model") or {}).get("weights_sha256"),
-        "spec": (manifest.get("model") or {}).get("spec"),
-        "dataset": (manifest.get("dataset") or {}).get("fingerprint"),
-        "options": {k: v for k, v in (manifest.get("options") or {}).items() if k not in RUNTIME_OPTIONS},
-        "class_names": manifest.get("class_names"),
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    digest.update(np.ascontiguousarray(cache.ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:24]
