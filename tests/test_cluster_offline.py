@@ -1,4 +1,4 @@
-"""The offline clustering (analysis/cluster_offline.py, `python -m analysis cluster`): its method on descriptors
+"""The offline clustering (analysis/explore/cluster_offline/, `python -m analysis cluster`): its method on descriptors
 with a known structure, its storage and reading API on real caches, staleness, a killed run, the command line,
 and the causal verification's rule. The demo-based acceptance tests are in tests/test_cluster_acceptance.py."""
 from __future__ import annotations

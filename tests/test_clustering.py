@@ -1,4 +1,4 @@
-"""Unit tests of analysis.clustering on descriptors with a known cluster structure."""
+"""Unit tests of analysis.explore.clustering on descriptors with a known cluster structure."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Unit tests of analysis.explore and analysis.overlay on inputs small enough to check by hand."""
+"""Unit tests of analysis.explore and analysis.explore.overlay on inputs small enough to check by hand."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Where the model's input lies in the original image (analysis/geometry.py), and the job, cache and masks that
+"""Where the model's input lies in the original image (analysis/pipeline/geometry.py), and the job, cache and masks that
 use it: crop boxes derived from torchvision's transforms (checked against torchvision's own output), measured
 for a user's own function, maps laid back on the original (`Cache.map_in_image`), masks and boxes in original
 pixels scored in the model's frame, 16-bit masks. Real transforms, real files, the real job."""

@@ -1,4 +1,4 @@
-"""The artefact insertion test (analysis/insertion_test.py) on a model trained with a planted shortcut (the
+"""The artefact insertion test (analysis/trust/insertion_test.py) on a model trained with a planted shortcut (the
 one tests/test_region_test.py trains: class 1 = noise + a bright 3 x 3 corner mark), then on a real cache
 through the command line."""
 from __future__ import annotations

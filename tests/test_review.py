@@ -1,5 +1,5 @@
-"""Tags (analysis/review.py) on real caches and real SQLite files: what is stored, two processes writing at
-once, tags following their cache through `explain --overwrite`; the probe (analysis/probe.py) on descriptors
+"""Tags (analysis/review/) on real caches and real SQLite files: what is stored, two processes writing at
+once, tags following their cache through `explain --overwrite`; the probe (analysis/review/probe.py) on descriptors
 with a known answer; label errors on the small cache; `python -m analysis export`."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sanity checks (analysis/sanity.py): the blocks of real architectures, randomisation that never touches the
+"""Sanity checks (analysis/trust/sanity/): the blocks of real architectures, randomisation that never touches the
 caller's model, the similarity metrics against scipy and scikit-image, the checks against a direct
 computation on the same maps, and a model-ignoring edge map against the CAM on a small trained model whose
 layers are re-initialised from the top."""

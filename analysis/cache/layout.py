@@ -24,7 +24,7 @@ ANALYSIS_DIR = "analysis"   # the offline clustering's results (python -m analys
 DERIVED_DIRS = (TRUST_DIR, DASHBOARD_DIR, ANALYSIS_DIR)
 
 
-# The tags database (analysis/review.py) and the tags of replaced caches: kept by --overwrite (set aside instead).
+# The tags database (analysis/review/) and the tags of replaced caches: kept by --overwrite (set aside instead).
 REVIEW_PREFIX = "review"
 
 
@@ -50,7 +50,7 @@ TABLE_SCHEMA = pa.schema([
     ("image_width", pa.int32()),       # the original image's size (0: not recorded, a cache of an older job)
     ("image_height", pa.int32()),
     ("crop_x0", pa.float32()),         # the crop box: the region of the original the model saw, in original
-    ("crop_y0", pa.float32()),         # pixels (analysis.geometry); NaN where it is unknown
+    ("crop_y0", pa.float32()),         # pixels (analysis.pipeline.geometry); NaN where it is unknown
     ("crop_x1", pa.float32()),
     ("crop_y1", pa.float32()),
 ])

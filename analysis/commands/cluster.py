@@ -1,6 +1,6 @@
 """`python -m analysis cluster`: cluster every image of a cache offline, per scope, for the dashboard.
 
-The method is in analysis/cluster_offline.py; this module is the command line: options, checks before any
+The method is in analysis/explore/cluster_offline/; this module is the command line: options, checks before any
 work, the progress bar and the closing table. `explain` calls `cluster_after_explain` when it finishes.
 """
 from __future__ import annotations

@@ -61,13 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "layer before the head)")
     method.add_argument("--layer", default=None,
                         help="the intermediate layer (module name); none: a middle layer between the input "
-                             "and the CAM layer (see analysis/compare.py)")
+                             "and the CAM layer (see analysis/trust/compare.py)")
     method.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
                         help="deletion / insertion steps; each image costs 2 x steps forward passes per method "
                              "and layer (12 curves: 24 x steps)")
     method.add_argument("--blur-sigma", type=_positive_float, default=DEFAULT_BLUR_SIGMA,
                         help="std in input pixels of the Gaussian blur of the baseline image")
-    sanity = parser.add_argument_group("sanity checks (Adebayo et al. 2018; see analysis/sanity.py)")
+    sanity = parser.add_argument_group("sanity checks (Adebayo et al. 2018; see analysis/trust/sanity/)")
     sanity.add_argument("--randomise", type=_depths, default="default", metavar="DEPTHS",
                         help="steps of the cascading model randomisation, in blocks below the classifier head, "
                              "comma-separated: head (the head alone), 1, 2, ..., all; 'default': head, powers of "

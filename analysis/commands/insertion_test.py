@@ -1,4 +1,4 @@
-"""`python -m analysis insertion-test`: the artefact insertion test (`analysis.insertion_test`) on a cache."""
+"""`python -m analysis insertion-test`: the artefact insertion test (`analysis.trust.insertion_test`) on a cache."""
 from __future__ import annotations
 
 import argparse

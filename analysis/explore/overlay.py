@@ -3,7 +3,7 @@ negative), overlays on the original image with an opacity, foreground outlines, 
 are gone, image grids and PNG / data-URI encoding. Used by the dashboard and the HTML report; no streamlit.
 
 Images are drawn with their own aspect ratio and the map only on the region the model saw (its crop box, see
-analysis.geometry); the rest of the image is dimmed and the region outlined (`view_tile`). Gallery tiles are
+analysis.pipeline.geometry); the rest of the image is dimmed and the region outlined (`view_tile`). Gallery tiles are
 letterboxed to one square size so that grids stay aligned.
 """
 from __future__ import annotations

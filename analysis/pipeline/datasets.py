@@ -1,6 +1,6 @@
 """Labelled image datasets for the offline job: listing (ImageFolder tree or CSV manifest), foreground
 sources (mask folder, boxes), robust image decoding (any PIL mode), and the torch Dataset that turns one
-listed image into a model input plus its crop box (where the input lies in the original, see analysis.geometry)
+listed image into a model input plus its crop box (where the input lies in the original, see analysis.pipeline.geometry)
 and its foreground at map size in the model's frame -- or into a recorded error, never a crash.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ this code: open it with the sqlite3 shell to recover them) and the database star
 A Review opened on a cache that has since been replaced refuses to write (ReviewError: reload).
 
 Likely label errors (`label_issues`): Cleanlab's label quality scores (Northcutt, Jiang, Chuang, "Confident
-learning", JAIR 2021) on the class probabilities the job stores; "find more like these" is `analysis.probe`.
+learning", JAIR 2021) on the class probabilities the job stores; "find more like these" is `analysis.review.probe`.
 """
 from __future__ import annotations
 
@@ -390,8 +390,8 @@ class Review:
     def rank_like(self, positive_ids: Iterable[int] | np.ndarray, negative_ids: Iterable[int] | np.ndarray = (),
                   kind: str = "positive", seed: int = 0) -> pd.DataFrame:
         """Every image that is neither positive nor negative, most like the positives first: DataFrame with
-        columns id, score (the linear probe's log-odds, see `analysis.probe`). How well the probe separates
-        what is tagged so far: `ranking.attrs["probe"]` (`analysis.probe.ProbeQuality.as_dict()`:
+        columns id, score (the linear probe's log-odds, see `analysis.review.probe`). How well the probe separates
+        what is tagged so far: `ranking.attrs["probe"]` (`analysis.review.probe.ProbeQuality.as_dict()`:
         cross-validated average precision and its chance level). `kind`: the descriptors used."""
         cache = self.cache
         frame, quality = rank_by_probe(cache.ids, cache.descriptors(kind=kind), positive_ids, negative_ids,

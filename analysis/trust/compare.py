@@ -3,7 +3,7 @@ they pass the sanity checks?
 
 On the same N sampled images and the same explained class (the model's prediction), six maps are scored
 with deletion and insertion curves (Petsiuk et al., "RISE", BMVC 2018; Gaussian-blurred baseline; see
-`analysis.faithfulness`) at two layers -- the input, and an intermediate layer:
+`analysis.trust.faithfulness`) at two layers -- the input, and an intermediate layer:
 
   fgcam            FG-CAM (Qiu, Jin, Zhang, AAAI 2024, arXiv 2303.09171) on the chosen base CAM
   fgcam_denoised   the same with FG-CAM's low-rank denoising
@@ -189,7 +189,7 @@ class MethodComparison:
     curves: pd.DataFrame      # layer, method, label, curve ("deletion"/"insertion"), fraction, probability (mean)
     per_image: pd.DataFrame   # image, path, class, layer, method, deletion_auc, insertion_auc
     meta: dict[str, Any] = field(default_factory=dict)   # meta["sanity"]: the sanity checks' meta, when run
-    sanity: pd.DataFrame | None = None            # analysis.sanity.summarise_sanity's table, when run
+    sanity: pd.DataFrame | None = None            # analysis.trust.sanity.summarise_sanity's table, when run
     sanity_per_image: pd.DataFrame | None = None  # per image: spearman and ssim per check, step, layer, method
 
 
@@ -366,7 +366,7 @@ def trust_page_data(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[s
 
 def sanity_page_data(directory: Path, variant: str = "abs", metric: str = "spearman"
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
-    """For the Trust page: (randomisation curves -- `analysis.sanity.sanity_curves`: mean and 95% band of
+    """For the Trust page: (randomisation curves -- `analysis.trust.sanity.sanity_curves`: mean and 95% band of
     `metric` against the step, from the original model at step 0 --, the class check's rows of the
     summary, the sanity meta with its "sentence"), or None when the comparison has no sanity checks.
     ComparisonError as `read_comparison`."""

@@ -4,7 +4,7 @@ Reveal-to-Revise (Pahde, Dreyer, Samek, Lapuschkin, "Reveal to Revise: An Explai
 Iterative Bias Correction of Deep Models", MICCAI 2023, arXiv 2303.12641) checks a suspected artefact by
 inserting it into clean images and counting how often the prediction follows it. Here: the region the
 selection's prototype map points to -- the top q% of its mean map, as in the causal shortcut test
-(`analysis.shortcut_test.top_region`) -- is cut out of the selection's own images (each source image's
+(`analysis.trust.region_test.top_region`) -- is cut out of the selection's own images (each source image's
 pixels under that mask) and pasted at the same place into images of other classes; we count the
 predictions that flip to the selection's class. The control pastes a region of the same size and shape at
 a random place (`control_regions`) from the same source image into the same target. A shortcut flips far

@@ -15,8 +15,8 @@ faithfulness metrics (Petsiuk et al. 2018), so that no new sharp edges appear.
 
 Method: `prototype_map`, `top_region`, `control_regions`, `blur_regions`, `shortcut_test`,
 `foreground_test`, `per_class_foreground`. Machinery: loading the cache's model and images
-(`model_from_manifest`, `load_inputs`), `shortcut_test_on_cache` for the dashboard. The command line (`python -m analysis shortcut-test`) is
-analysis/commands/shortcut_test.py.
+(`model_from_manifest`, `load_inputs`), `shortcut_test_on_cache` for the dashboard. The command line
+(`python -m analysis shortcut-test`) is analysis/commands/shortcut_test.py.
 """
 from __future__ import annotations
 
@@ -258,10 +258,10 @@ def per_class_foreground(frame: pd.DataFrame, class_names: Sequence[str]) -> pd.
 
 
 def model_from_manifest(manifest: dict[str, Any]) -> Any:
-    """The model a cache was made with (`analysis.models.LoadedModel`, eval mode, CPU), built from the
+    """The model a cache was made with (`analysis.pipeline.models.LoadedModel`, eval mode, CPU), built from the
     manifest's spec, checkpoint and preprocessing options.
 
-    Raises `analysis.models.ModelSpecError` with one line saying why it cannot be loaded here (not
+    Raises `analysis.pipeline.models.ModelSpecError` with one line saying why it cannot be loaded here (not
     importable, file or weights missing, or weights that differ from those the cache was made with).
     """
     from analysis.pipeline.models import ModelSpecError, load_model

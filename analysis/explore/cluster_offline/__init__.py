@@ -9,7 +9,7 @@ when it said "bag"?) -- over every image, no sampling:
 1. kNN graph of the descriptors (Euclidean): exact blocked search for small scopes, pynndescent's approximate
    search (Dong et al. 2011) above `EXACT_KNN_MAX` points. Its symmetrised 0/1 adjacency is shared by the steps
    below.
-2. Spectrum of the graph's normalised Laplacian, solved per connected component (analysis.clustering's
+2. Spectrum of the graph's normalised Laplacian, solved per connected component (analysis.explore.clustering's
    `graph_spectrum`): the eigengap suggests k; the eigenvectors are the spectral embedding.
 3. Clusters for every requested algorithm and k together: `spectral` = cluster_qr (Damle et al. 2019, as
    scikit-learn's spectral clustering with assign_labels="cluster_qr") on the shared eigenvectors, `kmeans` on
@@ -20,10 +20,10 @@ when it said "bag"?) -- over every image, no sampling:
    Linderman 2021). Above `embed_max` points (ours): t-SNE of a seeded uniform subsample, every other point
    placed at the mean position of its embedded nearest neighbours, then a few iterations of t-SNE on all
    points from there.
-5. Per-cluster summaries and prototypes (analysis.clustering.summarize_clusters) and the suspicion calibrated
-   against random partitions of the scope into groups of the same sizes (analysis.clustering's
+5. Per-cluster summaries and prototypes (analysis.explore.clustering.summarize_clusters) and the suspicion calibrated
+   against random partitions of the scope into groups of the same sizes (analysis.explore.clustering's
    `calibrate_suspicion`, ours).
-6. Optionally (`verify_scope`), the causal shortcut test (analysis.shortcut_test) on the top clusters, with the
+6. Optionally (`verify_scope`), the causal shortcut test (analysis.trust.region_test) on the top clusters, with the
    verdict rule documented at `verdict`.
 
 Each scope is written atomically under CACHE/analysis/clustering/<run>/<scope>/ (Parquet tables, NumPy arrays,

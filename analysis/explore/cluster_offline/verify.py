@@ -19,7 +19,7 @@ from analysis.explore.cluster_offline.store import StoredScope, _now
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """The causal test of the top clusters (analysis.shortcut_test) and the verdict rule's thresholds."""
+    """The causal test of the top clusters (analysis.trust.region_test) and the verdict rule's thresholds."""
 
     top: int = TOP_TO_VERIFY          # clusters of each clustering, by suspicion rank
     q: float = 5.0                    # the region: top q% of the prototype

@@ -34,7 +34,7 @@ How maps are compared (per image; the mean and a 95% Student-t confidence interv
 * variants: ``abs`` -- |map| at the map's own resolution (the input's, the intermediate layer's; the CAM's
   own for the CAM), Adebayo et al.'s main variant; ``signed`` -- the map itself (a map whose sign flips
   scores -1 here and 1 in ``abs``); ``positive_pooled`` -- the positive part adaptive-average-pooled to
-  D x D and scaled to unit mass, what the dashboard's clustering reads (`analysis.scores.descriptors`; a
+  D x D and scaled to unit mass, what the dashboard's clustering reads (`analysis.pipeline.scores.descriptors`; a
   map without positive relevance has no descriptor: undefined).
 * Spearman rank correlation (average ranks for ties; scipy.stats.spearmanr's definition); undefined (NaN,
   left out of the mean and counted) when a map is constant.
