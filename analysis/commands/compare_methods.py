@@ -17,6 +17,7 @@ from analysis.commands.cli_types import positive_float as _positive_float, posit
 from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
                                          forward_passes_per_image)
 from analysis.explore.statistics import sample_rows
+from analysis.pipeline.models import add_model_arguments
 from analysis.trust.compare import (BASE_LABELS, DEFAULT_SAMPLE, Explainers, METHODS, TRUST_DIR_NAME,
                                     check_intermediate_layer, compare_methods, default_intermediate_layer,
                                     format_table, write_comparison)
@@ -45,13 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--cache", type=Path,
                        help="a cache made by `explain`: its images and model; results go to CACHE/trust/ "
                             "(the dashboard's Trust page) unless --out is given")
-    source.add_argument("--model", help="with --data: torchvision:NAME, package.module:callable or file.py:callable")
-    source.add_argument("--weights", default=None, help="torchvision weights enum name (as for `explain`)")
-    source.add_argument("--checkpoint", type=Path, default=None, help="a state dict file (.pth)")
-    source.add_argument("--num-classes", type=_positive_int, default=None, help="outputs of a torchvision model")
-    source.add_argument("--image-size", type=_positive_int, default=None, help="as for `explain`")
-    source.add_argument("--mean", type=float, nargs="+", default=None, help="as for `explain`")
-    source.add_argument("--std", type=float, nargs="+", default=None, help="as for `explain`")
+    add_model_arguments(parser, required=False)  # --model: with --data (a cache names its model)
     method = parser.add_argument_group("comparison")
     method.add_argument("--sample", type=_positive_int, default=DEFAULT_SAMPLE,
                         help="number of images, drawn at random (seeded) without replacement")

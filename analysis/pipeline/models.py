@@ -48,11 +48,12 @@ class LoadedModel:
     output_names: list[str] | None         # class names of the outputs when the weights know them
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The options that say which model to load and how to preprocess its images (`load_model`'s arguments),
-    shared by the commands that load one (`explain`, `check-model`)."""
+    shared by the commands that load one (`explain`, `check-model`, `compare-methods`, where --model is only
+    needed with --data: `required=False`)."""
     model = parser.add_argument_group("model loading and preprocessing")
-    model.add_argument("--model", required=True,
+    model.add_argument("--model", required=required,
                        help="torchvision:NAME, package.module:callable or path/to/file.py:callable (the callable "
                             "returns an nn.Module or (nn.Module, transform))")
     model.add_argument("--weights", default=None,
