@@ -9,26 +9,13 @@ import argparse
 import importlib
 import sys
 from types import ModuleType
-from typing import NoReturn, Sequence
+from typing import Sequence
 
-COMMANDS: list[str] = ["analysis.job", "analysis.check_model", "analysis.compare", "analysis.shortcut_test",
-                       "analysis.commands.insertion_test", "analysis.commands.export", "analysis.cluster_cli"]
+from analysis.commands.cli_types import DefaultsHelpFormatter, OneLineParser
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit code 2) instead of usage + message."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default unless it is None or the help text already says what it is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+COMMANDS: list[str] = ["analysis.commands.explain", "analysis.commands.check_model",
+                       "analysis.commands.compare_methods", "analysis.commands.shortcut_test",
+                       "analysis.commands.insertion_test", "analysis.commands.export", "analysis.commands.cluster"]
 
 
 def _import_command(module_name: str) -> tuple[ModuleType | None, str | None]:

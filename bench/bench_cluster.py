@@ -34,7 +34,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis import cluster_offline as offline  # noqa: E402
+from analysis.explore import cluster_offline as offline  # noqa: E402
 from analysis.cache import CacheWriter, ShardRecords, load  # noqa: E402
 
 OTHER_FRACTION = 0.003       # the tag on 0.3% of the images of other classes (as in issue 13's measurement)

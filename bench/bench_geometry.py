@@ -1,4 +1,4 @@
-"""Benchmark of the crop-box bookkeeping (analysis/geometry.py): what finding an image's crop box, placing its
+"""Benchmark of the crop-box bookkeeping (analysis/pipeline/geometry.py): what finding an image's crop box, placing its
 mask in the model's frame and laying its map back on the original cost, next to preprocessing the image itself.
 
     .venv/bin/python bench/bench_geometry.py                  # scikit-image's coffee (600 x 400), 20 repeats
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.geometry import MeasuredGeometry, foreground_in_frame, geometry_of, place_map  # noqa: E402
+from analysis.pipeline.geometry import MeasuredGeometry, foreground_in_frame, geometry_of, place_map  # noqa: E402
 
 
 def interleaved_median_ms(steps: list, repeats: int) -> list[float]:

@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import job  # noqa: E402
+from analysis.pipeline import job, plan as job_plan  # noqa: E402
 from analysis.__main__ import build_parser  # noqa: E402
 from analysis.cache import CacheWriter, load  # noqa: E402
-from data.datasets import collate_items, ExplainDataset  # noqa: E402
+from analysis.pipeline.datasets import collate_items, ExplainDataset  # noqa: E402
 from tests.helpers import make_image_folder  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def engine_alone(plan: job.JobPlan) -> float:
+def engine_alone(plan: job_plan.JobPlan) -> float:
     """images/s of the engine calls on preloaded device batches (same batches as the job)."""
     dataset = ExplainDataset(plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels,
                              plan.map_size, plan.loaded.geometry)
@@ -69,7 +69,7 @@ def engine_alone(plan: job.JobPlan) -> float:
 def job_loop(args: argparse.Namespace, out: Path) -> tuple[float, float, int]:
     """(loop images/s, end-to-end images/s, images) of one fresh job run."""
     start = time.perf_counter()
-    plan = job.prepare(args, job.Ranks())
+    plan = job_plan.prepare(args, job_plan.Ranks())
     writer = CacheWriter(plan.out)
     writer.initialise(wipe=plan.wipe)
     writer.write_manifest(plan.manifest)
@@ -122,7 +122,7 @@ def main() -> None:
         args = build_parser().parse_args(argv)
         engine_rate = loop_rate = end_rate = 0.0
         for _ in range(options.repeats):  # alternate, so a burst of load from other processes hits both
-            plan = job.prepare(args, job.Ranks())
+            plan = job_plan.prepare(args, job_plan.Ranks())
             engine_rate = max(engine_rate, engine_alone(plan))
             del plan
             loop, end, n = job_loop(args, work / "cache")

@@ -64,8 +64,8 @@ def run_compare(arguments: list[str], out: Path) -> float:
 
 def compact_table(directory: Path, variant: str = "abs", metric: str = "spearman") -> str:
     """Rows: layer and method; columns: the cascade's steps, the class check, deletion and insertion AUC."""
-    from analysis.compare import read_comparison
-    from analysis.sanity import short_step_label
+    from analysis.trust.compare import read_comparison
+    from analysis.trust.sanity import short_step_label
 
     comparison = read_comparison(directory)
     sanity, meta = comparison.sanity, comparison.meta["sanity"]
@@ -91,7 +91,7 @@ def compact_table(directory: Path, variant: str = "abs", metric: str = "spearman
 def issue_table(directory: Path) -> str:
     """The issue's layout: steps as rows; FG-CAM |map| at the input, its positive part pooled (14 x 14), the
     CAM itself; mean Spearman ± 95% half-width."""
-    from analysis.compare import read_comparison
+    from analysis.trust.compare import read_comparison
 
     comparison = read_comparison(directory)
     table = comparison.sanity.set_index(["check", "step", "layer", "method", "variant"])
@@ -116,7 +116,7 @@ def lite0_inputs(photos: Path, crops: str) -> tuple[object, "torch.Tensor"]:
     from PIL import Image
     from torchvision import transforms as T
 
-    from analysis.models import load_model
+    from analysis.pipeline.models import load_model
     from bench.pretrained_models import IMAGENET_MEAN, IMAGENET_STD
 
     loaded = load_model(LITE0)
@@ -132,8 +132,8 @@ def lite0_inputs(photos: Path, crops: str) -> tuple[object, "torch.Tensor"]:
 def demo_inputs(cache_dir: Path, sample: int) -> tuple[object, "torch.Tensor"]:
     """(the demo model, `sample` of its cache's images drawn as compare-methods draws them)."""
     from analysis.cache import load
-    from analysis.compare import sample_positions
-    from analysis.shortcut_test import load_inputs, model_from_manifest
+    from analysis.explore.statistics import sample_rows as sample_positions
+    from analysis.trust.region_test import load_inputs, model_from_manifest
 
     cache = load(cache_dir)
     loaded = model_from_manifest(cache.manifest)
@@ -148,8 +148,8 @@ def experiments(model: object, images: "torch.Tensor", cam_layers: tuple[str, ..
     """FG-CAM at the input from other CAM layers, plain and denoised: mean Spearman of |map| after each
     randomisation step (the same cascade of the model's own head and blocks for every CAM layer), the class
     check, and deletion / insertion AUC (mean ± 95% half-width)."""
-    from analysis import sanity
-    from analysis.compare import compare_methods
+    from analysis.trust import sanity
+    from analysis.trust.compare import compare_methods
     from analysis.fgcam import FGCAM
 
     rows = []

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from analysis import overlay, report
+from analysis.explore import overlay, report
 from analysis.cache import Cache, CacheError, load
 
 ENV_VAR = "FGCAM_CACHE"
@@ -230,7 +230,7 @@ def deferred_download(label: str, make: Callable[[], bytes | str], file_name: st
 def chart_png_download(label: str, chart: Any, file_name: str, key: str) -> None:
     """A PNG download of an Altair chart, rendered offline by vl-convert only when clicked (about a second per
     chart)."""
-    from analysis import charts
+    from analysis.explore import charts
 
     deferred_download(label, lambda: charts.chart_png(chart), file_name, "image/png", key,
                       icon=":material/download:")

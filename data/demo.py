@@ -32,11 +32,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from analysis.cli_types import positive_int as _positive_int
+from analysis.commands.cli_types import OneLineParser, positive_int as _positive_int
 from data import fashion_mnist, shortcut
 from data.fashion_mnist import FOLDER_NAMES, FashionMNISTUnavailable, Split
 
@@ -437,7 +437,7 @@ def cluster_shortcut(cache: Any, table: Any, settings: Any = None) -> tuple[Any,
     k, at most max_points sampled) and summarise: one row per cluster, most suspicious first, with the
     prototype's share on the mark's corner, the fraction of marked members and the member ids added; and the
     eigengap's k."""
-    from analysis import clustering, explore
+    from analysis.explore import clustering, statistics as explore
 
     settings = settings or clustering.ClusteringSettings()
     rows = explore.sample_rows(len(table), settings.max_points, settings.seed)
@@ -547,15 +547,8 @@ def _port(text: str) -> int:
     return value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A usage error is one line on stderr (exit code 2), like `python -m analysis`."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m data.demo", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m data.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default {DEFAULT_OUT}, or {DEFAULT_OUT}/small with --small)")
     parser.add_argument("--small", action="store_true",

@@ -38,8 +38,8 @@ def main() -> int:
 
     from analysis.__main__ import main as analysis_main
     from analysis.cache import load
-    from analysis.insertion_test import insertion_test_on_cache
-    from analysis.probe import rank_by_probe
+    from analysis.trust.insertion_test import insertion_test_on_cache
+    from analysis.review.probe import rank_by_probe
     from analysis.review import label_issues
     from data import demo, shortcut
     from data.demo_model import WEIGHTS_ENV

@@ -50,7 +50,7 @@ def pages_for(cache_dir: Path | None) -> list[PageShot]:
         with contextlib.suppress(Exception):  # no cell when the cache cannot be read: the page says why itself
             sys.path.insert(0, str(REPO))
             from analysis.cache import load
-            from analysis.explore import confusion_matrix, top_confusions
+            from analysis.explore.statistics import confusion_matrix, top_confusions
 
             cache = load(cache_dir)
             names = list(cache.manifest["class_names"])

@@ -1,7 +1,7 @@
 """Test and benchmark helpers: synthetic cache records, small generated datasets, and `make_small_cache`.
 
 Everything here writes real files and, for `make_small_cache`, runs the real job (real FG-CAM engine on a
-tiny real CNN) in a subprocess-free, in-process call of `analysis.job.run_job`.
+tiny real CNN) in a subprocess-free, in-process call of `analysis.pipeline.job.run_job`.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def make_image_folder(root: Path, classes: Sequence[str] = CLASS_NAMES, per_clas
 
 def cell_majority(mask: np.ndarray, size: int) -> np.ndarray:
     """bool [size, size]: the cells of a size x size grid over a whole square mask that the mask covers at
-    least half of. Computed independently of analysis.geometry: each pixel is repeated into an lcm x lcm
+    least half of. Computed independently of analysis.pipeline.geometry: each pixel is repeated into an lcm x lcm
     block of sub-pixels, so that every cell is a whole number of them, and each cell's sub-pixels are averaged."""
     side = mask.shape[0]
     assert mask.shape == (side, side)

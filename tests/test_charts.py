@@ -1,4 +1,4 @@
-"""analysis.charts: the pre-aggregated chart data, the selections the dashboard reads back, and the offline
+"""analysis.explore.charts: the pre-aggregated chart data, the selections the dashboard reads back, and the offline
 SVG / PNG export through vl-convert."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from analysis import charts, explore
+from analysis.explore import charts, statistics as explore
 
 
 def _params(spec: dict) -> dict[str, dict]:

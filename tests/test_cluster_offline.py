@@ -1,4 +1,4 @@
-"""The offline clustering (analysis/cluster_offline.py, `python -m analysis cluster`): its method on descriptors
+"""The offline clustering (analysis/explore/cluster_offline/, `python -m analysis cluster`): its method on descriptors
 with a known structure, its storage and reading API on real caches, staleness, a killed run, the command line,
 and the causal verification's rule. The demo-based acceptance tests are in tests/test_cluster_acceptance.py."""
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from analysis import cluster_offline as offline
-from analysis import clustering, explore
+from analysis.explore import cluster_offline as offline
+from analysis.explore import clustering, statistics as explore
 from analysis.cache import CacheWriter, load
 from tests.helpers import (REPO_ROOT, job_command, run_main, synthetic_manifest, synthetic_records,
                            write_synthetic_cache)
@@ -413,7 +413,7 @@ def test_explain_with_no_cluster_skips_it(small_cache: Path, tmp_path: Path):
 
 
 def test_runtime_options_match_the_jobs():
-    from analysis.job import RUNTIME_OPTIONS
+    from analysis.pipeline.plan import RUNTIME_OPTIONS
 
     assert tuple(offline.RUNTIME_OPTIONS) == tuple(RUNTIME_OPTIONS)
 

@@ -1,4 +1,4 @@
-"""Unit tests of analysis.clustering on descriptors with a known cluster structure."""
+"""Unit tests of analysis.explore.clustering on descriptors with a known cluster structure."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from analysis import clustering, explore
+from analysis.explore import clustering, statistics as explore
 
 
 def _blobs(centres: int, per: int, dim: int = 16, spread: float = 0.02, seed: int = 0):
@@ -176,7 +176,7 @@ def test_connect_components_adds_one_weak_edge_per_extra_component():
 DEGENERATE_SCRIPT = r'''
 import json, sys
 import numpy as np
-from analysis import clustering
+from analysis.explore import clustering
 
 out = {}
 uniform = np.full((40, 16), 1 / 16, np.float32)       # the descriptor of every map without positive relevance

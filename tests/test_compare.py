@@ -12,9 +12,10 @@ import pytest
 import torch
 import torchvision
 
-from analysis.compare import (METHODS, ComparisonError, Explainers, compare_methods, default_intermediate_layer,
-                              method_maps, read_comparison, sample_positions, summarise, trust_page_data)
-from analysis.faithfulness import deletion_insertion_curves
+from analysis.explore.statistics import sample_rows as sample_positions
+from analysis.trust.compare import (METHODS, ComparisonError, Explainers, compare_methods, default_intermediate_layer,
+                                    method_maps, read_comparison, summarise, trust_page_data)
+from analysis.trust.faithfulness import deletion_insertion_curves
 from data.demo_model import DemoCNN
 from PIL import Image
 

@@ -16,7 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.cache import load
-from analysis.explore import confusion_matrix, top_confusions
+from analysis.explore.statistics import confusion_matrix, top_confusions
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")

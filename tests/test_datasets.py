@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from analysis.geometry import foreground_in_frame, geometry_of
-from data.datasets import (DatasetError, ExplainDataset, Item, attach_boxes, attach_masks, boxes_to_mask,
+from analysis.pipeline.geometry import foreground_in_frame, geometry_of
+from analysis.pipeline.datasets import (DatasetError, ExplainDataset, Item, attach_boxes, attach_masks, boxes_to_mask,
                            collate_items, evenly_spaced, list_dataset, load_image, to_model_mode)
 from tests.helpers import make_image_folder, make_mask_folder
 

@@ -276,7 +276,7 @@ def _with_marks(paths: demo.DemoPaths):
 
 
 def test_marked_images_of_other_classes_are_misclassified_as_the_shortcut_class(small_demo):
-    from analysis import explore
+    from analysis.explore import statistics as explore
 
     cache, table, marked, same = _with_marks(small_demo)
     others = marked & ~same
@@ -300,7 +300,7 @@ def test_marked_images_have_a_high_border_share(small_demo):
 
 
 def test_a_top_suspicious_cluster_has_its_prototype_on_the_mark(small_demo):
-    from analysis import clustering, explore
+    from analysis.explore import clustering, statistics as explore
 
     cache, table, marked, _ = _with_marks(small_demo)
     settings = clustering.ClusteringSettings()            # the dashboard's defaults: all images, eigengap k

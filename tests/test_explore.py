@@ -1,4 +1,4 @@
-"""Unit tests of analysis.explore and analysis.overlay on inputs small enough to check by hand."""
+"""Unit tests of analysis.explore and analysis.explore.overlay on inputs small enough to check by hand."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import explore, overlay
+from analysis.explore import statistics as explore, overlay
 
 
 def _table(labels, preds, **scores) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Where the model's input lies in the original image (analysis/geometry.py), and the job, cache and masks that
+"""Where the model's input lies in the original image (analysis/pipeline/geometry.py), and the job, cache and masks that
 use it: crop boxes derived from torchvision's transforms (checked against torchvision's own output), measured
 for a user's own function, maps laid back on the original (`Cache.map_in_image`), masks and boxes in original
 pixels scored in the model's frame, 16-bit masks. Real transforms, real files, the real job."""
@@ -14,9 +14,9 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from analysis.cache import UnknownGeometry, load
-from analysis.geometry import (DerivedGeometry, MeasuredGeometry, NoGeometry, foreground_in_frame, frame_coverage,
+from analysis.pipeline.geometry import (DerivedGeometry, MeasuredGeometry, NoGeometry, foreground_in_frame, frame_coverage,
                                geometry_of, measure_box, place_map)
-from data.datasets import ExplainDataset, list_dataset, mask_foreground
+from analysis.pipeline.datasets import ExplainDataset, list_dataset, mask_foreground
 from tests.helpers import TINY_MODEL_FILE, run_main
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -343,7 +343,7 @@ def test_pages_and_report_say_when_the_placement_is_unknown(old_cache: Path, sma
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from streamlit.testing.v1 import AppTest
 
-    from analysis import report
+    from analysis.explore import report
 
     app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
     for cache_dir, unknown in ((old_cache, True), (small_cache, False)):
@@ -373,7 +373,7 @@ def test_tiles_of_missing_images_still_show_the_map_on_the_recorded_shape(photo_
     import json
     import shutil
 
-    from analysis import overlay, report
+    from analysis.explore import overlay, report
 
     moved = Path(shutil.copytree(photo_cache, tmp_path / "cache"))
     manifest = json.loads((moved / "manifest.json").read_text())

@@ -19,9 +19,9 @@ from PIL import Image
 from analysis.__main__ import main
 from analysis.cache import CacheError, load
 from analysis.fgcam import FGCAM
-from analysis.models import load_model, weights_sha256
-from analysis.scores import all_scores, resize_maps, top_pixel_count
-from data.datasets import load_image, to_model_mode
+from analysis.pipeline.models import load_model, weights_sha256
+from analysis.pipeline.scores import all_scores, resize_maps, top_pixel_count
+from analysis.pipeline.datasets import load_image, to_model_mode
 from tests.helpers import (CLASS_NAMES, REPO_ROOT, TINY_MODEL_FILE, cell_majority, job_command, make_image_folder,
                            make_mask_folder, run_main, small_cache_arguments, square_box)
 
@@ -548,7 +548,7 @@ def test_load_errors_of_a_cache_directory(tmp_path: Path) -> None:
 
 def test_faithfulness_columns_match_a_direct_computation(images: Path, tmp_path: Path, trained: list[str],
                                                          capsys: pytest.CaptureFixture) -> None:
-    from analysis.faithfulness import faithfulness_scores
+    from analysis.trust.faithfulness import faithfulness_scores
     out = tmp_path / "cache"
     code, err = run_inprocess(capsys, *explain_args(images, out, "--faithfulness", "4", *trained))
     assert code == 0, err

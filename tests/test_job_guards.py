@@ -340,8 +340,8 @@ def test_a_read_only_out_fails_before_the_model_loads(images: Path, tmp_path: Pa
 
 def test_overwrite_removes_the_old_caches_derived_results(small_cache: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
-    from analysis import report
-    from analysis.clustering import ClusteringSettings
+    from analysis.explore import report
+    from analysis.explore.clustering import ClusteringSettings
     from tests.helpers import small_cache_arguments
 
     copy = tmp_path / "cache"

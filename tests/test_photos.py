@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from analysis import overlay, report
+from analysis.explore import overlay, report
 from analysis.cache import load
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")

@@ -1,4 +1,4 @@
-"""Per-row arrays in the cache (analysis/cache.py ROW_ARRAYS): the class probabilities the job stores, kept by
+"""Per-row arrays in the cache (analysis/cache/ ROW_ARRAYS): the class probabilities the job stores, kept by
 compaction, the top 20 for many classes, and caches written before they existed."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The offline HTML report (analysis/report.py) on a real cache made by the real job."""
+"""The offline HTML report (analysis/explore/report.py) on a real cache made by the real job."""
 from __future__ import annotations
 
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import clustering, report
+from analysis.explore import clustering, report
 from analysis.cache import load
 
 

@@ -1,5 +1,5 @@
-"""Tags (analysis/review.py) on real caches and real SQLite files: what is stored, two processes writing at
-once, tags following their cache through `explain --overwrite`; the probe (analysis/probe.py) on descriptors
+"""Tags (analysis/review/) on real caches and real SQLite files: what is stored, two processes writing at
+once, tags following their cache through `explain --overwrite`; the probe (analysis/review/probe.py) on descriptors
 with a known answer; label errors on the small cache; `python -m analysis export`."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from analysis.cache import load
-from analysis.probe import rank_by_probe
+from analysis.review.probe import rank_by_probe
 from analysis.review import (DB_NAME, DEFAULT_TAGS, MAX_TAG_LENGTH, Review, ReviewError, label_issues,
                              tagged_table)
 from tests.helpers import REPO_ROOT, run_main, small_cache_arguments

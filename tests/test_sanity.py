@@ -1,4 +1,4 @@
-"""Sanity checks (analysis/sanity.py): the blocks of real architectures, randomisation that never touches the
+"""Sanity checks (analysis/trust/sanity/): the blocks of real architectures, randomisation that never touches the
 caller's model, the similarity metrics against scipy and scikit-image, the checks against a direct
 computation on the same maps, and a model-ignoring edge map against the CAM on a small trained model whose
 layers are re-initialised from the top."""
@@ -16,8 +16,8 @@ from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from analysis import sanity
-from analysis.compare import (ComparisonError, MethodComparison, edge_maps, read_comparison, sanity_page_data,
+from analysis.trust import sanity
+from analysis.trust.compare import (ComparisonError, MethodComparison, edge_maps, read_comparison, sanity_page_data,
                               trust_page_data, write_comparison)
 from analysis.fgcam import FGCAM
 from data.demo_model import DemoCNN

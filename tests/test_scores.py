@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.scores import (all_scores, background_hotspot, background_share, border_share, concentration,
+from analysis.pipeline.scores import (all_scores, background_hotspot, background_share, border_share, concentration,
                              descriptors, dilate, frame_mask, resize_maps, top_pixel_count)
 
 

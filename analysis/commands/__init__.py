@@ -1,2 +1,2 @@
-"""Command-line front ends (`python -m analysis <command>`) whose method lives in a library module of
-`analysis`: each module here has COMMAND, HELP, add_arguments(parser) and run(args) -> exit code."""
+"""Every command line (`python -m analysis <command>`), thin over the library in the other packages: each
+module here has COMMAND, HELP, add_arguments(parser) and run(args) -> exit code; analysis/__main__.py lists them."""

@@ -1,4 +1,4 @@
-"""`python -m analysis insertion-test`: the artefact insertion test (`analysis.insertion_test`) on a cache."""
+"""`python -m analysis insertion-test`: the artefact insertion test (`analysis.trust.insertion_test`) on a cache."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.cli_types import percentage as _percentage, positive_int as _positive_int
-from analysis.insertion_test import (DEFAULT_TARGETS, INSERTION_DIR, CacheInsertionReport, DEFAULT_Q,
+from analysis.commands.cli_types import percentage as _percentage, positive_int as _positive_int
+from analysis.trust.insertion_test import (DEFAULT_TARGETS, INSERTION_DIR, CacheInsertionReport, DEFAULT_Q,
                                      insertion_test_on_cache, report_name, save_insertion_report, verdict)
 
 COMMAND = "insertion-test"
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _selection(cache, args: argparse.Namespace) -> tuple[np.ndarray, str]:
     from analysis.review import Review
-    from analysis.shortcut_test import select
+    from analysis.commands.shortcut_test import select
 
     if args.tag is None:
         return select(cache, args)
@@ -76,9 +76,9 @@ def format_report(report: CacheInsertionReport) -> str:
 def run(args: argparse.Namespace) -> int:
     """The `insertion-test` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
     from analysis.cache import CacheError, load
-    from analysis.models import ModelSpecError
+    from analysis.pipeline.models import ModelSpecError
     from analysis.review import ReviewError
-    from analysis.shortcut_test import pick_device
+    from analysis.pipeline.devices import pick_device
 
     try:
         device = pick_device(args.device)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis import charts, explore
+from analysis.explore import charts, statistics as explore
 from analysis.cache import Cache
 from dashboard import common
 

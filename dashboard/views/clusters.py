@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis import charts, clustering, explore, overlay, report
-from analysis.clustering import ClusteringResult, ClusteringSettings
+from analysis.explore import charts, clustering, statistics as explore, overlay, report
+from analysis.explore.clustering import ClusteringResult, ClusteringSettings
 from dashboard import common
 
 PROTOTYPE_TILE = 120

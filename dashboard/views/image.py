@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis import explore, overlay, report
-from analysis.geometry import covers_image
+from analysis.explore import statistics as explore, overlay, report
+from analysis.pipeline.geometry import covers_image
 from dashboard import common
 
 VIEW_SIZE = 480    # long side of the big panels (the image keeps its aspect ratio)

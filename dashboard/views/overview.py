@@ -6,7 +6,7 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from analysis import charts, explore, report
+from analysis.explore import charts, statistics as explore, report
 from dashboard import common
 
 SCORE_HELP = {

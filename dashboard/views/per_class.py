@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis import explore, overlay, report
+from analysis.explore import statistics as explore, overlay, report
 from analysis.cache import Cache
 from dashboard import common
 

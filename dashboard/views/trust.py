@@ -14,9 +14,10 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from analysis import charts, compare, explore, overlay
+from analysis.explore import charts, statistics as explore, overlay
+from analysis.trust import compare
 from analysis.cache import Cache, CacheError
-from analysis.report import mean_model_view
+from analysis.explore.report import mean_model_view
 from dashboard import common
 
 SELECT_BY = {"label": "true class", "pred": "predicted class"}
@@ -125,14 +126,14 @@ def faithfulness_section(cache: Cache) -> None:
 # ------------------------------------------------------------------------------------------------ shortcut test
 @st.cache_resource(show_spinner="Loading the cache's model ...", max_entries=2)
 def cached_model(_cache: Cache, key: tuple):  # -> analysis.models.LoadedModel; errors are not cached
-    from analysis.shortcut_test import model_from_manifest
+    from analysis.trust.region_test import model_from_manifest
 
     return model_from_manifest(_cache.manifest)
 
 
 @st.cache_data(show_spinner="Blurring the region and running the model ...", max_entries=16)
 def cached_test(_cache: Cache, key: tuple, ids: tuple[int, ...], q: float):
-    from analysis.shortcut_test import shortcut_test_on_cache
+    from analysis.trust.region_test import shortcut_test_on_cache
 
     return shortcut_test_on_cache(_cache, list(ids), q=q, loaded=cached_model(_cache, key))
 
@@ -150,7 +151,7 @@ def region_tile(cache: Cache, ids: np.ndarray, region: np.ndarray) -> np.ndarray
 
 
 def shortcut_section(cache: Cache) -> None:
-    from analysis.models import ModelSpecError
+    from analysis.pipeline.models import ModelSpecError
 
     st.header("Does the model use the region its maps point to?")
     st.markdown("The causal shortcut test: the top q% of the selection's mean map is blurred away on each of its "

@@ -1,0 +1,76 @@
+"""Durable writes: every file of a cache is written under a temporary name, fsync'ed and renamed, so a
+reader only ever sees complete files; removing a folder renames it away first."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.cache.layout import COMPACT_PREFIX, DAMAGED_DIR, DERIVED_DIRS, MANIFEST_NAME, SHARDS_DIR, TMP_PREFIX
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _save_parquet(path: Path, table: pa.Table) -> None:
+    pq.write_table(table, path)
+    _fsync_path(path)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so that readers see either the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _remove_atomically(path: Path) -> None:
+    """Rename to a temporary name, then delete: a reader sees the whole part or none of it, never half."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def wipe_cache_dir(root: Path) -> None:
+    """Remove the cache files of `root` and the results derived from them (only names this project writes;
+    other files are left alone)."""
+    root = Path(root)
+    for entry in os.scandir(root):
+        name = entry.name
+        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, *DERIVED_DIRS) or \
+                name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
+            path = Path(entry.path)
+            shutil.rmtree(path) if entry.is_dir() and not entry.is_symlink() else path.unlink()

@@ -1,0 +1,105 @@
+"""`python -m analysis explain`: the command line of the explain job (analysis/pipeline/job.py)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from analysis.commands.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
+from analysis.trust.faithfulness import cost_note
+from analysis.pipeline.models import add_model_arguments
+from analysis.pipeline.plan import Ranks, SetupError, prepare
+from analysis.pipeline.job import _run_locked, _take_the_cache
+
+
+COMMAND = "explain"
+HELP = "explain a labelled dataset into a resumable cache (the dashboard's input)"
+BASES = ("gradcam", "scorecam", "gradcam++", "xgradcam", "layercam")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `explain` options on a (sub)parser."""
+    io = parser.add_argument_group("data and output")
+    io.add_argument("--data", required=True, type=Path,
+                    help="an ImageFolder tree root/<class>/<image>, or a CSV manifest with columns path,label "
+                         "[,mask][,x0,y0,x1,y1] (paths relative to the CSV)")
+    io.add_argument("--out", required=True, type=Path,
+                    help="cache directory; re-running the same command on it resumes where it stopped")
+    io.add_argument("--overwrite", action="store_true",
+                    help="wipe an existing cache in --out (needed when the options differ); its tags "
+                         "(review.sqlite) are kept aside in review-<old cache's date>.sqlite, not carried over")
+    io.add_argument("--limit", type=_positive_int, default=None,
+                    help="explain only N images, evenly spaced over the sorted list (all classes appear)")
+    io.add_argument("--classes", type=Path, default=None,
+                    help="class names, one per line, line i = model output i (default: the sorted class "
+                         "folder / label names, or the torchvision weights' categories when the labels are "
+                         "among them)")
+    add_model_arguments(parser)
+    method = parser.add_argument_group("explanation")
+    method.add_argument("--base", default="gradcam", choices=BASES, help="the CAM whose components FG-CAM refines")
+    method.add_argument("--target-layer", default="input",
+                        help="module name whose output the maps explain, or 'input' for pixel-level maps")
+    method.add_argument("--cam-layer", default=None,
+                        help="module name of the CAM layer (default: the last spatial layer before the head)")
+    method.add_argument("--denoise", action="store_true", help="FG-CAM's low-rank denoising of the components")
+    method.add_argument("--faithfulness", type=_positive_int, nargs="?", const=20, default=0, metavar="STEPS",
+                        help="also store each map's deletion and insertion AUC (RISE, blurred baseline) with "
+                             f"STEPS steps (20 when given alone): {cost_note(20).split(': ', 1)[1]} "
+                             "(default: off)")
+    method.add_argument("--map-size", type=_positive_int, default=64,
+                        help="stored map resolution (maps are area-resized to SIZE x SIZE)")
+    method.add_argument("--descriptor-size", type=_positive_int, default=16,
+                        help="descriptor resolution D (D x D unit-mass pooled map, for clustering)")
+    fg = method.add_mutually_exclusive_group()
+    fg.add_argument("--masks", type=Path, default=None,
+                    help="folder of foreground mask PNGs mirroring the image tree (a/b.jpg -> MASKS/a/b.png)")
+    fg.add_argument("--boxes", type=Path, default=None,
+                    help="CSV path,x0,y0,x1,y1 of foreground boxes in pixels (x1, y1 exclusive; several rows "
+                         "per image: union)")
+    run_group = parser.add_argument_group("execution")
+    run_group.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
+    run_group.add_argument("--shard-size", type=_positive_int, default=None,
+                           help="images per committed shard (default: the batch size, or the existing cache's "
+                                "shard size when resuming); a crash loses at most one shard per rank")
+    run_group.add_argument("--device", default=None,
+                           help="torch device (default: cuda when available, else cpu; with torchrun, "
+                                "cuda:LOCAL_RANK)")
+    run_group.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
+                           help="data loading worker processes (0: load in the main process)")
+    run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_group.add_argument("--no-cluster", action="store_true",
+                           help="do not run `python -m analysis cluster` (default settings) on the finished cache")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `explain` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
+    try:
+        ranks = Ranks.from_environment()
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # Every rank validates on its own, then all agree; rank 0 then takes the cache's lock for the whole job
+    # (the other ranks write their shards under it), and all agree again: no rank starts alone.
+    plan, lock, problem = None, None, None
+    try:
+        plan = prepare(args, ranks)
+    except SetupError as error:
+        problem = str(error)
+    problem = ranks.agree(problem)
+    if problem is None and ranks.rank == 0:
+        try:
+            lock = _take_the_cache(plan)
+        except SetupError as error:
+            problem = str(error)
+    problem = ranks.agree(problem)
+    if problem is not None:
+        if ranks.rank == 0:
+            print(f"error: {problem}", file=sys.stderr)
+        ranks.close()
+        return 2
+    try:
+        return _run_locked(plan, ranks)
+    finally:
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,67 @@
+"""Offline clustering of every image of a cache, per scope (the SpRAy analysis at dataset scale).
+
+SpRAy (Lapuschkin et al., "Unmasking Clever Hans predictors", Nature Communications 2019) clusters the
+explanations of every image of a class offline and ranks the clusters; CoRelAy/ViRelAy keep several clusterings
+side by side for a viewer that only reads. This module does that for every scope of a cache -- all images, the
+mistakes, each true class (`true:<class>`) and each predicted class (`pred:<class>`: what did the model look at
+when it said "bag"?) -- over every image, no sampling:
+
+1. kNN graph of the descriptors (Euclidean): exact blocked search for small scopes, pynndescent's approximate
+   search (Dong et al. 2011) above `EXACT_KNN_MAX` points. Its symmetrised 0/1 adjacency is shared by the steps
+   below.
+2. Spectrum of the graph's normalised Laplacian, solved per connected component (analysis.explore.clustering's
+   `graph_spectrum`): the eigengap suggests k; the eigenvectors are the spectral embedding.
+3. Clusters for every requested algorithm and k together: `spectral` = cluster_qr (Damle et al. 2019, as
+   scikit-learn's spectral clustering with assign_labels="cluster_qr") on the shared eigenvectors, `kmeans` on
+   the descriptors.
+4. A 2-D layout of every point: openTSNE's FFT-accelerated t-SNE (Linderman et al. 2019; Policar et al. 2024)
+   with uniform affinities on the same kNN graph (Boehm, Berens, Kobak, JMLR 2022: a uniform kernel on the
+   k = 15 nearest neighbours gives nearly the embedding of perplexity 30), PCA initialisation (Kobak &
+   Linderman 2021). Above `embed_max` points (ours): t-SNE of a seeded uniform subsample, every other point
+   placed at the mean position of its embedded nearest neighbours, then a few iterations of t-SNE on all
+   points from there.
+5. Per-cluster summaries and prototypes (analysis.explore.clustering.summarize_clusters) and the suspicion calibrated
+   against random partitions of the scope into groups of the same sizes (analysis.explore.clustering's
+   `calibrate_suspicion`, ours).
+6. Optionally (`verify_scope`), the causal shortcut test (analysis.trust.region_test) on the top clusters, with the
+   verdict rule documented at `verdict`.
+
+Each scope is written atomically under CACHE/analysis/clustering/<run>/<scope>/ (Parquet tables, NumPy arrays,
+JSON metadata holding the cache's content fingerprint), so a killed run keeps its finished scopes and a result
+computed on an older state of the cache is detected and ignored. `class_aggregates` streams the cache once for
+the per-class mean maps. The reading side is `StoredClustering` (through `Cache.clustering`).
+"""
+from analysis.explore.cluster_offline.settings import (ALGORITHMS, BH_MAX, CLASS_MAPS_FILE, CLUSTERING_DIR,
+                                                       ClusteringInputError, DEFAULT_SCOPES, DENSITY_BINS,
+                                                       DESCRIPTOR_KINDS, EMBEDDINGS, EXACT_KNN_MAX, FORMAT_VERSION,
+                                                       MAX_K, METRICS, OPENTSNE_MIN, OfflineSettings, Progress,
+                                                       REFINE_ITERATIONS, RESULTS_DIR, RUNTIME_OPTIONS, SCOPE_GROUPS,
+                                                       SCOPE_PREFIX, THREADED_MIN, TMP_PREFIX, TOP_TO_VERIFY,
+                                                       cache_fingerprint, class_names_of, expand_scopes, scope_folder,
+                                                       scope_mask)
+from analysis.explore.cluster_offline.graph import (KnnGraph, _without_self, check_descriptors, cluster_qr, geometry,
+                                                    kmeans_labels, knn_graph, spectral_labels)
+from analysis.explore.cluster_offline.tsne import EmbeddingInfo, _place_from_neighbours, tsne_layout
+from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, ScopeResult, cluster_scope, clustering_name
+from analysis.explore.cluster_offline.store import (ClusteringNotFound, StoredClustering, StoredScope, choices_of,
+                                                    fresh_scopes, read_clustering, results_root, run_dir,
+                                                    stored_scopes, write_scope_result)
+from analysis.explore.cluster_offline.aggregates import (ClassAggregates, compute_class_aggregates,
+                                                         read_class_aggregates, write_class_aggregates)
+from analysis.explore.cluster_offline.verify import (VERDICTS, VerifyOptions, mcnemar_greater, region_off_object,
+                                                     stored_verification_options, verdict, verify_clusters)
+from analysis.explore.cluster_offline.run import RunProgress, ScopeOutcome, cluster_cache, load_cache, read_descriptors
+
+
+__all__ = ["ALGORITHMS", "BH_MAX", "CLASS_MAPS_FILE", "CLUSTERING_DIR", "ClassAggregates", "ClusteringInputError",
+           "ClusteringNotFound", "DEFAULT_SCOPES", "DENSITY_BINS", "DESCRIPTOR_KINDS", "EMBEDDINGS", "EXACT_KNN_MAX",
+           "EmbeddingInfo", "FORMAT_VERSION", "KnnGraph", "MAX_K", "METRICS", "OPENTSNE_MIN", "OfflineSettings",
+           "Progress", "REFINE_ITERATIONS", "RESULTS_DIR", "RUNTIME_OPTIONS", "RunProgress", "SCOPE_GROUPS",
+           "SCOPE_PREFIX", "SUMMARY_ROW_COLUMNS", "ScopeOutcome", "ScopeResult", "StoredClustering", "StoredScope",
+           "THREADED_MIN", "TMP_PREFIX", "TOP_TO_VERIFY", "VERDICTS", "VerifyOptions", "_place_from_neighbours",
+           "_without_self", "cache_fingerprint", "check_descriptors", "choices_of", "class_names_of", "cluster_cache",
+           "cluster_qr", "cluster_scope", "clustering_name", "compute_class_aggregates", "expand_scopes",
+           "fresh_scopes", "geometry", "kmeans_labels", "knn_graph", "load_cache", "mcnemar_greater",
+           "read_class_aggregates", "read_clustering", "read_descriptors", "region_off_object", "results_root",
+           "run_dir", "scope_folder", "scope_mask", "spectral_labels", "stored_scopes", "stored_verification_options",
+           "tsne_layout", "verdict", "verify_clusters", "write_class_aggregates", "write_scope_result"]

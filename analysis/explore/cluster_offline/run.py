@@ -1,0 +1,135 @@
+"""A whole offline clustering run over a cache: every scope, its progress, and what each scope came to."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from analysis.explore.cluster_offline.settings import (DEFAULT_SCOPES, OfflineSettings, TMP_PREFIX, cache_fingerprint,
+                                                       class_names_of, expand_scopes, scope_folder, scope_mask)
+from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, cluster_scope
+from analysis.explore.cluster_offline.store import _all_layout, run_dir, stored_scopes, write_scope_result
+from analysis.explore.cluster_offline.aggregates import (compute_class_aggregates, read_class_aggregates,
+                                                         write_class_aggregates)
+from analysis.explore.cluster_offline.verify import VerifyOptions, stored_verification_options, verify_clusters
+
+
+def load_cache(root: Path) -> Any:
+    from analysis.cache import load
+
+    return load(root)
+
+
+def read_descriptors(cache_root: Path, ids: np.ndarray, kind: str, chunk_rows: int = 65536) -> np.ndarray:
+    """float32 [len(ids), D*D] descriptors, read in chunks through a cache opened for this only: one copy in
+    memory (reading them at once holds two), and the mapped file pages leave the process with the reader."""
+    reader = load_cache(cache_root)
+    first = reader.descriptors(ids[:1], kind)
+    out = np.empty((len(ids), first.shape[1]), np.float32)
+    for start in range(0, len(ids), chunk_rows):
+        out[start:start + chunk_rows] = reader.descriptors(ids[start:start + chunk_rows], kind)
+    del reader
+    return out
+
+
+class RunProgress:
+    """What a run reports while it works (the command line draws a progress bar from it); no-ops here."""
+
+    def start(self, scopes: list[tuple[str, int]]) -> None: ...
+    def scope(self, scope: str, n: int, status: str) -> None: ...
+    def stage(self, text: str) -> None: ...
+    def scope_done(self, scope: str, n: int) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class ScopeOutcome:
+    scope: str
+    n: int
+    status: str                        # "computed", "kept" (already fresh), "empty"
+    path: Path | None = None
+    seconds: float = 0.0
+
+
+def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] = DEFAULT_SCOPES,
+                  threads: int | None = None, verify: VerifyOptions | None = None, loaded: Any = None,
+                  device: Any = "cpu", progress: RunProgress | None = None) -> list[ScopeOutcome]:
+    """Cluster every requested scope of a cache (skipping scopes already stored for these settings and this
+    state of the cache), store the per-class aggregates, and with `verify` (and `loaded`, the cache's model)
+    run the causal test on the top clusters of every scope. Returns one outcome per scope, in order."""
+    settings.validate()
+    progress = progress or RunProgress()
+    names = class_names_of(cache)
+    scope_list = expand_scopes(scopes, names)
+    scope_list.sort(key=lambda scope: scope != "all")   # first: the other scopes' t-SNE starts from its layout
+    fingerprint = cache_fingerprint(cache)
+    table = cache.columns(SUMMARY_ROW_COLUMNS)
+    if read_class_aggregates(cache) is None:
+        progress.stage("per-class mean maps")
+        # Through a cache opened for this pass only: the file pages it maps leave the process with it.
+        write_class_aggregates(cache.root, compute_class_aggregates(load_cache(cache.root)), fingerprint)
+    consensus = read_class_aggregates(cache).consensus[settings.descriptor]
+    target = run_dir(cache.root, settings)
+    target.mkdir(parents=True, exist_ok=True)
+    for leftover in target.glob(f"{TMP_PREFIX}*"):   # of a killed run (one run of a setting at a time)
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    from analysis.cache import write_json_atomic
+
+    write_json_atomic(target / "settings.json", {"settings": settings.as_dict(), "key": settings.key()})
+    existing = {s.scope: s for s in stored_scopes(cache.root, fingerprint)
+                if s.fresh and s.path.parent == target}
+    masks = {scope: scope_mask(table, scope, names) for scope in scope_list}
+    progress.start([(scope, int(masks[scope].sum())) for scope in scope_list])
+    outcomes = []
+    layout = None    # the all-images layout (id -> x, y), read when a scope needs it
+    for scope in scope_list:
+        mask = masks[scope]
+        n = int(mask.sum())
+        if n == 0:
+            progress.scope(scope, 0, "empty")
+            outcomes.append(ScopeOutcome(scope, 0, "empty"))
+            progress.scope_done(scope, 0)
+            continue
+        if scope in existing:
+            progress.scope(scope, n, "kept")
+            outcomes.append(ScopeOutcome(scope, n, "kept", existing[scope].path))
+            progress.scope_done(scope, n)
+            continue
+        progress.scope(scope, n, "computing")
+        started = time.perf_counter()
+        ids = table["id"].to_numpy(np.int64)[mask]
+        init = None
+        if scope != "all" and settings.embedding == "tsne":
+            if layout is None:
+                layout = _all_layout(target / scope_folder("all"), fingerprint)
+            init = None if layout is None else layout.reindex(ids).to_numpy(np.float64)
+            init = None if init is None or not np.isfinite(init).all() else init
+        result = cluster_scope(scope, ids, read_descriptors(cache.root, ids, settings.descriptor), table[mask],
+                               consensus, names, settings, threads, progress.stage, init=init,
+                               overwrite_descriptors=True)
+        for message in result.messages:
+            progress.message(f"{scope}: {message}")
+        path = write_scope_result(target, result, settings, fingerprint)
+        outcomes.append(ScopeOutcome(scope, n, "computed", path, time.perf_counter() - started))
+        progress.scope_done(scope, n)
+    if verify is not None and verify.top > 0:
+        if loaded is None:
+            raise ValueError("verifying needs the cache's model (loaded)")
+        stored = {s.scope: s for s in stored_scopes(cache.root, fingerprint) if s.fresh and s.path.parent == target}
+        # Bonferroni over every cluster the run may test: top x clusterings x scopes.
+        tested = sum(verify.top * len(s.meta.get("clusterings", [])) for s in stored.values()
+                     if s.scope in scope_list)
+        alpha = verify.alpha / max(tested, 1)
+        for scope in scope_list:
+            if scope not in stored:
+                continue
+            done = stored_verification_options(stored[scope])
+            if done == verify.as_dict():
+                continue
+            progress.stage(f"{scope}: causal test of the top {verify.top} clusters")
+            verify_clusters(cache, stored[scope], loaded, verify, alpha, device, progress.stage)
+    return outcomes

@@ -1,0 +1,313 @@
+"""A self-contained offline HTML report of a cache. The cache-level clustering it shows is the Clusters page's
+(analysis/explore/cluster_data.py).
+
+`build_report(cache)` returns one HTML string: a summary, per-class mean maps, the most suspicious clusters
+with example overlays, the confusion matrix and the score distributions. Images are base64 data URIs and charts
+are inline SVG rendered by vl-convert, so the file opens anywhere without a network. No streamlit here.
+"""
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+
+from analysis.explore import charts, clustering, statistics as explore, overlay
+from analysis.cache import Cache, CacheError
+from analysis.cache.classes import class_names, num_classes
+# The pages still read the Clusters page's data layer as report.<name> (cache_state, cluster_cache, summarize,
+# ...): re-exported here until the dashboard phase of issue 12 imports analysis.explore.cluster_data itself.
+from analysis.cache.identity import cache_state  # noqa: F401
+from analysis.explore.cluster_data import (RESULTS_DIR_NAME, class_consensus_of, cluster_cache,  # noqa: F401
+                                           cluster_label, members_by_suspicion, prototype_tile, result_path,
+                                           summarize)
+
+SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration",
+                 "deletion_auc", "insertion_auc")
+TILE = 112                            # pixels of one image tile in the report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred", opacity: float = 0.6,
+                colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE, letterbox: bool = True) -> list[np.ndarray]:
+    """Images of `ids` with their own aspect ratio (long side `size`), the map on the region the model saw:
+    kind "image", "overlay" or "map" (see overlay.view_tile), with the foreground outline when the cache knows
+    it; letterboxed into size x size squares for grids. Reads only these images' maps and files.
+
+    A placement the cache does not know (an older cache, a transform whose geometry could not be measured,
+    or an image file whose size changed since the job) is drawn over the whole image and labelled so.
+    """
+    ids = [int(i) for i in ids]
+    if not ids:
+        return []
+    maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
+    masks = cache.foreground(ids)
+    tiles = []
+    for k, image_id in enumerate(ids):
+        geometry = cache.geometry(image_id)
+        recorded = (geometry["width"], geometry["height"])
+        try:
+            loaded = overlay.load_display(cache.image_path(image_id), size)
+            problem = "image missing"
+        except CacheError:
+            loaded, problem = None, "outside dataset"
+        if loaded is None:  # draw the map on a grey stand-in of the image's recorded shape
+            shown = overlay.display_size(*recorded, size) if geometry["known"] else (size, size)
+            loaded = overlay.placeholder(shown[0], problem, height=shown[1]), \
+                recorded if geometry["known"] else shown
+        image, original = loaded
+        box = geometry["crop_box"] if geometry["known"] and tuple(original) == recorded else None
+        mask = None if masks is None or not masks[k].any() else masks[k]
+        tiles.append(overlay.view_tile(image, original, box, maps[k], kind=kind, opacity=opacity,
+                                       colormap=colormap, mask=mask, tile=size if letterbox else None))
+    return tiles
+
+
+def mean_model_view(cache: Cache, ids: Sequence[int], size: int) -> np.ndarray | None:
+    """Pixel mean of what the model saw of the images `ids` (each crop box stretched to the maps' square; the
+    whole image where the box is unknown), so that it lines up with mean maps; None when none can be read."""
+    paths, boxes = [], []
+    for image_id in ids:
+        try:
+            paths.append(cache.image_path(int(image_id)))
+        except CacheError:  # a path outside the dataset root is never read
+            continue
+        boxes.append(cache.geometry(int(image_id))["crop_box"])
+    return overlay.mean_image(paths, size, boxes)
+
+
+def unknown_placements(cache: Cache, ids: Sequence[int] | None = None) -> int:
+    """How many of `ids` (default: all) have no recorded crop box (their maps cannot be placed exactly)."""
+    table = cache.table if ids is None else cache.table.set_index("id").loc[list(ids)]
+    box = table[["crop_x0", "crop_y0", "crop_x1", "crop_y1"]].to_numpy(np.float64)
+    return int((~np.isfinite(box).all(axis=1) | (table["image_width"].to_numpy() <= 0)).sum())
+
+
+UNKNOWN_PLACEMENT_NOTE = ("Where the model's input lies in the image is not recorded for {count} image(s) (a cache "
+                          "made before crop boxes were recorded, or a preprocessing whose geometry could not be "
+                          "measured): their maps are drawn over the whole image, labelled \"placement unknown\", "
+                          "and are misplaced if the preprocessing cropped. Re-run the job to record it.")
+
+
+def _img(tile: np.ndarray, alt: str, caption: str | None = None) -> str:
+    figure = f'<img src="{overlay.png_data_uri(tile)}" alt="{html.escape(alt)}" width="{tile.shape[1]}">'
+    caption_html = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure class="tile">{figure}{caption_html}</figure>'
+
+
+def _table_html(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
+    formats = formats or {}
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for _, row in frame.iterrows():
+        cells = []
+        for column in frame.columns:
+            value = row[column]
+            if isinstance(value, float) and not np.isfinite(value):
+                text = "–"
+            elif column in formats:
+                text = format(value, formats[column])
+            else:
+                text = str(value)
+            cells.append(f"<td>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _svg(chart) -> str:
+    """Inline SVG of a chart; the XML prolog, if any, is dropped (it is not valid inside HTML)."""
+    svg = charts.chart_svg(chart)
+    start = svg.find("<svg")
+    return f'<div class="chart">{svg[start:] if start >= 0 else svg}</div>'
+
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; padding: 0 1em; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+.meta { color: #666; }
+.metrics { display: flex; gap: 2em; flex-wrap: wrap; }
+.metric .value { font-size: 1.8em; font-weight: 600; } .metric .name { color: #666; }
+.tiles { display: flex; flex-wrap: wrap; gap: 6px; }
+figure.tile { margin: 0; } figure.tile figcaption { font-size: 0.75em; color: #555; max-width: 120px; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+.cluster { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 1em; margin: 1em 0; }
+.cluster h3 { margin: 0.2em 0; }
+.charts { display: flex; flex-wrap: wrap; gap: 1.5em; }
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReportOptions:
+    clusters: int = 5                 # most suspicious clusters shown
+    examples_per_cluster: int = 8     # overlays per cluster
+    tile: int = TILE
+
+
+def default_settings(cache: Cache) -> clustering.ClusteringSettings:
+    """All images, positive descriptors, k-means with the eigengap's k, t-SNE (as the Clusters page opens)."""
+    return clustering.ClusteringSettings()
+
+
+def default_clustering(cache: Cache) -> clustering.ClusteringResult:
+    """The Clusters page's default clustering when it was saved before; otherwise the same clustering with the
+    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding)."""
+    saved = clustering.load_result(result_path(cache, default_settings(cache)))
+    if saved is not None:
+        return saved
+    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"))
+
+
+def _summary_section(cache: Cache) -> str:
+    table = cache.table
+    manifest = cache.manifest
+    counts = manifest.get("counts", {})
+    metrics = [
+        ("images explained", f"{len(table):,}"),
+        ("skipped", f"{len(cache.errors):,}"),
+        ("accuracy", f"{table['correct'].mean():.1%}" if len(table) else "–"),
+        ("classes", f"{num_classes(cache)}"),
+    ]
+    metric_html = "".join(f'<div class="metric"><div class="value">{html.escape(v)}</div>'
+                          f'<div class="name">{html.escape(n)}</div></div>' for n, v in metrics)
+    options = manifest.get("options", {})
+    details = {
+        "model": manifest.get("model", {}).get("spec", "?"),
+        "dataset": manifest.get("dataset", {}).get("root", "?"),
+        "base CAM": options.get("base", "?"),
+        "target layer": options.get("target_layer", "?"),
+        "model input": _input_description(manifest),
+        "job finished": manifest.get("finished") or "no (partial cache)",
+        "images in dataset": counts.get("images", "?"),
+    }
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in details.items())
+    per_class = explore.per_class_accuracy(table, class_names(cache))
+    histograms = []
+    for score in SCORE_COLUMNS:
+        if score in table.columns and table[score].notna().any():
+            frame = charts.histogram_frame(table[score].to_numpy())
+            histograms.append(_svg(charts.histogram_chart(frame, score)))
+    return (f'<section id="summary"><h2>Summary</h2><div class="metrics">{metric_html}</div>'
+            f'<table class="details">{rows}</table>'
+            f'<div class="charts">{_svg(charts.accuracy_chart(per_class))}</div>'
+            f'<h3>Score distributions</h3><div class="charts">{"".join(histograms)}</div></section>')
+
+
+def _input_description(manifest: dict) -> str:
+    """How images became the model's input, e.g. "Resize(short side 256) + CenterCrop(224) -> 224 x 224"."""
+    geometry = manifest.get("geometry")
+    if not geometry:
+        return "not recorded (an older cache)"
+    size = geometry.get("input_size") or ["?", "?"]
+    method = {"derived": "", "measured": " (measured)"}.get(geometry.get("method"), " (placement unknown)")
+    return f"{geometry.get('transform', '?')} -> {size[0]} x {size[1]}{method}"
+
+
+def _class_maps_section(cache: Cache, tile: int) -> str:
+    table = cache.table
+    names = class_names(cache)
+    means = explore.class_mean_maps(cache.descriptors(None, "positive"), table["label"].to_numpy(np.int64),
+                                    table["correct"].to_numpy(bool), num_classes(cache))
+    figures = []
+    for c, name in enumerate(names):
+        if means.n_correct[c] > 0:
+            figures.append(_img(overlay.heat(means.correct[c], tile), f"mean map of {name}",
+                                f"{name} (correct, n={int(means.n_correct[c])})"))
+        if means.n_wrong[c] > 0:
+            figures.append(_img(overlay.heat(means.wrong[c], tile), f"mean map of misclassified {name}",
+                                f"{name} (wrong, n={int(means.n_wrong[c])})"))
+    return ('<section id="class-maps"><h2>Per-class mean maps</h2><p class="meta">Mean unit-mass positive '
+            'relevance of the images of each true class, correct and misclassified separately (white: none, dark '
+            f'red: most).</p><div class="tiles">{"".join(figures)}</div></section>')
+
+
+def _clusters_section(cache: Cache, result: clustering.ClusteringResult, options: ReportOptions) -> str:
+    summary, prototypes = summarize(cache, result)
+    settings = result.settings
+    scope = clustering.SCOPE_LABELS.get(settings.scope, settings.scope)
+    intro = (f'<p class="meta">{len(result.ids):,} of {result.scope_size:,} images ({html.escape(scope)}), '
+             f'{html.escape(clustering.ALGORITHM_LABELS.get(settings.algorithm, settings.algorithm))}, '
+             f'k = {result.n_clusters} (eigengap suggests {result.suggested_k}), {html.escape(settings.descriptor)}'
+             ' descriptors. Clusters are ranked by suspicion: the mean of the share of relevance off the object, '
+             'on the border, the error rate and how unlike its class\'s consensus the prototype is.</p>')
+    if result.note:
+        intro += f'<p class="meta">{html.escape(result.note)}</p>'
+    table = summary[["rank", "cluster", "size", "accuracy", "majority_name", "class_mix", "background_share",
+                     "border_share", "suspicion"]].assign(cluster=summary["cluster"].map(cluster_label))
+    blocks = []
+    for position in range(min(options.clusters, len(summary))):
+        record = summary.iloc[position]
+        cluster = int(record["cluster"])
+        examples = members_by_suspicion(cache, result, cluster, options.examples_per_cluster)
+        rows = cache.table.set_index("id").loc[examples]
+        tiles = image_tiles(cache, examples, "overlay", size=options.tile)
+        figures = [_img(prototype_tile(prototypes[position], options.tile), f"prototype of {cluster_label(cluster)}",
+                        "prototype")]
+        figures += [_img(t, f"image {i}", f"#{i} {r.label_name}→{r.pred_name}")
+                    for t, i, r in zip(tiles, examples, rows.itertuples())]
+        facts = (f"{int(record['size'])} images, accuracy {record['accuracy']:.0%}, classes: "
+                 f"{record['class_mix']}, background share "
+                 f"{'–' if pd.isna(record['background_share']) else format(record['background_share'], '.2f')}, "
+                 f"border share {'–' if pd.isna(record['border_share']) else format(record['border_share'], '.2f')}")
+        blocks.append(f'<div class="cluster"><h3>#{int(record["rank"])} {cluster_label(cluster)} '
+                      f'(suspicion {record["suspicion"]:.2f})</h3><p>{html.escape(facts)}</p>'
+                      f'<div class="tiles">{"".join(figures)}</div></div>')
+    eigen = _svg(charts.eigenvalue_chart(result.eigenvalues, result.suggested_k)) if len(result.eigenvalues) else ""
+    formats = {"accuracy": ".0%", "background_share": ".2f", "border_share": ".2f", "suspicion": ".2f"}
+    return (f'<section id="clusters"><h2>Most suspicious clusters</h2>{intro}<div class="charts">{eigen}</div>'
+            f'{"".join(blocks)}<h3>All clusters</h3>{_table_html(table, formats)}</section>')
+
+
+def _confusion_section(cache: Cache) -> str:
+    table = cache.table
+    names = class_names(cache)
+    matrix = explore.confusion_matrix(table["label"].to_numpy(np.int64), table["pred"].to_numpy(np.int64),
+                                      num_classes(cache))
+    chart = charts.confusion_chart(explore.confusion_frame(matrix, names), selectable=False)
+    top = explore.top_confusions(matrix, names, k=10)[["true_name", "pred_name", "count", "row_share"]]
+    top_html = _table_html(top, {"row_share": ".1%"}) if len(top) else "<p>No misclassification.</p>"
+    return (f'<section id="confusion"><h2>Confusion matrix</h2><div class="charts">{_svg(chart)}</div>'
+            f'<h3>Most frequent confusions</h3>{top_html}</section>')
+
+
+def _errors_section(cache: Cache) -> str:
+    errors = cache.errors
+    if errors.empty:
+        return '<section id="skipped"><h2>Skipped files</h2><p>None.</p></section>'
+    shown = errors[["path", "reason"]].head(200)
+    more = f"<p>… and {len(errors) - len(shown):,} more.</p>" if len(errors) > len(shown) else ""
+    return f'<section id="skipped"><h2>Skipped files</h2>{_table_html(shown)}{more}</section>'
+
+
+def build_report(cache: Cache, clustering_result: clustering.ClusteringResult | None = None,
+                 options: ReportOptions = ReportOptions(), title: str = "FG-CAM explanation report") -> str:
+    """The whole report as one self-contained HTML document (nothing is fetched when it is opened).
+
+    Without `clustering_result` the default clustering (as the Clusters page first shows it) is used, read from
+    CACHE/dashboard/ when it was computed before.
+    """
+    if clustering_result is None:
+        clustering_result = default_clustering(cache)
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [_summary_section(cache), _class_maps_section(cache, options.tile),
+                _clusters_section(cache, clustering_result, options), _confusion_section(cache),
+                _errors_section(cache)]
+    partial = "" if cache.complete else "<p><strong>The job had not finished: this covers a partial cache.</strong></p>"
+    unknown = unknown_placements(cache)
+    if unknown:
+        partial += f"<p><strong>{html.escape(UNKNOWN_PLACEMENT_NOTE.format(count=unknown))}</strong></p>"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p class=\"meta\">Cache {html.escape(str(cache.root))} · made {created}</p>"
+            f"{partial}{''.join(sections)}</body></html>\n")

@@ -1,0 +1,3 @@
+"""The offline job as a library: reading a labelled dataset (datasets), loading a model and its preprocessing
+(models), where a map lies on the image (geometry), the per-image scores and descriptors (scores), and the job
+that explains a dataset into the cache (job). The command line is analysis/commands/explain.py."""

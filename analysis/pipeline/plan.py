@@ -1,0 +1,414 @@
+"""Everything the explain job checks and decides before any work: the ranks (torchrun), the dataset, the
+model, the device, the cache to write or resume (JobPlan, made by `prepare`). A problem is a SetupError: one
+line, exit code 2, nothing written."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.cache import (COMPACT_PREFIX, FORMAT_VERSION, MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR, CacheError,
+                            CacheWriter, is_cache_entry, new_cache_id, now_iso)
+from analysis.pipeline.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
+from analysis.cache.identity import RUNTIME_OPTIONS  # options that may differ between a run and its resume
+from analysis.pipeline.devices import pick_device
+from analysis.pipeline.datasets import (DatasetError, DatasetListing, attach_boxes, attach_masks, evenly_spaced,
+                                        list_dataset, load_image, read_text, to_model_mode)
+
+
+class SetupError(Exception):
+    """A problem found before any work starts: printed as one line, exit code 2."""
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised: bool = False
+
+    @classmethod
+    def from_environment(cls) -> "Ranks":
+        try:
+            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+        except ValueError:
+            raise SetupError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+
+    def _group(self) -> Any:
+        import torch.distributed as dist
+
+        if not self.initialised:
+            # gloo on CPU is enough: the ranks only wait for each other and agree on go / no-go, no tensors.
+            # A long timeout: rank 0 waits at the end for the slowest rank to finish its shards.
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=timedelta(days=7))
+            self.initialised = True
+        return dist
+
+    def barrier(self) -> None:
+        if self.world_size == 1:
+            return
+        self._group().barrier()
+
+    def agree(self, problem: str | None) -> str | None:
+        """Go / no-go of every rank before any work: None when no rank has a problem, else the first problem
+        (another rank's prefixed with it), the same text on every rank. Without this a rank whose set-up
+        failed would leave the others waiting at the next barrier, or writing a cache the job has no right
+        to write."""
+        if self.world_size == 1:
+            return problem
+        verdicts: list[str | None] = [None] * self.world_size
+        self._group().all_gather_object(verdicts, problem)
+        for rank, verdict in enumerate(verdicts):
+            if verdict is not None:
+                return verdict if rank == 0 else f"rank {rank}: {verdict}"
+        return None
+
+    def close(self) -> None:
+        if self.initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.initialised = False
+
+
+@dataclass
+class JobPlan:
+    out: Path
+    listing: DatasetListing
+    labels: list[int]                 # model output index of each listed image's label
+    class_names: list[str]            # index = model output
+    loaded: LoadedModel
+    explainer: Any                    # analysis.fgcam.FGCAM
+    device: torch.device
+    target_layer: str
+    map_size: int
+    descriptor_size: int
+    faithfulness_steps: int           # 0: no deletion / insertion curves
+    shard_size: int
+    batch_size: int
+    workers: int
+    manifest: dict[str, Any]          # the manifest to write (or the existing one when resuming)
+    existing: bool                    # an identical cache exists: resume it
+    wipe: bool                        # --overwrite on an existing cache
+    quiet: bool
+    cluster: bool                     # cluster every scope when the cache is complete (not --no-cluster)
+    seen: tuple                       # what --out held when the plan was made (_out_snapshot)
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.listing.samples) + self.shard_size - 1) // self.shard_size
+
+
+def _normalised_spec(spec: str) -> str:
+    """A spec that is the same from any working directory (file paths made absolute)."""
+    if ":" in spec:
+        target, name = spec.rsplit(":", 1)
+        if target.endswith(".py"):
+            return f"{Path(target).resolve()}:{name}"
+    return spec
+
+
+def _software_versions() -> dict[str, str]:
+    import PIL
+    import pyarrow
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
+            "pillow": PIL.__version__}
+
+
+def _pick_device(requested: str | None, ranks: Ranks) -> torch.device:
+    try:
+        return pick_device(requested, ranks.local_rank)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+
+
+def _class_mapping(listing: DatasetListing, loaded: LoadedModel, classes_file: Path | None) -> list[str]:
+    if classes_file is not None:
+        if not classes_file.is_file():
+            raise SetupError(f"--classes {classes_file}: no such file")
+        try:
+            text = read_text(classes_file, f"--classes {classes_file}")
+        except DatasetError as error:
+            raise SetupError(str(error)) from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(set(names)) != len(names):
+            raise SetupError(f"--classes {classes_file}: a class name appears twice")
+        missing = sorted(set(listing.label_names) - set(names))
+        if missing:
+            raise SetupError(f"--classes {classes_file}: dataset labels not listed: {', '.join(missing[:10])}"
+                             + (" ..." if len(missing) > 10 else ""))
+        return names
+    if loaded.output_names and set(listing.label_names) <= set(loaded.output_names):
+        return list(loaded.output_names)
+    return list(listing.label_names)
+
+
+def _dry_run(plan_model: LoadedModel, explainer: Any, listing: DatasetListing, device: torch.device,
+             target_layer: str) -> int:
+    """Explain one image (the first readable one) to check layers and ops; returns the number of outputs."""
+    from PIL import Image
+
+    image = None
+    for sample in listing.samples[:20]:
+        try:
+            image = load_image(listing.root / sample.path)
+            break
+        except Exception:
+            continue
+    if image is None:
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+    try:
+        tensor = plan_model.transform(to_model_mode(image, plan_model.in_channels))
+    except Exception as error:
+        raise SetupError(f"the model's preprocessing fails on {listing.samples[0].path}: "
+                         f"{type(error).__name__}: {error}") from None
+    try:
+        result = explainer(tensor[None].to(device), target_layer=target_layer)
+    except ValueError as error:
+        raise SetupError(str(error).splitlines()[0]) from None
+    except Exception as error:  # UnsupportedOperation, shape errors of a wrong --image-size, ...
+        raise SetupError(f"explaining a first image failed: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    if result.maps.dim() != 3 or result.logits.dim() != 2:
+        raise SetupError(f"the engine returned maps {tuple(result.maps.shape)} and logits "
+                         f"{tuple(result.logits.shape)}; expected [N, H, W] and [N, classes]")
+    return int(result.logits.shape[1])
+
+
+def _geometry_record(loaded: LoadedModel, listing: DatasetListing) -> dict[str, Any]:
+    """The manifest's `geometry` (how each image's crop box is found), checked on the first readable image.
+
+    A derived box whose input size disagrees with what the transform really returns (a torchvision release
+    that changed its arithmetic) is replaced by a measured one; a transform whose box cannot be measured
+    there (random, flipping, warping) gets no boxes at all: the cache says "unknown" rather than guess.
+    """
+    from PIL import Image
+
+    from analysis.pipeline.geometry import MeasuredGeometry, NoGeometry
+
+    image, where = Image.new("RGB", (64, 48), (128, 128, 128)), "a grey 64x48 image"
+    for sample in listing.samples[:20]:
+        try:
+            image, where = load_image(listing.root / sample.path), sample.path
+            break
+        except Exception:
+            continue
+    tensor = loaded.transform(to_model_mode(image, loaded.in_channels))  # the dry run showed that it works
+    input_size = (int(tensor.shape[-1]), int(tensor.shape[-2]))
+    located = loaded.geometry.locate(*image.size)
+    if located is not None and located[1] != input_size:
+        loaded.geometry = MeasuredGeometry(loaded.transform, loaded.in_channels)
+        located = loaded.geometry.locate(*image.size)
+    if located is None:
+        loaded.geometry = NoGeometry(f"the preprocessing is not a deterministic resize/crop (probed on {where})")
+    return {"method": loaded.geometry.method, "transform": loaded.geometry.describe(),
+            "input_size": list(input_size)}
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a manifest that must match for a resume."""
+    options = {k: v for k, v in manifest.get("options", {}).items() if k not in RUNTIME_OPTIONS}
+    model = {k: manifest.get("model", {}).get(k) for k in ("spec", "weights_sha256", "checkpoint", "num_classes",
+                                                           "preprocessing")}
+    dataset = {k: manifest.get("dataset", {}).get(k) for k in ("root", "fingerprint", "n_images")}
+    return {"options": options, "model": model, "dataset": dataset, "class_names": manifest.get("class_names")}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _identity(old), _identity(new)
+    names = {"model.spec": "--model", "model.weights_sha256": "model weights", "model.checkpoint": "--checkpoint",
+             "model.num_classes": "--num-classes", "dataset.root": "--data", "dataset.fingerprint": "dataset files",
+             "dataset.n_images": "number of images", "class_names": "class names"}
+    diffs = []
+    for section in ("model", "dataset", "options"):
+        for key in sorted(set(a[section]) | set(b[section])):
+            if a[section].get(key) != b[section].get(key):
+                label = names.get(f"{section}.{key}", "--" + key.replace("_", "-"))
+                if key == "preprocessing" and section == "model":
+                    diffs.append(_preprocessing_difference(a[section].get(key), b[section].get(key)))
+                elif label == "dataset files" or label == "model weights":
+                    diffs.append(label)
+                else:
+                    diffs.append(f"{label} {a[section].get(key)!r} -> {b[section].get(key)!r}")
+    if a["class_names"] != b["class_names"]:
+        diffs.append("class names")
+    return diffs
+
+
+def _preprocessing_difference(old: dict[str, str] | None, new: dict[str, str]) -> str:
+    """How the model's preprocessing changed, in words: the part of the descriptions that differs, with some
+    context (a whole torchvision Compose would not fit one line)."""
+    if not old:
+        return "preprocessing (not recorded in this cache: made by an older version of the job)"
+    before, after = str(old.get("description", "?")), str(new["description"])
+    if before == after:
+        shown = after if len(after) <= 120 else after[:117] + "..."
+        return (f"preprocessing output (same description {shown}, but other pixels on a probe image: the "
+                "transform's code changed)")
+    prefix = len(os.path.commonprefix([before, after]))
+    suffix = len(os.path.commonprefix([before[prefix:][::-1], after[prefix:][::-1]]))
+
+    def changed(text: str, context: int = 40) -> str:
+        start, stop = max(0, prefix - context), min(len(text), len(text) - suffix + context)
+        return ("..." if start else "") + text[start:stop] + ("..." if stop < len(text) else "")
+
+    return f"preprocessing {changed(before)} -> {changed(after)}"
+
+
+def _out_snapshot(out: Path) -> tuple:
+    """What --out holds that the plan depends on: the manifest's bytes, and whether there are committed parts.
+    Compared again once the lock is held, in case another job wrote --out in between."""
+    manifest = out / MANIFEST_NAME
+    parts = out.is_dir() and (any(p.name.startswith(COMPACT_PREFIX) for p in out.iterdir()) or (
+        (out / SHARDS_DIR).is_dir() and any(p.name.startswith(SHARD_PREFIX) for p in (out / SHARDS_DIR).iterdir())))
+    return (manifest.read_bytes() if manifest.is_file() else None, bool(parts))
+
+
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.resolve())
+
+
+def _check_writable(out: Path) -> None:
+    """--out (or the folder it will be made in) takes new files: tried with a probe file, because permission
+    bits do not tell (root ignores them; a read-only mount or an immutable folder refuses root too)."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    for target in (folder, folder / SHARDS_DIR):
+        if target != folder and not target.is_dir():
+            continue
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".tmp-write-probe-", dir=target)
+            os.close(handle)
+            Path(probe).unlink(missing_ok=True)  # (a running job's clean-up may have taken it already)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise SetupError(f"--out {out}: cannot write in {target} ({reason}); choose a writable --out") from None
+
+
+def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
+    """Validate everything and build the plan; raises SetupError (nothing has been written yet)."""
+    from analysis.fgcam import FGCAM
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--out {out}: exists and is not a directory")
+    _check_writable(out)  # before the model loads: a read-only --out must not cost the user a model load
+    existing_manifest = None
+    if out.is_dir():
+        manifest_path = out / MANIFEST_NAME
+        if manifest_path.exists():
+            try:
+                existing_manifest = CacheWriter(out).read_manifest()
+            except CacheError as error:
+                if not args.overwrite:
+                    raise SetupError(f"{error}; use --overwrite to replace it") from None
+        else:
+            foreign = [p.name for p in out.iterdir() if not is_cache_entry(p.name)]
+            if foreign:
+                raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "
+                                 "choose a new or empty directory")
+            if _out_snapshot(out)[1] and not args.overwrite:
+                raise SetupError(f"--out {out} holds explanation shards but no {MANIFEST_NAME}, so nobody knows "
+                                 "which options made them and they cannot be resumed; use --overwrite to remove "
+                                 "them, or another --out")
+    seen = _out_snapshot(out)
+
+    for option, path in (("--masks", args.masks), ("--boxes", args.boxes), ("--classes", args.classes),
+                         ("--checkpoint", args.checkpoint)):
+        if path is not None and not path.exists():
+            raise SetupError(f"{option} {path}: no such file or directory")
+    try:
+        listing = list_dataset(args.data)
+        if args.masks is not None:
+            attach_masks(listing, args.masks)
+        if args.boxes is not None:
+            attach_boxes(listing, args.boxes)
+    except (DatasetError, OSError) as error:
+        raise SetupError(str(error).splitlines()[0]) from None
+    listed = len(listing.samples)
+    listing.samples = [listing.samples[i] for i in evenly_spaced(listed, args.limit)]
+
+    device = _pick_device(args.device, ranks)
+    try:
+        loaded = load_model(args.model, weights=args.weights, checkpoint=args.checkpoint,
+                            num_classes=args.num_classes, image_size=args.image_size, mean=args.mean, std=args.std)
+    except ModelSpecError as error:
+        raise SetupError(str(error)) from None
+    model = loaded.model.to(device)
+    try:
+        explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise)
+    except ValueError as error:
+        raise SetupError(str(error).splitlines()[0]) from None
+    except Exception as error:  # UnsupportedOperation: a model the engine cannot trace
+        raise SetupError(f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+    outputs = _dry_run(loaded, explainer, listing, device, args.target_layer)
+    geometry = _geometry_record(loaded, listing)
+    if listing.has_foreground and geometry["method"] == "unknown":
+        raise SetupError(f"foreground masks/boxes cannot be placed: {geometry['transform']}; give the model a "
+                         "transform that only resizes and crops (or use --image-size/--mean/--std)")
+
+    class_names = _class_mapping(listing, loaded, args.classes)
+    if outputs != len(class_names):
+        source = f"--classes {args.classes} lists" if args.classes else "the dataset has"
+        raise SetupError(f"the model has {outputs} outputs but {source} {len(class_names)} classes; "
+                         "pass --classes FILE with one class name per model output (line i = output i)")
+    index_of = {name: i for i, name in enumerate(class_names)}
+    labels = [index_of[s.label_name] for s in listing.samples]
+
+    shard_size = args.shard_size
+    if shard_size is None:
+        previous = (existing_manifest or {}).get("options", {}).get("shard_size")
+        shard_size = int(previous) if previous and not args.overwrite else args.batch_size
+    options = {
+        "base": args.base, "target_layer": args.target_layer, "cam_layer": explainer.cam_layer,
+        "denoise": bool(args.denoise), "batch_size": args.batch_size, "map_size": args.map_size,
+        "descriptor_size": args.descriptor_size, "faithfulness_steps": args.faithfulness,
+        "masks": _absolute(args.masks), "boxes": _absolute(args.boxes),
+        "limit": args.limit, "shard_size": shard_size, "classes": _absolute(args.classes),
+        "weights": args.weights, "image_size": args.image_size, "mean": args.mean, "std": args.std,
+        "preprocessing": loaded.preprocessing, "device": str(device), "workers": args.workers,
+    }
+    now = now_iso()
+    manifest = {
+        "format_version": FORMAT_VERSION, "cache_id": new_cache_id(), "created": now, "updated": now,
+        "finished": None,
+        "model": {"spec": _normalised_spec(args.model), "weights_sha256": loaded.weights_sha256,
+                  "checkpoint": _absolute(args.checkpoint), "num_classes": outputs,
+                  "preprocessing": preprocessing_fingerprint(loaded.transform, loaded.in_channels)},
+        "dataset": {"root": str(listing.root), "kind": listing.kind, "fingerprint": listing.fingerprint(),
+                    "n_images": len(listing.samples), "n_listed": listed,
+                    "foreground": listing.has_foreground},
+        "options": options, "class_names": class_names, "geometry": geometry,
+        "counts": {"images": len(listing.samples), "explained": 0, "errors": 0, "correct": 0},
+        "software": _software_versions(), "world_size": ranks.world_size,
+    }
+    existing = False
+    if existing_manifest is not None and not args.overwrite:
+        diffs = _differences(existing_manifest, manifest)
+        if diffs:
+            raise SetupError(f"--out {out} holds a cache made with different options ({'; '.join(diffs)}); "
+                             "use --overwrite to replace it, or another --out")
+        existing = True
+        manifest = {**existing_manifest, "world_size": ranks.world_size, "geometry": geometry,
+                    "options": {**existing_manifest["options"], **{k: options[k] for k in RUNTIME_OPTIONS}}}
+    return JobPlan(out=out, listing=listing, labels=labels, class_names=class_names, loaded=loaded,
+                   explainer=explainer, device=device, target_layer=args.target_layer, map_size=args.map_size,
+                   descriptor_size=args.descriptor_size, faithfulness_steps=args.faithfulness,
+                   shard_size=shard_size, batch_size=args.batch_size,
+                   workers=args.workers, manifest=manifest, existing=existing,
+                   wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet, seen=seen,
+                   cluster=not args.no_cluster)
