@@ -59,7 +59,7 @@ CLUSTERING_DIR = "clustering"            # CACHE/analysis/clustering/<run>/<scop
 CLASS_MAPS_FILE = "class_maps.parquet"   # CACHE/analysis/class_maps.parquet
 TMP_PREFIX = ".tmp-"
 SCOPE_PREFIX = "scope-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                       # 2: the suspicion's off-the-object part is background_hotspot
 
 ALGORITHMS = ("kmeans", "spectral")
 EMBEDDINGS = ("tsne", "spectral")

@@ -57,6 +57,9 @@ def measure(name: str, cache_dir: Path, marks_csv: Path, scopes: list[str], part
             # The cluster of the shortcut: the one holding the most tagged images of other classes.
             held = [(target[labels == c].sum(), c) for c in np.unique(labels)]
             tag_cluster = max(held)[1] if target.any() else None
+            checked = clustering_obj.verification      # the causal test, run on the stored ranking's top clusters
+            verdicts = "" if checked is None else " ".join(
+                f"{c}:{'S' if v == 'shortcut' else v[:3]}" for c, v in zip(checked["cluster"], checked["verdict"]))
             for score in SCORES:
                 clustering.OFF_OBJECT_SCORE = score     # the alternative measured (the module's one setting)
                 summary, _ = clustering.summarize_clusters(labels, rows, descriptors, consensus, names)
@@ -72,7 +75,9 @@ def measure(name: str, cache_dir: Path, marks_csv: Path, scopes: list[str], part
                                               if tag_cluster is not None else 0.0),
                     "top: tagged share": float(marked[labels == top_cluster].mean()),
                     "top suspicion": top["suspicion"], "null max": top["null_max_mean"],
-                    "margin": top["suspicion"] - top["null_max_mean"], "z": top["z"], "p": top["p"]})
+                    "margin": top["suspicion"] - top["null_max_mean"], "z": top["z"], "p": top["p"],
+                    "top 3": " ".join(map(str, summary["cluster"].head(3))),
+                    "stored verdicts": verdicts})
     clustering.OFF_OBJECT_SCORE = SCORES[-1]
     return records
 

@@ -91,6 +91,11 @@ def main() -> None:
         scope = _select("Scope", scopes, "c_scope", scopes[0], display.scope_label,
                         help="pred:<class>: what the model looked at when it said that class -- where a shortcut's "
                              "images of other classes land.")
+    if st.session_state.get("c_last_scope", scope) != scope:   # another scope: its own clusters, layout and box
+        for key in ("c_clust", "c_focus", "c_gallery_page", "c_scatter", "c_last_selection"):
+            st.session_state.pop(key, None)
+        common.set_query(c_clust=None, c_focus=None, c_gallery_page=None, c_sel=None)
+    st.session_state["c_last_scope"] = scope
     default = cache.clustering(scope)                  # newest run, its first algorithm, the eigengap's k
     choices = default.choices
     labels = display.choice_labels(choices)
