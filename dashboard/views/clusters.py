@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import cluster_display as display
-from analysis import cluster_offline, report
+from analysis import charts, cluster_offline, report
 from analysis.cache import Cache
 from dashboard import common
 
@@ -109,8 +109,8 @@ def main() -> None:
     stored = _stored(found, name, choices, (str(found.path), found.meta.get("created"), name))
     summary = stored.summary
     assignments = stored.assignments
-    for message in stored.messages:
-        st.caption(message)
+    for message in stored.messages:      # e.g. every map of the scope alike: one cluster
+        st.info(f"{display.scope_label(scope)}: {message}.", icon=":material/info:")
     if not len(summary):
         st.info(f"The scope {display.scope_label(scope)} holds no image.")
         st.stop()
@@ -149,17 +149,19 @@ def main() -> None:
     density = display.coarse_density(counts, x_edges, y_edges)
     left, right = st.columns([3, 2])
     with left:
-        drawn = f"{len(points):,} of {stored.n:,} points drawn" if len(points) < stored.n else \
-            f"all {stored.n:,} points drawn"
-        st.markdown(f"**2-D layout** ({stored.settings.embedding}) of the explanations: grey shows where every "
-                    f"image lies, the marks are a sample ({drawn}; every small cluster whole). Drag a box to show "
-                    "every image inside it below; double-click clears.")
-        event = st.altair_chart(display.density_scatter(density, points, highlight=focus), on_select="rerun",
-                                key="c_scatter", width="content")
+        if len(density) <= 1 and stored.n >= 3:   # every point at one place: nothing to draw or select
+            event = None
+            st.markdown("**2-D layout**: none, every point lies at one place (the maps of the scope are alike).")
+        else:
+            drawn = f"{len(points):,} of {stored.n:,} points drawn" if len(points) < stored.n else \
+                f"all {stored.n:,} points drawn"
+            st.markdown(f"**2-D layout** ({stored.settings.embedding}) of the explanations: grey shows where every "
+                        f"image lies, the marks are a sample ({drawn}; every small cluster whole). Drag a box to "
+                        "show every image inside it below; double-click clears.")
+            event = st.altair_chart(display.density_scatter(density, points, highlight=focus), on_select="rerun",
+                                    key="c_scatter", width="content")
     with right:
         if len(stored.eigenvalues) > 1:
-            from analysis import charts
-
             st.altair_chart(charts.eigenvalue_chart(stored.eigenvalues, stored.suggested_k), height=240,
                             key="c_eigen")
             st.caption("Smallest eigenvalues of the kNN graph's normalised Laplacian: k well-separated groups give "
