@@ -7,7 +7,7 @@ The clusters are the stored ones (the same for both scores); only the summaries 
 recomputed, once per score.
 
     .venv/bin/python bench/bench_suspicion.py --cache tagged=DIR/cache:DIR/shortcut.csv \
-        --cache clean=DIR2/cache:DIR/shortcut.csv [--scopes all pred:bag]
+        --cache clean=DIR2/cache:DIR/shortcut.csv [--scopes all pred:bag] [--stored-format 1]
 """
 from __future__ import annotations
 
@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", action="append", required=True, metavar="NAME=CACHE:SHORTCUT_CSV")
     parser.add_argument("--scopes", nargs="+", default=["all", "pred:bag"])
     parser.add_argument("--partitions", type=int, default=100)
+    parser.add_argument("--stored-format", type=int, default=offline.FORMAT_VERSION,
+                        help="read clusterings stored by this format version (1: before the suspicion used "
+                             "background_hotspot; the clusters are the same, only the summaries are recomputed)")
     args = parser.parse_args(argv)
+    offline.FORMAT_VERSION = args.stored_format
     records = []
     for item in args.cache:
         name, _, paths = item.partition("=")
