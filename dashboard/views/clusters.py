@@ -30,11 +30,11 @@ VERDICT_ICONS = {"shortcut": ":red[**shortcut**]", "uses the object": ":green[us
 
 def missing_results(cache: Cache) -> str:
     """One line: why there is nothing to show, and the command that makes it."""
-    stored = cluster_offline.stored_scopes(cache.root, cluster_offline.cache_fingerprint(cache))
+    stored_dir = cluster_offline.results_root(cache.root) / cluster_offline.CLUSTERING_DIR
     command = COMMAND.replace("DIR", str(common.cache_dir() or "DIR"))
-    if stored:
-        return (f"The offline clustering is stale (computed on an older state of this cache): run `{command}` "
-                "to redo it.")
+    if stored_dir.is_dir() and any(stored_dir.glob(f"*/{cluster_offline.SCOPE_PREFIX}*")):
+        return (f"The offline clustering is stale (computed on an older state of this cache, or by an older version "
+                f"of the code): run `{command}` to redo it.")
     return f"No offline clustering for this cache yet: run `{command}` (the explain job runs it at its end)."
 
 
