@@ -122,10 +122,11 @@ def main() -> None:
     verdicts = {} if verification is None else dict(zip(verification["cluster"].astype(int), verification["verdict"]))
     metrics = st.columns(5)
     metrics[0].metric("Images clustered", f"{stored.n:,}", help="Every image of the scope: no sample.")
-    metrics[1].metric("Clusters", f"{len(summary)}", f"k from the {stored.k_from}", delta_color="off")
+    metrics[1].metric("Clusters", f"{len(summary)}", f"k from the {stored.k_from}", delta_color="off",
+                      delta_arrow="off")
     metrics[2].metric("Eigengap suggests k", f"{stored.suggested_k}")
     metrics[3].metric("Most suspicious", f"{report.cluster_label(int(top['cluster']))}",
-                      f"suspicion {_number(top['suspicion'])}", delta_color="off")
+                      f"suspicion {_number(top['suspicion'])}", delta_color="off", delta_arrow="off")
     metrics[4].metric("Its verdict", verdicts.get(int(top["cluster"]), "not verified"),
                       help="The causal test (`cluster --verify-top N`, needs the model): blur the region its "
                            "prototype points to and a random region of the same size. 'shortcut' needs the region "
