@@ -145,3 +145,59 @@ def test_bad_links_show_pages_not_tracebacks_in_a_browser(small_cache: Path, tmp
         found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False)
     problems = {name: p for name, p in found.items() if p}
     assert not problems, f"{problems}\nserver log:\n{log.read_text()[-3000:]}"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_a_box_dragged_on_the_clusters_chart_selects_every_image_inside(small_cache: Path, tmp_path: Path) -> None:
+    """The Clusters page on the offline results, in a real browser: a box dragged on the embedding goes to the
+    server (st.altair_chart's selection, which AppTest cannot drag), into the URL, and selects every image of the
+    scope inside it -- counted independently from the stored layout -- which the CSV download lists. Then a
+    link to another scope opens that scope."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
+    from urllib.parse import parse_qs, urlparse
+
+    import pandas as pd
+    from playwright.sync_api import sync_playwright
+
+    from analysis.cache import load
+
+    shots_module = screenshots_module()
+    stored = load(small_cache).clustering("all")
+    layout = pd.read_parquet(stored.path / "assignments.parquet", columns=["id", "x", "y"])
+    with shots_module.running_app(small_cache, tmp_path / "streamlit.log") as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=shots_module.CHROMIUM_ARGS)
+        context = browser.new_context(viewport=shots_module.VIEWPORT, accept_downloads=True)
+        page = context.new_page()
+        page.goto(base + "/clusters")
+        shots_module.wait_until_done(page, "Clusters")
+        chart = page.locator('[data-testid="stVegaLiteChart"]').first
+        chart.scroll_into_view_if_needed()
+        area = chart.bounding_box()
+        # The left 60% of the plot, full height (the plot fills the chart but for the legend on its right).
+        start = (area["x"] + 5, area["y"] + 5)
+        end = (area["x"] + 0.6 * (area["width"] - 120), area["y"] + area["height"] - 5)
+        page.mouse.move(*start)
+        page.mouse.down()
+        page.mouse.move(*end, steps=12)
+        page.mouse.up()
+        page.get_by_text("images in the box").first.wait_for(timeout=60_000)
+        shots_module.wait_until_done(page, "Clusters")
+        assert not shots_module.page_problems(page)
+        selection = parse_qs(urlparse(page.url).query)["c_sel"][0]
+        x0, x1, y0, y1 = (float(v) for v in selection.removeprefix("box:").split(","))
+        inside = layout[layout["x"].between(x0, x1) & layout["y"].between(y0, y1)]
+        assert 0 < len(inside) < len(layout), (selection, len(inside))
+        assert f"{len(inside):,} images in the box" in page.locator("body").inner_text()
+        with page.expect_download(timeout=120_000) as info:
+            page.get_by_role("button", name="Download the box selection (CSV)").click()
+        listed = pd.read_csv(info.value.path())
+        assert sorted(listed["id"]) == sorted(inside["id"])
+
+        page.goto(base + "/clusters?c_scope=mistakes")
+        shots_module.wait_until_done(page, "Clusters")
+        assert not shots_module.page_problems(page)
+        mistakes = int((~load(small_cache).table["correct"]).sum())
+        assert 0 < mistakes < len(layout)
+        body = page.locator("body").inner_text()
+        assert f"Images clustered\n\n{mistakes}\n" in body, body[:800]
+        browser.close()

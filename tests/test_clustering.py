@@ -116,7 +116,9 @@ def test_summary_ranks_a_shortcut_cluster_first():
     reference = (np.array([0.8, 0, 0, 0.2]) + np.array([0, 0, 0, 1])) / 2
     expected_unlike = 1 - reference[3] / np.linalg.norm(reference)
     assert shortcut["unlike_class"] == pytest.approx(expected_unlike, abs=1e-6)
-    assert shortcut["suspicion"] == pytest.approx((0.8 + 0.5 + 0.5 + expected_unlike) / 4, abs=1e-6)
+    # The off-object part is background_hotspot (1.0 here), not background_share (0.8).
+    assert shortcut["background_hotspot"] == pytest.approx(1.0)
+    assert shortcut["suspicion"] == pytest.approx((1.0 + 0.5 + 0.5 + expected_unlike) / 4, abs=1e-6)
     assert shortcut["class_mix"] == "cat 100%"
     np.testing.assert_allclose(prototypes[0], [0, 0, 0, 1])
     normal = summary.iloc[1]

@@ -81,44 +81,45 @@ def test_overview(monkeypatch, small_cache):
 
 
 # ------------------------------------------------------------------------------------------------ clusters
-def test_clusters_default_view_and_saved_result(monkeypatch, private_cache):
+def test_clusters_default_view_reads_the_offline_results(monkeypatch, private_cache):
     at = _app(monkeypatch, private_cache, "clusters")
     assert [t.value for t in at.title] == ["Clusters"]
     metrics = _metrics(at)
-    assert metrics["Images clustered"] == "24"
-    assert int(metrics["Clusters"]) == int(metrics["Eigengap suggests k"]) >= 2
-    assert len(at.get("vega_lite_chart")) == 2          # embedding scatter + eigenvalues
-    assert len(list((private_cache / "dashboard").glob("clustering-*.parquet"))) == 1
+    stored = load(private_cache).clustering("all")
+    assert metrics["Images clustered"] == "24" and metrics["Eigengap suggests k"] == str(stored.suggested_k)
+    assert int(metrics["Clusters"]) == stored.k == len(stored.summary) >= 2
+    assert len(at.get("vega_lite_chart")) == 2          # density with marks + eigenvalues
+    assert not (private_cache / "dashboard").exists()   # nothing clustered, nothing saved by the page
     assert len(at.image) > 0                            # prototypes and the gallery
 
 
 def test_clusters_settings_change_the_view_and_the_url(monkeypatch, private_cache):
     at = _app(monkeypatch, private_cache, "clusters")
-    at.selectbox(key="c_algo").set_value("agglomerative").run()
-    at.number_input(key="c_k").set_value(3).run()
+    choices = load(private_cache).clustering("all").choices
+    spectral = choices[choices["algorithm"] == "spectral"].iloc[0]
+    assert any(o.startswith(f"spectral, k = {spectral['k']}") for o in at.selectbox(key="c_clust").options)
+    at.selectbox(key="c_clust").set_value(f"{spectral['run']}/{spectral['name']}").run()
     assert not at.exception
-    assert _metrics(at)["Clusters"] == "3"
-    assert at.query_params["c_algo"] == "agglomerative" and at.query_params["c_k"] == "3"
-    assert sum(1 for b in at.markdown if "suspicion" in b.value and b.value.startswith("**#")) == 3
-    at.selectbox(key="c_scope").set_value("class").run()
+    assert at.query_params["c_clust"].endswith("/spectral_k" + _metrics(at)["Clusters"])
+    assert sum(1 for b in at.markdown if "suspicion" in b.value and b.value.startswith("**#")) == \
+        min(12, int(_metrics(at)["Clusters"]))
+    at.selectbox(key="c_scope").set_value("true:cat").run()
     assert not at.exception
     assert _metrics(at)["Images clustered"] == "8"            # one class of the 3 x 8 images
-    assert at.selectbox(key="c_class").value == 0
-    assert len(list((private_cache / "dashboard").glob("clustering-*.parquet"))) == 4
+    assert "c_clust" not in at.query_params                   # a new scope starts from its default clustering
 
 
 def test_clusters_view_from_url(monkeypatch, private_cache):
     cache = load(private_cache)
-    at = _app(monkeypatch, private_cache, "clusters",
-              {"c_scope": "mistakes", "c_algo": "kmeans", "c_k": "2", "c_emb": "spectral"})
+    at = _app(monkeypatch, private_cache, "clusters", {"c_scope": "mistakes"})
     assert _metrics(at)["Images clustered"] == str(int((~cache.table["correct"]).sum()))
     assert at.selectbox(key="c_scope").value == "mistakes"
-    assert at.selectbox(key="c_emb").value == "spectral"
-    # an id selection carried by a copied link shows just those images
-    wrong_ids = cache.table.loc[~cache.table["correct"], "id"].tolist()
-    at = _app(monkeypatch, private_cache, "clusters",
-              {"c_scope": "mistakes", "c_sel": "ids:" + ",".join(map(str, wrong_ids[:2]))})
-    assert any(b.value == "**2 images selected in the chart.**" for b in at.markdown)
+    # a box carried by a copied link shows every image of the scope inside it
+    layout = cache.clustering("mistakes").assignments
+    x0, y0 = layout[["x", "y"]].min()
+    x1, y1 = layout[["x", "y"]].max()
+    at = _app(monkeypatch, private_cache, "clusters", {"c_scope": "mistakes", "c_sel": f"box:{x0},{x1},{y0},{y1}"})
+    assert any(b.value.startswith(f"**{len(layout)} images in the box**") for b in at.markdown)
 
 
 # ------------------------------------------------------------------------------------------------ image
@@ -217,6 +218,6 @@ def test_every_page_and_the_report_survive_a_cache_without_relevance(flat_cache:
         assert results[page]["titles"], page
     clusters = results["clusters"]
     assert clusters["metrics"]["Clusters"] == "1" and clusters["metrics"]["Images clustered"] == "24"
-    assert any("All 24 maps of this scope give the same descriptor" in i for i in clusters["info"]), clusters
+    assert any("all 24 descriptors are" in i and "one cluster" in i for i in clusters["info"]), clusters
     assert clusters["charts"] == 0  # no embedding and no eigenvalues to draw
     assert results["report"]["note"] and results["report"]["length"] > 1000

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -14,12 +16,13 @@ from tests.helpers import TINY_MODEL_FILE, make_image_folder, make_mask_folder, 
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "1e308", "99999999999999999999", "garbage", "", " 1 "]
-SELECTION_VALUES = ["ids:nan", "ids:inf,2", "box:nan,0,0,1", "ids:1e999,-5", "box:1,2", "ids:", "box:a,b,c,d"]
+SELECTION_VALUES = ["ids:nan", "ids:inf,2", "box:nan,0,0,1", "ids:1e999,-5", "box:1,2", "ids:", "box:a,b,c,d",
+                    "box:1e999,-1e999,0,1", "box:0,1,0,1,2", "pred:nope"]
+EVERYWHERE = "box:-1e9,1e9,-1e9,1e9"   # a box around every point of any layout
 # Each page's query parameters; the "gates" must be valid for the rest of the page to run at all.
 PAGES = {
     "overview": ({}, []),
-    "clusters": ({"c_k": "2"}, ["c_scope", "c_class", "c_desc", "c_emb", "c_algo", "c_k", "c_nn", "c_sel", "c_focus",
-                                "c_gallery_page"]),
+    "clusters": ({}, ["c_scope", "c_clust", "c_sel", "c_focus", "c_gallery_page"]),
     "background": ({"threshold": "0"}, ["score", "threshold", "class", "view", "bg_page"]),
     "per_class": ({"class": "0"}, ["class", "show", "pc_page", "pc_grid_page"]),
     "mistakes": ({"true": "0", "pred": "1"}, ["true", "pred", "value", "mk_page"]),
@@ -84,8 +87,8 @@ def number_input(at: AppTest, key: str):
     ("background", {"threshold": "0", "bg_page": "0"}, "bg_page"),
     ("per_class", {"class": "0", "pc_page": "-3"}, "pc_page"),
     ("per_class", {"class": "0", "pc_page": "0"}, "pc_page"),
-    ("clusters", {"c_k": "2", "c_focus": "0", "c_gallery_page": "-3"}, "c_gallery_page"),
-    ("clusters", {"c_k": "2", "c_focus": "0", "c_gallery_page": "0"}, "c_gallery_page"),
+    ("clusters", {"c_sel": EVERYWHERE, "c_gallery_page": "-3"}, "c_gallery_page"),
+    ("clusters", {"c_sel": EVERYWHERE, "c_gallery_page": "0"}, "c_gallery_page"),
 ])
 def test_page_numbers_below_one_open_the_first_page(monkeypatch, large_cache, page, query, key):
     at = open_page(monkeypatch, large_cache, page, query)
@@ -109,13 +112,10 @@ def test_opacity_inf_threshold_minus_inf_and_a_nan_selection(monkeypatch, large_
     default = open_page(monkeypatch, large_cache, "background", {})
     assert at.slider(key="bg_threshold_background_hotspot").value == \
         default.slider(key="bg_threshold_background_hotspot").value
-    at = open_page(monkeypatch, large_cache, "clusters", {"c_sel": "ids:nan"})
-    assert_sane(at, "clusters", {"c_sel": "ids:nan"})
-    assert "selected in the chart" not in texts(at) and at.selectbox(key="c_focus")  # the cluster gallery instead
-    wrong = load(large_cache).table.query("not correct")["id"].tolist()[:3]
-    at = open_page(monkeypatch, large_cache, "clusters", {"c_sel": "ids:nan," + ",".join(map(str, wrong))})
-    assert_sane(at, "clusters", {})
-    assert "selected in the chart" not in texts(at)  # a selection with a nan in it is no selection
+    for selection in ("box:nan,0,0,1", "box:0,1,0,inf", "ids:nan"):
+        at = open_page(monkeypatch, large_cache, "clusters", {"c_sel": selection})
+        assert_sane(at, "clusters", {"c_sel": selection})
+        assert "in the box" not in texts(at) and at.selectbox(key="c_focus")  # the cluster gallery instead
 
 
 def test_st_run_in_a_link_starts_nothing(monkeypatch, large_cache):
@@ -162,3 +162,90 @@ def test_an_unexpected_error_shows_a_message_without_trace_or_path():
     message = at.error[0].value
     assert message.startswith("This page hit an unexpected problem (FileNotFoundError:")
     assert "/srv" not in message and "secret" not in message and "<path>" in message
+
+
+# ------------------------------------------------------------------------------------------------ offline results
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def stored_tables(cache_dir: Path, scope: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stored assignments (id, x, y, cluster) and summary of a scope's default clustering, read from the
+    files themselves (not through the reading API the page uses)."""
+    stored = load(cache_dir).clustering(scope)
+    frame = pd.read_parquet(stored.path / "assignments.parquet", columns=["id", "x", "y", stored.name])
+    summary = pd.read_parquet(stored.path / "summary.parquet")
+    summary = summary[summary["clustering"] == stored.name].sort_values("rank")
+    return frame.rename(columns={stored.name: "cluster"}), summary
+
+
+def test_clusters_page_shows_every_image_of_each_scope(monkeypatch, large_cache):
+    """The page reads the offline results of every scope: all images, then a predicted class chosen in the menu;
+    the cards follow the stored ranking and the gallery opens on the most suspicious cluster."""
+    cache = load(large_cache)
+    table, names = cache.table, list(cache.manifest["class_names"])
+    scopes = cache.clustering_scopes()
+    predicted = table["pred"].value_counts().index     # a class nothing is predicted as has no scope
+    assert scopes[:2] == ["all", "mistakes"] and {f"pred:{names[p]}" for p in predicted} <= set(scopes)
+    at = open_page(monkeypatch, large_cache, "clusters", {})
+    assert_sane(at, "clusters", {})
+    assert len(at.selectbox(key="c_scope").options) == len(scopes)
+    assert metric(at, "Images clustered") == f"{len(table):,}"
+    for scope, rows in (("all", table), (f"pred:{names[predicted[0]]}", table[table["pred"] == predicted[0]])):
+        if scope != "all":
+            at.selectbox(key="c_scope").set_value(scope).run()
+            assert_sane(at, "clusters", {"c_scope": scope})
+            assert at.query_params["c_scope"] == scope
+        assert metric(at, "Images clustered") == f"{len(rows):,}"
+        frame, summary = stored_tables(large_cache, scope)
+        assert sorted(frame["id"]) == sorted(rows["id"])
+        cards = [m.value.split("**")[1] for m in at.markdown if m.value.startswith("**#")]
+        assert cards == [f"#{r} C{c}" for r, c in zip(summary["rank"], summary["cluster"])][:len(cards)]
+        assert at.selectbox(key="c_focus").value == summary["cluster"].iloc[0]
+
+
+def test_a_box_in_the_link_selects_every_image_inside(monkeypatch, large_cache):
+    frame, _ = stored_tables(large_cache, "all")
+    x0, x1 = np.quantile(frame["x"], [0.1, 0.8])
+    y0, y1 = float(frame["y"].min()) - 1, float(frame["y"].max()) + 1
+    inside = frame[(frame["x"] >= x0) & (frame["x"] <= x1)]
+    assert 24 < len(inside) < len(frame)   # more than a gallery page, fewer than all
+    query = {"c_sel": f"box:{x1},{x0},{y0},{y1}"}   # corners in any order
+    at = open_page(monkeypatch, large_cache, "clusters", query)
+    assert_sane(at, "clusters", query)
+    assert f"**{len(inside):,} images in the box**" in texts(at)
+    assert number_input(at, "c_gallery_page").label == f"Page (of {-(-len(inside) // 24)}, {len(inside):,} images)"
+
+
+def test_missing_or_stale_offline_results_name_the_command(monkeypatch, large_cache, tmp_path):
+    """Without results, or with results of an older state of the cache, both pages say so in one line and name
+    the command, whatever the link holds."""
+    import json
+    import shutil
+
+    missing = Path(shutil.copytree(large_cache, tmp_path / "missing"))
+    shutil.rmtree(missing / "analysis")
+    stale = Path(shutil.copytree(large_cache, tmp_path / "stale"))
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["created"] = "2000-01-01T00:00:00"          # another generation of the cache: its results are stale
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    query = {"c_scope": "pred:nope", "c_clust": "x/y", "c_sel": "box:0,1,0,1", "class": "0", "c_gallery_page": "9"}
+    for cache_dir, word in ((missing, "yet"), (stale, "stale")):
+        for page in ("clusters", "per_class"):
+            at = open_page(monkeypatch, cache_dir, page, query)
+            assert_sane(at, page, query)
+            assert len(at.info) == 1, [i.value for i in at.info]
+            message = at.info[0].value
+            assert f"python -m analysis cluster --cache {cache_dir}" in message, message
+            assert (word in message) if page == "clusters" or word == "stale" else "not been computed" in message
+
+
+def test_per_class_page_draws_the_stored_class_maps(monkeypatch, large_cache):
+    cache = load(large_cache)
+    table, names = cache.table, list(cache.manifest["class_names"])
+    at = open_page(monkeypatch, large_cache, "per_class", {})
+    assert_sane(at, "per_class", {})
+    shown = texts(at)
+    for label, name in enumerate(names):
+        rows = table[table["label"] == label]
+        assert f"**{name}** · {len(rows):,} images, {rows['correct'].mean():.0%} correct" in shown

@@ -1,8 +1,11 @@
-"""Clusters (the SpRAy idea): group images whose explanations look alike, rank the groups by suspicion so a
-shortcut ("Clever Hans") strategy shows first, and browse them through an interactive 2-D embedding.
+"""Clusters (the SpRAy idea, at dataset scale): images whose explanations look alike are grouped, the groups
+ranked by suspicion so a shortcut ("Clever Hans") strategy shows first.
 
-All settings live in the URL; results are cached in the session and saved in CACHE/dashboard/ by
-analysis.report.cluster_cache, so reopening a view is instant.
+The page only reads what `python -m analysis cluster` stored for every image of every scope (all, mistakes,
+true:<class>, pred:<class>; analysis/cluster_offline.py): nothing is clustered here, so a million-image cache
+opens as fast as a small one. The embedding is drawn as a density of every point plus a subsample of marks
+(analysis/cluster_display.py); a box dragged on it selects every image inside, drawn or not. Settings and the
+box live in the URL (c_scope, c_clust, c_focus, c_sel, c_gallery_page).
 """
 from __future__ import annotations
 
@@ -10,23 +13,44 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import charts, clustering, statistics as explore, overlay, report
-from analysis.explore.clustering import ClusteringResult, ClusteringSettings
+from analysis.cache import Cache
+from analysis.explore import charts, cluster_display as display, cluster_offline, report
 from dashboard import common
 
 PROTOTYPE_TILE = 120
 PROTOTYPES_PER_ROW = 6
-MAX_K = 30
+CARDS = 12                   # clusters shown as cards (all of them are in the table below)
+DRAWN_POINTS = 10_000        # marks sent to the browser; the density shows every point
+COMMAND = "python -m analysis cluster --cache DIR"
+VERDICT_ICONS = {"shortcut": ":red[**shortcut**]", "uses the object": ":green[uses the object]",
+                 "off the object, not used": "off the object, not used", "not used": "not used",
+                 "not tested": "not tested"}
 
 
-@st.cache_data(show_spinner="Clustering the explanations ...", max_entries=16)
-def _clustering(_cache, state: str, settings: ClusteringSettings) -> ClusteringResult:
-    return report.cluster_cache(_cache, settings)
+def missing_results(cache: Cache) -> str:
+    """One line: why there is nothing to show, and the command that makes it."""
+    stored_dir = cluster_offline.results_root(cache.root) / cluster_offline.CLUSTERING_DIR
+    command = COMMAND.replace("DIR", str(common.cache_dir() or "DIR"))
+    if stored_dir.is_dir() and any(stored_dir.glob(f"*/{cluster_offline.SCOPE_PREFIX}*")):
+        return (f"The offline clustering is stale (computed on an older state of this cache, or by an older version "
+                f"of the code): run `{command}` to redo it.")
+    return f"No offline clustering for this cache yet: run `{command}` (the explain job runs it at its end)."
 
 
-@st.cache_data(show_spinner="Summarising the clusters ...", max_entries=16)
-def _summary(_cache, state: str, settings: ClusteringSettings) -> tuple[pd.DataFrame, np.ndarray]:
-    return report.summarize(_cache, _clustering(_cache, state, settings))
+@st.cache_resource(show_spinner="Reading the clustering ...", max_entries=8)
+def _stored(_found: cluster_offline.StoredScope, name: str, _choices: pd.DataFrame,
+            stamp: tuple) -> cluster_offline.StoredClustering:
+    """The stored clustering `name` of a stored scope, kept across reruns so that its tables are read once
+    (`stamp` = its folder and creation time: a rerun of the cluster command makes a new one)."""
+    record = next(r for r in _found.meta.get("clusterings", []) if r["name"] == name)
+    return cluster_offline.StoredClustering(_found, record, _choices)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _image_columns(_cache: Cache, state: str) -> pd.DataFrame:
+    """id, label_name, pred_name, correct, confidence of every image, indexed by id (no list columns: cheap at a
+    million rows)."""
+    return _cache.columns(["id", "label_name", "pred_name", "correct", "confidence"]).set_index("id")
 
 
 def _select(label: str, options: list, key: str, default, format_func=str, **kwargs):
@@ -37,183 +61,184 @@ def _select(label: str, options: list, key: str, default, format_func=str, **kwa
     return chosen
 
 
-def _selection_ids(event, frame: pd.DataFrame) -> tuple[np.ndarray, str | None]:
-    """Ids chosen in the scatter (box drag or click / shift-click) and a URL encoding of that choice."""
-    selection = (event or {}).get("selection", {}) if isinstance(event, dict) else getattr(event, "selection", {})
-    box = selection.get(charts.CLUSTER_BOX) or {}
-    if box.get("x") and box.get("y"):
-        (x0, x1), (y0, y1) = sorted(box["x"]), sorted(box["y"])
-        return _in_box(frame, x0, x1, y0, y1), f"box:{x0:.5g},{x1:.5g},{y0:.5g},{y1:.5g}"
-    picked = [int(p["id"]) for p in selection.get(charts.CLUSTER_PICK) or [] if "id" in p]
-    if picked:
-        return np.asarray(picked, np.int64), "ids:" + ",".join(map(str, picked[:200]))
-    return np.zeros(0, np.int64), None
+def _number(value: float, digits: int = 2) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _in_box(frame: pd.DataFrame, x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
-    inside = frame["x"].between(x0, x1) & frame["y"].between(y0, y1)
-    return frame.loc[inside, "id"].to_numpy(np.int64)
+def _members_csv(cache: Cache, ids: np.ndarray, clusters: pd.Series) -> bytes:
+    """The selected images' table rows with their cluster (built only when the download is clicked)."""
+    rows = cache.columns(["id", "path", "label_name", "pred_name", "confidence", "correct", "background_share",
+                          "background_hotspot", "border_share"]).set_index("id").loc[ids].reset_index()
+    rows.insert(1, "cluster", clusters.loc[ids].to_numpy())
+    return rows.to_csv(index=False).encode()
 
 
-def _selection_from_url(value: str | None, frame: pd.DataFrame) -> np.ndarray:
-    """The scatter selection a copied link carries (?c_sel=box:x0,x1,y0,y1 or ids:1,2,3); only known ids."""
-    if not value:
-        return np.zeros(0, np.int64)
-    kind, _, numbers = value.partition(":")
-    try:
-        parts = [float(v) for v in numbers.split(",") if v.strip()]
-    except ValueError:
-        return np.zeros(0, np.int64)
-    if not all(np.isfinite(parts)):  # nan, inf: no point is there (and int() of them raises)
-        return np.zeros(0, np.int64)
-    if kind == "box" and len(parts) == 4:
-        return _in_box(frame, *parts)
-    if kind == "ids":
-        return frame.loc[frame["id"].isin([int(p) for p in parts if p == int(p)]), "id"].to_numpy(np.int64)
-    return np.zeros(0, np.int64)
+def main() -> None:
+    cache = common.get_cache()
+    st.title("Clusters")
+    st.caption("Every image of the chosen scope, clustered offline by how its explanation looks; clusters ranked by "
+               "suspicion (relevance off the object or on the border, errors, a map unlike its class's usual one), "
+               "so a shortcut shows first.")
+    scopes = cache.clustering_scopes()
+    if not scopes:
+        st.info(missing_results(cache), icon=":material/info:")
+        st.stop()
 
-
-cache = common.get_cache()
-table = cache.table
-state = f"{cache.root}|{report.cache_state(cache)}"  # st.cache_data key: which cache, in which state
-names = report.class_names(cache)
-
-st.title("Clusters")
-st.caption("Images whose explanations look alike are grouped; groups are ranked by suspicion (relevance off the "
-           "object or on the border, errors, a map unlike the class's usual one), so a shortcut shows first.")
-
-# ------------------------------------------------------------------------------------------------ settings
-with st.container(border=True):
-    row = st.columns(4)
+    # -------------------------------------------------------------------------------------------- settings
+    row = st.columns([2, 3])
     with row[0]:
-        scope = _select("Scope", list(clustering.SCOPES), "c_scope", "all", clustering.SCOPE_LABELS.get)
-        class_index = None
-        if scope == "class":
-            classes = sorted(int(c) for c in table["label"].unique())
-            class_index = _select("Class", classes, "c_class", classes[0], lambda c: names[c])
+        scope = _select("Scope", scopes, "c_scope", scopes[0], display.scope_label,
+                        help="pred:<class>: what the model looked at when it said that class -- where a shortcut's "
+                             "images of other classes land.")
+    if st.session_state.get("c_last_scope", scope) != scope:   # another scope: its own clusters, layout and box
+        for key in ("c_clust", "c_focus", "c_gallery_page", "c_scatter", "c_last_selection"):
+            st.session_state.pop(key, None)
+        common.set_query(c_clust=None, c_focus=None, c_gallery_page=None, c_sel=None)
+    st.session_state["c_last_scope"] = scope
+    default = cache.clustering(scope)                  # newest run, its first algorithm, the eigengap's k
+    choices = default.choices
+    labels = display.choice_labels(choices)
+    keys = list(labels)
     with row[1]:
-        descriptor = _select("Descriptor", list(clustering.DESCRIPTOR_KINDS), "c_desc", "positive",
-                             {"positive": "positive relevance", "absolute": "absolute relevance"}.get,
-                             help="Unit-mass downsampled maps: where the positive (or any) relevance is.")
-        embedding = _select("2-D embedding", list(clustering.EMBEDDINGS), "c_emb", "tsne",
-                            clustering.EMBEDDING_LABELS.get)
-    with row[2]:
-        algorithm = _select("Algorithm", list(clustering.ALGORITHMS), "c_algo", "kmeans",
-                            clustering.ALGORITHM_LABELS.get)
-    with row[3]:
-        k = int(st.number_input("Number of clusters (0: eigengap suggestion)", 0, MAX_K,
-                                common.query_value("c_k", 0, int, range(MAX_K + 1)), key="c_k",
-                                disabled=algorithm == "hdbscan"))
-        common.set_query(c_k=k or None)
-        neighbours = int(st.number_input("Neighbours in the kNN graph", 2, 50,
-                                         common.query_value("c_nn", 10, int, range(2, 51)), key="c_nn"))
-        common.set_query(c_nn=neighbours if neighbours != 10 else None)
+        chosen = _select("Clustering", keys, "c_clust", display.choice_key(default.settings.key(), default.name),
+                         labels.get)
+    run, name = chosen.split("/", 1)
+    found = next(s for s in cluster_offline.stored_scopes(cache.root, cluster_offline.cache_fingerprint(cache))
+                 if s.fresh and s.scope == scope and s.settings.key() == run)
+    stored = _stored(found, name, choices, (str(found.path), found.meta.get("created"), name))
+    summary = stored.summary
+    assignments = stored.assignments
+    for message in stored.messages:      # e.g. every map of the scope alike: one cluster
+        st.info(f"{display.scope_label(scope)}: {message}.", icon=":material/info:")
+    if not len(summary):
+        st.info(f"The scope {display.scope_label(scope)} holds no image.")
+        st.stop()
 
-settings = ClusteringSettings(scope=scope, class_index=class_index, descriptor=descriptor, algorithm=algorithm,
-                              n_clusters=0 if algorithm == "hdbscan" else k, n_neighbors=neighbours,
-                              embedding=embedding)
-scope_size = len(clustering.scope_ids(table, scope, class_index))
-if scope_size < 3:
-    st.info(f"The scope holds {scope_size} image(s): too few to cluster. Choose another scope.")
-    st.stop()
+    # -------------------------------------------------------------------------------------------- metrics
+    top = summary.iloc[0]
+    calibration = stored.calibration
+    verification = stored.verification
+    verdicts = {} if verification is None else dict(zip(verification["cluster"].astype(int), verification["verdict"]))
+    metrics = st.columns(5)
+    metrics[0].metric("Images clustered", f"{stored.n:,}", help="Every image of the scope: no sample.")
+    metrics[1].metric("Clusters", f"{len(summary)}", f"k from the {stored.k_from}", delta_color="off",
+                      delta_arrow="off")
+    metrics[2].metric("Eigengap suggests k", f"{stored.suggested_k}")
+    metrics[3].metric("Most suspicious", f"{report.cluster_label(int(top['cluster']))}",
+                      f"suspicion {_number(top['suspicion'])}", delta_color="off", delta_arrow="off")
+    metrics[4].metric("Its verdict", verdicts.get(int(top["cluster"]), "not verified"),
+                      help="The causal test (`cluster --verify-top N`, needs the model): blur the region its "
+                           "prototype points to and a random region of the same size. 'shortcut' needs the region "
+                           "off the object and far more changed predictions than the random region.")
+    if np.isfinite(calibration.get("null_max_mean", np.nan)):
+        st.caption(f"How unusual the top cluster is: suspicion {_number(calibration['suspicion'])} against "
+                   f"{_number(calibration['null_max_mean'])} ± {_number(calibration['null_max_sd'])} for the most "
+                   f"suspicious group of {calibration['partitions']} random partitions of the scope into groups of "
+                   f"the same sizes (z = {_number(calibration['z'], 1)}, p = {_number(calibration['p'], 3)}). "
+                   "Comparable across scopes and caches; any clustering beats chance, so the verdict is the causal "
+                   "test's" + ("." if verification is not None else
+                               f" (not run here: `{COMMAND} --verify-top 3`)."))
 
-result = _clustering(cache, state, settings)
-if result.note:
-    st.info(result.note)
-if len(result.ids) < 3:
-    st.info(f"{len(result.ids)} image(s) left to cluster: too few. Choose another scope.")
-    st.stop()
-summary, prototypes = _summary(cache, state, settings)
-frame = result.frame().merge(table[["id", "label_name", "pred_name", "correct"]], on="id", how="left")
+    # -------------------------------------------------------------------------------------------- embedding
+    cluster_order = summary["cluster"].astype(int).tolist()
+    focus = common.query_value("c_focus", cluster_order[0], int, cluster_order)
+    images = _image_columns(cache, report.cache_state(cache))
+    points = stored.display_points(DRAWN_POINTS)
+    points = points.join(images[["label_name", "pred_name", "correct"]], on="id")
+    counts, x_edges, y_edges = stored.density()
+    density = display.coarse_density(counts, x_edges, y_edges)
+    left, right = st.columns([3, 2])
+    with left:
+        if len(density) <= 1 and stored.n >= 3:   # every point at one place: nothing to draw or select
+            event = None
+            st.markdown("**2-D layout**: none, every point lies at one place (the maps of the scope are alike).")
+        else:
+            drawn = f"{len(points):,} of {stored.n:,} points drawn" if len(points) < stored.n else \
+                f"all {stored.n:,} points drawn"
+            st.markdown(f"**2-D layout** ({stored.settings.embedding}) of the explanations: grey shows where every "
+                        f"image lies, the marks are a sample ({drawn}; every small cluster whole). Drag a box to "
+                        "show every image inside it below; double-click clears.")
+            event = st.altair_chart(display.density_scatter(density, points, highlight=focus), on_select="rerun",
+                                    key="c_scatter", width="content")
+    with right:
+        if len(stored.eigenvalues) > 1:
+            st.altair_chart(charts.eigenvalue_chart(stored.eigenvalues, stored.suggested_k), height=240,
+                            key="c_eigen")
+            st.caption("Smallest eigenvalues of the kNN graph's normalised Laplacian: k well-separated groups give "
+                       "k values near 0, then a jump (the eigengap).")
 
-sampled = f" (a sample of {len(result.ids):,} of {result.scope_size:,})" if len(result.ids) < result.scope_size \
-    else ""
-metrics = st.columns(4)
-metrics[0].metric("Images clustered", f"{len(result.ids):,}")
-metrics[1].metric("Clusters", f"{result.n_clusters}")
-metrics[2].metric("Eigengap suggests k", f"{result.suggested_k}")
-metrics[3].metric("Most suspicious", f"{report.cluster_label(int(summary['cluster'].iloc[0]))}",
-                  f"suspicion {summary['suspicion'].iloc[0]:.2f}", delta_color="off")
-if sampled:
-    st.caption(f"Clustering{sampled}: a seeded uniform sample keeps the page responsive.")
+    # The box lives in the browser; mirror it in the URL so a copied link shows the same images. Only a *change*
+    # of the chart's selection is written, so opening a link does not wipe the box it carries.
+    box = display.box_from_event(event)
+    encoding = display.encode_box(*box) if box else None
+    if st.session_state.get("c_last_selection", "unset") != encoding:
+        if "c_last_selection" in st.session_state or encoding is not None:
+            common.set_query(c_sel=encoding)
+        st.session_state["c_last_selection"] = encoding
+    if box is None:
+        box = display.decode_box(common.query_value("c_sel", None))
+    selected = stored.ids_in_box(*box) if box else None
 
-# ------------------------------------------------------------------------------------------------ embedding
-left, right = st.columns([3, 2])
-with left:
-    if result.identical:  # every point at one place: no chart to select from
-        event = None
-        st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}**: none, every map of the scope is alike.")
+    # -------------------------------------------------------------------------------------------- clusters
+    st.subheader("Clusters, most suspicious first")
+    parts = display.suspicion_parts(summary)
+    tiles = [report.prototype_tile(p, PROTOTYPE_TILE) for p in stored.prototypes[:CARDS]]
+    for start in range(0, min(CARDS, len(summary)), PROTOTYPES_PER_ROW):
+        columns = st.columns(PROTOTYPES_PER_ROW)
+        for column, position in zip(columns, range(start, min(start + PROTOTYPES_PER_ROW, CARDS, len(summary)))):
+            record, part = summary.iloc[position], parts.iloc[position]
+            cluster = int(record["cluster"])
+            with column:
+                st.image(tiles[position], caption=f"prototype {report.cluster_label(cluster)}", width=PROTOTYPE_TILE)
+                verdict = verdicts.get(cluster)
+                st.markdown(
+                    f"**#{record['rank']} {report.cluster_label(cluster)}** · suspicion "
+                    f"**{_number(record['suspicion'])}**  \n{record['size']:,} images, accuracy "
+                    f"{record['accuracy']:.0%}  \n"
+                    + " · ".join(f"{label} {_number(part[key])}" for key, label in display.SUSPICION_PARTS.items())
+                    + f"  \nz = {_number(record.get('suspicion_z', np.nan), 1)}"
+                    + (f"  \nverdict: {VERDICT_ICONS.get(verdict, verdict)}" if verdict else "")
+                    + f"  \n{record['class_mix']}")
+    table = summary.assign(cluster=summary["cluster"].map(report.cluster_label),
+                           **{f"{key}": parts[key] for key in display.SUSPICION_PARTS if key != "border_share"})
+    table["verdict"] = [verdicts.get(int(c), "") for c in summary["cluster"]]
+    st.dataframe(table[["rank", "cluster", "size", "accuracy", "class_mix", "off_object", "border_share",
+                        "error_rate", "unlike_class", "suspicion", "suspicion_z", "verdict"]],
+                 hide_index=True, width="stretch",
+                 column_config={"accuracy": st.column_config.ProgressColumn("accuracy", format="percent",
+                                                                            min_value=0, max_value=1),
+                                **{c: st.column_config.NumberColumn(c.replace("_", " "), format="%.2f")
+                                   for c in ("off_object", "border_share", "error_rate", "unlike_class",
+                                             "suspicion")},
+                                "suspicion_z": st.column_config.NumberColumn("z vs chance", format="%.1f")})
+    if verification is not None:
+        with st.expander("The causal test of the top clusters"):
+            st.dataframe(verification, hide_index=True, width="stretch")
+
+    # -------------------------------------------------------------------------------------------- gallery
+    st.subheader("Images")
+    if selected is not None:
+        st.markdown(f"**{len(selected):,} images in the box** (every image of the scope inside it, drawn or not).")
+        shown = selected
+        source, csv_name = "the box selection", "box_selection.csv"
     else:
-        st.markdown(f"**{clustering.EMBEDDING_LABELS[embedding]}** of the explanations: drag a box or click "
-                    "points (shift-click adds) to show them below; double-click clears.")
-        event = st.altair_chart(charts.cluster_scatter(frame), on_select="rerun", key="c_scatter",
-                                width="stretch")
-        common.chart_png_download("Embedding (PNG)", charts.cluster_scatter(frame, selectable=False),
-                                  "cluster_embedding.png", "c_scatter_png")
-with right:
-    if len(result.eigenvalues):
-        st.altair_chart(charts.eigenvalue_chart(result.eigenvalues, result.suggested_k), height=240,
-                        key="c_eigen")
-        st.caption("Smallest eigenvalues of the kNN graph's normalised Laplacian: k well-separated groups give k "
-                   "values near 0, then a jump (the eigengap).")
+        focus = _select("Cluster", cluster_order, "c_focus", cluster_order[0],
+                        lambda c: f"{report.cluster_label(c)} (rank {cluster_order.index(c) + 1}, "
+                                  f"{int(summary.loc[summary['cluster'] == c, 'size'].iloc[0]):,} images)",
+                        help="Or drag a box on the chart.")
+        members = stored.members(focus)
+        shown = members[np.argsort(images.loc[members, "correct"].to_numpy(), kind="stable")]   # mistakes first
+        source, csv_name = f"cluster {report.cluster_label(focus)}", f"cluster_{report.cluster_label(focus)}.csv"
 
-# The chart's selection lives in the browser; mirror it in the URL so a copied link shows the same images.
-# Only a *change* of the chart's selection is written, so opening a link does not wipe the selection it carries.
-chart_ids, chart_encoding = _selection_ids(event, frame)
-if st.session_state.get("c_last_selection", "unset") != chart_encoding:
-    if "c_last_selection" in st.session_state or chart_encoding is not None:
-        common.set_query(c_sel=chart_encoding)
-    st.session_state["c_last_selection"] = chart_encoding
-selected = chart_ids if chart_encoding else _selection_from_url(common.query_value("c_sel", None), frame)
+    # ----- TAGGING SPOT (issue 14): a "tag these images" control goes here, wired in by the lead from
+    # ----- dashboard/tagging.py. It gets `shown` (every id of the focused cluster or of the box, not only the
+    # ----- gallery's page) and `source` (what they are, for the tag's note).
 
-# ------------------------------------------------------------------------------------------------ clusters
-st.subheader("Clusters, most suspicious first")
-captions = []
-for position, record in summary.iterrows():
-    captions.append(f"#{record['rank']} {report.cluster_label(int(record['cluster']))}: {record['size']} img, "
-                    f"acc {record['accuracy']:.0%}")
-tiles = [report.prototype_tile(p, PROTOTYPE_TILE) for p in prototypes]
-for start in range(0, len(summary), PROTOTYPES_PER_ROW):
-    for column, position in zip(st.columns(PROTOTYPES_PER_ROW), range(start, min(start + PROTOTYPES_PER_ROW,
-                                                                                    len(summary)))):
-        record = summary.iloc[position]
-        with column:
-            st.image(tiles[position], caption=f"prototype {report.cluster_label(int(record['cluster']))}",
-                     width=PROTOTYPE_TILE)
-            background = "–" if pd.isna(record["background_share"]) else f"{record['background_share']:.2f}"
-            border = "–" if pd.isna(record["border_share"]) else f"{record['border_share']:.2f}"
-            st.markdown(f"**#{record['rank']} {report.cluster_label(int(record['cluster']))}** · "
-                        f"suspicion **{record['suspicion']:.2f}**  \n{record['size']} images, accuracy "
-                        f"{record['accuracy']:.0%}  \nbackground {background}, border {border}  \n"
-                        f"{record['class_mix']}")
+    by_cluster = assignments.set_index("id")["cluster"]
+    common.deferred_download(f"Download {source} (CSV)", lambda ids=shown: _members_csv(cache, ids, by_cluster),
+                             csv_name, "text/csv", "c_csv", icon=":material/download:")
+    common.gallery(cache, shown, key="c_gallery",
+                   captions=lambda i: f"#{i} {images.at[i, 'label_name']}→{images.at[i, 'pred_name']}")
 
-table_view = summary.assign(cluster=summary["cluster"].map(report.cluster_label))
-st.dataframe(table_view[["rank", "cluster", "size", "accuracy", "majority_name", "class_mix", "background_share",
-                         "border_share", "unlike_class", "suspicion"]],
-             hide_index=True, width="stretch",
-             column_config={"accuracy": st.column_config.ProgressColumn("accuracy", format="percent",
-                                                                        min_value=0, max_value=1),
-                            "suspicion": st.column_config.NumberColumn("suspicion", format="%.2f")})
-grid = overlay.image_grid(tiles, captions, columns=PROTOTYPES_PER_ROW, caption_height=16)
-common.png_download("Prototypes (PNG)", overlay.png_bytes(grid), "cluster_prototypes.png", "c_proto_png")
 
-# ------------------------------------------------------------------------------------------------ gallery
-st.subheader("Images")
-cluster_order = summary["cluster"].astype(int).tolist()
-if len(selected):
-    st.markdown(f"**{len(selected):,} images selected in the chart.**")
-    shown = selected
-    csv_name = "selected_images.csv"
-else:
-    focus = _select("Cluster", cluster_order, "c_focus", cluster_order[0],
-                    lambda c: f"{report.cluster_label(c)} (rank {cluster_order.index(c) + 1})",
-                    help="Or select points in the chart.")
-    shown = report.members_by_suspicion(cache, result, focus)
-    csv_name = f"cluster_{report.cluster_label(focus)}.csv"
-rows = table.set_index("id").loc[shown].reset_index()
-rows.insert(1, "cluster", frame.set_index("id").loc[shown, "cluster"].to_numpy())
-st.download_button("Download these images (CSV)", explore.table_csv(rows), file_name=csv_name,
-                   mime="text/csv", key="c_csv", icon=":material/download:")
-by_id = rows.set_index("id")
-common.gallery(cache, shown, key="c_gallery",
-               captions=lambda i: f"#{i} {by_id.at[i, 'label_name']}→{by_id.at[i, 'pred_name']}")
+main()

@@ -1,15 +1,17 @@
 """Per-class maps: where, on average, does the model look for each class?
 
 Each class gets its mean image (a sample of its images) beside the mean map of its correctly and of its
-wrongly classified images (descriptors: every image's positive map scaled to unit mass, so each image counts
-once). Opening a class (?class=K) shows bigger maps and its images. View state in the URL: class, show, pc_page.
+wrongly classified images (every image's positive map scaled to unit mass, so each image counts once). The mean
+maps are read from CACHE/analysis/class_maps.parquet, which `python -m analysis cluster` streams through the
+cache shard by shard (analysis.explore.cluster_offline.compute_class_aggregates): the page never reads every map.
+Opening a class (?class=K) shows bigger maps and its images. View state in the URL: class, show, pc_page.
 """
 from __future__ import annotations
 
 import numpy as np
 import streamlit as st
 
-from analysis.explore import statistics as explore, overlay, report
+from analysis.explore import cluster_offline, statistics as explore, overlay, report
 from analysis.cache import Cache
 from dashboard import common
 
@@ -25,24 +27,26 @@ def cache_key(cache: Cache) -> tuple:
     return str(cache.root), len(cache), str(cache.manifest.get("updated"))
 
 
-def n_classes(cache: Cache) -> int:
-    names = cache.manifest.get("class_names") or []
-    table = cache.table
-    return max(len(names), int(max(table["label"].max(), table["pred"].max())) + 1)
+def class_maps_stamp(cache: Cache) -> tuple:
+    """Changes when the cluster command (re)writes the per-class aggregates, so an open page picks them up."""
+    path = cluster_offline.results_root(cache.root) / cluster_offline.CLASS_MAPS_FILE
+    return cache_key(cache), path.stat().st_mtime_ns if path.exists() else None
 
 
-@st.cache_data(show_spinner="Averaging the maps of each class ...", max_entries=4)
-def mean_maps(_cache: Cache, key: tuple) -> explore.ClassMeanMaps:
-    table = _cache.table
-    return explore.class_mean_maps(_cache.descriptors(None, "positive"), table["label"].to_numpy(),
-                                   table["correct"].to_numpy(), n_classes(_cache))
+@st.cache_data(show_spinner="Reading the mean maps of each class ...", max_entries=4)
+def mean_maps(_cache: Cache, key: tuple) -> explore.ClassMeanMaps | None:
+    """The stored per-class mean maps (None when the cluster command has not stored them for the cache as it is
+    now)."""
+    aggregates = _cache.class_maps()
+    return None if aggregates is None else aggregates.maps
 
 
 @st.cache_data(show_spinner="Averaging the images of each class ...", max_entries=64)
 def class_mean_image(_cache: Cache, key: tuple, label: int, size: int) -> np.ndarray:
     """Pixel mean of what the model saw of a seeded sample of the class's images (report.mean_model_view); a
     placeholder when none can be read."""
-    ids = _cache.table.loc[_cache.table["label"] == label, "id"].to_numpy()
+    rows = _cache.columns(["id", "label"])
+    ids = rows.loc[rows["label"] == label, "id"].to_numpy()
     ids = ids[explore.sample_rows(len(ids), MEAN_IMAGE_SAMPLE, seed=label)]
     mean = report.mean_model_view(_cache, ids, size)
     return mean if mean is not None else overlay.placeholder(size, "no image")
@@ -115,7 +119,8 @@ def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], lab
     show = st.radio("Images", list(SHOW), format_func=SHOW.get, horizontal=True,
                     index=list(SHOW).index(common.query_value("show", "all", choices=list(SHOW))), key="pc_show")
     common.set_query(show=show if show != "all" else None)
-    rows = cache.table[cache.table["label"] == label]
+    rows = cache.columns(["id", "label", "pred_name", "correct", "confidence"])
+    rows = rows[rows["label"] == label]
     if show != "all":
         rows = rows[rows["correct"] == (show == "correct")]
     rows = rows.sort_values(["correct", "confidence"], ascending=[True, False], kind="stable")
@@ -127,9 +132,15 @@ def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], lab
 def main() -> None:
     cache = common.get_cache()
     names = list(cache.manifest.get("class_names") or [])
-    means = mean_maps(cache, cache_key(cache))
-    classes = sorted(int(c) for c in cache.table["label"].unique())
     st.title("Per-class maps")
+    means = mean_maps(cache, class_maps_stamp(cache))
+    if means is None:
+        stale = (cluster_offline.results_root(cache.root) / cluster_offline.CLASS_MAPS_FILE).exists()
+        command = f"python -m analysis cluster --cache {common.cache_dir()}"
+        st.info(f"The per-class mean maps {'are stale (computed on an older state of this cache)' if stale else 'have not been computed for this cache'}: "
+                f"run `{command}` (the explain job runs it at its end).", icon=":material/info:")
+        st.stop()
+    classes = [int(c) for c in np.nonzero(means.n_correct + means.n_wrong)[0]]   # the true classes present
 
     options = [None] + classes
     chosen = st.selectbox("Class", options, format_func=lambda c: "all classes (grid)" if c is None else
@@ -144,7 +155,7 @@ def main() -> None:
                                        value=common.query_value("pc_grid_page", 1, int, low=1, high=pages)))
             common.set_query(pc_grid_page=page if page > 1 else None)
         shown = classes[(page - 1) * GRID_CLASSES_PER_PAGE: page * GRID_CLASSES_PER_PAGE]
-        common.png_download("Download this grid (PNG)", grid_png(cache, cache_key(cache), tuple(shown)),
+        common.png_download("Download this grid (PNG)", grid_png(cache, class_maps_stamp(cache), tuple(shown)),
                             "per_class_maps.png", key="pc_png")
         show_grid(cache, means, names, shown)
     else:
