@@ -16,22 +16,25 @@ tagging.image_tags(cache, image_id, key="img")                 # one image: its 
 ```
 
 The tags live in the cache's review database (`analysis.review.Review`, DIR/review.sqlite, opened once per
-cache state with st.cache_resource); who tagged is the name in the sidebar (`who_sidebar`, called by
-dashboard/app.py), which the browser remembers in a cookie. Without a usable database (a read-only cache
-directory) the widgets say so and galleries show every image.
+cache state with st.cache_resource and created by the first tag: looking at pages writes nothing); who tagged
+is the name in the sidebar (`who_sidebar`, called by dashboard/app.py), which the browser remembers in a
+cookie. Without a usable database (a read-only cache
+directory) the widgets say so and galleries show every image; before the first tag there is no filter.
 """
 from __future__ import annotations
 
 import json
 import urllib.parse
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from analysis import report, tag_views
 from analysis.cache import Cache
-from analysis.review import MAX_NOTE_LENGTH, MAX_TAG_LENGTH, MAX_WHO_LENGTH, Review, ReviewError
+from analysis.review import (DB_NAME, DEFAULT_TAGS, MAX_NOTE_LENGTH, MAX_TAG_LENGTH, MAX_WHO_LENGTH, Review,
+                             ReviewError)
 from dashboard import common
 
 WHO_COOKIE = "fgcam_who"
@@ -47,15 +50,21 @@ def _open_review(root: str, state: str, _cache: Cache) -> Review:
 
 
 def get_review(cache: Cache) -> Review | None:
-    """The cache's tags database (opened once per cache state), or None with a warning on the page when it
-    cannot be used."""
+    """The cache's tags database (opened once per cache state); None when nothing was ever tagged on this cache
+    (looking at a page does not create the database: the first tag does), or, with a warning on the page, when
+    it cannot be used."""
+    if not (Path(cache.root) / DB_NAME).exists():
+        return None
     try:
         return _open_review(str(cache.root), report.cache_state(cache), cache)
     except (ReviewError, OSError) as error:
-        lines = str(error).strip().splitlines()
-        st.warning("Tags are not available: " + common.without_paths(lines[0] if lines else type(error).__name__),
-                   icon=":material/sell:")
+        st.warning("Tags are not available: " + _one_line(error), icon=":material/sell:")
         return None
+
+
+def _writable_review(cache: Cache) -> Review:
+    """The database, created on the first tag (for callbacks: ReviewError / OSError when it cannot be)."""
+    return _open_review(str(cache.root), report.cache_state(cache), cache)
 
 
 def _one_line(error: BaseException) -> str:
@@ -95,12 +104,13 @@ def who_sidebar() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tagging
-def _apply(review: Review, ids: list[int], key: str, action: str) -> None:
+def _apply(cache: Cache, ids: list[int], key: str, action: str) -> None:
     """Form callback (runs before the page is drawn again, so the page shows the new tags)."""
     state = st.session_state
     new = str(state.get(f"{key}_new") or "").strip()
     tag = new or str(state.get(f"{key}_choice") or "")
     try:
+        review = _writable_review(cache)
         if action == "tag":
             count = review.tag(ids, tag, note=state.get(f"{key}_note") or None, who=who())
             message = f"Tagged {count:,} image{'s' if count != 1 else ''} “{tag}”."
@@ -110,7 +120,7 @@ def _apply(review: Review, ids: list[int], key: str, action: str) -> None:
         state[f"{key}_new"] = ""
         state[f"{key}_note"] = ""
         state[f"{key}_done"] = ("success", message)
-    except (ValueError, ReviewError) as error:
+    except (ValueError, ReviewError, OSError) as error:
         state[f"{key}_done"] = ("error", _one_line(error))
 
 
@@ -120,9 +130,7 @@ def tag_controls(cache: Cache, ids: Sequence[int], key: str, what: str | None = 
     or free text), an optional note, and Tag / Untag buttons acting on every image of `ids`. `what` names
     the images in the form's heading (default: "these N images"); `default` is the tag chosen at first."""
     review = get_review(cache)
-    if review is None:
-        return
-    names = review.tag_names()
+    names = review.tag_names() if review is not None else list(DEFAULT_TAGS)
     if default in names and f"{key}_choice" not in st.session_state:
         st.session_state[f"{key}_choice"] = default
     ids = [int(i) for i in ids]
@@ -134,9 +142,9 @@ def tag_controls(cache: Cache, ids: Sequence[int], key: str, what: str | None = 
         choose.selectbox("Tag", names, key=f"{key}_choice")
         new.text_input("or a new tag", key=f"{key}_new", max_chars=MAX_TAG_LENGTH, placeholder="free text")
         note.text_input("Note (optional)", key=f"{key}_note", max_chars=MAX_NOTE_LENGTH)
-        tag_button.form_submit_button("Tag", on_click=_apply, args=(review, ids, key, "tag"), type="primary",
+        tag_button.form_submit_button("Tag", on_click=_apply, args=(cache, ids, key, "tag"), type="primary",
                                       icon=":material/sell:", disabled=not count, width="stretch")
-        untag_button.form_submit_button("Untag", on_click=_apply, args=(review, ids, key, "untag"),
+        untag_button.form_submit_button("Untag", on_click=_apply, args=(cache, ids, key, "untag"),
                                         disabled=not count, width="stretch")
     done = st.session_state.pop(f"{key}_done", None)
     if done is not None:
@@ -154,10 +162,8 @@ def _untag_one(review: Review, image_id: int, tag: str, key: str) -> None:
 def image_tags(cache: Cache, image_id: int, key: str) -> None:
     """One image's tags (tag, note, who, when; a button removes each), then `tag_controls` for it."""
     review = get_review(cache)
-    if review is None:
-        return
     try:
-        tags = review.tags()
+        tags = review.tags() if review is not None else pd.DataFrame(columns=["id", "tag", "note", "who", "time"])
     except ReviewError as error:
         st.warning("Tags are not available: " + _one_line(error))
         return

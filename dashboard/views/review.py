@@ -12,7 +12,7 @@ import math
 
 import streamlit as st
 
-from analysis import tag_views
+from analysis import report, tag_views
 from analysis.cache import Cache
 from analysis.review import Review, ReviewError, tagged_table
 from dashboard import common, tagging
@@ -31,6 +31,12 @@ def _decide(review: Review, image_ids: list[int], tag: str, accept: bool) -> Non
         st.session_state.pop("fm_error", None)
     except (ValueError, ReviewError) as error:
         st.session_state["fm_error"] = str(error).splitlines()[0]
+
+
+@st.cache_data(show_spinner="Fitting the probe and ranking every image ...", max_entries=8)
+def _candidates(_review: Review, state: str, tag: str, positives: tuple, rejected: tuple, top: int):
+    """One round of find-more-like-these; refitted whenever the tagged or rejected images change (the key)."""
+    return tag_views.find_more(_review, tag, top)
 
 
 def _percent(value: float) -> str:
@@ -76,7 +82,8 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
                               value=common.query_value("fm_top", TOP, int, low=1, high=96)))
     common.set_query(fm_top=top if top != TOP else None)
     try:
-        candidates = tag_views.find_more(review, tag, top)
+        candidates = _candidates(review, f"{cache.root}|{report.cache_state(cache)}", tag,
+                                 tuple(review.ids(tag).tolist()), tuple(review.rejected(tag).tolist()), top)
     except ValueError as error:
         st.info(str(error).splitlines()[0])
         return
@@ -134,6 +141,8 @@ def main() -> None:
     st.title("Find more like these")
     review = tagging.get_review(cache)
     if review is None:
+        st.info("Nothing is tagged yet. Tag images on the Image page or in a gallery (Mistakes, Background "
+                "attention, Clusters), then come back here to find more like them.")
         return
     tags = show_tags(cache, review)
     find_more(cache, review, tags)
