@@ -221,7 +221,8 @@ def tag_filter(cache: Cache, ids: Sequence[int], key: str, container=None) -> li
 
 def captions_with_tags(cache: Cache, ids: Sequence[int],
                        captions: Callable[[int], str] | None = None) -> Callable[[int], str]:
-    """Tile captions (`captions(id)`, default "#id") followed by the image's tags, for `common.gallery`."""
+    """Tile captions (`captions(id)`, default "#id") followed by the image's tags ("· tag: a", "· tags: a; b"),
+    for `common.gallery`."""
     base = captions or (lambda i: f"#{i}")
     review = get_review(cache)
     if review is None or not len(ids):
@@ -231,7 +232,9 @@ def captions_with_tags(cache: Cache, ids: Sequence[int],
 
     def caption(image_id: int) -> str:
         text = tags.get(int(image_id), "")
-        return f"{base(image_id)} · 🏷 {text}" if text else base(image_id)
+        if not text:
+            return base(image_id)
+        return f"{base(image_id)} · {'tags' if '; ' in text else 'tag'}: {text}"
 
     return caption
 

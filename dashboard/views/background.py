@@ -117,7 +117,7 @@ def main() -> None:
                    "(mask or box), where known.")
     score_of = dict(zip(flagged["id"].to_numpy(), flagged[score].to_numpy()))
     rows = flagged.set_index("id")
-    shown = tagging.tag_filter(cache, flagged["id"].tolist(), key="bg")
+    shown = tagging.tag_filter(cache, flagged["id"].tolist(), key="bg", container=st.columns([2, 3])[0])
     common.gallery(cache, shown, key="bg", kind=view,
                    captions=tagging.captions_with_tags(
                        cache, shown, lambda i: (f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} "

@@ -71,7 +71,7 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
     else:
         st.caption(f"Most confident first. Left: the image; middle: what made the model say **{names[pred]}**; "
                    f"right: the relevance for the true class **{names[true]}** (red for, blue against).")
-    ids = tagging.tag_filter(cache, rows["id"].tolist(), key="mk")
+    ids = tagging.tag_filter(cache, rows["id"].tolist(), key="mk", container=st.columns([2, 3])[0])
     if not ids:
         st.info("No image of this cell passes the tag filter.")
         return
@@ -114,27 +114,30 @@ def show_label_errors(cache: Cache) -> None:
     st.markdown("Every image ranked by **label quality** (Cleanlab's self-confidence: the model's probability of "
                 "the given label; lowest first = most likely mislabelled). Click a column header to sort.")
     st.caption("The probabilities are the model's own, in-sample for images it was trained on: a model that "
-               "has learnt a wrong label believes it, so this list is conservative (it misses such errors).")
+               "has learnt a wrong label believes it, so this list is conservative (it misses such errors). An "
+               "image the model gets confidently wrong for another reason (a shortcut) ranks high too: look "
+               "before relabelling.")
     if frame.attrs.get("probabilities") == "top-5":
         st.caption(":orange[This cache was made before the job stored every class probability: the ranking uses "
                    "each image's top-5 probabilities (the rest spread evenly).]")
     with_tags = tagging.with_tags_column(cache, frame)
     st.dataframe(with_tags, hide_index=True, height=320, key="mk_le_table", column_config={
-        "label_quality": st.column_config.ProgressColumn("label quality", format="%.3f", min_value=0,
-                                                         max_value=1),
+        "label_quality": st.column_config.NumberColumn("label quality", format="%.3g"),
         "confidence": st.column_config.NumberColumn("confidence", format="percent"),
         "path": st.column_config.TextColumn("path", width="medium")})
     st.download_button("Download the ranking (CSV)", with_tags.to_csv(index=False).encode(),
                        file_name="label_errors.csv", mime="text/csv", icon=":material/download:", key="mk_le_csv")
-    top = int(st.number_input("Gallery: the most likely label errors, how many", 1, len(frame), key="mk_le_top",
-                              value=common.query_value("le_top", min(LABEL_ERROR_TOP, len(frame)), int, low=1,
-                                                       high=len(frame))))
+    st.subheader("The most likely label errors")
+    left, right, _ = st.columns([1, 2, 2])
+    top = int(left.number_input("How many", 1, len(frame), key="mk_le_top",
+                                value=common.query_value("le_top", min(LABEL_ERROR_TOP, len(frame)), int, low=1,
+                                                         high=len(frame))))
     common.set_query(le_top=top if top != min(LABEL_ERROR_TOP, len(frame)) else None)
     quality = dict(zip(frame["id"], frame["label_quality"]))
     rows = frame.set_index("id")
-    shown = tagging.tag_filter(cache, frame["id"].head(top).tolist(), key="mk_le")
+    shown = tagging.tag_filter(cache, frame["id"].head(top).tolist(), key="mk_le", container=right)
     common.gallery(cache, shown, key="mk_le", kind="image", captions=tagging.captions_with_tags(
-        cache, shown, lambda i: f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} q {quality[i]:.2f}"))
+        cache, shown, lambda i: f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} q {quality[i]:.2g}"))
     if shown:
         tagging.tag_controls(cache, shown, key="mk_le_tagging", default="label error",
                              what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery")

@@ -44,12 +44,11 @@ def _percent(value: float) -> str:
 
 
 def show_tags(cache: Cache, review: Review) -> list[str]:
-    """The tags in use with their counts, and the export of one of them; returns the tags in use."""
+    """The tags in use with their counts, and the export of one of them (below the candidates: the loop is
+    what this page is for); returns the tags in use."""
     counts = tag_views.tag_counts(review)
     st.subheader("Tags")
     if counts.empty:
-        st.info("Nothing is tagged yet. Tag images on the Image page, in a gallery (Mistakes, Background "
-                "attention, Clusters) or below, then come back here to find more like them.")
         return []
     st.dataframe(counts, hide_index=True, key="fm_counts")
     tags = counts["tag"].tolist()
@@ -66,20 +65,20 @@ def show_tags(cache: Cache, review: Review) -> list[str]:
                           (json.dumps(frame.to_dict("records"), indent=1, ensure_ascii=False, default=str) + "\n")
                           .encode(), file_name=f"tagged_{name}.json", mime="application/json",
                           icon=":material/download:", key="fm_export_json")
-    st.caption(f"The same list as `python -m analysis export --cache {cache.root.name} --tag '{export_tag}'` "
+    st.caption(f"The same list as `python -m analysis export --cache DIR --tag '{export_tag}'` "
                "(add `--format folder --out DIR` for an ImageFolder of links, ready for relabelling).")
     return tags
 
 
 def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
-    st.subheader("Find more like these")
     if not tags:
         return
-    tag = st.selectbox("Tag", tags, key="fm_tag",
-                       index=tags.index(common.query_value("fm_tag", tags[0], str, choices=tags)))
+    left, right, _ = st.columns([2, 1, 2])
+    tag = left.selectbox("Tag", tags, key="fm_tag",
+                         index=tags.index(common.query_value("fm_tag", tags[0], str, choices=tags)))
     common.set_query(fm_tag=tag if tag != tags[0] else None)
-    top = int(st.number_input("Candidates to show", 1, 96, key="fm_top",
-                              value=common.query_value("fm_top", TOP, int, low=1, high=96)))
+    top = int(right.number_input("Candidates to show", 1, 96, key="fm_top",
+                                 value=common.query_value("fm_top", TOP, int, low=1, high=96)))
     common.set_query(fm_top=top if top != TOP else None)
     try:
         candidates = _candidates(review, f"{cache.root}|{report.cache_state(cache)}", tag,
@@ -144,8 +143,13 @@ def main() -> None:
         st.info("Nothing is tagged yet. Tag images on the Image page or in a gallery (Mistakes, Background "
                 "attention, Clusters), then come back here to find more like them.")
         return
-    tags = show_tags(cache, review)
+    tags = tag_views.tag_counts(review)["tag"].tolist()
+    if not tags:
+        st.info("Nothing is tagged yet (every tag was removed). Tag images on the Image page or in a gallery, "
+                "then come back here to find more like them.")
+        return
     find_more(cache, review, tags)
+    show_tags(cache, review)
 
 
 main()
