@@ -32,6 +32,8 @@ TAGGED_PAGES = {
     "review": ({}, ["fm_tag", "fm_top", "fm_page"]),
     "mistakes": ({"mk_view": "label_errors"}, ["le_top", "mk_le_tag", "mk_le_page", "mk_view"]),
     "background": ({"threshold": "0"}, ["bg_tag", "bg_page"]),
+    "image": ({}, ["id"]),
+    "overview": ({}, []),
 }
 
 
