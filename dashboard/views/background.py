@@ -124,7 +124,8 @@ def main() -> None:
                                                 f"{score_of[i]:.2f}")))
     if shown:
         tagging.tag_controls(cache, shown, key="bg_tagging",
-                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery (every page)")
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery "
+                                  "(every page)")
     if len(flagged):
         export = tagging.with_tags_column(
             cache, flagged[["id", "path", "label_name", "pred_name", "confidence", "correct", score]])

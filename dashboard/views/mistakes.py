@@ -140,7 +140,8 @@ def show_label_errors(cache: Cache) -> None:
         cache, shown, lambda i: f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} q {quality[i]:.2g}"))
     if shown:
         tagging.tag_controls(cache, shown, key="mk_le_tagging", default="label error",
-                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery (every page)")
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery "
+                                  "(every page)")
 
 
 def main() -> None:

@@ -53,7 +53,8 @@ with left:
     common.deferred_download("Download HTML report", lambda: report.build_report(cache).encode(),
                              "fgcam_report.html", "text/html", "report", icon=":material/description:",
                              help="One self-contained file (images and charts inlined, works offline): summary, "
-                                  "per-class maps, the most suspicious clusters, one section per tag, confusion matrix.")
+                                  "per-class maps, the most suspicious clusters, one section per tag, confusion "
+                                  "matrix.")
 with right:
     # Deferred: 100,000 rows take seconds to write, and the page must open in under 3 s.
     common.deferred_download("Download the table (CSV)", lambda: explore.table_csv(cache.table), "fgcam_table.csv",

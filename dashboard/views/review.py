@@ -96,8 +96,8 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
                   "untagged images of the same kind count as misses.")
     c.metric("Tagged", f"{probe.get('positives', 0):,}")
     d.metric("Rejected", f"{probe.get('rejected', 0):,}")
-    st.caption(f"A class-balanced linear probe on the explanation descriptors, fitted on the {probe.get('positives', 0):,} "
-               f"images tagged “{tag}” against the rejected ones and a sample of the rest; "
+    st.caption("A class-balanced linear probe on the explanation descriptors, fitted on the "
+               f"{probe.get('positives', 0):,} images tagged “{tag}” against the rejected ones and a sample of the rest; "
                f"{candidates.attrs.get('ranked', 0):,} untagged images ranked. Accept (✓) or reject (✗) the "
                "candidates: the probe is fitted again with them.")
     error = st.session_state.pop("fm_error", None)
@@ -116,7 +116,8 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
     common.placement_notice(cache, ids)
     rows = candidates.set_index("id")
     for start in range(0, len(ids), COLUMNS):
-        for column, image_id, tile in zip(st.columns(COLUMNS), ids[start:start + COLUMNS], tiles[start:start + COLUMNS]):
+        row_ids, row_tiles = ids[start:start + COLUMNS], tiles[start:start + COLUMNS]
+        for column, image_id, tile in zip(st.columns(COLUMNS), row_ids, row_tiles):
             row = rows.loc[image_id]
             with column, st.container(border=True):
                 st.image(tile, width="stretch", caption=f"{int(row['rank'])}. #{image_id} "
