@@ -12,7 +12,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` puts only dashboard/ on the path
 
-from dashboard import common  # noqa: E402
+from dashboard import common, tagging  # noqa: E402
 
 PAGES = [  # (file, title, url path, icon); adding a page is one line here
     ("overview.py", "Overview", "overview", ":material/dashboard:"),
@@ -22,6 +22,7 @@ PAGES = [  # (file, title, url path, icon); adding a page is one line here
     ("mistakes.py", "Mistakes", "mistakes", ":material/rule:"),
     ("image.py", "Image", "image", ":material/image:"),
     ("trust.py", "Trust", "trust", ":material/verified:"),
+    ("review.py", "Find more like these", "review", ":material/sell:"),
 ]
 
 st.set_page_config(page_title="FG-CAM explanations", page_icon=":material/center_focus_strong:", layout="wide")
@@ -34,4 +35,5 @@ else:
     navigation = st.navigation([st.Page(here / file, title=title, url_path=url, icon=icon, default=i == 0)
                                 for i, (file, title, url, icon) in enumerate(PAGES) if (here / file).exists()])
     common.sidebar_summary(cache)
+    tagging.who_sidebar()
 common.run_guarded(navigation.run)

@@ -65,6 +65,8 @@ def pages_for(cache_dir: Path | None) -> list[PageShot]:
         PageShot("mistakes", mistakes, "mistakes.py", "Mistakes"),
         PageShot("image", "/image?id=0", "image.py", None),
         PageShot("trust", "/trust", "trust.py", "Trust"),
+        PageShot("mistakes_label_errors", "/mistakes?mk_view=label_errors", "mistakes.py", "Mistakes"),
+        PageShot("review", "/review", "review.py", "Find more like these"),
     ]
 
 

@@ -38,7 +38,7 @@ def test_every_page_renders_in_a_browser(small_cache: Path, tmp_path: Path) -> N
 
     shots = shots_module.pages_for(cache)
     assert [s.name for s in shots] == ["overview", "clusters", "background", "per_class", "mistakes", "image",
-                                       "trust"]
+                                       "trust", "mistakes_label_errors", "review"]
     missing = [s.page_file for s in shots if not (REPO / "dashboard" / "views" / s.page_file).exists()]
     assert not missing, f"pages not written: {missing}"
     out = tmp_path / "shots"

@@ -23,11 +23,20 @@ EVERYWHERE = "box:-1e9,1e9,-1e9,1e9"   # a box around every point of any layout
 PAGES = {
     "overview": ({}, []),
     "clusters": ({}, ["c_scope", "c_clust", "c_sel", "c_focus", "c_gallery_page"]),
-    "background": ({"threshold": "0"}, ["score", "threshold", "class", "view", "bg_page"]),
+    "background": ({"threshold": "0"}, ["score", "threshold", "class", "view", "bg_page", "bg_tag"]),
     "per_class": ({"class": "0"}, ["class", "show", "pc_page", "pc_grid_page"]),
-    "mistakes": ({"true": "0", "pred": "1"}, ["true", "pred", "value", "mk_page"]),
+    "mistakes": ({"true": "0", "pred": "1"}, ["true", "pred", "value", "mk_page", "mk_tag", "mk_view"]),
     "image": ({}, ["id", "opacity", "cmap"]),
     "trust": ({}, ["st_by", "st_class", "st_q", "st_max", "st_run"]),
+    "review": ({}, ["fm_tag", "fm_top", "fm_page"]),
+}
+# Pages whose parameters matter only with tags in the database (test_bad_values_with_tags_in_use).
+TAGGED_PAGES = {
+    "review": ({}, ["fm_tag", "fm_top", "fm_page"]),
+    "mistakes": ({"mk_view": "label_errors"}, ["le_top", "mk_le_tag", "mk_le_page", "mk_view"]),
+    "background": ({"threshold": "0"}, ["bg_tag", "bg_page"]),
+    "image": ({}, ["id"]),
+    "overview": ({}, []),
 }
 
 
@@ -139,6 +148,31 @@ def test_every_query_parameter_with_bad_values_gives_a_sane_page(monkeypatch, la
         queries += [{**gates, name: value} for name in gates]
         for query in queries:
             assert_sane(open_page(monkeypatch, large_cache, page, query), page, query)
+
+
+def test_bad_values_with_tags_in_use(monkeypatch, large_cache, tmp_path):
+    """The tag filters, the Find-more page and the label-error gallery with tags in the database: every bad value
+    gives a page; a link naming a tag that exists opens its filter, one naming no tag shows every image."""
+    import shutil
+
+    from analysis.review import Review
+
+    cache = Path(shutil.copytree(large_cache, tmp_path / "cache"))
+    ids = load(cache).table["id"].tolist()
+    Review(cache).tag(ids[:4], "shortcut")
+    Review(cache).reject(ids[4:6], "shortcut")
+    for page, (gates, parameters) in TAGGED_PAGES.items():
+        for value in BAD_VALUES + ["tagged: nope", "tagged: ", "untagged"]:
+            query = {**gates, **{name: value for name in parameters if name not in gates}}
+            assert_sane(open_page(monkeypatch, cache, page, query), page, query)
+    at = open_page(monkeypatch, cache, "background", {"threshold": "0", "bg_tag": "tagged: shortcut"})
+    assert at.selectbox(key="bg_tag").value == "tagged: shortcut"
+    assert "images: tagged: shortcut" in texts(at)
+    at = open_page(monkeypatch, cache, "background", {"threshold": "0", "bg_tag": "tagged: nope"})
+    assert at.selectbox(key="bg_tag").value == "all images"
+    at = open_page(monkeypatch, cache, "review", {"fm_tag": "shortcut", "fm_top": "3"})
+    assert {m.label: m.value for m in at.metric}["Tagged"] == "4"
+    assert len([b for b in at.button if b.key and b.key.startswith("fm_yes_")]) == 3
 
 
 # ------------------------------------------------------------------------------------------------ last resort

@@ -106,3 +106,33 @@ def test_summarize_ranks_clusters_and_gives_prototypes(cache):
     first = int(summary["cluster"].iloc[0])
     members = report.members_by_suspicion(cache, result, first)
     assert sorted(members.tolist()) == sorted(result.ids[result.labels == first].tolist())
+
+
+def test_report_has_one_section_per_tag(cache):
+    """Tags made on the cache (analysis.review): one block per tag, most images first, with its images as
+    overlays and its list; a tag with markup in it is escaped. No database, no section (and none is created)."""
+    from analysis.review import DB_NAME, Review
+
+    settings = clustering.ClusteringSettings(algorithm="agglomerative", n_clusters=3, embedding="spectral")
+    result = report.cluster_cache(cache, settings)
+    options = report.ReportOptions(examples_per_tag=2)
+    untagged = report.build_report(cache, result, options)
+    assert 'id="tags"' not in untagged and not (Path(cache.root) / DB_NAME).exists()
+
+    ids = cache.table["id"].tolist()
+    review = Review(cache.root, cache=cache)
+    review.tag(ids[:3], "shortcut", note="corner <b>mark</b>", who="Ada")
+    review.tag(ids[5:6], "<script>x</script>")
+    document = report.build_report(cache, result, options)
+    parsed = _parse(document)
+    assert parsed.open_sections == 0
+    assert [attrs.get("id") for tag, attrs in parsed.tags if tag == "section"] == \
+        ["summary", "class-maps", "clusters", "tags", "confusion", "skipped"]
+    section = document[document.index('<section id="tags">'):document.index('<section id="confusion">')]
+    blocks = re.findall(r'<div class="cluster" id="tag-\d+"><h3>(.*?)</h3><p>(.*?)</p>', section)
+    assert [b[0] for b in blocks] == ["shortcut", "&lt;script&gt;x&lt;/script&gt;"]
+    assert blocks[0][1].startswith("3 images, by Ada") and blocks[1][1].startswith("1 image;")
+    assert section.count("<img ") == 2 + 1   # examples_per_tag for "shortcut", its one image for the other
+    assert "corner &lt;b&gt;mark&lt;/b&gt;" in section and "<script" not in document.lower()
+    assert len(images := [a for t, a in parsed.tags if t == "img"]) == _expected_images(cache, result, options) + 3
+    assert all(a["src"].startswith("data:image/png;base64,") for a in images)

@@ -11,6 +11,7 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -152,6 +153,8 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
 class ReportOptions:
     clusters: int = 5                 # most suspicious clusters shown
     examples_per_cluster: int = 8     # overlays per cluster
+    examples_per_tag: int = 12        # overlays per tag (the section per tag)
+    rows_per_tag: int = 200           # rows of a tag's list in the report
     tile: int = TILE
 
 
@@ -290,6 +293,42 @@ def _errors_section(cache: Cache) -> str:
     return f'<section id="skipped"><h2>Skipped files</h2>{_table_html(shown)}{more}</section>'
 
 
+def _tags_section(cache: Cache, options: ReportOptions) -> str:
+    """One block per tag made on this cache (DIR/review.sqlite, analysis.review): its images as overlays and its
+    list (as `python -m analysis export` writes it). Nothing when no tag was ever made."""
+    from analysis.review import DB_NAME, Review, ReviewError, tagged_table
+    from analysis.review.tag_views import tag_counts
+
+    if not (Path(cache.root) / DB_NAME).exists():
+        return ""
+    try:
+        review = Review(cache.root, cache=cache)
+        counts = tag_counts(review)
+    except ReviewError as error:
+        return f'<section id="tags"><h2>Tags</h2><p>{html.escape(str(error).splitlines()[0])}</p></section>'
+    if counts.empty:
+        return ""
+    blocks = []
+    for number, row in enumerate(counts.itertuples(index=False)):
+        frame = tagged_table(review, row.tag)
+        examples = frame["id"].head(options.examples_per_tag).tolist()
+        tiles = image_tiles(cache, examples, "overlay", size=options.tile)
+        figures = [_img(t, f"image {i}", f"#{i} {label}→{pred}")
+                   for t, i, label, pred in zip(tiles, examples, frame["label"], frame["prediction"])]
+        shown = frame[["id", "label", "prediction", "tags", "note", "who", "when"]].head(options.rows_per_tag)
+        shown = shown.fillna("")
+        more = (f"<p>… and {len(frame) - len(shown):,} more (the whole list: <code>python -m analysis export "
+                f"--cache DIR --tag {html.escape(repr(row.tag))}</code>).</p>") if len(frame) > len(shown) else ""
+        who = f", by {html.escape(row.who)}" if row.who else ""
+        rejected = f", {row.rejected:,} rejected" if row.rejected else ""
+        blocks.append(f'<div class="cluster" id="tag-{number}"><h3>{html.escape(row.tag)}</h3>'
+                      f'<p>{row.images:,} image{"s" if row.images != 1 else ""}{rejected}{who}; last tagged '
+                      f'{html.escape(str(row.last))}.</p><div class="tiles">{"".join(figures)}</div>'
+                      f'{_table_html(shown)}{more}</div>')
+    return ('<section id="tags"><h2>Tags</h2><p class="meta">What reviewers tagged in the dashboard, one block per '
+            'tag (most images first).</p>' + "".join(blocks) + "</section>")
+
+
 def build_report(cache: Cache, clustering_result: clustering.ClusteringResult | None = None,
                  options: ReportOptions = ReportOptions(), title: str = "FG-CAM explanation report") -> str:
     """The whole report as one self-contained HTML document (nothing is fetched when it is opened).
@@ -301,8 +340,8 @@ def build_report(cache: Cache, clustering_result: clustering.ClusteringResult | 
         clustering_result = default_clustering(cache)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [_summary_section(cache), _class_maps_section(cache, options.tile),
-                _clusters_section(cache, clustering_result, options), _confusion_section(cache),
-                _errors_section(cache)]
+                _clusters_section(cache, clustering_result, options), _tags_section(cache, options),
+                _confusion_section(cache), _errors_section(cache)]
     partial = "" if cache.complete else "<p><strong>The job had not finished: this covers a partial cache.</strong></p>"
     unknown = unknown_placements(cache)
     if unknown:

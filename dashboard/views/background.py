@@ -12,7 +12,7 @@ import streamlit as st
 
 from analysis.explore import charts, statistics as explore
 from analysis.cache import Cache
-from dashboard import common
+from dashboard import common, tagging
 
 VIEWS = {"overlay": "overlay", "map": "map only", "image": "image only"}
 ALL_CLASSES = -1
@@ -117,11 +117,18 @@ def main() -> None:
                    "(mask or box), where known.")
     score_of = dict(zip(flagged["id"].to_numpy(), flagged[score].to_numpy()))
     rows = flagged.set_index("id")
-    common.gallery(cache, flagged["id"].tolist(), key="bg", kind=view,
-                   captions=lambda i: (f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} "
-                                       f"{score_of[i]:.2f}"))
+    shown = tagging.tag_filter(cache, flagged["id"].tolist(), key="bg", container=st.columns([2, 3])[0])
+    common.gallery(cache, shown, key="bg", kind=view,
+                   captions=tagging.captions_with_tags(
+                       cache, shown, lambda i: (f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} "
+                                                f"{score_of[i]:.2f}")))
+    if shown:
+        tagging.tag_controls(cache, shown, key="bg_tagging",
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery "
+                                  "(every page)")
     if len(flagged):
-        export = flagged[["id", "path", "label_name", "pred_name", "confidence", "correct", score]]
+        export = tagging.with_tags_column(
+            cache, flagged[["id", "path", "label_name", "pred_name", "confidence", "correct", score]])
         st.download_button("Download the flagged images (CSV)", export.to_csv(index=False).encode(),
                            file_name=f"background_{score}_{threshold:.2f}.csv", mime="text/csv",
                            icon=":material/download:", key="bg_csv")

@@ -10,7 +10,7 @@ import streamlit as st
 
 from analysis.explore import statistics as explore, overlay, report
 from analysis.pipeline.geometry import covers_image
-from dashboard import common
+from dashboard import common, tagging
 
 VIEW_SIZE = 480    # long side of the big panels (the image keeps its aspect ratio)
 NEIGHBOURS = 8
@@ -92,6 +92,9 @@ if geometry["known"]:
     st.caption(f"The model saw {where}" + (f" as a {size[0]} x {size[1]} input" if size else "") + stretch + ".")
 else:
     common.placement_notice(cache, [image_id])
+
+st.subheader("Tags")
+tagging.image_tags(cache, image_id, key="img")
 
 st.subheader("Scores")
 present = [s for s in SCORES if s in table.columns and pd.notna(row[s])]

@@ -10,11 +10,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import charts, statistics as explore
+from analysis.explore import charts, report, statistics as explore
+from analysis.review import tag_views
 from analysis.cache import Cache
-from dashboard import common
+from dashboard import common, tagging
 
 VALUES = {"count": "image counts", "row_share": "share of the true class"}
+VIEWS = {"confusions": "Confusion matrix", "label_errors": "Likely label errors"}
+LABEL_ERROR_TOP = 24
 PAIRS_PER_PAGE = 8
 PAIR_TILE = 150
 
@@ -59,7 +62,7 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
     if rows.empty:
         st.info("No image falls in this cell.")
         return
-    export = rows[["id", "path", "label_name", "pred_name", "confidence"]]
+    export = tagging.with_tags_column(cache, rows[["id", "path", "label_name", "pred_name", "confidence"]])
     st.download_button("Download this cell's images (CSV)", export.to_csv(index=False).encode(),
                        file_name=f"mistakes_{names[true]}_as_{names[pred]}.csv", mime="text/csv",
                        icon=":material/download:", key="mk_csv")
@@ -69,7 +72,13 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
     else:
         st.caption(f"Most confident first. Left: the image; middle: what made the model say **{names[pred]}**; "
                    f"right: the relevance for the true class **{names[true]}** (red for, blue against).")
-    ids = rows["id"].tolist()
+    ids = tagging.tag_filter(cache, rows["id"].tolist(), key="mk", container=st.columns([2, 3])[0])
+    if not ids:
+        st.info("No image of this cell passes the tag filter.")
+        return
+    tagging.tag_controls(cache, ids, key="mk_tagging",
+                         what=f"the {len(ids):,} image{'s' if len(ids) != 1 else ''} of this cell" +
+                              ("" if len(ids) == len(rows) else " that pass the filter"))
     pages = (len(ids) + PAIRS_PER_PAGE - 1) // PAIRS_PER_PAGE
     page = 1
     if pages > 1:
@@ -83,15 +92,57 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
                                                                 size=PAIR_TILE)
     common.placement_notice(cache, shown)
     confidence = dict(zip(rows["id"], rows["confidence"]))
+    caption = tagging.captions_with_tags(cache, shown, lambda i: f"#{i} · confidence {confidence[i]:.0%}")
     for start in range(0, len(shown), 2):  # two images per row, each as image | pred map | true map
         columns = st.columns(2)
         for k, column in zip(range(start, min(start + 2, len(shown))), columns):
             with column, st.container(border=True):
-                st.caption(f"#{shown[k]} · confidence {confidence[shown[k]]:.0%}")
+                st.caption(caption(shown[k]))
                 a, b, c = st.columns(3)
                 a.image(images[k], caption="image", width="stretch")
                 b.image(pred_maps[k], caption=f"map for {names[pred]} (predicted)", width="stretch")
                 c.image(true_maps[k], caption=f"map for {names[true]} (true)", width="stretch")
+
+
+@st.cache_data(show_spinner="Ranking likely label errors ...", max_entries=2)
+def label_errors(_cache: Cache, state: str):
+    return tag_views.label_error_table(_cache)
+
+
+def show_label_errors(cache: Cache) -> None:
+    """Every image ranked by how likely its label is wrong (Cleanlab), as a sortable table and a gallery."""
+    frame = label_errors(cache, f"{cache.root}|{report.cache_state(cache)}")
+    st.markdown("Every image ranked by **label quality** (Cleanlab's self-confidence: the model's probability of "
+                "the given label; lowest first = most likely mislabelled). Click a column header to sort.")
+    st.caption("The probabilities are the model's own, in-sample for images it was trained on: a model that "
+               "has learnt a wrong label believes it, so this list is conservative (it misses such errors). An "
+               "image the model gets confidently wrong for another reason (a shortcut) ranks high too: look "
+               "before relabelling.")
+    if frame.attrs.get("probabilities") == "top-5":
+        st.caption(":orange[This cache was made before the job stored every class probability: the ranking uses "
+                   "each image's top-5 probabilities (the rest spread evenly).]")
+    with_tags = tagging.with_tags_column(cache, frame)
+    st.dataframe(with_tags, hide_index=True, height=320, key="mk_le_table", column_config={
+        "label_quality": st.column_config.NumberColumn("label quality", format="%.3g"),
+        "confidence": st.column_config.NumberColumn("confidence", format="percent"),
+        "path": st.column_config.TextColumn("path", width="medium")})
+    st.download_button("Download the ranking (CSV)", with_tags.to_csv(index=False).encode(),
+                       file_name="label_errors.csv", mime="text/csv", icon=":material/download:", key="mk_le_csv")
+    st.subheader("The most likely label errors")
+    left, right, _ = st.columns([1, 2, 2])
+    top = int(left.number_input("How many", 1, len(frame), key="mk_le_top",
+                                value=common.query_value("le_top", min(LABEL_ERROR_TOP, len(frame)), int, low=1,
+                                                         high=len(frame))))
+    common.set_query(le_top=top if top != min(LABEL_ERROR_TOP, len(frame)) else None)
+    quality = dict(zip(frame["id"], frame["label_quality"]))
+    rows = frame.set_index("id")
+    shown = tagging.tag_filter(cache, frame["id"].head(top).tolist(), key="mk_le", container=right)
+    common.gallery(cache, shown, key="mk_le", kind="image", captions=tagging.captions_with_tags(
+        cache, shown, lambda i: f"#{i} {rows.at[i, 'label_name']}→{rows.at[i, 'pred_name']} q {quality[i]:.2g}"))
+    if shown:
+        tagging.tag_controls(cache, shown, key="mk_le_tagging", default="label error",
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery "
+                                  "(every page)")
 
 
 def main() -> None:
@@ -100,6 +151,12 @@ def main() -> None:
     names = class_names(cache)
     n = len(names)
     st.title("Mistakes")
+    view = st.radio("Show", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="mk_view",
+                    index=list(VIEWS).index(common.query_value("mk_view", "confusions", choices=list(VIEWS))))
+    common.set_query(mk_view=view if view != "confusions" else None)
+    if view == "label_errors":
+        show_label_errors(cache)
+        return
     matrix = explore.confusion_matrix(table["label"].to_numpy(), table["pred"].to_numpy(), n)
     wrong = int(matrix.sum() - np.trace(matrix))
     st.markdown(f"**{wrong:,}** of **{int(matrix.sum()):,}** images are misclassified "

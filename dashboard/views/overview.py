@@ -6,8 +6,9 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from analysis.explore import charts, statistics as explore, report
-from dashboard import common
+from analysis.explore import charts, report, statistics as explore
+from analysis.review import tag_views
+from dashboard import common, tagging
 
 SCORE_HELP = {
     **explore.SCORE_DESCRIPTIONS,
@@ -40,13 +41,21 @@ columns[4].metric("Misclassified", f"{int((~table['correct']).sum()):,}")
 if not cache.complete:
     st.warning("The job has not finished: these numbers cover the shards committed so far.")
 
+review = tagging.get_review(cache)
+counts = tag_views.tag_counts(review) if review is not None else None
+if counts is not None and len(counts):
+    listed = ", ".join(f"{row.tag} ({row.images:,})" for row in counts.head(8).itertuples(index=False))
+    st.page_link("views/review.py", label=f"Tags: {listed}{' …' if len(counts) > 8 else ''} · find more like them",
+                 icon=":material/sell:")
+
 left, right = st.columns(2)
 with left:
     # Deferred: the report runs a clustering and renders a few charts.
     common.deferred_download("Download HTML report", lambda: report.build_report(cache).encode(),
                              "fgcam_report.html", "text/html", "report", icon=":material/description:",
                              help="One self-contained file (images and charts inlined, works offline): summary, "
-                                  "per-class maps, the most suspicious clusters, confusion matrix.")
+                                  "per-class maps, the most suspicious clusters, one section per tag, confusion "
+                                  "matrix.")
 with right:
     # Deferred: 100,000 rows take seconds to write, and the page must open in under 3 s.
     common.deferred_download("Download the table (CSV)", lambda: explore.table_csv(cache.table), "fgcam_table.csv",
