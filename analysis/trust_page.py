@@ -92,7 +92,8 @@ def sanity_curve_chart(curves: pd.DataFrame, layer: str, metric: str = "spearman
     with the original map against the cascade's step (left: the original model, 1), one line per method, with
     its 95% band; the methods that ignore the model dashed."""
     data = curves[curves["layer"] == layer].dropna(subset=["mean"]).assign(
-        low=lambda d: d["low"].clip(-1, 1), high=lambda d: d["high"].clip(-1, 1))   # a ±CI may pass ±1
+        low=lambda d: d["low"].clip(-1, 1), high=lambda d: d["high"].clip(-1, 1),   # a ±CI may pass ±1
+        band=lambda d: d["label"])
     steps = data.drop_duplicates("step").sort_values("step")["step_label"].tolist()
     methods = data.drop_duplicates("label")["label"].tolist()
     x = alt.X("step_label:N", sort=steps, title="re-initialised from the top (cumulative)",
@@ -100,9 +101,10 @@ def sanity_curve_chart(curves: pd.DataFrame, layer: str, metric: str = "spearman
     color = alt.Color("label:N", title="method", sort=methods, legend=alt.Legend(orient="bottom", columns=2,
                                                                                   labelLimit=0))
     base = alt.Chart(data, width=SANITY_WIDTH, height=240, title="Model randomised from the top")
-    # The band fills with its own scale (same domain order, so the same colours) to keep the legend to the lines.
+    # The band fills by a copy of the label (same domain order, so the same colours): a legend merged with the
+    # lines' would be drawn faded, or dropped with legend=None.
     band = base.mark_area(opacity=0.15).encode(x=x, y=alt.Y("low:Q"), y2="high:Q",
-                                                fill=alt.Fill("label:N", sort=methods, legend=None))
+                                                fill=alt.Fill("band:N", sort=methods, legend=None))
     line = base.mark_line(point=True).encode(
         x=x, y=alt.Y("mean:Q", title=f"{SANITY_METRICS.get(metric, metric)} with the original map",
                      scale=alt.Scale(domain=[-1, 1])),
@@ -220,6 +222,7 @@ def region_tile(cache: Any, ids: np.ndarray, region: np.ndarray, size: int = 256
     from analysis.report import mean_model_view
 
     ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[np.isin(ids, cache.ids)]   # (a saved run may name images the cache no longer holds)
     tile = mean_model_view(cache, ids[explore.sample_rows(len(ids), 64)], size) if len(ids) else None
     if tile is None:
         tile = overlay.placeholder(size, "no image")
@@ -239,16 +242,18 @@ def tint_region(tile: np.ndarray, region: np.ndarray) -> np.ndarray:
 def insertion_table(saved: Sequence[Any]) -> pd.DataFrame:
     """One row per saved insertion test (`analysis.insertion_test.read_insertion_reports`, newest first): the
     selection, the class counted, the region, the targets, flips with the region and with a random region of
-    the same size, mean probabilities and the verdict."""
-    from analysis.insertion_test import verdict
+    the same size, mean probabilities and the verdict. A run whose summary lacks a number is left out."""
+    from analysis.insertion_test import SUMMARY_KEYS, verdict
 
     rows = []
     for run in saved:
         s = run.summary
+        if not set(SUMMARY_KEYS) <= set(s):
+            continue   # written by another version
         eligible = int(s["n"] - s["already_into"])
         rows.append({
             "selection": run.description, "flips to": run.into_name,
-            "region": f"top {s['q']:g}% ({s['region_share']:.1%} of the image)",
+            "region": f"top {s['q']:g}%, {s['region_share']:.1%} of the image",
             "sources": int(s["sources"]), "targets": eligible,
             "flipped, region pasted": s["flipped_prototype"], "flipped, random region": s["flipped_random"],
             "p before": s["probability_before"], "p region": s["probability_prototype"],

@@ -152,7 +152,7 @@ def test_insertion_table_from_saved_runs(tmp_path) -> None:
     assert table["selection"].tolist() == ["predicted as shirt", "tagged shortcut"]   # newest first
     assert table["targets"].tolist() == [50, 196]
     assert table["flipped, region pasted"].tolist() == [0.1, 0.9]
-    assert table["region"].tolist() == ["top 5% (25.0% of the image)"] * 2
+    assert table["region"].tolist() == ["top 5%, 25.0% of the image"] * 2
     assert table["verdict"].iloc[1].startswith("Pasting the region flips far more")
     assert table["verdict"].iloc[0].startswith("Pasting the region flips about as many")
     chart = trust_page.insertion_chart(table)

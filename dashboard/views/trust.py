@@ -142,7 +142,7 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
             else:
                 st.caption("The class check was not run (--no-class-check).")
     if meta.get("sentence"):
-        st.caption(f"In numbers: {meta['sentence']}")
+        st.caption(f"In numbers (|map|, rank correlation): {meta['sentence']}")
 
 
 # ------------------------------------------------------------------------------------------------ insertion test
@@ -170,8 +170,9 @@ def insertion_section(cache: Cache) -> None:
         return
     table = trust_page.insertion_table(saved)
     common.altair_chart(trust_page.insertion_chart(table), width="content")
-    for row in table.itertuples(index=False):
-        st.markdown(f"**{row.selection} → {row[1]}** ({row.region}): {row.verdict}")
+    for selection, into, region, verdict in zip(table["selection"], table["flips to"], table["region"],
+                                                table["verdict"]):
+        st.markdown(f"**{selection} → {into}** ({region}): {verdict}")
     st.dataframe(table.drop(columns=["name", "verdict"]), hide_index=True, width="stretch", column_config={
         column: st.column_config.NumberColumn(format="percent")
         for column in ("flipped, region pasted", "flipped, random region")} | {
