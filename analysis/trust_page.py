@@ -36,6 +36,7 @@ from analysis import explore, overlay
 
 SIMILAR = 0.5          # rank correlation with the original map from which a map "changes little"
 DIFFERENT = 0.2        # ... under which it "changes a lot"
+WIDE_INTERVAL = 0.2    # a 95% half-width above which the sentence gets a caveat
 REGION_MATTERS = 0.20  # shortcut test: region minus control share of changed predictions
 REGION_NO_EFFECT = 0.05
 CURVE_WIDTH = 300
@@ -177,6 +178,20 @@ def sanity_verdict(curves: pd.DataFrame, classes: pd.DataFrame | None, layer: st
         return ""
     conclusion = _conclusion(model, _level(other) if math.isfinite(other) else None)
     return f"{name}'s map {', and '.join(clauses)}: {conclusion}."
+
+
+def sanity_caveat(curves: pd.DataFrame, layer: str = "input", method: str = "fgcam") -> str:
+    """A line saying the sentence rests on too few images when the 95% interval of `method`'s first cascade step
+    at `layer` is wider than ±`WIDE_INTERVAL` (empty otherwise)."""
+    steps = _steps_of(curves, layer, method)
+    if steps.empty:
+        return ""
+    top = steps.iloc[0]
+    if (top["high"] - top["low"]) / 2 <= WIDE_INTERVAL:
+        return ""
+    low, high = max(float(top["low"]), -1.0), min(float(top["high"]), 1.0)   # a correlation stays in [-1, 1]
+    return (f"Uncertain: the 95% interval of {top['mean']:.2f} runs from {low:.2f} to {high:.2f}; "
+            "run compare-methods with a larger --sample for a firmer verdict.")
 
 
 def _conclusion(model: str | None, cls: str | None) -> str:

@@ -173,3 +173,17 @@ def test_the_saved_summary_is_plain_json(tmp_path) -> None:
     saved_run(tmp_path / "run", "tagged shortcut", summary(10, 0, 0.5, 0.0))
     meta = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert meta["summary"]["flipped_prototype"] == 0.5 and meta["description"] == "tagged shortcut"
+
+
+def test_a_wide_interval_gets_a_caveat() -> None:
+    """The caveat names the first step's interval when its half-width passes 0.2."""
+    wide = curves_for({"fgcam": [0.7, 0.1]}).assign(low=lambda d: np.where(d["step"] == 1, -0.57, d["low"]))
+    assert trust_page.sanity_caveat(wide) == ("Uncertain: the 95% interval of 0.70 runs from -0.57 to 0.70; run "
+                                              "compare-methods with a larger --sample for a firmer verdict.")
+    narrow = curves_for({"fgcam": [0.7]}).assign(low=lambda d: d["mean"] - 0.15, high=lambda d: d["mean"] + 0.15)
+    assert trust_page.sanity_caveat(narrow) == ""
+    just_wide = curves_for({"fgcam": [0.7]}).assign(low=lambda d: d["mean"] - 0.25, high=lambda d: d["mean"] + 0.25)
+    assert trust_page.sanity_caveat(just_wide).startswith("Uncertain: the 95% interval of 0.70 runs from 0.45 to 0.95")
+    assert trust_page.sanity_caveat(curves_for({"fgcam": []})) == ""
+    past_one = curves_for({"fgcam": [0.81]}).assign(low=lambda d: d["mean"] - 0.27, high=lambda d: d["mean"] + 0.27)
+    assert trust_page.sanity_caveat(past_one).startswith("Uncertain: the 95% interval of 0.81 runs from 0.54 to 1.00;")

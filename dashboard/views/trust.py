@@ -133,6 +133,9 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
         if sentence:
             st.markdown(f"**{sentence}**")
             st.caption(trust_page.SENTENCE_NUMBERS)
+            caveat = trust_page.sanity_caveat(curves, layer)
+            if caveat:
+                st.warning(caveat, icon=":material/info:")
         left, right = st.columns(2)
         with left:
             common.altair_chart(trust_page.sanity_curve_chart(shown[0], layer, metric), width="content")
