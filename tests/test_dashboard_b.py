@@ -154,7 +154,9 @@ def test_trust_with_comparison_and_shortcut_test(monkeypatch: pytest.MonkeyPatch
     table = at.dataframe[0].value
     assert len(table) == 12 and {"deletion AUC ↓", "insertion AUC ↑"} <= set(table.columns)
     assert {"FG-CAM (Grad-CAM)", "random map", "edge map (Sobel)"} <= set(table["method"])
-    assert len(at.get("vega_lite_chart")) == 4  # deletion + insertion at two layers
+    # deletion + insertion at two layers, and beside them the sanity checks (randomisation curve, class check)
+    assert len(at.get("vega_lite_chart")) == 8
+    assert sum("FG-CAM's map changes" in m.value for m in at.markdown) == 2
     assert "No method comparison" not in texts(at)
 
     # The shortcut test, from a link: images predicted as class 2, top 10% region. The link fills in the form; the
@@ -163,7 +165,8 @@ def test_trust_with_comparison_and_shortcut_test(monkeypatch: pytest.MonkeyPatch
     at.run()
     assert not at.exception
     assert "Accuracy before" not in {m.label for m in at.metric} and "press **Run the test**" in texts(at)
-    assert at.slider[0].value == 10.0 and at.radio[0].value == "pred" and at.selectbox[0].value == 2
+    select_by = next(r for r in at.radio if r.label == "Select images by")
+    assert at.slider[0].value == 10.0 and select_by.value == "pred" and at.selectbox[0].value == 2
     assert "st_run" not in at.query_params
     next(b for b in at.button if b.label == "Run the test").click().run()
     assert not at.exception

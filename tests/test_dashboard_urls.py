@@ -27,7 +27,7 @@ PAGES = {
     "per_class": ({"class": "0"}, ["class", "show", "pc_page", "pc_grid_page"]),
     "mistakes": ({"true": "0", "pred": "1"}, ["true", "pred", "value", "mk_page", "mk_tag", "mk_view"]),
     "image": ({}, ["id", "opacity", "cmap"]),
-    "trust": ({}, ["st_by", "st_class", "st_q", "st_max", "st_run"]),
+    "trust": ({}, ["st_by", "st_class", "st_q", "st_max", "st_run", "sn_variant", "sn_metric"]),
     "review": ({}, ["fm_tag", "fm_top", "fm_page"]),
 }
 # Pages whose parameters matter only with tags in the database (test_bad_values_with_tags_in_use).

@@ -1,30 +1,30 @@
-"""Trust: how faithful are the maps (deletion / insertion, FG-CAM against the plain CAM, LRP and a random map,
-from `python -m analysis compare-methods --cache DIR`), and does the model really use the region a selection's
-maps point to (the causal shortcut test, run here on demand)?
+"""Trust: are the maps faithful (deletion / insertion), do they depend on the model and on the class (the sanity
+checks), both from `python -m analysis compare-methods --cache DIR`; does pasting a selection's region into other
+images flip them to its class (the insertion tests saved by `python -m analysis insertion-test`); and does the
+model really use the region a selection's maps point to (the causal shortcut test, run here on demand)? The page
+loads, calls `analysis.trust.page` (tables, charts, images, verdicts) and draws.
 
-View state in the URL: st_by, st_class, st_q, st_max (a copied link fills in the same form). The test runs only
-when the form's button is clicked (it loads the model and runs it on up to 5,000 images): never on opening a page,
-whatever the URL says; its results stay on the page for the session and are cached per cache and settings.
+View state in the URL: sn_variant, sn_metric (the maps the sanity checks compare, and how), st_by, st_class, st_q, st_max (a copied
+link fills in the same form). The shortcut test runs only when the form's button is clicked (it loads the model
+and runs it on up to 5,000 images): never on opening a page, whatever the URL says; its results stay on the page
+for the session and are cached per cache and settings.
 """
 from __future__ import annotations
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
-from analysis.explore import charts, statistics as explore, overlay
-from analysis.trust import compare
 from analysis.cache import Cache, CacheError
-from analysis.explore.report import mean_model_view
+from analysis.explore import charts, statistics as explore
+from analysis.trust import compare, page as trust_page, sanity
 from dashboard import common
 
 SELECT_BY = {"label": "true class", "pred": "predicted class"}
 DEFAULT_MAX_IMAGES = 200     # images tested per run: 3 forward passes each (plus 2 with masks), on the CPU
 MAX_IMAGES = 5000
 REGION_TILE = 256
-CURVE_WIDTH = 300
+INSERTION_TILE = 200
 
 
 def cache_key(cache: Cache) -> tuple:
@@ -32,45 +32,8 @@ def cache_key(cache: Cache) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ faithfulness
-def comparison_table(table: pd.DataFrame, meta: dict) -> pd.DataFrame:
-    """The comparison's table for people: mean ± 95% CI half-width and std of both AUCs, best per layer."""
-    sizes = meta.get("layer_sizes", {})
-    out = pd.DataFrame({
-        "layer": [f"{layer} ({sizes[layer][0]}×{sizes[layer][1]})" if layer in sizes else layer
-                  for layer in table["layer"]],
-        "method": table["label"],
-        "images": table["n"].astype(int),
-        "deletion AUC ↓": [f"{m:.3f} ± {c:.3f}" for m, c in zip(table["deletion_auc_mean"], table["deletion_auc_ci95"])],
-        "deletion std": table["deletion_auc_std"].round(3),
-        "insertion AUC ↑": [f"{m:.3f} ± {c:.3f}" for m, c in zip(table["insertion_auc_mean"],
-                                                                 table["insertion_auc_ci95"])],
-        "insertion std": table["insertion_auc_std"].round(3),
-    })
-    best_deletion = table.groupby("layer")["deletion_auc_mean"].transform("min") == table["deletion_auc_mean"]
-    best_insertion = table.groupby("layer")["insertion_auc_mean"].transform("max") == table["insertion_auc_mean"]
-    out["best at its layer"] = np.select([best_deletion & best_insertion, best_deletion, best_insertion],
-                                         ["deletion and insertion", "deletion", "insertion"], "")
-    if "constant_maps" in table.columns and (table["constant_maps"] > 0).any():
-        out["constant maps"] = table["constant_maps"].map("{:.0%}".format)
-    return out
-
-
-def curve_chart(curves: pd.DataFrame, layer: str, curve: str) -> alt.Chart:
-    data = curves[(curves["layer"] == layer) & (curves["curve"] == curve)]
-    better = "lower" if curve == "deletion" else "higher"
-    what = "most relevant pixels blurred" if curve == "deletion" else "most relevant pixels restored"
-    return alt.Chart(data, width=CURVE_WIDTH, height=220,
-                     title=f"{curve.capitalize()} at {layer} ({better} curve is better)").mark_line().encode(
-        x=alt.X("fraction:Q", title=f"fraction of {what}", axis=alt.Axis(format="%")),
-        y=alt.Y("probability:Q", title="mean probability of the class", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("label:N", title="method", sort=data.drop_duplicates("label")["label"].tolist(),
-                        legend=alt.Legend(orient="bottom", columns=2, labelLimit=0)),
-        strokeDash=alt.condition(alt.datum.method == "random", alt.value([4, 3]), alt.value([1, 0])),
-        tooltip=["label:N", alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("probability:Q", format=".3f")],
-    )
-
-
-def faithfulness_section(cache: Cache) -> None:
+def faithfulness_section(cache: Cache) -> bool:
+    """Deletion / insertion from the stored comparison; True when it is shown (it belongs to this cache)."""
     st.header("Are the maps faithful?")
     directory = cache.root / compare.TRUST_DIR_NAME
     try:
@@ -88,8 +51,8 @@ def faithfulness_section(cache: Cache) -> None:
                        "shown; make it again with:")
         st.code(f"python -m analysis compare-methods --cache {cache.root}", language="bash")
         st.caption("It scores FG-CAM, FG-CAM denoised, the plain CAM, LRP and a random map on a sample of the "
-                   "cache's images (--sample, default 100) and writes them to CACHE/trust/; reload this page "
-                   "when it has finished.")
+                   "cache's images (--sample, default 100), runs the sanity checks, and writes them to "
+                   "CACHE/trust/; reload this page when it has finished.")
     else:
         st.markdown(
             f"Deletion blurs an image's most relevant pixels first: a faithful map makes the class probability "
@@ -97,13 +60,13 @@ def faithfulness_section(cache: Cache) -> None:
             f"it should rise fast (**higher is better**). {meta.get('n_images', '?')} images, "
             f"{meta.get('steps', '?')} steps, FG-CAM on {compare.BASE_LABELS.get(meta.get('base'), meta.get('base'))} "
             f"(CAM layer `{meta.get('cam_layer', '?')}`); ± is the 95% confidence interval of the mean.")
-        st.dataframe(comparison_table(table, meta), hide_index=True, width="stretch")
+        st.dataframe(trust_page.comparison_table(table, meta), hide_index=True, width="stretch")
         for layer in meta.get("layers") or table["layer"].unique().tolist():
             left, right = st.columns(2)
             with left:
-                common.altair_chart(curve_chart(curves, layer, "deletion"), width="content")
+                common.altair_chart(trust_page.curve_chart(curves, layer, "deletion"), width="content")
             with right:
-                common.altair_chart(curve_chart(curves, layer, "insertion"), width="content")
+                common.altair_chart(trust_page.curve_chart(curves, layer, "insertion"), width="content")
         if meta.get("created"):
             st.caption(f"Comparison made {meta['created']} from {meta.get('source', directory)}.")
 
@@ -121,6 +84,110 @@ def faithfulness_section(cache: Cache) -> None:
                     charts.histogram_frame(values, bins=30, value_range=(0, 1)),
                     f"{metric} ({better} is better), median {np.nanmedian(values):.3f}", width=360, height=180),
                     width="content")
+    return stale is None
+
+
+# ------------------------------------------------------------------------------------------------ sanity checks
+def sanity_section(cache: Cache, comparison_shown: bool) -> None:
+    """The sanity checks stored with the comparison: curves against randomised depth, the class check, and
+    what they mean in one sentence per layer."""
+    st.header("Does the map depend on the model, and on the class?")
+    command = f"python -m analysis compare-methods --cache {cache.root}"
+    if not comparison_shown:
+        st.caption(f"No sanity checks for this cache: they are made with the method comparison (`{command}`).")
+        return
+    directory = cache.root / compare.TRUST_DIR_NAME
+    variant = common.query_value("sn_variant", "abs", choices=list(sanity.VARIANTS))
+    metric = common.query_value("sn_metric", "spearman", choices=list(trust_page.SANITY_METRICS))
+    try:
+        found = compare.sanity_page_data(directory, variant, "spearman")
+        shown = compare.sanity_page_data(directory, variant, metric) if found is not None else None
+    except compare.ComparisonError as error:
+        st.warning(f"The sanity checks cannot be read: {error}")
+        return
+    if found is None:
+        st.caption(f"No sanity checks in this comparison (made without them): run `{command}` again.")
+        return
+    curves, classes, meta = found
+    st.markdown(
+        "Two checks of Adebayo et al. (NeurIPS 2018). **Model randomisation**: the model's layers are replaced by "
+        "random ones from the top down, and each map is compared with the original model's: a map that barely "
+        "changes describes the image, not what the model learnt (the random and edge maps, which ignore the model, "
+        "stay at 1). **Another class**: the map of the predicted class against the map of a random other class: "
+        "a map that barely changes does not explain the decision. "
+        f"Mean over {meta.get('n_images', '?')} images, with its 95% confidence interval.")
+    variants = meta.get("variants") or {v: v for v in sanity.VARIANTS}
+    left, right = st.columns(2)
+    chosen_variant = left.radio("Maps compared", list(variants), format_func=lambda v: variants.get(v, v),
+                                index=list(variants).index(variant) if variant in variants else 0)
+    chosen_metric = right.radio("Similarity", list(trust_page.SANITY_METRICS), horizontal=True,
+                                format_func=trust_page.SANITY_METRICS.get,
+                                index=list(trust_page.SANITY_METRICS).index(metric))
+    if (chosen_variant, chosen_metric) != (variant, metric):
+        common.set_query(sn_variant=chosen_variant, sn_metric=chosen_metric)
+        st.rerun()
+    sizes = meta.get("layer_sizes", {})
+    for layer in meta.get("layers") or curves["layer"].unique().tolist():
+        where = f"{layer} ({sizes[layer][0]}×{sizes[layer][1]})" if layer in sizes else layer
+        st.subheader(f"Maps at {where}")
+        sentence = trust_page.sanity_verdict(curves, classes if len(classes) else None, layer)
+        if sentence:
+            st.markdown(f"**{sentence}**")
+            st.caption(trust_page.SENTENCE_NUMBERS)
+            caveat = trust_page.sanity_caveat(curves, layer)
+            if caveat:
+                st.warning(caveat, icon=":material/info:")
+        left, right = st.columns(2)
+        with left:
+            common.altair_chart(trust_page.sanity_curve_chart(shown[0], layer, metric), width="content")
+        with right:
+            if len(classes[classes["layer"] == layer].dropna(subset=[f"{metric}_mean"])):
+                common.altair_chart(trust_page.class_check_chart(classes, layer, metric), width="content")
+            else:
+                st.caption("The class check was not run (--no-class-check).")
+    if meta.get("sentence"):
+        st.caption(f"In numbers (|map|, rank correlation): {meta['sentence']}")
+
+
+# ------------------------------------------------------------------------------------------------ insertion test
+def insertion_section(cache: Cache) -> None:
+    """The stored artefact insertion tests (`python -m analysis insertion-test`), one row per tested selection."""
+    from analysis.trust.insertion_test import read_insertion_reports
+
+    st.header("Does pasting the region make other images look like the class?")
+    st.markdown("The artefact insertion test (Reveal-to-Revise, Pahde et al. 2023): the region a selection's mean "
+                "map points to is cut out of its images and pasted into images of other classes; we count the "
+                "predictions that flip to the selection's class, against pasting a random region of the same size. "
+                "A shortcut flips far more with the region.")
+    command = f"python -m analysis insertion-test --cache {cache.root} --tag shortcut"
+    saved = read_insertion_reports(cache.root)
+    if not saved:
+        st.caption(f"No insertion test saved for this cache. Tag a suspicious cluster (Clusters page), then run "
+                   f"`{command}` (or `--pred CLASS`, `--class CLASS`, `--ids FILE`), and reload this page.")
+        return
+    old = [run.name for run in saved if trust_page.made_before_cache(run.modified, cache.manifest)]
+    saved = [run for run in saved if run.name not in old]
+    if old:
+        st.warning(f"{len(old)} saved insertion test(s) are older than this cache and are not shown (their ids may "
+                   "name other images now): run them again.")
+    if not saved:
+        return
+    table = trust_page.insertion_table(saved)
+    common.altair_chart(trust_page.insertion_chart(table), width="content")
+    for selection, into, region, verdict in zip(table["selection"], table["flips to"], table["region"],
+                                                table["verdict"]):
+        st.markdown(f"**{selection} → {into}** ({region}): {verdict}")
+    st.dataframe(table.drop(columns=["name", "verdict"]), hide_index=True, width="stretch", column_config={
+        column: st.column_config.NumberColumn(format="percent")
+        for column in ("flipped, region pasted", "flipped, random region")} | {
+        column: st.column_config.NumberColumn(format="%.3f") for column in ("p before", "p region", "p random")})
+    tiles = st.columns(min(len(saved), 4))
+    for k, run in enumerate(saved[:4]):
+        tiles[k].image(trust_page.region_tile(cache, run.source_ids, run.region, INSERTION_TILE),
+                       width=INSERTION_TILE,
+                       caption=f"{run.description} → {run.into_name}: the pasted region (red) on the selection's "
+                               "mean image")
+    st.caption(f"Run another: `{command}` (see --help for --into, --q, --targets).")
 
 
 # ------------------------------------------------------------------------------------------------ shortcut test
@@ -136,18 +203,6 @@ def cached_test(_cache: Cache, key: tuple, ids: tuple[int, ...], q: float):
     from analysis.trust.region_test import shortcut_test_on_cache
 
     return shortcut_test_on_cache(_cache, list(ids), q=q, loaded=cached_model(_cache, key))
-
-
-def region_tile(cache: Cache, ids: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """The selection's mean image with the tested region tinted red and outlined."""
-    tile = mean_model_view(cache, ids[explore.sample_rows(len(ids), 64)], REGION_TILE)
-    if tile is None:
-        tile = overlay.placeholder(REGION_TILE, "no image")
-    mask = np.asarray(Image.fromarray(region.astype(np.uint8) * 255).resize((REGION_TILE, REGION_TILE),
-                                                                             Image.NEAREST)) > 127
-    tinted = tile.astype(np.float32)
-    tinted[mask] = 0.45 * tinted[mask] + 0.55 * np.array([178, 24, 43], np.float32)
-    return overlay.with_outline(np.round(tinted).astype(np.uint8), region)
 
 
 def shortcut_section(cache: Cache) -> None:
@@ -203,7 +258,7 @@ def shortcut_section(cache: Cache) -> None:
     st.subheader(f"{int(summary['n'])} images with {SELECT_BY[by]} {name}, region: top {summary['q']:g}% "
                  f"({summary['region_share']:.1%} of the image)")
     left, right = st.columns([1, 2])
-    left.image(region_tile(cache, report.ids, report.result.region), width=REGION_TILE,
+    left.image(trust_page.region_tile(cache, report.ids, report.result.region, REGION_TILE), width=REGION_TILE,
                caption="the tested region (red) on the selection's mean image")
     with right:
         m = st.columns(3)
@@ -216,13 +271,7 @@ def shortcut_section(cache: Cache) -> None:
         m[0].metric("Mean probability before", f"{summary['probability_before']:.3f}")
         m[1].metric("Predictions changed, region", f"{summary['changed_prototype']:.1%}")
         m[2].metric("Predictions changed, random", f"{summary['changed_random']:.1%}")
-        gap = summary["changed_prototype"] - summary["changed_random"]
-        verdict = ("The region matters much more than a random one of the same size: evidence that the model "
-                   "uses what it holds." if gap >= 0.2 else
-                   "Blurring the region changes about as much as blurring a random one: no evidence that the "
-                   "model depends on this region in particular." if abs(gap) < 0.05 else
-                   "The region matters somewhat more than a random one.")
-        st.markdown(f"**{verdict}**")
+        st.markdown(f"**{trust_page.shortcut_verdict(summary)}**")
         if report.skipped:
             st.caption(f"{len(report.skipped)} image(s) could not be loaded and were left out.")
         if report.stored_pred_mismatches:
@@ -240,7 +289,10 @@ def shortcut_section(cache: Cache) -> None:
 def main() -> None:
     cache = common.get_cache()
     st.title("Trust")
-    faithfulness_section(cache)
+    shown = faithfulness_section(cache)
+    sanity_section(cache, shown)
+    st.divider()
+    insertion_section(cache)
     st.divider()
     shortcut_section(cache)
 
