@@ -190,6 +190,20 @@ def test_default_intermediate_layer_is_a_middle_stage() -> None:
     assert default_intermediate_layer(FGCAM(TinyCNN().eval()), torch.zeros(1, 3, 20, 20)) == "features.2"
 
 
+def test_default_intermediate_layer_is_never_a_pad_module() -> None:
+    """EfficientNet pads with modules of its own (`static_padding`, ZeroPad2d): their odd sizes (57 x 57) once made
+    a pad the default, and the explanation at a pad's output failed with a KeyError."""
+    from analysis.fgcam import FGCAM
+    from tests.pretrained_models import efficientnet_lite0
+
+    model, _ = efficientnet_lite0()
+    explainer = FGCAM(model)
+    image = torch.zeros(1, 3, 224, 224)
+    layer = default_intermediate_layer(explainer, image)
+    assert layer == "_blocks.4"   # the middle of 112, 56, 28, 14 (the stage outputs below the 7 x 7 CAM layer)
+    assert explainer(image, target_layer=layer).maps.shape == (1, 28, 28)
+
+
 def test_a_cache_gets_its_trust_folder(small_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(small_cache, cache)  # the session cache stays untouched

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.cache import TRUST_DIR, cache_identity
+from analysis.fgcam.ops import PADS
 from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
                                          deletion_insertion_curves)
 
@@ -83,8 +84,10 @@ def default_intermediate_layer(explainer: Any, image: Tensor) -> str:
     graph = explainer.graph
     cam = graph.node_for(explainer.cam_layer)
     between = graph.path(graph.input_node, cam) - {graph.input_node, cam}
+    # a pad module's output (EfficientNet's `static_padding`) is the layer below with a border: not a layer of
+    # its own, and its odd size would stand for a resolution of its own
     candidates = [(name, outs[0]) for name, outs in graph.module_outputs.items()
-                  if len(outs) == 1 and outs[0] in between]
+                  if len(outs) == 1 and outs[0] in between and not PADS.match(outs[0], graph.module(outs[0]))]
     parameter = next(explainer.model.parameters(), None)
     if parameter is not None:
         image = image.to(parameter.device, parameter.dtype)
