@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.cache import TRUST_DIR, cache_identity
-from analysis.cli_types import positive_float as _positive_float, positive_int as _positive_int
+from analysis.cli_types import low_rule_text, positive_float as _positive_float, positive_int as _positive_int
 from analysis.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
                                    deletion_insertion_curves, forward_passes_per_image)
 
@@ -134,12 +134,15 @@ class Explainers:
     base: str
 
     @classmethod
-    def build(cls, model: nn.Module, base: str = "gradcam", cam_layer: str | None = None) -> "Explainers":
+    def build(cls, model: nn.Module, base: str = "gradcam", cam_layer: str | None = None,
+              low_rule: Any = None) -> "Explainers":
+        """``low_rule``: the engine's rule for the lowest convolutions (``analysis.fgcam.LowRule``; None: z+),
+        for FG-CAM, denoised or not, and LRP alike."""
         from analysis.fgcam import FGCAM, LRP
 
-        plain = FGCAM(model, base=base, cam_layer=cam_layer, denoise=False)
-        denoised = FGCAM(model, base=base, cam_layer=plain.cam_layer, denoise=True)
-        return cls(plain, denoised, LRP(model), base)
+        plain = FGCAM(model, base=base, cam_layer=cam_layer, denoise=False, low_rule=low_rule)
+        denoised = FGCAM(model, base=base, cam_layer=plain.cam_layer, denoise=True, low_rule=low_rule)
+        return cls(plain, denoised, LRP(model, low_rule=low_rule), base)
 
 
 def random_maps(count_or_indices: Sequence[int], layer: str, size: tuple[int, int], seed: int) -> Tensor:
@@ -445,6 +448,8 @@ def _depths(text: str) -> list[int | str] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `compare-methods` options."""
+    from analysis.models import add_low_rule_argument
+
     source = parser.add_argument_group("images and model: --data with --model, or --cache")
     where = source.add_mutually_exclusive_group(required=True)
     where.add_argument("--data", type=Path, help="an ImageFolder tree or a CSV manifest (as for `explain`)")
@@ -465,6 +470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--base", default="gradcam", choices=tuple(BASE_LABELS), help="the CAM FG-CAM refines")
     method.add_argument("--cam-layer", default=None, help="module name of the CAM layer (none: the last spatial "
                                                           "layer before the head)")
+    add_low_rule_argument(method)
     method.add_argument("--layer", default=None,
                         help="the intermediate layer (module name); none: a middle layer between the input "
                              "and the CAM layer (see analysis/compare.py)")
@@ -601,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"none of the {len(positions)} sampled images could be loaded (first: {errors[0][1]})")
         chosen = positions[loaded_positions]
         model = loaded.model.to(device)
-        explainers = Explainers.build(model, base=args.base, cam_layer=args.cam_layer)
+        explainers = Explainers.build(model, base=args.base, cam_layer=args.cam_layer, low_rule=args.low_rule)
         layer = args.layer or default_intermediate_layer(explainers.fgcam, images[:1])
         check_intermediate_layer(explainers, layer)
         layers = ("input", layer)
@@ -612,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
         if sanity_plan is not None:  # the same for the sanity checks: every step of the cascade on one image
             sanity.sanity_checks(model, images[:1], layers=layers, base=args.base, cam_layer=explainers.fgcam.cam_layer,
                                  depths=sanity_plan.depths, class_check=sanity_plan.class_check, seed=args.seed,
-                                 pooled_size=sanity_plan.pooled_size)
+                                 pooled_size=sanity_plan.pooled_size, low_rule=args.low_rule)
     except (CacheError, ModelSpecError, DatasetError, ValueError, UnsupportedOperation) as error:
         return fail(str(error))
     n = len(images)
@@ -644,6 +650,7 @@ def run(args: argparse.Namespace) -> int:
                                       cam_layer=explainers.fgcam.cam_layer, depths=sanity_plan.depths,
                                       class_check=sanity_plan.class_check, seed=args.seed,
                                       batch_size=args.batch_size, pooled_size=sanity_plan.pooled_size,
+                                      low_rule=args.low_rule,
                                       progress=bar.update)
         bar.close()
         rows = chosen[checked][checks.per_image["image"].to_numpy()]
@@ -657,8 +664,8 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "skipped": [{"path": population.relative[positions[p]], "reason": r} for p, r in errors],
         "forward_passes": passes, "seconds": round(time.perf_counter() - started, 1),
-        "options": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-                    if key not in ("handler", "command")},
+        "options": {key: (str(value) if isinstance(value, Path) else low_rule_text(value) if key == "low_rule" else value)
+                    for key, value in vars(args).items() if key not in ("handler", "command")},
     })
     print(format_table(comparison))
     if comparison.sanity is not None:

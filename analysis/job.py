@@ -30,7 +30,9 @@ from analysis.cache import (BOX_COLUMNS, COMPACT_PREFIX, DAMAGED_DIR, DASHBOARD_
                             CacheLocked, CacheWriter, ShardRecords, WriterLock, load, new_cache_id, now_iso,
                             probability_arrays)
 from analysis.faithfulness import cost_note, faithfulness_scores
-from analysis.models import LoadedModel, ModelSpecError, add_model_arguments, load_model, preprocessing_fingerprint
+from analysis.cli_types import low_rule_text
+from analysis.models import (LoadedModel, ModelSpecError, add_low_rule_argument, add_model_arguments, load_model,
+                             preprocessing_fingerprint)
 from analysis.scores import all_scores, descriptors, resize_maps
 from data.datasets import (Batch, DatasetError, DatasetListing, ExplainDataset, attach_boxes, attach_masks,
                            collate_items, evenly_spaced, list_dataset, load_image, read_text, to_model_mode)
@@ -81,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--cam-layer", default=None,
                         help="module name of the CAM layer (default: the last spatial layer before the head)")
     method.add_argument("--denoise", action="store_true", help="FG-CAM's low-rank denoising of the components")
+    add_low_rule_argument(method)
     method.add_argument("--faithfulness", type=_positive_int, nargs="?", const=20, default=0, metavar="STEPS",
                         help="also store each map's deletion and insertion AUC (RISE, blurred baseline) with "
                              f"STEPS steps (20 when given alone): {cost_note(20).split(': ', 1)[1]} "
@@ -448,7 +451,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
         raise SetupError(str(error)) from None
     model = loaded.model.to(device)
     try:
-        explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise)
+        explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise,
+                          low_rule=args.low_rule)
     except ValueError as error:
         raise SetupError(str(error).splitlines()[0]) from None
     except Exception as error:  # UnsupportedOperation: a model the engine cannot trace
@@ -473,7 +477,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
         shard_size = int(previous) if previous and not args.overwrite else args.batch_size
     options = {
         "base": args.base, "target_layer": args.target_layer, "cam_layer": explainer.cam_layer,
-        "denoise": bool(args.denoise), "batch_size": args.batch_size, "map_size": args.map_size,
+        "denoise": bool(args.denoise), "low_rule": low_rule_text(args.low_rule),
+        "batch_size": args.batch_size, "map_size": args.map_size,
         "descriptor_size": args.descriptor_size, "faithfulness_steps": args.faithfulness,
         "masks": _absolute(args.masks), "boxes": _absolute(args.boxes),
         "limit": args.limit, "shard_size": shard_size, "classes": _absolute(args.classes),
