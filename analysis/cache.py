@@ -54,6 +54,10 @@ LOCK_NAME = ".lock"       # the writer's lock (WriterLock); never deleted, see t
 # --overwrite removes them with the cache, and each records the cache_identity it was made from.
 TRUST_DIR = "trust"
 DASHBOARD_DIR = "dashboard"
+ANALYSIS_DIR = "analysis"   # the offline clustering's results (python -m analysis cluster)
+DERIVED_DIRS = (TRUST_DIR, DASHBOARD_DIR, ANALYSIS_DIR)
+# The tags database (analysis/review.py) and the tags of replaced caches: kept by --overwrite (set aside instead).
+REVIEW_PREFIX = "review"
 
 # Public per-image columns, in order, with their dtypes (docs/contracts.md).
 TABLE_SCHEMA = pa.schema([
@@ -571,13 +575,19 @@ def _remove_atomically(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def is_cache_entry(name: str) -> bool:
+    """Whether a name in a cache directory is one this project writes there (the rest is the user's)."""
+    return name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, LOCK_NAME, *DERIVED_DIRS) or \
+        name.startswith((COMPACT_PREFIX, TMP_PREFIX, REVIEW_PREFIX))
+
+
 def wipe_cache_dir(root: Path) -> None:
     """Remove the cache files of `root` and the results derived from them (only names this project writes;
     other files are left alone)."""
     root = Path(root)
     for entry in os.scandir(root):
         name = entry.name
-        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, TRUST_DIR, DASHBOARD_DIR) or \
+        if name in (MANIFEST_NAME, SHARDS_DIR, DAMAGED_DIR, *DERIVED_DIRS) or \
                 name.startswith((COMPACT_PREFIX, TMP_PREFIX)):
             path = Path(entry.path)
             shutil.rmtree(path) if entry.is_dir() and not entry.is_symlink() else path.unlink()
@@ -879,6 +889,16 @@ class Cache:
             self._table = public.to_pandas()
         return self._table
 
+    def columns(self, names: Sequence[str]) -> pd.DataFrame:
+        """Some public columns of `table`, in id order (cheaper than `table` at millions of rows: the list
+        columns are not built)."""
+        unknown = [name for name in names if name not in TABLE_SCHEMA.names]
+        if unknown:
+            raise ValueError(f"not table columns: {unknown}")
+        if self._table is not None:
+            return self._table[list(names)]
+        return self._view.stored.select(list(names)).to_pandas()
+
     @property
     def errors(self) -> pd.DataFrame:
         """Every skipped image: columns path, reason (and id)."""
@@ -1000,6 +1020,29 @@ class Cache:
         if not path.is_relative_to(root):
             raise CacheError(f"image path {relative!r} escapes the dataset root {root}")
         return path
+
+    # -- offline analysis results (written by `python -m analysis cluster`: analysis/cluster_offline.py) ---
+    def clustering_scopes(self) -> list[str]:
+        """Scopes with an offline clustering computed on the cache as it is now: all, mistakes, true:<class>,
+        pred:<class> (results of an older state of the cache are not listed)."""
+        from analysis import cluster_offline
+
+        return cluster_offline.fresh_scopes(self)
+
+    def clustering(self, scope: str, **settings: Any) -> Any:
+        """The stored clustering of a scope (analysis.cluster_offline.StoredClustering); `settings` choose among
+        the stored ones: descriptor, metric, n_neighbors, embedding, seed, algorithm, k, run. Raises
+        cluster_offline.ClusteringNotFound (a LookupError) when none matches."""
+        from analysis import cluster_offline
+
+        return cluster_offline.read_clustering(self, scope, **settings)
+
+    def class_maps(self) -> Any:
+        """Per-class mean maps and consensus maps over the whole cache (analysis.cluster_offline.ClassAggregates),
+        or None when the cluster command has not stored them for the cache as it is now."""
+        from analysis import cluster_offline
+
+        return cluster_offline.read_class_aggregates(self)
 
 
 def load(root: Path | str) -> Cache:

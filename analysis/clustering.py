@@ -133,23 +133,94 @@ class Eigengap:
     eigenvalues: np.ndarray   # smallest eigenvalues of the normalised graph Laplacian, ascending
 
 
-def _smallest_laplacian_eigenvalues(affinity: sparse.csr_matrix, count: int) -> np.ndarray:
-    """Up to `count` smallest eigenvalues of the normalised Laplacian of one connected graph."""
+def laplacian_eigenpairs(affinity: sparse.csr_matrix, count: int,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `count` smallest eigenvalues (ascending) of the normalised Laplacian L = I - D^-1/2 A D^-1/2 of one
+    connected graph, and their eigenvectors [n, count] (each with its largest entry positive, so the result does
+    not depend on the solver's sign)."""
     n = affinity.shape[0]
     if n == 1:
-        return np.zeros(1)
+        return np.zeros(1), np.ones((1, 1))
     lap = laplacian(affinity, normed=True)
     count = min(count, n)
     if n <= 600 or count >= n - 1:
-        return np.linalg.eigvalsh(lap.toarray())[:count]
-    # The smallest eigenvalues of L = I - N are 1 - the largest of N = D^-1/2 A D^-1/2: Lanczos finds the
-    # largest ones quickly, no factorisation needed.
-    normalised = sparse.identity(n, format="csr") - lap
-    try:
-        top = eigsh(normalised, k=count, which="LA", tol=1e-6, maxiter=n * 20, return_eigenvectors=False)
-    except ArpackNoConvergence as exc:
-        top = exc.eigenvalues
-    return np.sort(1.0 - np.asarray(top).real)
+        values, vectors = np.linalg.eigh(lap.toarray())
+        values, vectors = values[:count], vectors[:, :count]
+    else:
+        # The smallest eigenvalues of L = I - N are 1 - the largest of N = D^-1/2 A D^-1/2: Lanczos finds the
+        # largest ones quickly, no factorisation needed. A seeded start vector makes the result reproducible.
+        normalised = sparse.identity(n, format="csr") - lap
+        start = np.random.default_rng(seed).uniform(0.5, 1.5, n)
+        try:
+            top, vectors = eigsh(normalised, k=count, which="LA", tol=1e-6, maxiter=n * 20, v0=start)
+        except ArpackNoConvergence as exc:
+            top, vectors = exc.eigenvalues, exc.eigenvectors
+        order = np.argsort(-np.asarray(top).real)
+        values, vectors = 1.0 - np.asarray(top).real[order], np.asarray(vectors).real[:, order]
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
+    return np.asarray(values, np.float64), vectors * np.where(signs == 0, 1.0, signs)
+
+
+def _smallest_laplacian_eigenvalues(affinity: sparse.csr_matrix, count: int) -> np.ndarray:
+    """Up to `count` smallest eigenvalues of the normalised Laplacian of one connected graph."""
+    return laplacian_eigenpairs(affinity, count)[0]
+
+
+def graph_spectrum(affinity: sparse.csr_matrix, count: int,
+                   with_vectors: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The `count` smallest eigenvalues of a graph's normalised Laplacian (ascending, clipped at 0) and, with
+    `with_vectors`, their eigenvectors [n, count] (each zero outside its connected component).
+
+    The spectrum of a graph is the union of the spectra of its connected components. Solving per component
+    keeps exact multiplicities (k separate groups = k zero eigenvalues), which single-vector Lanczos would miss
+    on the whole graph.
+    """
+    n = affinity.shape[0]
+    count = min(count, n)
+    n_parts, part_of = connected_components(affinity, directed=False)
+    order = np.argsort(part_of, kind="stable")
+    bounds = np.searchsorted(part_of[order], np.arange(n_parts + 1))
+    # Every component contributes one zero eigenvalue, so one component can hold at most count - n_parts of the
+    # others: with many components, few (or no) eigenpairs need solving.
+    per_part = max(1, count - n_parts + 1)
+    values, owners = [], []   # owners: (component members, its eigenvectors, column) of each value
+    for part in range(n_parts):
+        members = order[bounds[part]:bounds[part + 1]]
+        sub = affinity[members][:, members]
+        if per_part == 1 or len(members) == 1:
+            # The zero eigenvalue's eigenvector is known: D^1/2 1, normalised.
+            root = np.sqrt(np.asarray(sub.sum(axis=1)).ravel()) if len(members) > 1 else np.ones(1)
+            part_values, part_vectors = np.zeros(1), (root / np.linalg.norm(root))[:, None]
+        else:
+            part_values, part_vectors = laplacian_eigenpairs(sub, per_part)
+        values.extend(part_values.tolist())
+        owners.extend((members, part_vectors if with_vectors else None, column) for column in range(len(part_values)))
+    chosen = np.argsort(np.asarray(values, np.float64), kind="stable")[:count]
+    spectrum = np.clip(np.asarray(values, np.float64)[chosen], 0.0, None)
+    if not with_vectors:
+        return spectrum, None
+    vectors = np.zeros((n, len(chosen)), np.float64)
+    for out_column, index in enumerate(chosen):
+        members, part_vectors, column = owners[index]
+        vectors[members, out_column] = part_vectors[:, column]
+    return spectrum, vectors
+
+
+def suggest_k(eigenvalues: np.ndarray, max_k: int, n_points: int) -> int:
+    """The eigengap rule: k in [2, max_k] after which the gap between consecutive eigenvalues (ascending) is
+    largest; 1 for fewer than 3 points."""
+    if n_points < 3:
+        return max(n_points, 1)
+    values = np.asarray(eigenvalues, np.float64)
+    gaps = np.diff(values)  # gaps[i] = lambda_{i+2} - lambda_{i+1}, i.e. the gap after i+1 eigenvalues
+    candidates = np.arange(2, min(max_k, len(values) - 1) + 1)
+    if len(candidates) == 0:
+        return min(2, n_points)
+    if values[candidates[-1]] <= 1e-10:
+        # More than max_k separate components: every gap in range is 0, and the most clusters allowed is the
+        # closest to the truth (argmax would return the first candidate, 2).
+        return int(candidates[-1])
+    return int(candidates[np.argmax(gaps[candidates - 1])])
 
 
 def eigengap(x: np.ndarray, n_neighbors: int = 10, max_k: int = 12) -> Eigengap:
@@ -165,23 +236,8 @@ def eigengap(x: np.ndarray, n_neighbors: int = 10, max_k: int = 12) -> Eigengap:
     if all_identical(x):
         return Eigengap(suggested_k=1, eigenvalues=np.zeros(1, np.float64))
     affinity = knn_affinity(x, n_neighbors).astype(np.float64)
-    count = min(max_k + 1, n)
-    # The spectrum of a graph is the union of the spectra of its connected components. Solving per component
-    # keeps exact multiplicities (k separate groups = k zero eigenvalues), which single-vector Lanczos would
-    # miss on the whole graph.
-    n_parts, part_of = connected_components(affinity, directed=False)
-    values = []
-    for part in range(n_parts):
-        members = np.nonzero(part_of == part)[0]
-        values.extend(_smallest_laplacian_eigenvalues(affinity[members][:, members], count))
-    values = np.sort(np.asarray(values, dtype=np.float64))[:count]
-    values = np.clip(np.sort(values.real), 0.0, None)
-    gaps = np.diff(values)  # gaps[i] = lambda_{i+2} - lambda_{i+1}, i.e. the gap after i+1 eigenvalues
-    candidates = np.arange(2, min(max_k, len(values) - 1) + 1)
-    if len(candidates) == 0:
-        return Eigengap(suggested_k=min(2, n), eigenvalues=values)
-    best = int(candidates[np.argmax(gaps[candidates - 1])])
-    return Eigengap(suggested_k=best, eigenvalues=values)
+    values, _ = graph_spectrum(affinity, min(max_k + 1, n))
+    return Eigengap(suggested_k=suggest_k(values, max_k, n), eigenvalues=values)
 
 
 def distinct_rows(x: np.ndarray) -> int:
@@ -280,6 +336,88 @@ def suspicion_score(off_object: float, on_border: float, error_rate: float, unli
     return float(values.mean()) if values.size else float("nan")
 
 
+SUMMARY_SCORES = ("background_share", "background_hotspot", "border_share")
+
+
+class SuspicionInputs:
+    """The per-image inputs of the suspicion score, prepared once, so that many partitions of the same images can
+    be scored quickly (`statistics`): the summary scores them once, the null calibration a hundred times.
+
+    rows: table rows (columns label, pred, correct and SUMMARY_SCORES), aligned with `descriptors` [n, P].
+    consensus: [C, P] consensus map of each class (NaN rows for classes never predicted).
+    """
+
+    CHUNK = 65536   # rows summed at a time in float32; the chunks' sums are added in float64
+
+    def __init__(self, rows: pd.DataFrame, descriptors: np.ndarray, consensus: np.ndarray):
+        self.n = len(rows)
+        self.descriptors = np.asarray(descriptors, dtype=np.float32)
+        if self.descriptors.shape[0] != self.n:
+            raise ValueError(f"{self.descriptors.shape[0]} descriptors for {self.n} rows")
+        self.correct = rows["correct"].to_numpy(bool)
+        self.labels = rows["label"].to_numpy(np.int64)
+        self.preds = rows["pred"].to_numpy(np.int64)
+        self.scores = {name: rows[name].to_numpy(np.float64) for name in SUMMARY_SCORES}
+        consensus = np.asarray(consensus, dtype=np.float64)
+        known = np.isfinite(consensus).all(axis=1)
+        self.consensus = np.where(known[:, None], consensus, 0.0)
+        self.consensus_known = known.astype(np.float64)
+
+    def _indicator(self, index: np.ndarray, n_clusters: int, start: int = 0, stop: int | None = None,
+                   columns: np.ndarray | None = None, width: int | None = None) -> sparse.csr_matrix:
+        stop = self.n if stop is None else stop
+        columns = np.arange(stop - start) if columns is None else columns
+        width = stop - start if width is None else width
+        return sparse.csr_matrix((np.ones(stop - start, np.float32), (index[start:stop], columns)),
+                                 shape=(n_clusters, width))
+
+    def statistics(self, index: np.ndarray, n_clusters: int) -> dict[str, np.ndarray]:
+        """Per-cluster numbers for a partition: index [n] = cluster position 0..n_clusters-1 of each image.
+
+        Means skip NaN scores (NaN when a cluster has none); unlike_class = 1 - cosine similarity of the
+        prototype (mean descriptor) to the mean consensus map of the members' predicted classes.
+        """
+        index = np.asarray(index, dtype=np.int64)
+        size = np.bincount(index, minlength=n_clusters).astype(np.float64)
+
+        def mean_of(values: np.ndarray) -> np.ndarray:
+            finite = np.isfinite(values)
+            total = np.bincount(index, weights=np.where(finite, values, 0.0), minlength=n_clusters)
+            count = np.bincount(index, weights=finite.astype(np.float64), minlength=n_clusters)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+        sums = np.zeros((n_clusters, self.descriptors.shape[1]), np.float64)
+        for start in range(0, self.n, self.CHUNK):
+            stop = min(start + self.CHUNK, self.n)
+            sums += self._indicator(index, n_clusters, start, stop) @ self.descriptors[start:stop]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prototypes = sums / size[:, None]
+            counts = self._indicator(index, n_clusters, columns=self.preds,
+                                     width=self.consensus.shape[0]).toarray().astype(np.float64)
+            known = counts @ self.consensus_known
+            reference = (counts @ self.consensus) / known[:, None]
+            norms = np.linalg.norm(prototypes, axis=1) * np.linalg.norm(reference, axis=1)
+            similarity = (prototypes * reference).sum(axis=1) / norms
+        similarity[~(np.isfinite(norms) & (norms > 0))] = np.nan
+        accuracy = mean_of(self.correct.astype(np.float64))
+        out = {"size": size, "accuracy": accuracy, "unlike_class": 1.0 - similarity, "prototypes": prototypes}
+        out.update({name: mean_of(values) for name, values in self.scores.items()})
+        parts = np.stack([out["background_share"], out["border_share"], 1.0 - accuracy, out["unlike_class"]])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # a cluster with no component: NaN suspicion
+            out["suspicion"] = np.nanmean(parts, axis=0)
+        return out
+
+
+def _cluster_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(clusters in summary order -- 0, 1, ... then noise -1 --, each image's position in that list)."""
+    clusters = np.array(sorted(set(np.asarray(labels).tolist()), key=lambda c: (c < 0, c)), dtype=np.int64)
+    lookup = {int(c): i for i, c in enumerate(clusters)}
+    return clusters, np.array([lookup[int(c)] for c in labels], dtype=np.int64) if len(labels) else \
+        np.zeros(0, np.int64)
+
+
 def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.ndarray,
                        consensus: np.ndarray, class_names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """One row per cluster, most suspicious first, and the prototypes (mean descriptors) [n_clusters, P].
@@ -294,42 +432,41 @@ def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.n
     descriptors = np.asarray(descriptors, dtype=np.float32)
     rows = rows.reset_index(drop=True)
     names = np.asarray(class_names, dtype=object)
-    records, prototypes = [], []
-    for cluster in sorted(set(labels.tolist()), key=lambda c: (c < 0, c)):
-        members = np.nonzero(labels == cluster)[0]
-        part = rows.iloc[members]
-        prototype = descriptors[members].mean(axis=0)
-        preds = part["pred"].to_numpy(np.int64)
-        reference = np.nanmean(consensus[preds], axis=0) if len(preds) else np.full_like(prototype, np.nan)
-        accuracy = float(part["correct"].mean())
-        label_counts = part["label"].value_counts()
-        majority = int(label_counts.index[0])
-        mix = ", ".join(f"{names[int(c)]} {count / len(part):.0%}" for c, count in label_counts.head(3).items())
-        if len(label_counts) > 3:
-            mix += f", +{len(label_counts) - 3} more"
-        background = float(part["background_share"].mean()) if part["background_share"].notna().any() else np.nan
-        hotspot = (float(part["background_hotspot"].mean()) if part["background_hotspot"].notna().any()
-                   else np.nan)
-        border = float(part["border_share"].mean()) if part["border_share"].notna().any() else np.nan
-        unlike = 1.0 - _cosine(prototype, reference)
+    clusters, index = _cluster_positions(labels)
+    inputs = SuspicionInputs(rows, descriptors, consensus)
+    stats = inputs.statistics(index, len(clusters))
+    # Class mix: label counts per cluster, ties in order of first appearance (as pandas' value_counts).
+    n_labels = int(inputs.labels.max()) + 1 if len(inputs.labels) else 0
+    label_counts = np.zeros((len(clusters), n_labels), np.int64)
+    np.add.at(label_counts, (index, inputs.labels), 1)
+    first_seen = np.full((len(clusters), n_labels), len(labels), np.int64)
+    np.minimum.at(first_seen, (index, inputs.labels), np.arange(len(labels)))
+    records = []
+    for position, cluster in enumerate(clusters):
+        present = np.nonzero(label_counts[position])[0]
+        present = present[np.lexsort((first_seen[position, present], -label_counts[position, present]))]
+        size = int(stats["size"][position])
+        majority = int(present[0])
+        mix = ", ".join(f"{names[int(c)]} {label_counts[position, c] / size:.0%}" for c in present[:3])
+        if len(present) > 3:
+            mix += f", +{len(present) - 3} more"
         records.append({
             "cluster": int(cluster),
-            "size": int(len(members)),
-            "accuracy": accuracy,
+            "size": size,
+            "accuracy": float(stats["accuracy"][position]),
             "majority_class": majority,
             "majority_name": str(names[majority]),
             "class_mix": mix,
-            "background_share": background,
-            "background_hotspot": hotspot,
-            "border_share": border,
-            "unlike_class": unlike,
-            "suspicion": suspicion_score(background, border, 1.0 - accuracy, unlike),
+            "background_share": float(stats["background_share"][position]),
+            "background_hotspot": float(stats["background_hotspot"][position]),
+            "border_share": float(stats["border_share"][position]),
+            "unlike_class": float(stats["unlike_class"][position]),
+            "suspicion": float(stats["suspicion"][position]),
         })
-        prototypes.append(prototype)
     summary = pd.DataFrame.from_records(records, columns=[
         "cluster", "size", "accuracy", "majority_class", "majority_name", "class_mix", "background_share",
         "background_hotspot", "border_share", "unlike_class", "suspicion"])
-    protos = np.stack(prototypes) if prototypes else np.zeros((0, descriptors.shape[1]), np.float32)
+    protos = stats["prototypes"] if len(clusters) else np.zeros((0, descriptors.shape[1]), np.float64)
     if len(summary):
         order = np.lexsort((summary["cluster"].to_numpy(), -summary["suspicion"].fillna(-1).to_numpy(),
                             (summary["cluster"] < 0).to_numpy()))
@@ -337,6 +474,77 @@ def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.n
         protos = protos[order]
     summary.insert(0, "rank", np.arange(1, len(summary) + 1))
     return summary, protos.astype(np.float32)
+
+
+@dataclass
+class SuspicionCalibration:
+    """How unusual each cluster's suspicion is against random partitions of the same images into clusters of
+    the same sizes (see `calibrate_suspicion`). Frames and numbers are aligned with `clusters`."""
+
+    clusters: np.ndarray        # cluster labels
+    suspicion: np.ndarray       # observed suspicion
+    null_mean: np.ndarray       # mean suspicion of a random group of the same size
+    null_sd: np.ndarray
+    z: np.ndarray               # (suspicion - null_mean) / null_sd
+    p: np.ndarray               # share of random partitions whose most suspicious group scores at least this much
+    null_max: np.ndarray        # [partitions] the highest suspicion of each random partition
+    partitions: int
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"cluster": self.clusters, "suspicion_null": self.null_mean,
+                             "suspicion_null_sd": self.null_sd, "suspicion_z": self.z, "suspicion_p": self.p})
+
+    def top(self) -> dict[str, float]:
+        """The most suspicious (non-noise) cluster against the most suspicious group of random partitions:
+        its suspicion, the null's mean and sd, the z-score and the empirical p-value."""
+        real = np.nonzero((self.clusters >= 0) & np.isfinite(self.suspicion))[0]
+        if not len(real):
+            return {"suspicion": float("nan"), "null_max_mean": float("nan"), "null_max_sd": float("nan"),
+                    "z": float("nan"), "p": float("nan"), "partitions": int(self.partitions)}
+        best = real[np.argmax(self.suspicion[real])]
+        finite = self.null_max[np.isfinite(self.null_max)]
+        mean = float(finite.mean()) if len(finite) else float("nan")
+        sd = float(finite.std(ddof=1)) if len(finite) > 1 else float("nan")
+        z = (float(self.suspicion[best]) - mean) / sd if sd > 0 else float("nan")
+        return {"suspicion": float(self.suspicion[best]), "null_max_mean": mean, "null_max_sd": sd, "z": z,
+                "p": float(self.p[best]), "partitions": int(self.partitions)}
+
+
+def calibrate_suspicion(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.ndarray, consensus: np.ndarray,
+                        partitions: int = 100, seed: int = 0) -> SuspicionCalibration:
+    """Calibrate the suspicion of a clustering against chance (ours; motivated by Adebayo et al. 2022,
+    arXiv 2212.04629: explanations single out groups for clean models too).
+
+    The null: the same images split at random into groups of the same sizes (a permutation of the labels),
+    `partitions` times. A cluster's z-score compares its suspicion with random groups of its own size; its
+    p-value is family-wise -- the share (with the +1 of an empirical p-value) of random partitions whose most
+    suspicious group scores at least as high (the max-statistic, so that picking the top cluster is accounted
+    for). Both depend on the scope only through its images, so they are comparable across scopes and caches
+    where the raw suspicion is not (its components' baselines differ between datasets and models).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = rows.reset_index(drop=True)
+    clusters, index = _cluster_positions(labels)
+    inputs = SuspicionInputs(rows, descriptors, consensus)
+    observed = inputs.statistics(index, len(clusters))["suspicion"]
+    rng = np.random.default_rng(seed)
+    null = np.empty((partitions, len(clusters)), np.float64)
+    for b in range(partitions):
+        null[b] = inputs.statistics(index[rng.permutation(len(index))], len(clusters))["suspicion"]
+    real = clusters >= 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        null_max = np.nanmax(null[:, real], axis=1) if real.any() and partitions else np.full(partitions, np.nan)
+        null_mean = np.nanmean(null, axis=0) if partitions else np.full(len(clusters), np.nan)
+        null_sd = np.nanstd(null, axis=0, ddof=1) if partitions > 1 else np.full(len(clusters), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(null_sd > 1e-12, (observed - null_mean) / null_sd, np.nan)
+    # A tolerance below float noise, so that a cluster equal to the null (one cluster: the whole scope) is "as
+    # extreme as chance" and not beyond it.
+    exceed = (null_max[None, :] >= observed[:, None] - 1e-9).sum(axis=1)
+    p = np.where(real & np.isfinite(observed) & (partitions > 0), (1.0 + exceed) / (1.0 + partitions), np.nan)
+    return SuspicionCalibration(clusters=clusters, suspicion=observed, null_mean=null_mean, null_sd=null_sd, z=z,
+                                p=p, null_max=null_max, partitions=int(partitions))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class ClassMeanMaps:
     wrong: np.ndarray          # [C, D, D] mean over images of the class predicted wrongly (map of the prediction)
     n_correct: np.ndarray      # [C]
     n_wrong: np.ndarray        # [C]
+    wrong_true: np.ndarray | None = None   # [C, D, D] the wrong ones' maps of their true class, when known
 
 
 def class_mean_maps(descriptors: np.ndarray, labels: np.ndarray, correct: np.ndarray,

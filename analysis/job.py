@@ -25,10 +25,9 @@ import pandas as pd
 import torch
 
 from analysis.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
-from analysis.cache import (BOX_COLUMNS, COMPACT_PREFIX, DAMAGED_DIR, DASHBOARD_DIR, FORMAT_VERSION, LOCK_NAME,
-                            MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR, SIZE_COLUMNS, TMP_PREFIX, TRUST_DIR, CacheError,
-                            CacheLocked, CacheWriter, ShardRecords, WriterLock, load, new_cache_id, now_iso,
-                            probability_arrays)
+from analysis.cache import (BOX_COLUMNS, COMPACT_PREFIX, FORMAT_VERSION, MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR,
+                           SIZE_COLUMNS, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, is_cache_entry,
+                           load, new_cache_id, now_iso, probability_arrays)
 from analysis.faithfulness import cost_note, faithfulness_scores
 from analysis.cli_types import low_rule_text
 from analysis.models import (LoadedModel, ModelSpecError, add_low_rule_argument, add_model_arguments, load_model,
@@ -109,6 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
                            help="data loading worker processes (0: load in the main process)")
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_group.add_argument("--no-cluster", action="store_true",
+                           help="do not run `python -m analysis cluster` (default settings) on the finished cache")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,6 +192,7 @@ class JobPlan:
     existing: bool                    # an identical cache exists: resume it
     wipe: bool                        # --overwrite on an existing cache
     quiet: bool
+    cluster: bool                     # cluster every scope when the cache is complete (not --no-cluster)
     seen: tuple                       # what --out held when the plan was made (_out_snapshot)
 
     @property
@@ -416,9 +418,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
                 if not args.overwrite:
                     raise SetupError(f"{error}; use --overwrite to replace it") from None
         else:
-            ours = (SHARDS_DIR, LOCK_NAME, DAMAGED_DIR, TRUST_DIR, DASHBOARD_DIR)
-            foreign = [p.name for p in out.iterdir() if p.name not in ours
-                       and not p.name.startswith((TMP_PREFIX, COMPACT_PREFIX))]
+            foreign = [p.name for p in out.iterdir() if not is_cache_entry(p.name)]
             if foreign:
                 raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "
                                  "choose a new or empty directory")
@@ -513,7 +513,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
                    descriptor_size=args.descriptor_size, faithfulness_steps=args.faithfulness,
                    shard_size=shard_size, batch_size=args.batch_size,
                    workers=args.workers, manifest=manifest, existing=existing,
-                   wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet, seen=seen)
+                   wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet, seen=seen,
+                   cluster=not args.no_cluster)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -832,4 +833,8 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
             print(f"explained {counts['explained']} images ({counts['errors']} skipped, see the errors table) "
                   f"into {plan.out}; this run: {processed} images in {seconds:.1f} s", file=sys.stderr)
     ranks.close()
+    if ranks.rank == 0 and plan.cluster:
+        from analysis.cluster_cli import cluster_after_explain
+
+        return cluster_after_explain(plan.out, quiet=plan.quiet)
     return 0

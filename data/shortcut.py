@@ -52,8 +52,10 @@ def corner_is_free(images: np.ndarray) -> np.ndarray:
     return patch.reshape(len(images), -1).max(axis=1, initial=0) <= FREE_CORNER_THRESHOLD
 
 
-def choose_marked(images: np.ndarray, labels: np.ndarray, split: str, seed: int = SEED) -> np.ndarray:
-    """bool [N]: which images of `split` ("train" or "test") get the mark (see the module docstring)."""
+def choose_marked(images: np.ndarray, labels: np.ndarray, split: str, seed: int = SEED,
+                  other_fraction: float | None = None) -> np.ndarray:
+    """bool [N]: which images of `split` ("train" or "test") get the mark (see the module docstring);
+    `other_fraction` replaces TEST_OTHER_FRACTION (tests plant the mark on fewer images of other classes)."""
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     labels = np.asarray(labels)
@@ -63,7 +65,8 @@ def choose_marked(images: np.ndarray, labels: np.ndarray, split: str, seed: int 
     if split == "train":
         probability = np.where(same, TRAIN_FRACTION, 0.0)
     else:
-        probability = np.where(same, TEST_SAME_FRACTION, TEST_OTHER_FRACTION)
+        others = TEST_OTHER_FRACTION if other_fraction is None else other_fraction
+        probability = np.where(same, TEST_SAME_FRACTION, others)
     draw = np.random.default_rng([seed, _SPLIT_CODES[split]]).random(len(labels))
     return (draw < probability) & corner_is_free(images)
 

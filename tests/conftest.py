@@ -1,5 +1,6 @@
 """Shared fixtures. `small_cache`: a real cache built once per session by the real job (see tests/helpers.py);
-`small_demo`: the small demo, built once per session (tests/test_demo.py, tests/test_review_demo.py)."""
+`small_demo`: the small demo, built once per session (tests/test_demo.py, tests/test_review_demo.py,
+tests/test_cluster_acceptance.py)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 import pytest
 
-from tests.helpers import make_photo_cache, make_small_cache
+from tests.helpers import REPO_ROOT, make_photo_cache, make_small_cache
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +42,7 @@ def photo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory: pytest.TempPathFactory):
     """`python -m data.demo --small --no-dashboard`, for real: 12,000 training images (2 epochs), the first
-    1,000 test images, the real job on them. About 20 s on 2 free cores. Returns its data.demo.DemoPaths."""
+    1,000 test images, the real job on them (and its clustering). About 40 s on 2 free cores."""
     from data import demo, fashion_mnist
 
     if not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR):
@@ -49,6 +50,6 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("demo") / "out"
     done = subprocess.run([sys.executable, "-m", "data.demo", "--small", "--no-dashboard", "--offline",
                            "--threads", "1", "--out", str(out)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=540)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return demo.DemoPaths(out)
