@@ -138,6 +138,8 @@ def main() -> int:
     parser.add_argument("--crops", choices=("center", "five"), default="five")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-lite0", action="store_true")
+    parser.add_argument("--lite0-depths", nargs="+", default=None, metavar="MODULE",
+                        help=f"Lite0's depths, module names (default: {', '.join(LITE0_DEPTHS.values())})")
     args = parser.parse_args()
     torch.manual_seed(0)
     from bench import sanity_tables
@@ -159,7 +161,9 @@ def main() -> int:
             photos = sanity_tables.write_photos(Path(scratch) / "photos")
             model, images = sanity_tables.lite0_inputs(photos, args.crops)
         started = time.perf_counter()
-        labels, rows = study(model, images, configs(LITE0_DEPTHS, args.gammas, args.epsilons), args.steps, 10)
+        depths = LITE0_DEPTHS if args.lite0_depths is None else \
+            {next((k for k, v in LITE0_DEPTHS.items() if v == name), name): name for name in args.lite0_depths}
+        labels, rows = study(model, images, configs(depths, args.gammas, args.epsilons), args.steps, 10)
         print(f"## EfficientNet-Lite0 (ImageNet weights), {len(images)} inputs from scikit-image's four photos "
               f"({time.perf_counter() - started:.0f} s)\n")
         print(table(labels, rows), flush=True)
