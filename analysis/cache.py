@@ -102,7 +102,9 @@ DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.
 # shape. To store a new one, add it here and put it in ShardRecords.row_arrays (the job: BatchOutput.row_arrays);
 # writing, compaction and `Cache.row_array` need nothing else. Caches written before an array existed lack its
 # file: the reader then gives None.
-ROW_ARRAYS = {"probabilities": "probabilities.npy", "probability_classes": "probability_classes.npy"}
+ROW_ARRAYS = {"probabilities": "probabilities.npy", "probability_classes": "probability_classes.npy",
+              "channel_relevance": "channel_relevance.npy",             # float16 [n, K], analysis.channel_relevance
+              "channel_relevance_true": "channel_relevance_true.npy"}
 PROBABILITY_TOP_K = 20            # with more than FULL_PROBABILITIES_MAX classes, only the top 20 are stored
 FULL_PROBABILITIES_MAX = 100
 
@@ -1010,6 +1012,14 @@ class Cache:
             return None
         num_classes = len(self.manifest.get("class_names") or []) or stored.shape[1]
         return full_probabilities(stored, self.row_array("probability_classes", ids), num_classes)
+
+    def channel_relevance(self, ids: Sequence[int] | np.ndarray | None = None, which: str = "pred"
+                          ) -> np.ndarray | None:
+        """float32 [len(ids), K]: each CAM-layer channel's relevance (the spatial sum of its component) for the
+        predicted or the true class; None for a cache made before it was stored (analysis.channel_relevance)."""
+        from analysis.channel_relevance import read_channel_relevance
+
+        return read_channel_relevance(self, ids, which)
 
     def image_path(self, id: int) -> Path:
         """Absolute path of an explained image inside the manifest's dataset root."""

@@ -29,6 +29,7 @@ from analysis.cache import (BOX_COLUMNS, COMPACT_PREFIX, FORMAT_VERSION, MANIFES
                            SIZE_COLUMNS, CacheError, CacheLocked, CacheWriter, ShardRecords, WriterLock, is_cache_entry,
                            load, new_cache_id, now_iso, probability_arrays)
 from analysis.faithfulness import cost_note, faithfulness_scores
+from analysis.channel_relevance import channel_relevance_arrays
 from analysis.cli_types import low_rule_text
 from analysis.models import (LoadedModel, ModelSpecError, add_low_rule_argument, add_model_arguments, load_model,
                              preprocessing_fingerprint)
@@ -550,7 +551,8 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
     Predictions come from the engine's logits (no second forward pass). Scores and descriptors are computed
     on the predicted-class map at map size, on the device; with ``faithfulness_steps``, the deletion and
     insertion AUCs of the full-resolution predicted-class map too. Every image's class probabilities are
-    kept (float16; the top 20 for more than 100 classes) for the label-error ranking.
+    kept (float16; the top 20 for more than 100 classes) for the label-error ranking, and each CAM-layer
+    channel's relevance for the predicted and the true class (``analysis.channel_relevance``).
     """
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device)
@@ -560,6 +562,7 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
     top = probs.topk(min(5, probs.shape[1]), dim=1)
     maps_pred = resize_maps(result.maps.detach(), map_size)
     wrong = pred != labels
+    true_result = None
     if wrong.any():
         true_result = explainer(images[wrong], target_layer=target_layer, classes=labels[wrong])
         maps_true = resize_maps(true_result.maps.detach(), map_size)
@@ -582,7 +585,8 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
         has_foreground=batch.has_foreground.numpy(),
         sizes=batch.sizes.numpy() if batch.sizes is not None else np.zeros((len(batch.ids), 2), np.int64),
         boxes=batch.boxes.numpy() if batch.boxes is not None else np.full((len(batch.ids), 4), np.nan),
-        row_arrays=probability_arrays(probs.cpu().numpy()),
+        row_arrays={**probability_arrays(probs.cpu().numpy()), **channel_relevance_arrays(
+            result.channel_relevance, None if true_result is None else true_result.channel_relevance, wrong)},
     )
 
 
