@@ -12,7 +12,8 @@ from types import ModuleType
 from typing import NoReturn, Sequence
 
 COMMANDS: list[str] = ["analysis.job", "analysis.check_model", "analysis.compare", "analysis.shortcut_test",
-                       "analysis.commands.insertion_test", "analysis.commands.export", "analysis.cluster_cli"]
+                       "analysis.commands.insertion_test", "analysis.commands.export", "analysis.cluster_cli",
+                       "analysis.concepts"]
 
 
 class OneLineParser(argparse.ArgumentParser):

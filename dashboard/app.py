@@ -22,6 +22,7 @@ PAGES = [  # (file, title, url path, icon); adding a page is one line here
     ("mistakes.py", "Mistakes", "mistakes", ":material/rule:"),
     ("image.py", "Image", "image", ":material/image:"),
     ("trust.py", "Trust", "trust", ":material/verified:"),
+    ("concepts.py", "Concepts", "concepts", ":material/psychology:"),
 ]
 
 st.set_page_config(page_title="FG-CAM explanations", page_icon=":material/center_focus_strong:", layout="wide")
