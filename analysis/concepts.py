@@ -12,12 +12,15 @@ the engine's per-channel maps, ``FGCAM.channel_maps``, for the regions):
   positive means: the shares of the channels with positive mean add up to 1);
 * **per concept**: reference images, the top-n images by that channel's relevance (within a class for the
   class view, over the whole cache for the concept view), each with the channel's own fine-grained map (only
-  component k carried down to the cache's target layer) and the region it points to: the bounding box of the
-  map's top ``region_share`` of positive relevance;
-* **possible shortcuts** (ours, a heuristic): a channel that holds at least ``strong_share`` of an image's
-  positive evidence in at least ``min_images`` images of a class but in at most ``max_prevalence`` of them.
-  A shortcut that every image of a class carries (the demo's tag on 97% of bags) is not "few images": it shows
-  as a top concept instead, and its reference images and maps say what it is.
+  component k carried down to the cache's target layer) and the region it points to: the square window of
+  ``region_side`` of the map's side that holds the most positive relevance (CRP crops reference images to the
+  receptive field of the channel's most relevant unit; a window over the fine-grained map plays that part);
+* **possible shortcuts** (ours, a heuristic): a channel among the ``strong_rank`` most relevant channels of at
+  least ``min_images`` images of a class but of at most ``max_prevalence`` of them: a feature a few images share.
+  The flagged channels are ordered by the share of mistakes among those images (a channel that makes the model
+  predict the class for images of other classes first), then by their number. A shortcut that every image of
+  a class carries (the demo's tag on 97% of bags) is not "few images": it shows as a top concept instead, and
+  its reference images and maps say what it is.
 
 ``python -m analysis concepts --cache DIR`` computes them (with the cache's model, for the maps) into
 ``DIR/analysis/concepts/`` (``read_concepts``); the dashboard's Concepts page reads them.
@@ -54,11 +57,11 @@ HELP = ("concepts: per class the CAM-layer channels that carry its evidence, per
 class ConceptSettings:
     top: int = 5                  # concepts per class
     references: int = 8           # reference images per concept (per class, and over the whole cache)
-    strong_share: float = 0.2     # "strong in an image": at least this share of the image's positive evidence
+    strong_rank: int = 3          # "strong in an image": among its strong_rank most relevant channels
     max_prevalence: float = 0.2   # "few images": in at most this share of the class's images
     min_images: int = 3           # ... and in at least this many
-    shortcuts: int = 3            # flagged channels kept per class (the strongest)
-    region_share: float = 0.5     # the region: the fewest top pixels holding this share of the positive map
+    shortcuts: int = 3            # flagged channels kept per class
+    region_side: float = 0.35     # the region: the square window of this share of the side with the most relevance
     batch_size: int = 16
 
 
@@ -70,25 +73,32 @@ class ConceptsError(Exception):
 # The method: statistics from the channel relevance
 # ----------------------------------------------------------------------------------------------------------
 
-def class_concepts(relevance: np.ndarray, pred: np.ndarray, settings: ConceptSettings) -> pd.DataFrame:
+def class_concepts(relevance: np.ndarray, pred: np.ndarray, settings: ConceptSettings,
+                   labels: np.ndarray | None = None) -> pd.DataFrame:
     """Per predicted class: its top concepts and its flagged channels.
 
-    ``relevance`` float32 [n, K] (each image's channel relevance for its predicted class), ``pred`` [n].
-    Rows: class, kind ("top" or "shortcut"), rank, channel, mean_relevance, share (of the class's evidence),
-    n_images (of the class), n_strong (images where the channel holds >= strong_share of the evidence),
-    prevalence (n_strong / n_images), strong_share_mean (its mean share in those images), possible_shortcut.
+    ``relevance`` float32 [n, K] (each image's channel relevance for its predicted class), ``pred`` [n],
+    ``labels`` [n] (the true classes; None: no mistake known). Rows: class, kind ("top" or "shortcut"), rank,
+    channel, mean_relevance, share (of the class's evidence), n_images (of the class), n_strong (images where the
+    channel is among the strong_rank most relevant, with positive relevance), prevalence (n_strong / n_images),
+    strong_share_mean (its mean share of the evidence in those images), mistake_share (of those images, the
+    share whose true class is another), possible_shortcut.
     """
     rows = []
     for c in np.unique(pred):
         members = relevance[pred == c]
+        wrong = np.zeros(len(members), bool) if labels is None else labels[pred == c] != c
         n = len(members)
         mean = members.mean(axis=0)
         positive_total = float(np.clip(mean, 0, None).sum())
         shares = relevance_share(members)
-        strong = shares >= settings.strong_share
+        ranks = np.argsort(np.argsort(-members, axis=1, kind="stable"), axis=1, kind="stable")
+        strong = (ranks < settings.strong_rank) & (members > 0)
         n_strong = strong.sum(axis=0)
         strong_mean = np.divide((shares * strong).sum(axis=0), n_strong, out=np.zeros(mean.shape, np.float64),
                                 where=n_strong > 0)
+        mistakes = np.divide((strong & wrong[:, None]).sum(axis=0), n_strong, out=np.zeros(mean.shape, np.float64),
+                             where=n_strong > 0)
         prevalence = n_strong / n
         flagged = (n_strong >= settings.min_images) & (prevalence <= settings.max_prevalence)
 
@@ -97,15 +107,16 @@ def class_concepts(relevance: np.ndarray, pred: np.ndarray, settings: ConceptSet
                     "mean_relevance": float(mean[k]),
                     "share": float(mean[k] / positive_total) if positive_total > 0 else 0.0,
                     "n_images": n, "n_strong": int(n_strong[k]), "prevalence": float(prevalence[k]),
-                    "strong_share_mean": float(strong_mean[k]), "possible_shortcut": bool(flagged[k])}
+                    "strong_share_mean": float(strong_mean[k]), "mistake_share": float(mistakes[k]),
+                    "possible_shortcut": bool(flagged[k])}
 
         top = [int(k) for k in np.argsort(-mean, kind="stable")[:settings.top] if mean[k] > 0]
         rows += [row("top", rank, k) for rank, k in enumerate(top)]
         candidates = np.nonzero(flagged)[0]
-        strongest = candidates[np.argsort(-(n_strong[candidates] * strong_mean[candidates]), kind="stable")]
+        strongest = candidates[np.lexsort((-n_strong[candidates], -mistakes[candidates]))]
         rows += [row("shortcut", rank, k) for rank, k in enumerate(strongest[:settings.shortcuts])]
     columns = ["class", "kind", "rank", "channel", "mean_relevance", "share", "n_images", "n_strong", "prevalence",
-               "strong_share_mean", "possible_shortcut"]
+               "strong_share_mean", "mistake_share", "possible_shortcut"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -131,20 +142,17 @@ def reference_images(relevance: np.ndarray, ids: np.ndarray, pred: np.ndarray, c
     return pd.DataFrame(rows, columns=["scope", "channel", "rank", "id", "relevance"])
 
 
-def region_box(concept_map: np.ndarray, share: float) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) in [0, 1] of the map's side: the box of the fewest top pixels that hold ``share`` of the
-    map's positive relevance (the argmax's cell for a map without positive relevance)."""
+def region_box(concept_map: np.ndarray, side: float) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in [0, 1] of the map's side: the square window of ``side`` of the map's side (at least one
+    cell) holding the most positive relevance (the first such window; the top-left one for a map without any)."""
     h, w = concept_map.shape
-    positive = np.clip(np.nan_to_num(concept_map), 0, None).ravel()
-    total = positive.sum()
-    if total <= 0:
-        flat = np.array([int(np.argmax(np.nan_to_num(concept_map, nan=-np.inf)))])
-    else:
-        order = np.argsort(-positive, kind="stable")
-        needed = int(np.searchsorted(np.cumsum(positive[order]), share * total)) + 1
-        flat = order[:max(needed, 1)]
-    ys, xs = np.unravel_index(flat, (h, w))
-    return float(xs.min() / w), float(ys.min() / h), float((xs.max() + 1) / w), float((ys.max() + 1) / h)
+    size_y, size_x = max(1, min(h, round(side * h))), max(1, min(w, round(side * w)))
+    positive = np.clip(np.nan_to_num(np.asarray(concept_map, np.float64)), 0, None)
+    integral = np.pad(positive.cumsum(axis=0).cumsum(axis=1), ((1, 0), (1, 0)))
+    sums = (integral[size_y:, size_x:] - integral[:-size_y, size_x:] - integral[size_y:, :-size_x]
+            + integral[:-size_y, :-size_x])
+    y, x = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return float(x / w), float(y / h), float((x + size_x) / w), float((y + size_y) / h)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,9 +221,9 @@ def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
     if relevance is None:
         raise ConceptsError("this cache has no channel relevance (made before it was stored): re-run "
                             "`python -m analysis explain` with --overwrite to compute concepts")
-    table = cache.columns(["id", "pred"]) if hasattr(cache, "columns") else cache.table[["id", "pred"]]
-    ids, pred = table["id"].to_numpy(np.int64), table["pred"].to_numpy(np.int64)
-    classes = class_concepts(relevance, pred, settings)
+    table = cache.columns(["id", "pred", "label"])
+    ids, pred, labels = (table[name].to_numpy(np.int64) for name in ("id", "pred", "label"))
+    classes = class_concepts(relevance, pred, settings, labels)
     references = reference_images(relevance, ids, pred, classes, settings.references)
     per_image: dict[int, list[int]] = {}
     for i, k in zip(references["id"], references["channel"]):
@@ -234,7 +242,7 @@ def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
     stored = (stacked / np.where(scale > 0, scale, 1)[:, None, None]).astype(np.float16)
     references["map_row"] = [index[(int(i), int(k))] for i, k in zip(references["id"], references["channel"])]
     references["map_scale"] = [float(scale[r]) for r in references["map_row"]]
-    boxes = np.array([region_box(stacked[r], settings.region_share) for r in references["map_row"]]
+    boxes = np.array([region_box(stacked[r], settings.region_side) for r in references["map_row"]]
                      ).reshape(-1, 4)
     for column, values in zip(("x0", "y0", "x1", "y1"), boxes.T):
         references[column] = values.astype(np.float32)

@@ -18,7 +18,7 @@ from analysis.cache import Cache, CacheError
 from analysis.concepts import Concepts, ConceptsError, read_concepts
 
 TILE = 150
-CROP_MIN = 0.5   # a crop covers at least half of the map's side around the concept's region
+CROP_MIN = 0.5   # a crop covers at least half of the map's side, centred on the concept's region
 
 
 @st.cache_resource(show_spinner="Reading the concepts ...", max_entries=2)
@@ -124,7 +124,7 @@ def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 
     """An image's top concepts (channels by relevance for the predicted or the true class) with their share of
     the image's evidence and their maps. For the Image page; never raises (a message instead)."""
     from analysis.channel_relevance import relevance_share
-    from analysis.concepts import region_box
+    from analysis.concepts import ConceptSettings, region_box
 
     image_id = int(image_id)
     relevance = cache.channel_relevance([image_id], which=which)
@@ -150,7 +150,8 @@ def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 
     for column, k in zip(st.columns(len(chosen)), chosen):
         caption = f"concept #{k}: {shares[k]:.0%} of the evidence"
         if k in maps:
-            column.image(concept_tile(frame, maps[k], region_box(maps[k], 0.5), size=size, crop=False),
+            column.image(concept_tile(frame, maps[k], region_box(maps[k], ConceptSettings().region_side), size=size,
+                                      crop=False),
                          caption=caption, width="stretch")
         else:
             column.caption(caption)

@@ -52,8 +52,8 @@ if concepts is not None:
         for _, row in top.iterrows():
             k = int(row["channel"])
             head, link = st.columns([5, 1])
-            head.markdown(f"**Concept #{k}** · {row['share']:.0%} of the class's evidence · strong (≥ "
-                          f"{concepts.meta['settings']['strong_share']:.0%} of an image's evidence) in "
+            head.markdown(f"**Concept #{k}** · {row['share']:.0%} of the class's evidence · among the "
+                          f"{concepts.meta['settings']['strong_rank']} strongest channels of "
                           f"{int(row['n_strong']):,} of its images"
                           + (" · :orange[strong in few images: a possible shortcut]" if row["possible_shortcut"]
                              else ""))
@@ -66,9 +66,9 @@ if concepts is not None:
         flagged = concepts.shortcuts(class_index)
         st.subheader("Strong in few images")
         settings = concepts.meta["settings"]
-        st.caption(f"Channels that hold at least {settings['strong_share']:.0%} of the evidence in at least "
-                   f"{settings['min_images']} but at most {settings['max_prevalence']:.0%} of the class's images: a "
-                   "feature a few images share, such as an artefact. Look at where their maps sit.")
+        st.caption(f"Channels among the {settings['strong_rank']} strongest of at least {settings['min_images']} but at "
+                   f"most {settings['max_prevalence']:.0%} of the class's images: a feature a few images share, such as "
+                   "an artefact. Those whose images are mostly mistakes come first: look at where their maps sit.")
         if flagged.empty:
             st.info("None in this class.")
         for _, row in flagged.iterrows():
@@ -76,7 +76,7 @@ if concepts is not None:
             head, link = st.columns([5, 1])
             head.markdown(f"**Concept #{k}** · strong in {int(row['n_strong']):,} of {int(row['n_images']):,} "
                           f"images ({row['prevalence']:.0%}), holding {row['strong_share_mean']:.0%} of their "
-                          "evidence there on average")
+                          f"evidence there on average · {row['mistake_share']:.0%} of them are mistakes")
             link.page_link("views/concepts.py", label=f"Concept #{k}", query_params={"concept": str(k)},
                            icon=":material/arrow_forward:")
             refs = concepts.references_of(k, class_index)
@@ -97,7 +97,7 @@ if concepts is not None:
             st.info("No image where this channel holds positive evidence.")
         else:
             st.caption("The images where this channel is most relevant (for their predicted class), with its own "
-                       "FG-CAM map; the green box is the region holding half of its positive relevance.")
+                       "FG-CAM map; the green box is the window where its positive relevance is densest.")
             table = cache.columns(["id", "pred", "label"]).set_index("id")
             tiles = reference_tiles(cache, concepts, refs, crop=False, size=2 * TILE)
             for start in range(0, len(refs), 4):
