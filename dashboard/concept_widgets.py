@@ -155,4 +155,16 @@ def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 
                          caption=caption, width="stretch")
         else:
             column.caption(caption)
-        column.page_link("views/concepts.py", label=f"Concept #{k}", query_params={"concept": k})
+        concept_link(column, k)
+
+
+def concept_link(container: Any, channel: int) -> None:
+    """A link to the Concepts page of one concept; a plain caption where that page is not in the app (a page
+    link to an unregistered page raises)."""
+    from streamlit.errors import StreamlitAPIException
+
+    try:
+        container.page_link("views/concepts.py", label=f"Concept #{channel}", query_params={"concept": str(channel)},
+                            icon=":material/arrow_forward:")
+    except StreamlitAPIException:
+        container.caption(f"Concept #{channel} (Concepts page, ?concept={channel})")

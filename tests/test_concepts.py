@@ -208,3 +208,38 @@ def test_the_bag_class_has_a_tag_concept_whose_maps_sit_on_the_corner(small_demo
     for _, concept in concepts.top_concepts(trouser).head(3).iterrows():
         refs = concepts.references_of(int(concept["channel"]), trouser)
         assert np.mean([on_corner(r) for r in refs.itertuples()]) <= 0.125, int(concept["channel"])
+
+
+def _image_concepts_page() -> None:
+    import os
+
+    from analysis.cache import load as load_cache
+    from dashboard.concept_widgets import image_concepts
+
+    import streamlit as st
+
+    st.title("Image")
+    cache = load_cache(os.environ["CONCEPTS_TEST_CACHE"])
+    image_concepts(cache, int(os.environ["CONCEPTS_TEST_ID"]), which=os.environ.get("CONCEPTS_TEST_WHICH", "pred"))
+
+
+@pytest.mark.parametrize("which", ["pred", "true"])
+def test_an_images_top_concepts_for_the_image_page(monkeypatch, with_concepts: Path, which: str) -> None:
+    cache = load(with_concepts)
+    wrong = cache.table.query("not correct")["id"].to_numpy()
+    image_id = int(wrong[np.argmax(cache.channel_relevance(wrong, which=which).max(axis=1))])  # a mistake with evidence
+    relevance = cache.channel_relevance([image_id], which=which)[0]
+    expected = [int(k) for k in np.argsort(-relevance)[:3] if relevance[k] > 0]
+    assert expected
+    monkeypatch.setenv("CONCEPTS_TEST_CACHE", str(with_concepts))
+    monkeypatch.setenv("CONCEPTS_TEST_ID", str(image_id))
+    monkeypatch.setenv("CONCEPTS_TEST_WHICH", which)
+    at = AppTest.from_function(_image_concepts_page, default_timeout=300)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    drawn = list(at.get("imgs")) + list(at.get("image"))
+    text = shown(at) + str([e.proto for e in drawn])
+    assert "need the cache's model" not in text, text
+    assert len(drawn) == len(expected), text   # the maps were computed and drawn
+    for k in expected:
+        assert f"concept #{k}:" in text, text[-2000:]
