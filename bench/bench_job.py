@@ -9,6 +9,10 @@ a second call with classes=labels on the misclassified ones) on batches that are
 preprocessed and on the device. "Job loop" is the job's shard loop: reading and decoding files in worker
 processes, the same engine calls, resizing, scores, descriptors, and the atomic shard commits.
 "End to end" adds validation (model load, dry run) and the final compaction.
+`--channel-relevance` measures what storing each image's channel relevance costs (issue 15): the job's work per
+batch (explain_batch, shard_records, an atomic shard commit) with and without it (the job's
+`channel_relevance_arrays` replaced by nothing), interleaved batch by batch in alternating order, so that load from
+other processes hits both alike; the ratio of the summed times and the median of the per-pair ratios.
 The model is a randomly initialised torchvision network saved as a checkpoint (no download needed).
 """
 from __future__ import annotations
@@ -66,6 +70,43 @@ def engine_alone(plan: job_plan.JobPlan) -> float:
     return len(ids) / (time.perf_counter() - start)
 
 
+def channel_relevance_overhead(plan: job_plan.JobPlan, scratch: Path, rounds: int) -> tuple[float, float, int]:
+    """(summed seconds storing / not storing - 1, median of the per-pair ratios - 1, pairs) over `rounds` passes
+    over the batches, each batch explained, assembled and committed once with and once without."""
+    dataset = ExplainDataset(plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels,
+                             plan.map_size, plan.loaded.geometry)
+    batches = [collate_items([dataset[i] for i in range(start, min(start + plan.batch_size, len(dataset)))])
+               for start in range(0, len(dataset), plan.batch_size)]
+    writer = CacheWriter(scratch)
+    writer.initialise(wipe=True)
+    storing, shard = job.channel_relevance_arrays, 0
+    totals, ratios = {True: 0.0, False: 0.0}, []
+
+    def once(batch, store: bool) -> float:
+        nonlocal shard
+        job.channel_relevance_arrays = storing if store else (lambda *_: {})
+        try:
+            start = time.perf_counter()
+            output = job.explain_batch(plan.explainer, batch, plan.device, plan.target_layer, plan.map_size,
+                                       plan.descriptor_size)
+            writer.write_shard(shard, job.shard_records([output], [], plan))
+            _sync(plan.device)
+            return time.perf_counter() - start
+        finally:
+            job.channel_relevance_arrays = storing
+            shard += 1
+
+    once(batches[0], True)  # warm-up
+    for round_ in range(rounds):
+        for index, batch in enumerate(batches):
+            order = (True, False) if (round_ + index) % 2 == 0 else (False, True)
+            seconds = {store: once(batch, store) for store in order}
+            totals[True] += seconds[True]
+            totals[False] += seconds[False]
+            ratios.append(seconds[True] / seconds[False])
+    return totals[True] / totals[False] - 1, float(sorted(ratios)[len(ratios) // 2]) - 1, len(ratios)
+
+
 def job_loop(args: argparse.Namespace, out: Path) -> tuple[float, float, int]:
     """(loop images/s, end-to-end images/s, images) of one fresh job run."""
     start = time.perf_counter()
@@ -101,6 +142,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating engine / job measurements; the best of each is kept (shared machines)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the data and cache in this folder")
+    parser.add_argument("--channel-relevance", action="store_true",
+                        help="instead: what storing the channel relevance adds to the job's work per batch "
+                             "(--repeats passes, interleaved)")
     options = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_job_")) if options.keep is None else options.keep
@@ -120,6 +164,17 @@ def main() -> None:
                 "--device", options.device, "--map-size", str(options.map_size), "--base", options.base,
                 "--quiet"]
         args = build_parser().parse_args(argv)
+        if options.channel_relevance:
+            plan = job_plan.prepare(args, job_plan.Ranks())
+            total, median, pairs = channel_relevance_overhead(plan, work / "scratch", options.repeats)
+            k = int(plan.explainer(collate_items([ExplainDataset(
+                plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels, plan.map_size,
+                plan.loaded.geometry)[0]]).images.to(plan.device)).channel_relevance.shape[1])
+            print(f"model torchvision:{options.model} (random weights), {len(plan.listing.samples)} images of "
+                  f"{options.image_size} px, batch {options.batch_size}, device {options.device}, {k} channels "
+                  f"({4 * k} bytes per image): storing the channel relevance adds {100 * total:.1f}% to the job's "
+                  f"work per batch (summed over {pairs} interleaved pairs; median pair {100 * median:+.1f}%)")
+            return
         engine_rate = loop_rate = end_rate = 0.0
         for _ in range(options.repeats):  # alternate, so a burst of load from other processes hits both
             plan = job_plan.prepare(args, job_plan.Ranks())
@@ -141,6 +196,7 @@ def main() -> None:
             ("job loop (files -> committed shards)", f"{loop_rate:8.1f}", f"{100 * loop_rate / engine_rate:5.1f}%"),
             ("job end to end (+ setup, compaction)", f"{end_rate:8.1f}", f"{100 * end_rate / engine_rate:5.1f}%"),
         ]
+
         print(f"{'':40s} {'images/s':>8s} {'vs engine':>10s}")
         for name, rate, share in rows:
             print(f"{name:40s} {rate:>8s} {share:>10s}")

@@ -23,6 +23,7 @@ PAGES = [  # (file, title, url path, icon); adding a page is one line here
     ("image.py", "Image", "image", ":material/image:"),
     ("trust.py", "Trust", "trust", ":material/verified:"),
     ("review.py", "Find more like these", "review", ":material/sell:"),
+    ("concepts.py", "Concepts", "concepts", ":material/psychology:"),
 ]
 
 st.set_page_config(page_title="FG-CAM explanations", page_icon=":material/center_focus_strong:", layout="wide")

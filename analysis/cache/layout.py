@@ -74,7 +74,9 @@ DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.
 # shape. To store a new one, add it here and put it in ShardRecords.row_arrays (the job: BatchOutput.row_arrays);
 # writing, compaction and `Cache.row_array` need nothing else. Caches written before an array existed lack its
 # file: the reader then gives None.
-ROW_ARRAYS = {"probabilities": "probabilities.npy", "probability_classes": "probability_classes.npy"}
+ROW_ARRAYS = {"probabilities": "probabilities.npy", "probability_classes": "probability_classes.npy",
+              "channel_relevance": "channel_relevance.npy",   # float16 [n, K], analysis.pipeline.channel_relevance
+              "channel_relevance_true": "channel_relevance_true.npy"}
 PROBABILITY_TOP_K = 20            # with more than FULL_PROBABILITIES_MAX classes, only the top 20 are stored
 FULL_PROBABILITIES_MAX = 100
 

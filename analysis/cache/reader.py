@@ -436,6 +436,14 @@ class Cache:
         num_classes = len(self.manifest.get("class_names") or []) or stored.shape[1]
         return full_probabilities(stored, self.row_array("probability_classes", ids), num_classes)
 
+    def channel_relevance(self, ids: Sequence[int] | np.ndarray | None = None, which: str = "pred"
+                          ) -> np.ndarray | None:
+        """float32 [len(ids), K]: each CAM-layer channel's relevance (the spatial sum of its component) for the
+        predicted or the true class; None for a cache made before it was stored (analysis.pipeline.channel_relevance)."""
+        from analysis.pipeline.channel_relevance import read_channel_relevance
+
+        return read_channel_relevance(self, ids, which)
+
     def image_path(self, id: int) -> Path:
         """Absolute path of an explained image inside the manifest's dataset root."""
         position = self._view.positions([id])[0]

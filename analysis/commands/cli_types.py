@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from analysis.fgcam import LowRule
 
 T = TypeVar("T", int, float)
 
@@ -43,3 +46,37 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+LOW_RULE_FORMAT = "RULE:LAYER[:VALUE] with RULE gamma or epsilon (e.g. gamma:_blocks.2:0.25), or none"
+
+
+def low_rule(text: str) -> "LowRule | None":
+    """``--low-rule``: ``gamma:LAYER[:GAMMA]`` or ``epsilon:LAYER[:EPSILON]`` -> ``analysis.fgcam.LowRule``
+    (the value defaults to LowRule's, 0.25); ``none`` -> None (z+ everywhere). Whether LAYER is a module of
+    the model is checked where the model is loaded (FGCAM's constructor)."""
+    from analysis.fgcam import LowRule
+
+    if text.strip().lower() == "none":
+        return None
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise argparse.ArgumentTypeError(f"expected {LOW_RULE_FORMAT}, got {text!r}")
+    rule, layer = parts[0].strip().lower(), parts[1].strip()
+    values = {}
+    if len(parts) == 3:
+        try:
+            values = {rule: float(parts[2])}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"the value in {text!r} is not a number ({LOW_RULE_FORMAT})") from None
+    try:
+        return LowRule(rule, layer, **{k: v for k, v in values.items() if k in ("gamma", "epsilon")})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} ({LOW_RULE_FORMAT})") from None
+
+
+def low_rule_text(rule: "LowRule | None") -> str | None:
+    """The ``--low-rule`` text of a LowRule (what manifests and results record); None for z+ everywhere."""
+    if rule is None:
+        return None
+    return f"{rule.rule}:{rule.through}:{rule.gamma if rule.rule == 'gamma' else rule.epsilon:g}"

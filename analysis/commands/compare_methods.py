@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from analysis.cache import cache_identity
-from analysis.commands.cli_types import positive_float as _positive_float, positive_int as _positive_int
+from analysis.commands.cli_types import low_rule_text, positive_float as _positive_float, positive_int as _positive_int
 from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
                                          forward_passes_per_image)
 from analysis.explore.statistics import sample_rows
-from analysis.pipeline.models import add_model_arguments
+from analysis.pipeline.models import add_low_rule_argument, add_model_arguments
 from analysis.trust.compare import (BASE_LABELS, DEFAULT_SAMPLE, Explainers, METHODS, TRUST_DIR_NAME,
                                     check_intermediate_layer, compare_methods, default_intermediate_layer,
                                     format_table, write_comparison)
@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--base", default="gradcam", choices=tuple(BASE_LABELS), help="the CAM FG-CAM refines")
     method.add_argument("--cam-layer", default=None, help="module name of the CAM layer (none: the last spatial "
                                                           "layer before the head)")
+    add_low_rule_argument(method)
     method.add_argument("--layer", default=None,
                         help="the intermediate layer (module name); none: a middle layer between the input "
                              "and the CAM layer (see analysis/trust/compare.py)")
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"none of the {len(positions)} sampled images could be loaded (first: {errors[0][1]})")
         chosen = positions[loaded_positions]
         model = loaded.model.to(device)
-        explainers = Explainers.build(model, base=args.base, cam_layer=args.cam_layer)
+        explainers = Explainers.build(model, base=args.base, cam_layer=args.cam_layer, low_rule=args.low_rule)
         layer = args.layer or default_intermediate_layer(explainers.fgcam, images[:1])
         check_intermediate_layer(explainers, layer)
         layers = ("input", layer)
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         if sanity_plan is not None:  # the same for the sanity checks: every step of the cascade on one image
             sanity.sanity_checks(model, images[:1], layers=layers, base=args.base, cam_layer=explainers.fgcam.cam_layer,
                                  depths=sanity_plan.depths, class_check=sanity_plan.class_check, seed=args.seed,
-                                 pooled_size=sanity_plan.pooled_size)
+                                 pooled_size=sanity_plan.pooled_size, low_rule=args.low_rule)
     except (CacheError, ModelSpecError, DatasetError, ValueError, UnsupportedOperation) as error:
         return fail(str(error))
     n = len(images)
@@ -227,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
                                       cam_layer=explainers.fgcam.cam_layer, depths=sanity_plan.depths,
                                       class_check=sanity_plan.class_check, seed=args.seed,
                                       batch_size=args.batch_size, pooled_size=sanity_plan.pooled_size,
+                                      low_rule=args.low_rule,
                                       progress=bar.update)
         bar.close()
         rows = chosen[checked][checks.per_image["image"].to_numpy()]
@@ -240,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "skipped": [{"path": population.relative[positions[p]], "reason": r} for p, r in errors],
         "forward_passes": passes, "seconds": round(time.perf_counter() - started, 1),
-        "options": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+        "options": {key: (str(value) if isinstance(value, Path) else low_rule_text(value) if key == "low_rule" else value)
+                    for key, value in vars(args).items()
                     if key not in ("handler", "command")},
     })
     print(format_table(comparison))

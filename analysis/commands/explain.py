@@ -8,7 +8,7 @@ from pathlib import Path
 
 from analysis.commands.cli_types import non_negative_int as _non_negative_int, positive_int as _positive_int
 from analysis.trust.faithfulness import cost_note
-from analysis.pipeline.models import add_model_arguments
+from analysis.pipeline.models import add_low_rule_argument, add_model_arguments
 from analysis.pipeline.plan import Ranks, SetupError, prepare
 from analysis.pipeline.job import _run_locked, _take_the_cache
 
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--cam-layer", default=None,
                         help="module name of the CAM layer (default: the last spatial layer before the head)")
     method.add_argument("--denoise", action="store_true", help="FG-CAM's low-rank denoising of the components")
+    add_low_rule_argument(method)
     method.add_argument("--faithfulness", type=_positive_int, nargs="?", const=20, default=0, metavar="STEPS",
                         help="also store each map's deletion and insertion AUC (RISE, blurred baseline) with "
                              f"STEPS steps (20 when given alone): {cost_note(20).split(': ', 1)[1]} "

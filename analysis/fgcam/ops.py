@@ -14,11 +14,14 @@ through. The mapping is by op, never by architecture; an op on the relevance pat
 
 Extending: a new rule for an op is a ``Kind`` placed before the row that covers the op now (the first match
 wins); a rule that depends on where a node sits adds an ``applies`` test, as the image-reading convolution
-does (a rule for the layers below some depth would be one more such row). The rules see the relevance of
-every channel at once, so propagating a subset of the components changes nothing here.
+does. ``LowRule`` (gamma or epsilon for the convolutions up to a module, zennit's composites by depth) is
+such a row: ``kind_table(low_rule)`` is ``KINDS`` with it placed after the image's convolution, and the
+explainer's walk plans use that table. The rules see the relevance of every channel at once, so propagating
+a subset of the components changes nothing here.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -181,6 +184,18 @@ def _image_conv(step: Step) -> Result:
     return [(x_node, rules.conv_zbox(step.relevance, x, step.graph.conv(step.node, step.values), support=support))]
 
 
+def _low_conv(rule: "LowRule") -> Callable[[Step], Result]:
+    """The step of a convolution in the low layers under ``rule`` (gamma or epsilon, ``rules``)."""
+    def step_(step: Step) -> Result:
+        x_node, x, support = step.padded_x()
+        conv = step.graph.conv(step.node, step.values)
+        if rule.rule == "gamma":
+            return [(x_node, rules.conv_gamma(step.relevance, x, conv, rule.gamma,
+                                              x_nonnegative=x_node in step.nonnegative, support=support))]
+        return [(x_node, rules.conv_epsilon(step.relevance, x, conv, rule.epsilon))]
+    return step_
+
+
 def _linear(step: Step) -> Result:
     x_node, x = step.x()
     module = step.graph.module(step.node)
@@ -302,12 +317,68 @@ KINDS: tuple[Kind, ...] = (
 )
 
 
-def kind_of(graph: ModelGraph, node: fx.Node) -> Kind | None:
-    """The first row of ``KINDS`` that covers ``node``'s op; None for an op without a rule."""
+LOW_RULES = ("gamma", "epsilon")
+
+
+@dataclass(frozen=True)
+class LowRule:
+    """Another rule for the convolutions of the lowest layers, as zennit's composites give one (ours: by depth
+    in the graph, not by layer type): every convolution whose output is at or below the output of module
+    ``through`` gets ``rule`` instead of z+; the convolution that reads the image keeps z^B.
+
+    ``LowRule("gamma", "_blocks.2")`` (gamma 0.25, zennit's default), ``LowRule("epsilon", "features.6",
+    epsilon=0.25)``. The rules and how they conserve: ``rules.conv_gamma``, ``rules.conv_epsilon``.
+    """
+    rule: str
+    through: str
+    gamma: float = 0.25
+    epsilon: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.rule not in LOW_RULES:
+            raise ValueError(f"unknown low-layer rule {self.rule!r}; choose one of {', '.join(LOW_RULES)}")
+        if self.rule == "gamma" and not (self.gamma >= 0 and self.gamma < float("inf")):
+            raise ValueError(f"the gamma rule needs a finite gamma >= 0, got {self.gamma}")
+        if self.rule == "epsilon" and not (self.epsilon > 0 and self.epsilon < float("inf")):
+            raise ValueError(f"the epsilon rule needs a finite epsilon > 0, got {self.epsilon}")
+
+    def describe(self) -> str:
+        value = f"gamma = {self.gamma:g}" if self.rule == "gamma" else f"epsilon = {self.epsilon:g}"
+        return f"{self.rule} ({value}) for the convolutions up to {self.through}"
+
+
+def _below(through: str) -> Callable[[ModelGraph, fx.Node], bool]:
+    def applies(graph: ModelGraph, node: fx.Node) -> bool:
+        return node in graph.cached(("at or below", through), lambda: graph.ancestors(graph.node_for(through)))
+    return applies
+
+
+def kind_table(low_rule: LowRule | None = None) -> tuple[Kind, ...]:
+    """``KINDS``, with ``low_rule``'s row for the low convolutions placed after the image's convolution and
+    before every other convolution (the first match wins). The same table for equal rules."""
+    return KINDS if low_rule is None else _with_low_rule(low_rule, KINDS)
+
+
+@functools.cache
+def _with_low_rule(low_rule: LowRule, kinds: tuple[Kind, ...]) -> tuple[Kind, ...]:
+    if low_rule.rule == "gamma":
+        words = (f"generalised gamma, gamma = {low_rule.gamma:g} (Montavon et al. 2019, as zennit's Gamma; biases "
+                 "ignored); where z = 0, the conv's z+ and its fallbacks (ours)")
+    else:
+        words = (f"epsilon, epsilon = {low_rule.epsilon:g} (Bach et al. 2015, as zennit's Epsilon; biases ignored): "
+                 "absorbs epsilon / (|z| + epsilon) of each output's relevance")
+    row = Kind(f"low conv ({low_rule.rule})", CONVOLUTIONS, words, reads_x, _low_conv(low_rule),
+               applies=_below(low_rule.through))
+    return (kinds[0], row, *kinds[1:])
+
+
+def kind_of(graph: ModelGraph, node: fx.Node, table: tuple[Kind, ...] | None = None) -> Kind | None:
+    """The first row of ``table`` (the explainer's, ``kind_table``; default ``KINDS``) that covers ``node``'s
+    op; None for an op without a rule."""
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
     module = graph.module(node)
-    for kind in KINDS:
+    for kind in KINDS if table is None else table:
         if kind.ops.match(node, module) and (kind.applies is None or kind.applies(graph, node)):
             return kind
     return None

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from .graph import ModelGraph, UnsupportedOperation, stand_in
-from .ops import Kind, ReadValues, Step, describe, is_nonnegative, kind_of
+from .ops import Kind, LowRule, ReadValues, Step, describe, is_nonnegative, kind_of, kind_table
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,15 @@ class NodeFlow:
     passed: Tensor                                   # [N] float64: the sum it gave to inputs on the path
 
 
-def walk_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
-    return graph.cached(("walk", low, high), lambda: _make_plan(graph, low, high))
+def walk_plan(graph: ModelGraph, low: fx.Node, high: fx.Node, low_rule: LowRule | None = None) -> WalkPlan:
+    """The plan of a walk from ``high`` down to ``low``, with the rules of ``ops.kind_table(low_rule)``."""
+    return graph.cached(("walk", low, high, low_rule), lambda: _make_plan(graph, low, high, low_rule))
 
 
-def node_kinds(graph: ModelGraph) -> dict[fx.Node, Kind | None]:
-    """Every node's row of the op table (None: no rule), once per graph."""
-    return graph.cached("kinds", lambda: {node: kind_of(graph, node) for node in graph.nodes})
+def node_kinds(graph: ModelGraph, low_rule: LowRule | None = None) -> dict[fx.Node, Kind | None]:
+    """Every node's row of the op table (None: no rule), once per graph and table."""
+    table = kind_table(low_rule)
+    return graph.cached(("kinds", low_rule), lambda: {node: kind_of(graph, node, table) for node in graph.nodes})
 
 
 def _nonnegative_nodes(graph: ModelGraph, kinds: dict[fx.Node, Kind | None]) -> frozenset[fx.Node]:
@@ -62,9 +64,10 @@ def _nonnegative_nodes(graph: ModelGraph, kinds: dict[fx.Node, Kind | None]) -> 
     return frozenset(known)
 
 
-def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node) -> WalkPlan:
-    kinds = node_kinds(graph)
-    nonnegative = graph.cached("nonnegative", lambda: _nonnegative_nodes(graph, kinds))
+def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node, low_rule: LowRule | None) -> WalkPlan:
+    kinds = node_kinds(graph, low_rule)
+    # which values are >= 0 is a property of the ops, not of the rules: the default table decides it
+    nonnegative = graph.cached("nonnegative", lambda: _nonnegative_nodes(graph, node_kinds(graph)))
     path = graph.path(low, high)
     order = tuple(sorted(path, key=graph.order.__getitem__, reverse=True))
     reads: dict[fx.Node, frozenset[fx.Node]] = {}
@@ -94,18 +97,24 @@ class RelevanceWalk:
     ``NodeFlow`` per op (the per-layer relevance table of ``check-model``).
     """
 
-    def __init__(self, graph: ModelGraph, env: dict[fx.Node, Any], flow: list[NodeFlow] | None = None) -> None:
-        self.graph, self.env, self.flow = graph, env, flow
+    def __init__(self, graph: ModelGraph, env: dict[fx.Node, Any], flow: list[NodeFlow] | None = None,
+                 low_rule: LowRule | None = None) -> None:
+        self.graph, self.env, self.flow, self.low_rule = graph, env, flow, low_rule
         self.live = graph.live
 
     def run(self, start: fx.Node, relevance: Tensor, stop: fx.Node) -> Tensor:
-        """Relevance at the output of ``stop``, given ``relevance`` at the output of ``start``."""
+        """Relevance at the output of ``stop``, given ``relevance`` at the output of ``start``.
+
+        ``relevance`` may stack M relevance maps per image along its first dimension (copy-major: row m * N + n
+        is copy m of image n, for the N images of the forward run in ``env``): the rules are linear in R given
+        the forward values, so the M walks share those values and each convolution's denominator
+        (``FGCAM.channel_maps``). The result then stacks M maps the same way."""
         path = self.graph.path(stop, start)
         if stop not in path:
             raise ValueError(f"'{self.graph.module_name(stop) or stop.name}' is not below "
                              f"'{self.graph.module_name(start) or start.name}' in the model: relevance cannot "
                              "flow there (choose a shallower target_layer)")
-        self.plan = walk_plan(self.graph, stop, start)
+        self.plan = walk_plan(self.graph, stop, start, self.low_rule)
         pending: dict[fx.Node, Any] = {start: _on_activations(relevance, self.env[start])}
         for node in self.plan.order:
             if node is stop:
@@ -152,6 +161,10 @@ def _on_activations(relevance: Tensor, activations: Any) -> Tensor:
     """
     if isinstance(activations, Tensor) and activations.shape == relevance.shape:
         return relevance.masked_fill(activations == 0, 0.0)
+    if isinstance(activations, Tensor) and activations.shape[1:] == relevance.shape[1:] and len(activations):
+        copies = relevance.shape[0] // len(activations)  # relevance stacks copies per image
+        grouped = relevance.view(copies, len(activations), *relevance.shape[1:])
+        return grouped.masked_fill(activations == 0, 0.0).reshape(relevance.shape)
     return relevance
 
 

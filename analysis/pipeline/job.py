@@ -23,6 +23,7 @@ import torch
 from analysis.cache import (BOX_COLUMNS, SIZE_COLUMNS, CacheLocked, CacheWriter, ShardRecords, WriterLock, load,
                             now_iso, probability_arrays)
 from analysis.trust.faithfulness import faithfulness_scores
+from analysis.pipeline.channel_relevance import channel_relevance_arrays
 from analysis.pipeline.scores import all_scores, descriptors, resize_maps
 from analysis.pipeline.datasets import Batch, ExplainDataset, collate_items
 from analysis.pipeline.plan import JobPlan, Ranks, SetupError, _out_snapshot
@@ -61,7 +62,8 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
     Predictions come from the engine's logits (no second forward pass). Scores and descriptors are computed
     on the predicted-class map at map size, on the device; with ``faithfulness_steps``, the deletion and
     insertion AUCs of the full-resolution predicted-class map too. Every image's class probabilities are
-    kept (float16; the top 20 for more than 100 classes) for the label-error ranking.
+    kept (float16; the top 20 for more than 100 classes) for the label-error ranking, and each CAM-layer
+    channel's relevance for the predicted and the true class (``analysis.pipeline.channel_relevance``).
     """
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device)
@@ -71,6 +73,7 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
     top = probs.topk(min(5, probs.shape[1]), dim=1)
     maps_pred = resize_maps(result.maps.detach(), map_size)
     wrong = pred != labels
+    true_result = None
     if wrong.any():
         true_result = explainer(images[wrong], target_layer=target_layer, classes=labels[wrong])
         maps_true = resize_maps(true_result.maps.detach(), map_size)
@@ -93,7 +96,8 @@ def explain_batch(explainer: Any, batch: Batch, device: torch.device, target_lay
         has_foreground=batch.has_foreground.numpy(),
         sizes=batch.sizes.numpy() if batch.sizes is not None else np.zeros((len(batch.ids), 2), np.int64),
         boxes=batch.boxes.numpy() if batch.boxes is not None else np.full((len(batch.ids), 4), np.nan),
-        row_arrays=probability_arrays(probs.cpu().numpy()),
+        row_arrays={**probability_arrays(probs.cpu().numpy()), **channel_relevance_arrays(
+            result.channel_relevance, None if true_result is None else true_result.channel_relevance, wrong)},
     )
 
 

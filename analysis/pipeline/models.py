@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from analysis.commands.cli_types import positive_int
+from analysis.commands.cli_types import LOW_RULE_FORMAT, low_rule, positive_int
 from analysis.pipeline.geometry import TransformGeometry, geometry_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,6 +70,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
                             "with the model")
     model.add_argument("--std", type=float, nargs="+", default=None,
                        help="normalisation std per channel (default: ImageNet's)")
+
+
+def add_low_rule_argument(group: Any) -> None:
+    """``--low-rule``, the engine's rule for the lowest convolutions (``analysis.fgcam.LowRule``), shared by the
+    commands that explain (`explain`, `compare-methods`): one option, parsed by ``cli_types.low_rule``."""
+    group.add_argument("--low-rule", type=low_rule, default=None, metavar="RULE:LAYER[:VALUE]",
+                       help=f"another LRP rule for the convolutions up to LAYER's output, z+ above it: {LOW_RULE_FORMAT}; "
+                            "the value is gamma or epsilon (default 0.25). Default: none (z+ everywhere, as the paper; "
+                            "README, 'Another rule for the lowest layers')")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 
 from analysis.cache import (COMPACT_PREFIX, FORMAT_VERSION, MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR, CacheError,
                             CacheWriter, is_cache_entry, new_cache_id, now_iso)
+from analysis.commands.cli_types import low_rule_text
 from analysis.pipeline.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
 from analysis.cache.identity import RUNTIME_OPTIONS  # options that may differ between a run and its resume
 from analysis.pipeline.devices import pick_device
@@ -350,7 +351,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
         raise SetupError(str(error)) from None
     model = loaded.model.to(device)
     try:
-        explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise)
+        explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise,
+                          low_rule=args.low_rule)
     except ValueError as error:
         raise SetupError(str(error).splitlines()[0]) from None
     except Exception as error:  # UnsupportedOperation: a model the engine cannot trace
@@ -375,7 +377,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
         shard_size = int(previous) if previous and not args.overwrite else args.batch_size
     options = {
         "base": args.base, "target_layer": args.target_layer, "cam_layer": explainer.cam_layer,
-        "denoise": bool(args.denoise), "batch_size": args.batch_size, "map_size": args.map_size,
+        "denoise": bool(args.denoise), "low_rule": low_rule_text(args.low_rule),
+        "batch_size": args.batch_size, "map_size": args.map_size,
         "descriptor_size": args.descriptor_size, "faithfulness_steps": args.faithfulness,
         "masks": _absolute(args.masks), "boxes": _absolute(args.boxes),
         "limit": args.limit, "shard_size": shard_size, "classes": _absolute(args.classes),

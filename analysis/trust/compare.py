@@ -129,12 +129,15 @@ class Explainers:
     base: str
 
     @classmethod
-    def build(cls, model: nn.Module, base: str = "gradcam", cam_layer: str | None = None) -> "Explainers":
+    def build(cls, model: nn.Module, base: str = "gradcam", cam_layer: str | None = None,
+              low_rule: Any = None) -> "Explainers":
+        """``low_rule``: the engine's rule for the lowest convolutions (``analysis.fgcam.LowRule``; None: z+),
+        for FG-CAM, denoised or not, and LRP alike."""
         from analysis.fgcam import FGCAM, LRP
 
-        plain = FGCAM(model, base=base, cam_layer=cam_layer, denoise=False)
-        denoised = FGCAM(model, base=base, cam_layer=plain.cam_layer, denoise=True)
-        return cls(plain, denoised, LRP(model), base)
+        plain = FGCAM(model, base=base, cam_layer=cam_layer, denoise=False, low_rule=low_rule)
+        denoised = FGCAM(model, base=base, cam_layer=plain.cam_layer, denoise=True, low_rule=low_rule)
+        return cls(plain, denoised, LRP(model, low_rule=low_rule), base)
 
 
 def random_maps(count_or_indices: Sequence[int], layer: str, size: tuple[int, int], seed: int) -> Tensor:

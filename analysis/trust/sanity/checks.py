@@ -82,19 +82,20 @@ def sanity_checks(model: nn.Module, images: Tensor, layers: Sequence[str] = ("in
                   methods: Sequence[str] = METHODS, base: str = "gradcam", cam_layer: str | None = None,
                   depths: Sequence[int] | None = None, class_check: bool = True, seed: int = 0,
                   batch_size: int = 16, pooled_size: int = DEFAULT_POOLED_SIZE,
-                  progress: Callable[[int], Any] | None = None) -> SanityChecks:
+                  progress: Callable[[int], Any] | None = None, low_rule: Any = None) -> SanityChecks:
     """Both checks for every method at every layer on `images` [N, C, H, W], explaining the class the
     original model predicts. `depths`: the cascade's steps in blocks below the head (0: the head alone;
     None: `default_depths`; empty: no randomisation). Costs, per image, one explanation per method and
     layer for the original model, for the other class, and for each step. `progress(k)` after each k
-    images of a step. The caller's model is not changed (a copy is randomised)."""
+    images of a step. The caller's model is not changed (a copy is randomised). `low_rule`: the engine's rule
+    for the lowest convolutions (``analysis.fgcam.LowRule``; None: z+ everywhere)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(f"images must be [N, C, H, W] with N >= 1, got shape {tuple(images.shape)}")
     twin = copy.deepcopy(model)   # randomised in place, step by step; the caller's model is never touched
-    explainers = Explainers.build(twin, base=base, cam_layer=cam_layer)
+    explainers = Explainers.build(twin, base=base, cam_layer=cam_layer, low_rule=low_rule)
     blocks = model_blocks(explainers.fgcam.graph, explainers.fgcam.cam_layer)
     depths = default_depths(blocks) if depths is None else resolve_depths(list(depths), blocks)
     has_head = len(blocks) > blocks_below_head(blocks)

@@ -1,0 +1,49 @@
+"""`python -m analysis concepts`: per class the CAM-layer channels (concepts) that carry its evidence, their
+reference images and where each looks; the method is in analysis/explore/concepts.py."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis.commands.cli_types import positive_int
+from analysis.explore.concepts import ConceptSettings, ConceptsError, run_concepts
+
+COMMAND = "concepts"
+HELP = ("per class the CAM-layer channels that carry its evidence, per channel its reference images and "
+        "where it looks (FG-CAM of that channel alone), channels strong in few images flagged; CACHE/analysis/concepts/")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ConceptSettings()
+    parser.add_argument("--cache", required=True, type=Path, help="a cache directory made by `explain`")
+    parser.add_argument("--top", type=positive_int, default=defaults.top, help="concepts per class")
+    parser.add_argument("--references", type=positive_int, default=defaults.references,
+                        help="reference images per concept (per class, and over the whole cache)")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                        help="images per forward pass for the concept maps")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no closing table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `concepts` subcommand: 0 on success, 2 with one line on stderr for a setup problem."""
+    from analysis.cache import CacheError
+    from analysis.pipeline.models import ModelSpecError
+
+    settings = ConceptSettings(top=args.top, references=args.references, batch_size=args.batch_size)
+    try:
+        folder, classes, meta = run_concepts(args.cache, settings, show_progress=not args.quiet)
+    except (CacheError, ConceptsError, ModelSpecError, FileNotFoundError) as error:
+        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        names = meta["class_names"]
+        print(f"concepts of {meta['n_images']} images ({meta['channels']} channels at {meta['cam_layer']}) in "
+              f"{folder} ({meta['seconds']} s)")
+        for c, rows in classes[classes["kind"] == "top"].groupby("class"):
+            name = names[c] if c < len(names) else str(c)
+            top = ", ".join(f"#{k} {s:.0%}" for k, s in zip(rows["channel"], rows["share"]))
+            flagged = classes[(classes["class"] == c) & (classes["kind"] == "shortcut")]["channel"].tolist()
+            print(f"  {name}: {top}" + (f"; strong in few images: {', '.join(f'#{k}' for k in flagged)}"
+                                        if flagged else ""))
+    return 0

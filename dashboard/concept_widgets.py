@@ -1,0 +1,170 @@
+"""Concept tiles and an image's top concepts (issue 15): shared by the Concepts page and, for "an image's top
+concepts with their maps", the Image page (`image_concepts(cache, image_id)`).
+
+A concept is a CAM-layer channel (analysis/explore/concepts.py). Its map on an image is FG-CAM carrying that channel's
+component alone down to the cache's target layer: read from CACHE/analysis/concepts/ for the reference images,
+computed with the cache's model for any other image (one forward run for the image's top channels).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import streamlit as st
+from PIL import Image, ImageDraw
+
+from analysis.explore import overlay
+from analysis.cache import Cache, CacheError
+from analysis.explore.concepts import Concepts, ConceptsError, read_concepts
+
+TILE = 150
+CROP_MIN = 0.5   # a crop covers at least half of the map's side, centred on the concept's region
+
+
+@st.cache_resource(show_spinner="Reading the concepts ...", max_entries=2)
+def cached_concepts(_cache: Cache, key: str) -> Concepts | None:
+    return read_concepts(_cache)
+
+
+def concepts_or_message(cache: Cache) -> Concepts | None:
+    """The stored concepts, or None after saying on the page why there are none (never raises)."""
+    try:
+        concepts = cached_concepts(cache, f"{cache.identity}:{_folder_token(cache)}")
+    except ConceptsError as error:
+        st.warning(str(error).replace(str(cache.root), "the cache"))
+        return None
+    if concepts is None:
+        has_relevance = cache.channel_relevance([int(cache.ids[0])]) is not None
+        st.info("No concepts were computed for this cache yet. Run\n\n"
+                "```bash\npython -m analysis concepts --cache CACHE_DIR\n```\n\n"
+                + ("" if has_relevance else "This cache was made before the job stored each channel's relevance: "
+                   "re-run `python -m analysis explain` with `--overwrite` first."))
+        return None
+    if concepts.stale:
+        st.warning("These concepts were computed for an earlier state of the cache (it was resumed or overwritten "
+                   "since): run `python -m analysis concepts --cache CACHE_DIR` again.")
+    return concepts
+
+
+def _folder_token(cache: Cache) -> str:
+    from analysis.explore.concepts import concepts_dir
+
+    meta = concepts_dir(cache.root) / "meta.json"
+    return str(meta.stat().st_mtime_ns) if meta.exists() else "none"
+
+
+def model_frame(cache: Cache, image_id: int, size: int) -> np.ndarray:
+    """RGB uint8 [size, size, 3]: what the model saw of the image (its crop box stretched to the maps' square),
+    a grey placeholder when the file cannot be read."""
+    try:
+        path = cache.image_path(int(image_id))
+    except (CacheError, KeyError):
+        path = None
+    geometry = cache.geometry(int(image_id))
+    box = geometry["crop_box"]
+    if box is None and path is not None:
+        try:
+            with Image.open(path) as img:
+                box = (0.0, 0.0, float(img.width), float(img.height))
+        except OSError:
+            path = None
+    view = overlay.model_view(path, box, size) if path is not None and box is not None else None
+    return view if view is not None else overlay.placeholder(size, "image missing")
+
+
+def concept_tile(frame: np.ndarray, concept_map: np.ndarray, box: tuple[float, float, float, float] | None,
+                 size: int = TILE, crop: bool = True, opacity: float = 0.7) -> np.ndarray:
+    """The concept's map over the model's view of the image, its region outlined; with ``crop``, cut to the
+    region (widened to at least CROP_MIN of the side, kept square) and scaled to ``size``."""
+    side = frame.shape[0]
+    values = overlay.normalise_signed(overlay.resize_map(np.nan_to_num(concept_map), side))
+    colors = overlay.colorize(values, limit=1.0).astype(np.float32)
+    alpha = (opacity * np.abs(values))[..., None]
+    out = Image.fromarray(np.clip(frame * (1 - alpha) + colors * alpha, 0, 255).astype(np.uint8))
+    if box is not None:
+        x0, y0, x1, y1 = (v * side for v in box)
+        ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 200, 90), width=max(1, side // 64))
+        if crop:
+            half = max(x1 - x0, y1 - y0, CROP_MIN * side) / 2
+            cx = min(max((x0 + x1) / 2, half), side - half)
+            cy = min(max((y0 + y1) / 2, half), side - half)
+            out = out.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+    return np.asarray(out.resize((size, size), Image.NEAREST if out.width < size else Image.BILINEAR))
+
+
+def reference_tiles(cache: Cache, concepts: Concepts, rows: Any, crop: bool = True, size: int = TILE
+                    ) -> list[np.ndarray]:
+    """Tiles of rows of ``concepts.references`` (each an image with the concept's stored map)."""
+    frame_side = max(size, 2 * int(concepts.maps.shape[-1]))
+    return [concept_tile(model_frame(cache, int(row["id"]), frame_side), concepts.concept_map(row),
+                         (row["x0"], row["y0"], row["x1"], row["y1"]), size=size, crop=crop)
+            for _, row in rows.iterrows()]
+
+
+# ------------------------------------------------------------------------------------------------ live maps
+@st.cache_resource(show_spinner="Loading the cache's model for the concept maps ...", max_entries=2)
+def cached_explainer(_cache: Cache, key: str) -> tuple[Any, Any]:
+    from analysis.explore.concepts import concept_explainer
+
+    return concept_explainer(_cache)
+
+
+@st.cache_data(show_spinner="Computing the concept maps ...", max_entries=64)
+def live_concept_maps(_cache: Cache, key: str, image_id: int, channels: tuple[int, ...], class_index: int
+                      ) -> dict[int, np.ndarray]:
+    from analysis.explore.concepts import concept_maps
+
+    loaded, explainer = cached_explainer(_cache, key)
+    maps = concept_maps(_cache, loaded, explainer, [(image_id, list(channels))], _cache.map_size,
+                        classes={image_id: class_index})
+    return {k: maps[(image_id, k)] for k in channels}
+
+
+def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 3, size: int = TILE) -> None:
+    """An image's top concepts (channels by relevance for the predicted or the true class) with their share of
+    the image's evidence and their maps. For the Image page; never raises (a message instead)."""
+    from analysis.pipeline.channel_relevance import relevance_share
+    from analysis.explore.concepts import ConceptSettings, region_box
+
+    image_id = int(image_id)
+    relevance = cache.channel_relevance([image_id], which=which)
+    if relevance is None:
+        st.caption("No channel relevance in this cache (made before it was stored): re-run the job to see the "
+                   "image's concepts.")
+        return
+    row = cache.columns(["id", "pred", "label"]).set_index("id").loc[image_id]
+    class_index = int(row["pred"] if which == "pred" else row["label"])
+    shares = relevance_share(relevance)[0]
+    chosen = [int(k) for k in np.argsort(-relevance[0], kind="stable")[:top] if relevance[0][k] > 0]
+    if not chosen:
+        st.caption("No channel holds positive evidence for this class on this image.")
+        return
+    try:
+        maps = live_concept_maps(cache, cache.identity, image_id, tuple(chosen), class_index)
+    except Exception as error:   # the model cannot be loaded here: the shares alone, and why
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        st.caption(f"Concept maps need the cache's model ({type(error).__name__}: "
+                   f"{first.replace(str(cache.root), 'the cache')}).")
+        maps = {}
+    frame = model_frame(cache, image_id, max(size, 2 * cache.map_size))
+    for column, k in zip(st.columns(len(chosen)), chosen):
+        caption = f"concept #{k}: {shares[k]:.0%} of the evidence"
+        if k in maps:
+            column.image(concept_tile(frame, maps[k], region_box(maps[k], ConceptSettings().region_side), size=size,
+                                      crop=False),
+                         caption=caption, width="stretch")
+        else:
+            column.caption(caption)
+        concept_link(column, k)
+
+
+def concept_link(container: Any, channel: int) -> None:
+    """A link to the Concepts page of one concept; a plain caption where that page is not in the app (a page
+    link to an unregistered page raises)."""
+    from streamlit.errors import StreamlitAPIException
+
+    try:
+        container.page_link("views/concepts.py", label=f"Concept #{channel}", query_params={"concept": str(channel)},
+                            icon=":material/arrow_forward:")
+    except StreamlitAPIException:
+        container.caption(f"Concept #{channel} (Concepts page, ?concept={channel})")
