@@ -186,6 +186,18 @@ def test_pretrained_efficientnet_lite0_conserves_on_real_photos(lite0):
     assert worst_step(flow, components) < 1e-3  # no op loses relevance (float32 rounding only)
 
 
+def test_a_pad_modules_output_can_be_the_target_layer(lite0):
+    """EfficientNet pads with modules of its own (`static_padding`): stopping the walk at a pad's output once
+    failed with a KeyError (the convolution above reads the shape of the pad's input, which the walk dropped)."""
+    model, images = lite0
+    explainer = FGCAM(model)
+    components = explainer(images[:2], target_layer=explainer.cam_layer).maps.double().sum(dim=(1, 2))
+    at_pad = explainer(images[:2], target_layer="_blocks.5._depthwise_conv.static_padding").maps
+    assert at_pad.shape == (2, 29, 29)   # 28 x 28 padded by (0, 1) on each axis for the stride-2 3 x 3 conv
+    assert torch.allclose(at_pad.double().sum(dim=(1, 2)), components, rtol=1e-3)
+    assert (at_pad[:, -1, :] == 0).all() and (at_pad[:, :, -1] == 0).all()   # no relevance on the padding
+
+
 def test_pretrained_efficientnet_lite0_relevance_stays_on_the_object(lite0):
     model, images = lite0
     result = FGCAM(model)(images)
