@@ -5,9 +5,12 @@ The page only reads what `python -m analysis cluster` stored for every image of 
 true:<class>, pred:<class>; analysis/cluster_offline.py): nothing is clustered here, so a million-image cache
 opens as fast as a small one. The embedding is drawn as a density of every point plus a subsample of marks
 (analysis/cluster_display.py); a box dragged on it selects every image inside, drawn or not. Settings and the
-box live in the URL (c_scope, c_clust, c_focus, c_sel, c_gallery_page).
+box live in the URL (c_scope, c_clust, c_focus, c_sel, c_gallery_page, c_gallery_tag). The gallery's images
+(a whole cluster or the box) can be tagged, and filtered by tag (dashboard/tagging.py).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -15,7 +18,8 @@ import streamlit as st
 
 from analysis.cache import Cache
 from analysis.explore import charts, cluster_display as display, cluster_offline, report
-from dashboard import common
+from analysis.review import Review, tag_views
+from dashboard import common, tagging
 
 PROTOTYPE_TILE = 120
 PROTOTYPES_PER_ROW = 6
@@ -65,11 +69,12 @@ def _number(value: float, digits: int = 2) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _members_csv(cache: Cache, ids: np.ndarray, clusters: pd.Series) -> bytes:
-    """The selected images' table rows with their cluster (built only when the download is clicked)."""
+def _members_csv(cache: Cache, ids: Sequence[int], clusters: pd.Series, review: Review | None) -> bytes:
+    """The selected images' table rows with their cluster and tags (built only when the download is clicked)."""
     rows = cache.columns(["id", "path", "label_name", "pred_name", "confidence", "correct", "background_share",
                           "background_hotspot", "border_share"]).set_index("id").loc[ids].reset_index()
     rows.insert(1, "cluster", clusters.loc[ids].to_numpy())
+    rows = rows.assign(tags="") if review is None else tag_views.with_tags(rows, review)
     return rows.to_csv(index=False).encode()
 
 
@@ -219,7 +224,7 @@ def main() -> None:
     st.subheader("Images")
     if selected is not None:
         st.markdown(f"**{len(selected):,} images in the box** (every image of the scope inside it, drawn or not).")
-        shown = selected
+        selection = selected
         source, csv_name = "the box selection", "box_selection.csv"
     else:
         focus = _select("Cluster", cluster_order, "c_focus", cluster_order[0],
@@ -227,18 +232,22 @@ def main() -> None:
                                   f"{int(summary.loc[summary['cluster'] == c, 'size'].iloc[0]):,} images)",
                         help="Or drag a box on the chart.")
         members = stored.members(focus)
-        shown = members[np.argsort(images.loc[members, "correct"].to_numpy(), kind="stable")]   # mistakes first
+        selection = members[np.argsort(images.loc[members, "correct"].to_numpy(), kind="stable")]   # mistakes first
         source, csv_name = f"cluster {report.cluster_label(focus)}", f"cluster_{report.cluster_label(focus)}.csv"
 
-    # ----- TAGGING SPOT (issue 14): a "tag these images" control goes here, wired in by the lead from
-    # ----- dashboard/tagging.py. It gets `shown` (every id of the focused cluster or of the box, not only the
-    # ----- gallery's page) and `source` (what they are, for the tag's note).
-
+    shown = tagging.tag_filter(cache, selection, key="c_gallery", container=st.columns([2, 3])[0])
+    if shown:
+        tagging.tag_controls(cache, shown, key="c_tagging",
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of {source}" +
+                                  (" (every page)" if len(shown) == len(selection) else " that pass the filter"))
     by_cluster = assignments.set_index("id")["cluster"]
-    common.deferred_download(f"Download {source} (CSV)", lambda ids=shown: _members_csv(cache, ids, by_cluster),
+    review = tagging.get_review(cache)   # for the tags column, read only when the download is clicked
+    common.deferred_download(f"Download {source} (CSV)",
+                             lambda ids=selection: _members_csv(cache, ids, by_cluster, review),
                              csv_name, "text/csv", "c_csv", icon=":material/download:")
-    common.gallery(cache, shown, key="c_gallery",
-                   captions=lambda i: f"#{i} {images.at[i, 'label_name']}→{images.at[i, 'pred_name']}")
+    common.gallery(cache, shown, key="c_gallery", captions=tagging.captions_with_tags(
+        cache, shown, lambda i: f"#{i} {images.at[i, 'label_name']}→{images.at[i, 'pred_name']}"))
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

@@ -4,7 +4,7 @@ Each class gets its mean image (a sample of its images) beside the mean map of i
 wrongly classified images (every image's positive map scaled to unit mass, so each image counts once). The mean
 maps are read from CACHE/analysis/class_maps.parquet, which `python -m analysis cluster` streams through the
 cache shard by shard (analysis.explore.cluster_offline.compute_class_aggregates): the page never reads every map.
-Opening a class (?class=K) shows bigger maps and its images. View state in the URL: class, show, pc_page.
+Opening a class (?class=K) shows bigger maps and its images. View state in the URL: class, show, pc_page, pc_tag.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import streamlit as st
 
 from analysis.explore import cluster_offline, statistics as explore, overlay, report
 from analysis.cache import Cache
-from dashboard import common
+from dashboard import common, tagging
 
 MEAN_IMAGE_SAMPLE = 64     # images averaged into a class's mean image (read from disk once, then cached)
 GRID_TILE = 96
@@ -125,8 +125,13 @@ def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], lab
         rows = rows[rows["correct"] == (show == "correct")]
     rows = rows.sort_values(["correct", "confidence"], ascending=[True, False], kind="stable")
     by_id = rows.set_index("id")
-    common.gallery(cache, rows["id"].tolist(), key="pc", kind="overlay",
-                   captions=lambda i: f"#{i} → {by_id.at[i, 'pred_name']} ({by_id.at[i, 'confidence']:.0%})")
+    shown = tagging.tag_filter(cache, rows["id"].tolist(), key="pc", container=st.columns([2, 3])[0])
+    common.gallery(cache, shown, key="pc", kind="overlay", captions=tagging.captions_with_tags(
+        cache, shown, lambda i: f"#{i} → {by_id.at[i, 'pred_name']} ({by_id.at[i, 'confidence']:.0%})"))
+    if shown:
+        tagging.tag_controls(cache, shown, key="pc_tagging",
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery "
+                                  "(every page)")
 
 
 def main() -> None:
