@@ -31,9 +31,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import report
 from analysis.review import tag_views
 from analysis.cache import Cache
+from analysis.cache.identity import cache_state
 from analysis.review import (DB_NAME, DEFAULT_TAGS, MAX_NOTE_LENGTH, MAX_TAG_LENGTH, MAX_WHO_LENGTH, Review,
                              ReviewError)
 from dashboard import common
@@ -57,7 +57,7 @@ def get_review(cache: Cache) -> Review | None:
     if not (Path(cache.root) / DB_NAME).exists():
         return None
     try:
-        return _open_review(str(cache.root), report.cache_state(cache), cache)
+        return _open_review(str(cache.root), cache_state(cache), cache)
     except (ReviewError, OSError) as error:
         st.warning("Tags are not available: " + _one_line(error), icon=":material/sell:")
         return None
@@ -65,7 +65,7 @@ def get_review(cache: Cache) -> Review | None:
 
 def _writable_review(cache: Cache) -> Review:
     """The database, created on the first tag (for callbacks: ReviewError / OSError when it cannot be)."""
-    return _open_review(str(cache.root), report.cache_state(cache), cache)
+    return _open_review(str(cache.root), cache_state(cache), cache)
 
 
 def _one_line(error: BaseException) -> str:

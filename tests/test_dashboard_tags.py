@@ -172,18 +172,19 @@ def test_clusters_csv_carries_the_tags(cache_dir):
 
     import pandas as pd
 
-    from dashboard.views.clusters import _members_csv
+    from analysis.explore.statistics import table_csv
+    from dashboard.views.clusters import members_table
 
     cache = load(cache_dir)
     stored = cache.clustering("all")
     by_cluster = stored.assignments.set_index("id")["cluster"]
     ids = [int(i) for i in stored.members(int(stored.summary["cluster"].iloc[0]))]
-    before = pd.read_csv(io.BytesIO(_members_csv(cache, ids, by_cluster, None)), keep_default_na=False)
+    before = pd.read_csv(io.BytesIO(table_csv(members_table(cache, ids, by_cluster, None))), keep_default_na=False)
     assert before["id"].tolist() == ids and set(before["tags"]) == {""}
     review = Review(cache_dir)
     review.tag(ids[:1], "shortcut")
     review.tag(ids[:1], "ambiguous")
-    after = pd.read_csv(io.BytesIO(_members_csv(cache, ids, by_cluster, review)), keep_default_na=False)
+    after = pd.read_csv(io.BytesIO(table_csv(members_table(cache, ids, by_cluster, review))), keep_default_na=False)
     assert after["tags"].tolist() == ["ambiguous; shortcut"] + [""] * (len(ids) - 1)
     assert after["cluster"].tolist() == before["cluster"].tolist()
 

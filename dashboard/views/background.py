@@ -12,29 +12,24 @@ import streamlit as st
 
 from analysis.explore import charts, statistics as explore
 from analysis.cache import Cache
+from analysis.cache.classes import class_names, num_classes
 from dashboard import common, tagging
 
 VIEWS = {"overlay": "overlay", "map": "map only", "image": "image only"}
 ALL_CLASSES = -1
 
 
-def cache_key(cache: Cache) -> tuple:
-    """Identifies one state of a cache for st.cache_data (a running job changes `updated` and the length)."""
-    return str(cache.root), len(cache), str(cache.manifest.get("updated"))
-
-
 @st.cache_data(show_spinner="Comparing each map with its class consensus ...", max_entries=4)
-def consensus_scores(_cache: Cache, key: tuple) -> np.ndarray:
+def consensus_scores(_cache: Cache, key: str) -> np.ndarray:
     """consensus_dissimilarity of every row of the table (descriptors of all images: [n, D*D], small)."""
     table = _cache.table
     return explore.consensus_dissimilarity(_cache.descriptors(None, "positive"), table["pred"].to_numpy(),
-                                           table["correct"].to_numpy(),
-                                           len(_cache.manifest.get("class_names", [])) or int(table["pred"].max()) + 1)
+                                           table["correct"].to_numpy(), num_classes(_cache))
 
 
 def scored_table(cache: Cache) -> pd.DataFrame:
     table = cache.table
-    return table.assign(consensus_dissimilarity=consensus_scores(cache, cache_key(cache)))
+    return table.assign(consensus_dissimilarity=consensus_scores(cache, common.cache_key(cache)))
 
 
 def why_this_score(table: pd.DataFrame, score: str, default: str) -> str:
@@ -62,7 +57,7 @@ def default_threshold(values: np.ndarray) -> float:
 def main() -> None:
     cache = common.get_cache()
     table = scored_table(cache)
-    names = list(cache.manifest.get("class_names", []))
+    names = class_names(cache)
     st.title("Background attention")
 
     scores = explore.available_attention_scores(table)
@@ -85,7 +80,7 @@ def main() -> None:
     chosen_class = middle.selectbox(
         "True class", class_options,
         index=class_options.index(common.query_value("class", ALL_CLASSES, int, choices=class_options)),
-        format_func=lambda c: "all classes" if c == ALL_CLASSES else (names[c] if c < len(names) else str(c)),
+        format_func=lambda c: "all classes" if c == ALL_CLASSES else names[c],
         key="bg_class")
     common.set_query(**{"class": chosen_class if chosen_class != ALL_CLASSES else None})
     view = right.radio("Tiles", list(VIEWS), format_func=VIEWS.get,
@@ -129,9 +124,8 @@ def main() -> None:
     if len(flagged):
         export = tagging.with_tags_column(
             cache, flagged[["id", "path", "label_name", "pred_name", "confidence", "correct", score]])
-        st.download_button("Download the flagged images (CSV)", export.to_csv(index=False).encode(),
-                           file_name=f"background_{score}_{threshold:.2f}.csv", mime="text/csv",
-                           icon=":material/download:", key="bg_csv")
+        common.csv_download("Download the flagged images (CSV)", export, f"background_{score}_{threshold:.2f}.csv",
+                            key="bg_csv")
 
 
 main()

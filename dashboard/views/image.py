@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import statistics as explore, overlay, report
+from analysis.cache.classes import class_names
+from analysis.explore import statistics as explore, overlay
 from analysis.pipeline.geometry import covers_image
 from dashboard import common, tagging
 
@@ -19,7 +20,7 @@ SCORES = ("confidence", "background_share", "background_hotspot", "border_share"
 
 
 @st.cache_data(show_spinner="Reading the descriptors ...", max_entries=2)
-def _descriptors(_cache, state: str) -> np.ndarray:
+def _descriptors(_cache, key: str) -> np.ndarray:
     """Every image's positive descriptor, in table order (one read per cache state)."""
     return _cache.descriptors(None, "positive")
 
@@ -30,8 +31,7 @@ def _view(tile: np.ndarray, caption: str) -> None:
 
 cache = common.get_cache()
 table = cache.table
-state = f"{cache.root}|{report.cache_state(cache)}"  # st.cache_data key: which cache, in which state
-names = report.class_names(cache)
+names = class_names(cache)
 ids = table["id"].to_numpy(np.int64)
 
 st.title("Image")
@@ -108,7 +108,7 @@ st.dataframe(top5, hide_index=True, column_config={
 st.subheader("Nearest neighbours in explanation space")
 st.caption("Images whose (positive, unit-mass) maps point the same way: cosine distance of the descriptors.")
 position = int(np.searchsorted(ids, image_id))
-rows, distances = explore.nearest_neighbours(_descriptors(cache, state), position, NEIGHBOURS)
+rows, distances = explore.nearest_neighbours(_descriptors(cache, common.cache_key(cache)), position, NEIGHBOURS)
 if len(rows) == 0:
     st.info("This map has no positive relevance, so it has no direction to compare.")
 else:

@@ -6,6 +6,7 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
+from analysis.cache.classes import class_names
 from analysis.explore import charts, report, statistics as explore
 from analysis.review import tag_views
 from dashboard import common, tagging
@@ -22,7 +23,7 @@ SCORE_HELP = {
 cache = common.get_cache()
 table = cache.table
 manifest = cache.manifest
-names = report.class_names(cache)
+names = class_names(cache)
 
 st.title("Overview")
 model = manifest.get("model", {})
@@ -58,8 +59,7 @@ with left:
                                   "matrix.")
 with right:
     # Deferred: 100,000 rows take seconds to write, and the page must open in under 3 s.
-    common.deferred_download("Download the table (CSV)", lambda: explore.table_csv(cache.table), "fgcam_table.csv",
-                             "text/csv", "table_csv", icon=":material/download:")
+    common.csv_download("Download the table (CSV)", lambda: cache.table, "fgcam_table.csv", key="table_csv")
 
 st.subheader("Accuracy per class")
 # Streamlit counts a chart's title and axes in its height: a fixed step per class keeps every label readable.

@@ -13,6 +13,7 @@ import streamlit as st
 
 from analysis.explore import cluster_offline, statistics as explore, overlay, report
 from analysis.cache import Cache
+from analysis.cache.classes import class_names
 from dashboard import common, tagging
 
 MEAN_IMAGE_SAMPLE = 64     # images averaged into a class's mean image (read from disk once, then cached)
@@ -23,14 +24,10 @@ GRID_CLASSES_PER_PAGE = 24
 SHOW = {"all": "all images", "correct": "correct only", "wrong": "wrong only"}
 
 
-def cache_key(cache: Cache) -> tuple:
-    return str(cache.root), len(cache), str(cache.manifest.get("updated"))
-
-
 def class_maps_stamp(cache: Cache) -> tuple:
     """Changes when the cluster command (re)writes the per-class aggregates, so an open page picks them up."""
     path = cluster_offline.results_root(cache.root) / cluster_offline.CLASS_MAPS_FILE
-    return cache_key(cache), path.stat().st_mtime_ns if path.exists() else None
+    return common.cache_key(cache), path.stat().st_mtime_ns if path.exists() else None
 
 
 @st.cache_data(show_spinner="Reading the mean maps of each class ...", max_entries=4)
@@ -58,20 +55,16 @@ def map_tile(mean_map: np.ndarray, count: int, size: int) -> np.ndarray:
     return overlay.heat(mean_map, size)
 
 
-def class_name(names: list[str], label: int) -> str:
-    return names[label] if label < len(names) else str(label)
-
-
 @st.cache_data(show_spinner="Drawing the grid ...", max_entries=4)
 def grid_png(_cache: Cache, key: tuple, classes: tuple[int, ...]) -> bytes:
     """The grid as one PNG: per class, mean image | correct mean map | wrong mean map."""
-    cache, names, means = _cache, list(_cache.manifest.get("class_names") or []), mean_maps(_cache, key)
+    cache, names, means = _cache, class_names(_cache), mean_maps(_cache, key)
     tiles, captions = [], []
     for label in classes:
-        tiles += [class_mean_image(cache, cache_key(cache), label, GRID_TILE * 2),
+        tiles += [class_mean_image(cache, common.cache_key(cache), label, GRID_TILE * 2),
                   map_tile(means.correct[label], int(means.n_correct[label]), GRID_TILE * 2),
                   map_tile(means.wrong[label], int(means.n_wrong[label]), GRID_TILE * 2)]
-        name = class_name(names, label)
+        name = names[label]
         captions += [f"{name}: mean image", f"correct (n={means.n_correct[label]})",
                      f"wrong (n={means.n_wrong[label]})"]
     return overlay.png_bytes(overlay.image_grid(tiles, captions, columns=3, caption_height=20))
@@ -90,12 +83,12 @@ def show_grid(cache: Cache, means: explore.ClassMeanMaps, names: list[str], clas
     for start in range(0, len(classes), GRID_COLUMNS):
         for column, label in zip(st.columns(GRID_COLUMNS), classes[start:start + GRID_COLUMNS]):
             with column, st.container(border=True):
-                name = class_name(names, label)
+                name = names[label]
                 n_ok, n_bad = int(means.n_correct[label]), int(means.n_wrong[label])
                 total = n_ok + n_bad
                 st.markdown(f"**{name}** · {total:,} images, {n_ok / max(1, total):.0%} correct")
                 a, b, c = st.columns(3)
-                a.image(class_mean_image(cache, cache_key(cache), label, GRID_TILE), caption="mean image",
+                a.image(class_mean_image(cache, common.cache_key(cache), label, GRID_TILE), caption="mean image",
                         width="stretch")
                 b.image(map_tile(means.correct[label], n_ok, GRID_TILE), caption=f"correct ({n_ok})",
                         width="stretch")
@@ -106,11 +99,11 @@ def show_grid(cache: Cache, means: explore.ClassMeanMaps, names: list[str], clas
 
 
 def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], label: int) -> None:
-    name = class_name(names, label)
+    name = names[label]
     n_ok, n_bad = int(means.n_correct[label]), int(means.n_wrong[label])
     st.subheader(f"Class {name}")
     a, b, c = st.columns(3)
-    a.image(class_mean_image(cache, cache_key(cache), label, OPEN_TILE),
+    a.image(class_mean_image(cache, common.cache_key(cache), label, OPEN_TILE),
             caption=f"mean of up to {MEAN_IMAGE_SAMPLE} images", width=OPEN_TILE)
     b.image(map_tile(means.correct[label], n_ok, OPEN_TILE), caption=f"mean map, correct ({n_ok} images)",
             width=OPEN_TILE)
@@ -136,7 +129,7 @@ def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], lab
 
 def main() -> None:
     cache = common.get_cache()
-    names = list(cache.manifest.get("class_names") or [])
+    names = class_names(cache)
     st.title("Per-class maps")
     means = mean_maps(cache, class_maps_stamp(cache))
     if means is None:
@@ -149,17 +142,12 @@ def main() -> None:
 
     options = [None] + classes
     chosen = st.selectbox("Class", options, format_func=lambda c: "all classes (grid)" if c is None else
-                          class_name(names, c), index=options.index(common.query_value("class", None, int, classes)),
+                          names[c], index=options.index(common.query_value("class", None, int, classes)),
                           key="pc_class")
     common.set_query(**{"class": chosen})
     if chosen is None:
-        pages = (len(classes) + GRID_CLASSES_PER_PAGE - 1) // GRID_CLASSES_PER_PAGE
-        page = 1
-        if pages > 1:  # a 1,000-class model: draw a page of classes at a time
-            page = int(st.number_input(f"Page of classes (of {pages})", 1, pages, key="pc_grid_page",
-                                       value=common.query_value("pc_grid_page", 1, int, low=1, high=pages)))
-            common.set_query(pc_grid_page=page if page > 1 else None)
-        shown = classes[(page - 1) * GRID_CLASSES_PER_PAGE: page * GRID_CLASSES_PER_PAGE]
+        # a 1,000-class model: draw a page of classes at a time
+        shown = common.paginate(classes, GRID_CLASSES_PER_PAGE, "pc_grid_page", "Page of classes (of {pages})")
         common.png_download("Download this grid (PNG)", grid_png(cache, class_maps_stamp(cache), tuple(shown)),
                             "per_class_maps.png", key="pc_png")
         show_grid(cache, means, names, shown)

@@ -12,7 +12,6 @@ import math
 
 import streamlit as st
 
-from analysis.explore import report
 from analysis.review import tag_views
 from analysis.cache import Cache
 from analysis.review import Review, ReviewError, tagged_table
@@ -59,9 +58,8 @@ def show_tags(cache: Cache, review: Review) -> list[str]:
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in export_tag)
     with right:
         a, b = st.columns(2)
-        a.download_button(f"Download “{export_tag}” (CSV)", frame.to_csv(index=False).encode(),
-                          file_name=f"tagged_{name}.csv", mime="text/csv", icon=":material/download:",
-                          key="fm_export_csv")
+        with a:
+            common.csv_download(f"Download “{export_tag}” (CSV)", frame, f"tagged_{name}.csv", key="fm_export_csv")
         b.download_button(f"Download “{export_tag}” (JSON)",
                           (json.dumps(frame.to_dict("records"), indent=1, ensure_ascii=False, default=str) + "\n")
                           .encode(), file_name=f"tagged_{name}.json", mime="application/json",
@@ -82,7 +80,7 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
                                  value=common.query_value("fm_top", TOP, int, low=1, high=96)))
     common.set_query(fm_top=top if top != TOP else None)
     try:
-        candidates = _candidates(review, f"{cache.root}|{report.cache_state(cache)}", tag,
+        candidates = _candidates(review, common.cache_key(cache), tag,
                                  tuple(review.ids(tag).tolist()), tuple(review.rejected(tag).tolist()), top)
     except ValueError as error:
         st.info(str(error).splitlines()[0])
