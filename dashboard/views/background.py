@@ -128,4 +128,5 @@ def main() -> None:
                             key="bg_csv")
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

@@ -180,4 +180,5 @@ def main() -> None:
     show_cell(cache, table[(table["label"] == true) & (table["pred"] == pred)], names, true, pred)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

@@ -157,4 +157,5 @@ def main() -> None:
         show_class(cache, means, names, chosen)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

@@ -152,4 +152,5 @@ def main() -> None:
     show_tags(cache, review)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

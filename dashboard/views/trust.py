@@ -293,4 +293,5 @@ def main() -> None:
     shortcut_section(cache)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()
