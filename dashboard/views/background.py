@@ -46,20 +46,9 @@ def why_this_score(table: pd.DataFrame, score: str, default: str) -> str:
     return f"Ranked by **`{score}`**: {what}. {reason}{chosen}"
 
 
-def default_threshold(values: np.ndarray) -> float:
-    """The 90th percentile, rounded up to 0.01, so that about a tenth of the images is flagged at first."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.5
-    return float(min(1.0, np.ceil(np.quantile(finite, 0.9) * 100) / 100))
-
-
-def main() -> None:
-    cache = common.get_cache()
-    table = scored_table(cache)
-    names = class_names(cache)
-    st.title("Background attention")
-
+def choose_settings(table: pd.DataFrame, names: list[str]) -> tuple[str, float, int, str]:
+    """The score (its default: the best available), the flagging threshold, the true class and the tiles'
+    kind, URL-bound; returns (score, threshold, class or ALL_CLASSES, view)."""
     scores = explore.available_attention_scores(table)
     default = scores[0]
     left, middle, right = st.columns([2, 2, 1])
@@ -71,7 +60,7 @@ def main() -> None:
 
     values = table[score].to_numpy(np.float64)
     upper = float(max(1.0, np.nanmax(values))) if np.isfinite(values).any() else 1.0
-    threshold_default = default_threshold(values)
+    threshold_default = explore.default_flag_threshold(values)
     threshold = middle.slider("Flag images with a score of at least", 0.0, upper,
                               value=common.query_value("threshold", threshold_default, float, low=0.0, high=upper),
                               step=0.01, key=f"bg_threshold_{score}")
@@ -86,10 +75,13 @@ def main() -> None:
     view = right.radio("Tiles", list(VIEWS), format_func=VIEWS.get,
                        index=list(VIEWS).index(common.query_value("view", "overlay", choices=list(VIEWS))), key="bg_view")
     common.set_query(view=view if view != "overlay" else None)
+    return score, threshold, chosen_class, view
 
-    classes = None if chosen_class == ALL_CLASSES else [chosen_class]
-    in_scope = explore.rank_by_score(table, score, classes=classes)
-    flagged = explore.rank_by_score(table, score, threshold=threshold, classes=classes)
+
+def show_counts(table: pd.DataFrame, flagged: pd.DataFrame, in_scope: pd.DataFrame, score: str,
+                threshold: float) -> None:
+    """How many images are flagged, and the score's distribution overall and per class."""
+    values = table[score].to_numpy(np.float64)
     missing = int(table[score].isna().sum())
     a, b, c = st.columns(3)
     a.metric("Flagged images", f"{len(flagged):,}", help=f"{score} ≥ {threshold:.2f}")
@@ -106,6 +98,9 @@ def main() -> None:
         common.altair_chart(charts.class_score_chart(charts.class_score_frame(table, score), score,
                                                      threshold=threshold), width="content")
 
+
+def show_flagged(cache: Cache, flagged: pd.DataFrame, score: str, threshold: float, view: str) -> None:
+    """The flagged images, highest score first: filter by tag, gallery, tag them all, download them."""
     st.subheader(f"Flagged images, highest {score} first")
     if view == "overlay":
         st.caption("Red: relevance for the predicted class, blue: against it. Green outline: the object "
@@ -126,6 +121,18 @@ def main() -> None:
             cache, flagged[["id", "path", "label_name", "pred_name", "confidence", "correct", score]])
         common.csv_download("Download the flagged images (CSV)", export, f"background_{score}_{threshold:.2f}.csv",
                             key="bg_csv")
+
+
+def main() -> None:
+    cache = common.get_cache()
+    table = scored_table(cache)
+    st.title("Background attention")
+    score, threshold, chosen_class, view = choose_settings(table, class_names(cache))
+    classes = None if chosen_class == ALL_CLASSES else [chosen_class]
+    in_scope = explore.rank_by_score(table, score, classes=classes)
+    flagged = explore.rank_by_score(table, score, threshold=threshold, classes=classes)
+    show_counts(table, flagged, in_scope, score, threshold)
+    show_flagged(cache, flagged, score, threshold, view)
 
 
 if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests

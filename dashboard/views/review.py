@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import streamlit as st
 
 from analysis.review import tag_views
@@ -85,6 +86,19 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
     except ValueError as error:
         st.info(str(error).splitlines()[0])
         return
+    show_probe(candidates, tag)
+    error = st.session_state.pop("fm_error", None)
+    if error:
+        st.error(error)
+    if candidates.empty:
+        st.info("Every image is tagged or rejected: nothing left to rank.")
+        return
+    show_candidates(cache, review, candidates, tag)
+    show_tagged(cache, review, tag)
+
+
+def show_probe(candidates: pd.DataFrame, tag: str) -> None:
+    """How well the probe separates the tagged images so far (cross-validated), and what it was fitted on."""
     probe = candidates.attrs.get("probe", {})
     a, b, c, d = st.columns(4)
     a.metric("Separation (cv ROC AUC)", _percent(probe.get("cv_roc_auc")),
@@ -99,12 +113,10 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
                f"{probe.get('positives', 0):,} images tagged “{tag}” against the rejected ones and a sample of the rest; "
                f"{candidates.attrs.get('ranked', 0):,} untagged images ranked. Accept (✓) or reject (✗) the "
                "candidates: the probe is fitted again with them.")
-    error = st.session_state.pop("fm_error", None)
-    if error:
-        st.error(error)
-    if candidates.empty:
-        st.info("Every image is tagged or rejected: nothing left to rank.")
-        return
+
+
+def show_candidates(cache: Cache, review: Review, candidates: pd.DataFrame, tag: str) -> None:
+    """The top of the ranking, each with accept / reject buttons, and buttons for all of them."""
     ids = candidates["id"].tolist()
     everyone = st.columns(4)
     everyone[0].button(f"Accept all {len(ids)}", key="fm_accept_all", on_click=_decide,
@@ -127,6 +139,8 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
                 no.button("✗", key=f"fm_no_{image_id}", on_click=_decide, args=(review, [image_id], tag, False),
                           help=f"Not “{tag}” (a negative for the next fit)", width="stretch")
 
+
+def show_tagged(cache: Cache, review: Review, tag: str) -> None:
     with st.expander(f"The images tagged “{tag}”"):
         tagged = review.ids(tag).tolist()
         common.gallery(cache, tagged, key="fm", captions=tagging.captions_with_tags(cache, tagged))

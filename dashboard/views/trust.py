@@ -11,15 +11,20 @@ for the session and are cached per cache and settings.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from analysis.cache import Cache, CacheError
 from analysis.cache.classes import class_names
-from analysis.explore import charts, statistics as explore
+from analysis.explore import charts
 from analysis.trust import compare, page as trust_page, sanity
 from dashboard import common
+
+if TYPE_CHECKING:   # the region test imports torch: the page loads it only when the test runs
+    from analysis.trust.region_test import CacheShortcutReport
 
 SELECT_BY = {"label": "true class", "pred": "predicted class"}
 DEFAULT_MAX_IMAGES = 200     # images tested per run: 3 forward passes each (plus 2 with masks), on the CPU
@@ -236,12 +241,10 @@ def shortcut_section(cache: Cache) -> None:
                    "manifest and runs it on the CPU: 3 forward passes per image, 5 with masks).")
         return
     _, by, chosen, q, limit = request
-    column = table[by].to_numpy()
-    ids = table["id"].to_numpy()[column == chosen]
+    ids = trust_page.shortcut_selection(table, by, chosen, limit)
     if len(ids) == 0:
         st.warning(f"No image has {SELECT_BY[by]} {names[chosen]}.")
         return
-    ids = ids[explore.sample_rows(len(ids), int(limit), seed=0)]
     try:
         report = cached_test(cache, common.cache_key(cache), tuple(int(i) for i in ids), float(q))
     except ModelSpecError as error:
@@ -250,8 +253,12 @@ def shortcut_section(cache: Cache) -> None:
     except (ValueError, CacheError) as error:
         st.warning(f"The shortcut test cannot run on this selection: {error}")
         return
+    show_shortcut_test(cache, report, by, names[chosen])
+
+
+def show_shortcut_test(cache: Cache, report: CacheShortcutReport, by: str, name: str) -> None:
+    """The shortcut test's result: the region, accuracies and changed predictions, the verdict, per class."""
     summary = report.result.summary
-    name = names[chosen]
     st.subheader(f"{int(summary['n'])} images with {SELECT_BY[by]} {name}, region: top {summary['q']:g}% "
                  f"({summary['region_share']:.1%} of the image)")
     left, right = st.columns([1, 2])
