@@ -163,12 +163,25 @@ def set_query(**values: Any) -> None:
 
 
 def url_selectbox(label: str, options: list, key: str, default: Any, format_func: Callable[[Any], str] = str,
-                  **kwargs: Any) -> Any:
-    """A selectbox whose value starts from the URL (?key=..., `default` when absent or not an option) and is
-    written back to it (removed while it is the default)."""
-    value = query_value(key, default, type(options[0]), options)
-    chosen = st.selectbox(label, options, index=options.index(value), key=key, format_func=format_func, **kwargs)
-    set_query(**{key: chosen if chosen != default else None})
+                  param: str | None = None, where: Any = st, **kwargs: Any) -> Any:
+    """A selectbox whose value starts from the URL (?param=..., `param` defaulting to `key`; `default` when
+    absent or not an option) and is written back to it (removed while it is the default). `where`: the
+    container to draw it in (a column)."""
+    return _url_choice(where.selectbox, label, options, key, default, format_func, param, **kwargs)
+
+
+def url_radio(label: str, options: list, key: str, default: Any, format_func: Callable[[Any], str] = str,
+              param: str | None = None, where: Any = st, **kwargs: Any) -> Any:
+    """`url_selectbox`'s radio buttons."""
+    return _url_choice(where.radio, label, options, key, default, format_func, param, **kwargs)
+
+
+def _url_choice(widget: Callable[..., Any], label: str, options: list, key: str, default: Any,
+                format_func: Callable[[Any], str], param: str | None, **kwargs: Any) -> Any:
+    param = param or key
+    value = query_value(param, default, type(options[0]), options)
+    chosen = widget(label, options, index=options.index(value), key=key, format_func=format_func, **kwargs)
+    set_query(**{param: chosen if chosen != default else None})
     return chosen
 
 

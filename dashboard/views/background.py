@@ -52,10 +52,9 @@ def choose_settings(table: pd.DataFrame, names: list[str]) -> tuple[str, float, 
     scores = explore.available_attention_scores(table)
     default = scores[0]
     left, middle, right = st.columns([2, 2, 1])
-    score = left.selectbox("Score", scores, index=scores.index(common.query_value("score", default, choices=scores)),
-                           format_func=lambda s: f"{s} ({'needs a foreground' if s in explore.FOREGROUND_SCORES else 'annotation-free'})",
-                           key="bg_score")
-    common.set_query(score=score if score != default else None)
+    score = common.url_selectbox(
+        "Score", scores, "bg_score", default, param="score", where=left,
+        format_func=lambda s: f"{s} ({'needs a foreground' if s in explore.FOREGROUND_SCORES else 'annotation-free'})")
     st.markdown(why_this_score(table, score, default))
 
     values = table[score].to_numpy(np.float64)
@@ -66,15 +65,10 @@ def choose_settings(table: pd.DataFrame, names: list[str]) -> tuple[str, float, 
                               step=0.01, key=f"bg_threshold_{score}")
     common.set_query(threshold=f"{threshold:.2f}" if abs(threshold - threshold_default) > 1e-9 else None)
     class_options = [ALL_CLASSES] + sorted(int(c) for c in table["label"].unique())
-    chosen_class = middle.selectbox(
-        "True class", class_options,
-        index=class_options.index(common.query_value("class", ALL_CLASSES, int, choices=class_options)),
-        format_func=lambda c: "all classes" if c == ALL_CLASSES else names[c],
-        key="bg_class")
-    common.set_query(**{"class": chosen_class if chosen_class != ALL_CLASSES else None})
-    view = right.radio("Tiles", list(VIEWS), format_func=VIEWS.get,
-                       index=list(VIEWS).index(common.query_value("view", "overlay", choices=list(VIEWS))), key="bg_view")
-    common.set_query(view=view if view != "overlay" else None)
+    chosen_class = common.url_selectbox("True class", class_options, "bg_class", ALL_CLASSES, param="class",
+                                        where=middle,
+                                        format_func=lambda c: "all classes" if c == ALL_CLASSES else names[c])
+    view = common.url_radio("Tiles", list(VIEWS), "bg_view", "overlay", VIEWS.get, param="view", where=right)
     return score, threshold, chosen_class, view
 
 

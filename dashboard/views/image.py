@@ -46,11 +46,8 @@ def choose_view(ids: np.ndarray) -> tuple[int, float, str]:
                                   key="img_opacity"))
     with controls[2]:
         colormaps = list(overlay.COLORMAPS)
-        colormap = st.selectbox("Colour map", colormaps,
-                                index=colormaps.index(common.query_value("cmap", overlay.DEFAULT_COLORMAP, str,
-                                                                         colormaps)), key="img_cmap")
-    common.set_query(id=image_id, opacity=opacity if opacity != 0.6 else None,
-                     cmap=colormap if colormap != overlay.DEFAULT_COLORMAP else None)
+        colormap = common.url_selectbox("Colour map", colormaps, "img_cmap", overlay.DEFAULT_COLORMAP, param="cmap")
+    common.set_query(id=image_id, opacity=opacity if opacity != 0.6 else None)
     return image_id, opacity, colormap
 
 

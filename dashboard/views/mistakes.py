@@ -133,9 +133,7 @@ def main() -> None:
     names = class_names(cache)
     n = len(names)
     st.title("Mistakes")
-    view = st.radio("Show", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="mk_view",
-                    index=list(VIEWS).index(common.query_value("mk_view", "confusions", choices=list(VIEWS))))
-    common.set_query(mk_view=view if view != "confusions" else None)
+    view = common.url_radio("Show", list(VIEWS), "mk_view", "confusions", VIEWS.get, horizontal=True)
     if view == "label_errors":
         show_label_errors(cache)
         return
@@ -145,9 +143,8 @@ def main() -> None:
                 f"({wrong / max(1, int(matrix.sum())):.1%}). Click a cell of the matrix, or a row of the top "
                 "confusions, to see its images.")
 
-    value = st.radio("Colour cells by", list(VALUES), format_func=VALUES.get, horizontal=True, key="mk_value",
-                     index=list(VALUES).index(common.query_value("value", "count", choices=list(VALUES))))
-    common.set_query(value=value if value != "count" else None)
+    value = common.url_radio("Colour cells by", list(VALUES), "mk_value", "count", VALUES.get, param="value",
+                             horizontal=True)
 
     frame = explore.confusion_frame(matrix, names)
     selected = selected_cell(n)

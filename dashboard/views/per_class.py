@@ -109,9 +109,7 @@ def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], lab
             width=OPEN_TILE)
     c.image(map_tile(means.wrong[label], n_bad, OPEN_TILE),
             caption=f"mean map of the prediction, wrong ({n_bad} images)", width=OPEN_TILE)
-    show = st.radio("Images", list(SHOW), format_func=SHOW.get, horizontal=True,
-                    index=list(SHOW).index(common.query_value("show", "all", choices=list(SHOW))), key="pc_show")
-    common.set_query(show=show if show != "all" else None)
+    show = common.url_radio("Images", list(SHOW), "pc_show", "all", SHOW.get, param="show", horizontal=True)
     rows = cache.columns(["id", "label", "pred_name", "correct", "confidence"])
     rows = rows[rows["label"] == label]
     if show != "all":

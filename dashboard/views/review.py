@@ -74,9 +74,7 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
     if not tags:
         return
     left, right, _ = st.columns([2, 1, 2])
-    tag = left.selectbox("Tag", tags, key="fm_tag",
-                         index=tags.index(common.query_value("fm_tag", tags[0], str, choices=tags)))
-    common.set_query(fm_tag=tag if tag != tags[0] else None)
+    tag = common.url_selectbox("Tag", tags, "fm_tag", tags[0], where=left)
     top = int(right.number_input("Candidates to show", 1, 96, key="fm_top",
                                  value=common.query_value("fm_top", TOP, int, low=1, high=96)))
     common.set_query(fm_top=top if top != TOP else None)
