@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from analysis.explore import overlay, report
+from analysis.explore.statistics import table_csv
 from analysis.cache import Cache, CacheError, load
+from analysis.cache.identity import cache_state, files_state
 
 ENV_VAR = "FGCAM_CACHE"
 TILE = 160          # pixels of one gallery tile
@@ -35,15 +38,15 @@ def cache_dir() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
-def _state_token(root: Path) -> tuple:
-    """Changes when the job commits a shard or finishes, so a running job's progress shows on reload."""
-    parts = [root / "manifest.json", *sorted(root.glob("compact-*")), *sorted((root / "shards").glob("shard-*"))]
-    return tuple((p.name, p.stat().st_mtime_ns) for p in parts if p.exists())
-
-
 @st.cache_resource(show_spinner="Opening the cache ...", max_entries=4)
-def _open(root: str, token: tuple) -> Cache:
+def _open(root: str, state: tuple) -> Cache:
     return load(root)
+
+
+def cache_key(cache: Cache) -> str:
+    """The key of st.cache_data / st.cache_resource results computed from a cache: which cache (its directory:
+    a copy shares the identity) in which state (analysis.cache.identity.cache_state)."""
+    return f"{cache.root}|{cache_state(cache)}"
 
 
 def open_cache_or_problem() -> tuple[Cache | None, str | None]:
@@ -53,7 +56,7 @@ def open_cache_or_problem() -> tuple[Cache | None, str | None]:
     if not root.is_dir():
         return None, f"The cache directory {root} does not exist."
     try:
-        cache = _open(str(root), _state_token(root))
+        cache = _open(str(root), files_state(root))
     except CacheError as error:
         return None, f"{root} cannot be read as a cache: {error}"
     if len(cache) == 0:
@@ -159,6 +162,29 @@ def set_query(**values: Any) -> None:
             st.query_params[name] = str(value)
 
 
+def url_selectbox(label: str, options: list, key: str, default: Any, format_func: Callable[[Any], str] = str,
+                  param: str | None = None, where: Any = st, **kwargs: Any) -> Any:
+    """A selectbox whose value starts from the URL (?param=..., `param` defaulting to `key`; `default` when
+    absent or not an option) and is written back to it (removed while it is the default). `where`: the
+    container to draw it in (a column)."""
+    return _url_choice(where.selectbox, label, options, key, default, format_func, param, **kwargs)
+
+
+def url_radio(label: str, options: list, key: str, default: Any, format_func: Callable[[Any], str] = str,
+              param: str | None = None, where: Any = st, **kwargs: Any) -> Any:
+    """`url_selectbox`'s radio buttons."""
+    return _url_choice(where.radio, label, options, key, default, format_func, param, **kwargs)
+
+
+def _url_choice(widget: Callable[..., Any], label: str, options: list, key: str, default: Any,
+                format_func: Callable[[Any], str], param: str | None, **kwargs: Any) -> Any:
+    param = param or key
+    value = query_value(param, default, type(options[0]), options)
+    chosen = widget(label, options, index=options.index(value), key=key, format_func=format_func, **kwargs)
+    set_query(**{param: chosen if chosen != default else None})
+    return chosen
+
+
 # ------------------------------------------------------------------------------------------------ images
 def tiles_for(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred",
               opacity: float = 0.6, colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE,
@@ -177,6 +203,19 @@ def placement_notice(cache: Cache, ids: Sequence[int]) -> None:
         st.caption(":orange[" + report.UNKNOWN_PLACEMENT_NOTE.format(count=unknown) + "]")
 
 
+def paginate(items: Sequence, per_page: int, key: str, label: str = "Page (of {pages})") -> list:
+    """The page of `items` a page-number input chooses (shown only when there are several pages; URL-bound as
+    ?key=, clamped into range). `label` may name {pages} and {count} (the number of items)."""
+    items = list(items)
+    pages = max(1, (len(items) + per_page - 1) // per_page)
+    page = 1
+    if pages > 1:
+        page = int(st.number_input(label.format(pages=pages, count=len(items)), 1, pages, key=key,
+                                   value=query_value(key, 1, int, low=1, high=pages)))
+        set_query(**{key: page if page > 1 else None})
+    return items[(page - 1) * per_page: page * per_page]
+
+
 def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int], str] | None = None,
             kind: str = "overlay", which: str = "pred", columns: int = 6, **render: Any) -> None:
     """A paginated grid of tiles; only the current page's maps and images are read."""
@@ -184,13 +223,7 @@ def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int]
     if not ids:
         st.info("No image to show.")
         return
-    pages = (len(ids) + PAGE_SIZE - 1) // PAGE_SIZE
-    page = 1
-    if pages > 1:
-        page = int(st.number_input(f"Page (of {pages}, {len(ids):,} images)", 1, pages,
-                                   value=query_value(f"{key}_page", 1, int, low=1, high=pages), key=f"{key}_page"))
-        set_query(**{f"{key}_page": page if page > 1 else None})
-    shown = ids[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+    shown = paginate(ids, PAGE_SIZE, f"{key}_page", "Page (of {pages}, {count:,} images)")
     tiles = tiles_for(cache, shown, kind=kind, which=which, **render)
     placement_notice(cache, shown)
     for start in range(0, len(shown), columns):
@@ -198,12 +231,34 @@ def gallery(cache: Cache, ids: Sequence[int], key: str, captions: Callable[[int]
             column.image(tile, caption=captions(image_id) if captions else f"#{image_id}", width="stretch")
 
 
+# ------------------------------------------------------------------------------------------------ downloads
 def png_download(label: str, data: bytes, file_name: str, key: str) -> None:
     st.download_button(label, data, file_name=file_name, mime="image/png", key=key,
                        icon=":material/download:")
 
 
+def csv_download(label: str, rows: pd.DataFrame | Callable[[], pd.DataFrame], file_name: str, key: str,
+                 **button: Any) -> None:
+    """A CSV download of table rows (statistics.table_csv: list columns as space-separated values). Given a
+    function instead of rows, the rows are made only when the button is clicked (`deferred_download`: for
+    exports that take seconds, which opening a page must not pay; the function must not use streamlit)."""
+    button.setdefault("icon", ":material/download:")
+    if callable(rows):
+        deferred_download(label, lambda: table_csv(rows()), file_name, "text/csv", key, **button)
+    else:
+        st.download_button(label, table_csv(rows), file_name=file_name, mime="text/csv", key=key, **button)
+
+
 # ------------------------------------------------------------------------------------------------ charts
+def new_selection(selection: Any, key: str) -> bool:
+    """True when a chart's selection differs from the one it reported on the previous run (remembered in the
+    session under `key`; none at first). A chart reports its last selection on every rerun: a page acts only on
+    a new one, so that it does not override a view opened since from a button or a link."""
+    changed = selection != st.session_state.get(key)
+    st.session_state[key] = selection
+    return changed
+
+
 def altair_chart(chart: Any, **kwargs: Any) -> Any:
     """st.altair_chart drawing the plot at the width/height its spec gives (Vega's "pad" autosize).
 

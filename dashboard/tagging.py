@@ -31,7 +31,6 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import report
 from analysis.review import tag_views
 from analysis.cache import Cache
 from analysis.review import (DB_NAME, DEFAULT_TAGS, MAX_NOTE_LENGTH, MAX_TAG_LENGTH, MAX_WHO_LENGTH, Review,
@@ -46,8 +45,8 @@ COOKIE_DAYS = 365
 
 # ------------------------------------------------------------------------------------------------ the database
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _open_review(root: str, state: str, _cache: Cache) -> Review:
-    return Review(root, cache=_cache)
+def _open_review(key: str, _cache: Cache) -> Review:   # key: common.cache_key, which cache in which state
+    return Review(str(_cache.root), cache=_cache)
 
 
 def get_review(cache: Cache) -> Review | None:
@@ -57,7 +56,7 @@ def get_review(cache: Cache) -> Review | None:
     if not (Path(cache.root) / DB_NAME).exists():
         return None
     try:
-        return _open_review(str(cache.root), report.cache_state(cache), cache)
+        return _open_review(common.cache_key(cache), cache)
     except (ReviewError, OSError) as error:
         st.warning("Tags are not available: " + _one_line(error), icon=":material/sell:")
         return None
@@ -65,7 +64,7 @@ def get_review(cache: Cache) -> Review | None:
 
 def _writable_review(cache: Cache) -> Review:
     """The database, created on the first tag (for callbacks: ReviewError / OSError when it cannot be)."""
-    return _open_review(str(cache.root), report.cache_state(cache), cache)
+    return _open_review(common.cache_key(cache), cache)
 
 
 def _one_line(error: BaseException) -> str:

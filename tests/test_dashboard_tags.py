@@ -124,3 +124,85 @@ def test_label_error_view_follows_cleanlab(monkeypatch, cache_dir):
     assert Review(cache_dir).ids("label error").tolist() == sorted(expected["id"].head(5).tolist())
     table = [d for d in at.dataframe if "label_quality" in d.value.columns][0].value
     assert table["tags"].head(5).tolist() == ["label error"] * 5 and set(table["tags"].iloc[5:]) == {""}
+
+
+def test_clusters_page_tags_a_whole_cluster_and_filters_by_it(monkeypatch, cache_dir):
+    """The Clusters gallery's form tags every member of the focused cluster (not only the gallery's page); the
+    tiles then end in the tag, the filter keeps them, and a box selection is tagged the same way."""
+    stored = load(cache_dir).clustering("all")
+    focus = int(stored.summary["cluster"].iloc[0])
+    members = sorted(int(i) for i in stored.members(focus))
+    at = open_page(monkeypatch, cache_dir, "clusters", {})
+    assert at.selectbox(key="c_focus").value == focus
+    assert not (cache_dir / DB_NAME).exists()                     # looking wrote nothing
+    at.selectbox(key="c_tagging_choice").select("shortcut")
+    at.text_input(key="c_tagging_note").input("corner tag")
+    button(at, "Tag").click()
+    at.run()
+    assert not at.exception
+    assert [s.value for s in at.success] == [f"Tagged {len(members):,} image{'s' if len(members) != 1 else ''} "
+                                             "“shortcut”."]
+    review = Review(cache_dir)
+    assert review.ids("shortcut").tolist() == members
+    assert set(review.tags()["note"]) == {"corner tag"}
+    captions = [c for image in at.image for c in image.captions]
+    assert sum(c.endswith("· tag: shortcut") for c in captions) == min(len(members), 24), captions
+    # the filter: "untagged" leaves nothing of this cluster, "tagged: shortcut" keeps all of it (URL-bound)
+    at.selectbox(key="c_gallery_tag").select("untagged").run()
+    assert at.query_params["c_gallery_tag"] == "untagged"
+    assert "No image to show." in [i.value for i in at.info]
+    assert not [f for f in at.get("form") if f.form_id == "c_tagging_form"]   # nothing left to tag
+    at = open_page(monkeypatch, cache_dir, "clusters", {"c_gallery_tag": "tagged: shortcut"})
+    assert at.selectbox(key="c_gallery_tag").value == "tagged: shortcut"
+    assert any(c.value == f"{len(members):,} of {len(members):,} images: tagged: shortcut" for c in at.caption)
+    # the box selection: every image of the scope inside it, tagged at once
+    layout = stored.assignments
+    x0, y0 = layout[["x", "y"]].min()
+    x1, y1 = layout[["x", "y"]].max()
+    at = open_page(monkeypatch, cache_dir, "clusters", {"c_sel": f"box:{x0 - 1},{x1 + 1},{y0 - 1},{y1 + 1}"})
+    at.selectbox(key="c_tagging_choice").select("fine")
+    button(at, "Tag").click()
+    at.run()
+    assert Review(cache_dir).ids("fine").tolist() == sorted(layout["id"].astype(int).tolist())
+
+
+def test_clusters_csv_carries_the_tags(cache_dir):
+    """The members' CSV (built when the download is clicked) has a tags column: "" before any tag."""
+    import io
+
+    import pandas as pd
+
+    from analysis.explore.statistics import table_csv
+    from dashboard.views.clusters import members_table
+
+    cache = load(cache_dir)
+    stored = cache.clustering("all")
+    by_cluster = stored.assignments.set_index("id")["cluster"]
+    ids = [int(i) for i in stored.members(int(stored.summary["cluster"].iloc[0]))]
+    before = pd.read_csv(io.BytesIO(table_csv(members_table(cache, ids, by_cluster, None))), keep_default_na=False)
+    assert before["id"].tolist() == ids and set(before["tags"]) == {""}
+    review = Review(cache_dir)
+    review.tag(ids[:1], "shortcut")
+    review.tag(ids[:1], "ambiguous")
+    after = pd.read_csv(io.BytesIO(table_csv(members_table(cache, ids, by_cluster, review))), keep_default_na=False)
+    assert after["tags"].tolist() == ["ambiguous; shortcut"] + [""] * (len(ids) - 1)
+    assert after["cluster"].tolist() == before["cluster"].tolist()
+
+
+def test_per_class_gallery_tags_and_filters(monkeypatch, cache_dir):
+    table = load(cache_dir).table
+    wrong = sorted(table.loc[(table["label"] == 0) & ~table["correct"], "id"].astype(int).tolist())
+    assert wrong
+    at = open_page(monkeypatch, cache_dir, "per_class", {"class": "0", "show": "wrong"})
+    assert at.selectbox(key="pc_tagging_choice").value == "shortcut"
+    at.selectbox(key="pc_tagging_choice").select("label error")
+    button(at, "Tag").click()
+    at.run()
+    assert not at.exception
+    assert Review(cache_dir).ids("label error").tolist() == wrong
+    at = open_page(monkeypatch, cache_dir, "per_class", {"class": "0", "pc_tag": "untagged"})
+    assert at.selectbox(key="pc_tag").value == "untagged"
+    rows = table[table["label"] == 0]
+    assert any(c.value == f"{len(rows) - len(wrong):,} of {len(rows):,} images: untagged" for c in at.caption)
+    captions = [c for image in at.image for c in image.captions if c.startswith("#")]
+    assert captions and not any("tag" in c for c in captions)

@@ -22,19 +22,22 @@ EVERYWHERE = "box:-1e9,1e9,-1e9,1e9"   # a box around every point of any layout
 # Each page's query parameters; the "gates" must be valid for the rest of the page to run at all.
 PAGES = {
     "overview": ({}, []),
-    "clusters": ({}, ["c_scope", "c_clust", "c_sel", "c_focus", "c_gallery_page"]),
+    "clusters": ({}, ["c_scope", "c_clust", "c_sel", "c_focus", "c_gallery_page", "c_gallery_tag"]),
     "background": ({"threshold": "0"}, ["score", "threshold", "class", "view", "bg_page", "bg_tag"]),
-    "per_class": ({"class": "0"}, ["class", "show", "pc_page", "pc_grid_page"]),
+    "per_class": ({"class": "0"}, ["class", "show", "pc_page", "pc_grid_page", "pc_tag"]),
     "mistakes": ({"true": "0", "pred": "1"}, ["true", "pred", "value", "mk_page", "mk_tag", "mk_view"]),
     "image": ({}, ["id", "opacity", "cmap"]),
     "trust": ({}, ["st_by", "st_class", "st_q", "st_max", "st_run", "sn_variant", "sn_metric"]),
     "review": ({}, ["fm_tag", "fm_top", "fm_page"]),
+    "concepts": ({}, ["class", "concept"]),
 }
 # Pages whose parameters matter only with tags in the database (test_bad_values_with_tags_in_use).
 TAGGED_PAGES = {
     "review": ({}, ["fm_tag", "fm_top", "fm_page"]),
     "mistakes": ({"mk_view": "label_errors"}, ["le_top", "mk_le_tag", "mk_le_page", "mk_view"]),
     "background": ({"threshold": "0"}, ["bg_tag", "bg_page"]),
+    "clusters": ({}, ["c_gallery_tag", "c_gallery_page", "c_sel", "c_focus"]),
+    "per_class": ({"class": "0"}, ["pc_tag", "pc_page", "show"]),
     "image": ({}, ["id"]),
     "overview": ({}, []),
 }

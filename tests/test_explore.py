@@ -218,3 +218,11 @@ def test_table_csv_writes_list_columns_as_space_separated_values():
     assert back["correct"].tolist() == [True, False]
     assert "array(" not in text and "[" not in text
     assert frame["top5_classes"].iloc[0].tolist() == [2, 0, 1]   # the caller's frame is left alone
+
+
+def test_default_flag_threshold_is_the_90th_percentile_rounded_up():
+    values = np.arange(1, 11) / 20                   # 0.05 ... 0.5: 90th percentile 0.455 -> 0.46
+    assert explore.default_flag_threshold(values) == 0.46
+    assert explore.default_flag_threshold(np.r_[values, np.nan, np.inf, -np.inf]) == 0.46   # non-finite ignored
+    assert explore.default_flag_threshold(np.array([2.0, 3.0])) == 1.0                      # at most 1
+    assert explore.default_flag_threshold(np.array([np.nan])) == 0.5                       # nothing finite

@@ -340,7 +340,8 @@ def test_a_read_only_out_fails_before_the_model_loads(images: Path, tmp_path: Pa
 
 def test_overwrite_removes_the_old_caches_derived_results(small_cache: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
-    from analysis.explore import report
+    from analysis.cache.identity import cache_state
+    from analysis.explore import cluster_data
     from analysis.explore.clustering import ClusteringSettings
     from tests.helpers import small_cache_arguments
 
@@ -350,7 +351,7 @@ def test_overwrite_removes_the_old_caches_derived_results(small_cache: Path, tmp
                             "--device", "cpu", "--quiet")
     assert code == 0, err
     old = load(copy)
-    report.cluster_cache(old, ClusteringSettings(embedding="spectral"))
+    cluster_data.cluster_cache(old, ClusteringSettings(embedding="spectral"))
     assert list((copy / "trust").iterdir()) and list((copy / "dashboard").iterdir())
     assert list((copy / "analysis").iterdir())  # the offline clustering the job ran when it finished
     argv = small_cache_arguments(small_cache.parent)
@@ -361,4 +362,4 @@ def test_overwrite_removes_the_old_caches_derived_results(small_cache: Path, tmp
     assert not (copy / "trust").exists() and not (copy / "dashboard").exists() and not (copy / "analysis").exists()
     new = load(copy)
     assert new.map_size == 8 and new.identity != old.identity
-    assert report.cache_state(new) != report.cache_state(old)  # a saved clustering is never taken for the new one
+    assert cache_state(new) != cache_state(old)  # a saved clustering is never taken for the new one

@@ -35,14 +35,6 @@ LONG_FUNCTIONS: dict[str, str] = {
         "reading the cache, the regions and the test, one method",
     "analysis/trust/sanity/checks.py:sanity_checks":
         "the cascade and the class check over one batch, one method",
-    "dashboard/views/clusters.py:main":
-        "a page's script (the dashboard phase of issue 12 splits the views)",
-    "dashboard/views/review.py:find_more":
-        "a page section's script (the dashboard phase of issue 12 splits the views)",
-    "dashboard/views/background.py:main":
-        "a page's script (the dashboard phase of issue 12 splits the views)",
-    "dashboard/views/trust.py:shortcut_section":
-        "a page section's script (the dashboard phase of issue 12 moves its analysis into analysis.trust)",
 }
 # path -> why it is long.
 LONG_MODULES: dict[str, str] = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.explore import clustering, report
+from analysis.explore import cluster_data, clustering, report
 from analysis.cache import load
 
 
@@ -54,7 +54,7 @@ def _expected_images(cache, result: clustering.ClusteringResult, options: report
 
 def test_report_is_self_contained_and_complete(cache):
     settings = clustering.ClusteringSettings(algorithm="agglomerative", n_clusters=3, embedding="spectral")
-    result = report.cluster_cache(cache, settings)
+    result = cluster_data.cluster_cache(cache, settings)
     options = report.ReportOptions()
     document = report.build_report(cache, result, options)
 
@@ -86,7 +86,7 @@ def test_report_is_self_contained_and_complete(cache):
 
 def test_report_default_clustering_is_saved_and_reused(cache):
     document = report.build_report(cache)
-    saved = list((Path(cache.root) / report.RESULTS_DIR_NAME).glob("clustering-*.parquet"))
+    saved = list((Path(cache.root) / cluster_data.RESULTS_DIR_NAME).glob("clustering-*.parquet"))
     assert len(saved) == 1
     assert _parse(document).open_sections == 0
     result = report.default_clustering(cache)
@@ -95,16 +95,16 @@ def test_report_default_clustering_is_saved_and_reused(cache):
 
 
 def test_summarize_ranks_clusters_and_gives_prototypes(cache):
-    result = report.cluster_cache(cache, clustering.ClusteringSettings(n_clusters=3, embedding="spectral"),
+    result = cluster_data.cluster_cache(cache, clustering.ClusteringSettings(n_clusters=3, embedding="spectral"),
                                   save=False)
-    summary, prototypes = report.summarize(cache, result)
+    summary, prototypes = cluster_data.summarize(cache, result)
     assert summary["size"].sum() == len(cache)
     assert list(summary["rank"]) == [1, 2, 3]
     assert summary["suspicion"].is_monotonic_decreasing
     assert prototypes.shape == (3, cache.descriptors([0]).shape[1])
     np.testing.assert_allclose(prototypes.sum(axis=1), 1.0, atol=1e-4)   # means of unit-mass maps
     first = int(summary["cluster"].iloc[0])
-    members = report.members_by_suspicion(cache, result, first)
+    members = cluster_data.members_by_suspicion(cache, result, first)
     assert sorted(members.tolist()) == sorted(result.ids[result.labels == first].tolist())
 
 
@@ -114,7 +114,7 @@ def test_report_has_one_section_per_tag(cache):
     from analysis.review import DB_NAME, Review
 
     settings = clustering.ClusteringSettings(algorithm="agglomerative", n_clusters=3, embedding="spectral")
-    result = report.cluster_cache(cache, settings)
+    result = cluster_data.cluster_cache(cache, settings)
     options = report.ReportOptions(examples_per_tag=2)
     untagged = report.build_report(cache, result, options)
     assert 'id="tags"' not in untagged and not (Path(cache.root) / DB_NAME).exists()

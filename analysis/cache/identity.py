@@ -5,13 +5,16 @@
   stores to the same end;
 - state, which content: `cache_fingerprint(cache)` (the generation and the committed ids; the offline
   clustering's results record it) and `cache_state(cache)` (the identity and the manifest's progress stamps;
-  the dashboard's saved clusterings are keyed by it). A derived result made on another state is stale.
+  the dashboard's saved clusterings and cached computations are keyed by it), and `files_state(root)`, the same
+  question asked of the files before the cache is opened (the dashboard reopens a cache when it changes). A
+  derived result made on another state is stale.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,3 +66,12 @@ def cache_state(cache: Any) -> str:
     """Identifies what the cache holds, so a saved clustering of another cache in the same directory (before an
     --overwrite) or of an older state of this one is never reused."""
     return f"{cache.identity}|{cache.manifest.get('updated', '')}|{len(cache)}|{cache.manifest.get('finished', '')}"
+
+
+def files_state(root: Path | str) -> tuple:
+    """The state of a cache directory as its files show it, without opening it: the manifest's, the compacted
+    parts' and the shards' names and modification times. It changes when the job commits a shard or finishes,
+    so an open dashboard picks up a running job's progress on reload."""
+    root = Path(root)
+    parts = [root / "manifest.json", *sorted(root.glob("compact-*")), *sorted((root / "shards").glob("shard-*"))]
+    return tuple((p.name, p.stat().st_mtime_ns) for p in parts if p.exists())

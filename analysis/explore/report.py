@@ -19,12 +19,8 @@ import pandas as pd
 from analysis.explore import charts, clustering, statistics as explore, overlay
 from analysis.cache import Cache, CacheError
 from analysis.cache.classes import class_names, num_classes
-# The pages still read the Clusters page's data layer as report.<name> (cache_state, cluster_cache, summarize,
-# ...): re-exported here until the dashboard phase of issue 12 imports analysis.explore.cluster_data itself.
-from analysis.cache.identity import cache_state  # noqa: F401
-from analysis.explore.cluster_data import (RESULTS_DIR_NAME, class_consensus_of, cluster_cache,  # noqa: F401
-                                           cluster_label, members_by_suspicion, prototype_tile, result_path,
-                                           summarize)
+from analysis.explore.cluster_data import (cluster_cache, cluster_label, members_by_suspicion, prototype_tile,
+                                           result_path, summarize)
 
 SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration",
                  "deletion_auc", "insertion_auc")

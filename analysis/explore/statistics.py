@@ -243,6 +243,15 @@ def sample_rows(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
     return np.sort(rng.choice(n, size=max_rows, replace=False)).astype(np.int64)
 
 
+def default_flag_threshold(values: np.ndarray) -> float:
+    """The threshold the Background page flags images above at first: the 90th percentile of the finite
+    scores, rounded up to 0.01 (so about a tenth of the images is flagged), at most 1; 0.5 when none is finite."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.5
+    return float(min(1.0, np.ceil(np.quantile(finite, 0.9) * 100) / 100))
+
+
 def table_csv(frame: pd.DataFrame) -> bytes:
     """CSV bytes of table rows for a download. List columns (top5_classes, top5_probs) are written as
     space-separated values: pandas would print each numpy array's repr, which is both unreadable for a

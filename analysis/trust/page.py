@@ -231,6 +231,13 @@ def shortcut_verdict(summary: dict[str, float]) -> str:
     return "The region matters somewhat more than a random one."
 
 
+def shortcut_selection(table: pd.DataFrame, by: str, label: int, limit: int) -> np.ndarray:
+    """The ids the shortcut test runs on: the images whose `by` column ("label" or "pred") is `label`, a seeded
+    sample of at most `limit` of them (explore.sample_rows, seed 0: the same images on every run)."""
+    ids = table["id"].to_numpy()[table[by].to_numpy() == label]
+    return ids[explore.sample_rows(len(ids), int(limit), seed=0)]
+
+
 def region_tile(cache: Any, ids: np.ndarray, region: np.ndarray, size: int = 256) -> np.ndarray:
     """The mean of what the model saw of the images `ids` (up to 64 of them) with `region` (bool [h, w], the
     model's input) tinted red and outlined: uint8 [size, size, 3]."""

@@ -12,29 +12,24 @@ import streamlit as st
 
 from analysis.explore import charts, statistics as explore
 from analysis.cache import Cache
+from analysis.cache.classes import class_names, num_classes
 from dashboard import common, tagging
 
 VIEWS = {"overlay": "overlay", "map": "map only", "image": "image only"}
 ALL_CLASSES = -1
 
 
-def cache_key(cache: Cache) -> tuple:
-    """Identifies one state of a cache for st.cache_data (a running job changes `updated` and the length)."""
-    return str(cache.root), len(cache), str(cache.manifest.get("updated"))
-
-
 @st.cache_data(show_spinner="Comparing each map with its class consensus ...", max_entries=4)
-def consensus_scores(_cache: Cache, key: tuple) -> np.ndarray:
+def consensus_scores(_cache: Cache, key: str) -> np.ndarray:
     """consensus_dissimilarity of every row of the table (descriptors of all images: [n, D*D], small)."""
     table = _cache.table
     return explore.consensus_dissimilarity(_cache.descriptors(None, "positive"), table["pred"].to_numpy(),
-                                           table["correct"].to_numpy(),
-                                           len(_cache.manifest.get("class_names", [])) or int(table["pred"].max()) + 1)
+                                           table["correct"].to_numpy(), num_classes(_cache))
 
 
 def scored_table(cache: Cache) -> pd.DataFrame:
     table = cache.table
-    return table.assign(consensus_dissimilarity=consensus_scores(cache, cache_key(cache)))
+    return table.assign(consensus_dissimilarity=consensus_scores(cache, common.cache_key(cache)))
 
 
 def why_this_score(table: pd.DataFrame, score: str, default: str) -> str:
@@ -51,50 +46,36 @@ def why_this_score(table: pd.DataFrame, score: str, default: str) -> str:
     return f"Ranked by **`{score}`**: {what}. {reason}{chosen}"
 
 
-def default_threshold(values: np.ndarray) -> float:
-    """The 90th percentile, rounded up to 0.01, so that about a tenth of the images is flagged at first."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.5
-    return float(min(1.0, np.ceil(np.quantile(finite, 0.9) * 100) / 100))
-
-
-def main() -> None:
-    cache = common.get_cache()
-    table = scored_table(cache)
-    names = list(cache.manifest.get("class_names", []))
-    st.title("Background attention")
-
+def choose_settings(table: pd.DataFrame, names: list[str]) -> tuple[str, float, int, str]:
+    """The score (its default: the best available), the flagging threshold, the true class and the tiles'
+    kind, URL-bound; returns (score, threshold, class or ALL_CLASSES, view)."""
     scores = explore.available_attention_scores(table)
     default = scores[0]
     left, middle, right = st.columns([2, 2, 1])
-    score = left.selectbox("Score", scores, index=scores.index(common.query_value("score", default, choices=scores)),
-                           format_func=lambda s: f"{s} ({'needs a foreground' if s in explore.FOREGROUND_SCORES else 'annotation-free'})",
-                           key="bg_score")
-    common.set_query(score=score if score != default else None)
+    score = common.url_selectbox(
+        "Score", scores, "bg_score", default, param="score", where=left,
+        format_func=lambda s: f"{s} ({'needs a foreground' if s in explore.FOREGROUND_SCORES else 'annotation-free'})")
     st.markdown(why_this_score(table, score, default))
 
     values = table[score].to_numpy(np.float64)
     upper = float(max(1.0, np.nanmax(values))) if np.isfinite(values).any() else 1.0
-    threshold_default = default_threshold(values)
+    threshold_default = explore.default_flag_threshold(values)
     threshold = middle.slider("Flag images with a score of at least", 0.0, upper,
                               value=common.query_value("threshold", threshold_default, float, low=0.0, high=upper),
                               step=0.01, key=f"bg_threshold_{score}")
     common.set_query(threshold=f"{threshold:.2f}" if abs(threshold - threshold_default) > 1e-9 else None)
     class_options = [ALL_CLASSES] + sorted(int(c) for c in table["label"].unique())
-    chosen_class = middle.selectbox(
-        "True class", class_options,
-        index=class_options.index(common.query_value("class", ALL_CLASSES, int, choices=class_options)),
-        format_func=lambda c: "all classes" if c == ALL_CLASSES else (names[c] if c < len(names) else str(c)),
-        key="bg_class")
-    common.set_query(**{"class": chosen_class if chosen_class != ALL_CLASSES else None})
-    view = right.radio("Tiles", list(VIEWS), format_func=VIEWS.get,
-                       index=list(VIEWS).index(common.query_value("view", "overlay", choices=list(VIEWS))), key="bg_view")
-    common.set_query(view=view if view != "overlay" else None)
+    chosen_class = common.url_selectbox("True class", class_options, "bg_class", ALL_CLASSES, param="class",
+                                        where=middle,
+                                        format_func=lambda c: "all classes" if c == ALL_CLASSES else names[c])
+    view = common.url_radio("Tiles", list(VIEWS), "bg_view", "overlay", VIEWS.get, param="view", where=right)
+    return score, threshold, chosen_class, view
 
-    classes = None if chosen_class == ALL_CLASSES else [chosen_class]
-    in_scope = explore.rank_by_score(table, score, classes=classes)
-    flagged = explore.rank_by_score(table, score, threshold=threshold, classes=classes)
+
+def show_counts(table: pd.DataFrame, flagged: pd.DataFrame, in_scope: pd.DataFrame, score: str,
+                threshold: float) -> None:
+    """How many images are flagged, and the score's distribution overall and per class."""
+    values = table[score].to_numpy(np.float64)
     missing = int(table[score].isna().sum())
     a, b, c = st.columns(3)
     a.metric("Flagged images", f"{len(flagged):,}", help=f"{score} ≥ {threshold:.2f}")
@@ -111,6 +92,9 @@ def main() -> None:
         common.altair_chart(charts.class_score_chart(charts.class_score_frame(table, score), score,
                                                      threshold=threshold), width="content")
 
+
+def show_flagged(cache: Cache, flagged: pd.DataFrame, score: str, threshold: float, view: str) -> None:
+    """The flagged images, highest score first: filter by tag, gallery, tag them all, download them."""
     st.subheader(f"Flagged images, highest {score} first")
     if view == "overlay":
         st.caption("Red: relevance for the predicted class, blue: against it. Green outline: the object "
@@ -129,9 +113,21 @@ def main() -> None:
     if len(flagged):
         export = tagging.with_tags_column(
             cache, flagged[["id", "path", "label_name", "pred_name", "confidence", "correct", score]])
-        st.download_button("Download the flagged images (CSV)", export.to_csv(index=False).encode(),
-                           file_name=f"background_{score}_{threshold:.2f}.csv", mime="text/csv",
-                           icon=":material/download:", key="bg_csv")
+        common.csv_download("Download the flagged images (CSV)", export, f"background_{score}_{threshold:.2f}.csv",
+                            key="bg_csv")
 
 
-main()
+def main() -> None:
+    cache = common.get_cache()
+    table = scored_table(cache)
+    st.title("Background attention")
+    score, threshold, chosen_class, view = choose_settings(table, class_names(cache))
+    classes = None if chosen_class == ALL_CLASSES else [chosen_class]
+    in_scope = explore.rank_by_score(table, score, classes=classes)
+    flagged = explore.rank_by_score(table, score, threshold=threshold, classes=classes)
+    show_counts(table, flagged, in_scope, score, threshold)
+    show_flagged(cache, flagged, score, threshold, view)
+
+
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

@@ -5,17 +5,22 @@ The page only reads what `python -m analysis cluster` stored for every image of 
 true:<class>, pred:<class>; analysis/cluster_offline.py): nothing is clustered here, so a million-image cache
 opens as fast as a small one. The embedding is drawn as a density of every point plus a subsample of marks
 (analysis/cluster_display.py); a box dragged on it selects every image inside, drawn or not. Settings and the
-box live in the URL (c_scope, c_clust, c_focus, c_sel, c_gallery_page).
+box live in the URL (c_scope, c_clust, c_focus, c_sel, c_gallery_page, c_gallery_tag). The gallery's images
+(a whole cluster or the box) can be tagged, and filtered by tag (dashboard/tagging.py).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from analysis.cache import Cache
-from analysis.explore import charts, cluster_display as display, cluster_offline, report
-from dashboard import common
+from analysis.explore import charts, cluster_display as display, cluster_offline
+from analysis.explore.cluster_data import cluster_label, prototype_tile
+from analysis.review import Review, tag_views
+from dashboard import common, tagging
 
 PROTOTYPE_TILE = 120
 PROTOTYPES_PER_ROW = 6
@@ -47,49 +52,31 @@ def _stored(_found: cluster_offline.StoredScope, name: str, _choices: pd.DataFra
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _image_columns(_cache: Cache, state: str) -> pd.DataFrame:
+def _image_columns(_cache: Cache, key: str) -> pd.DataFrame:
     """id, label_name, pred_name, correct, confidence of every image, indexed by id (no list columns: cheap at a
     million rows)."""
     return _cache.columns(["id", "label_name", "pred_name", "correct", "confidence"]).set_index("id")
-
-
-def _select(label: str, options: list, key: str, default, format_func=str, **kwargs):
-    """A selectbox whose value starts from the URL (?key=...) and is written back to it."""
-    value = common.query_value(key, default, type(options[0]), options)
-    chosen = st.selectbox(label, options, index=options.index(value), key=key, format_func=format_func, **kwargs)
-    common.set_query(**{key: chosen if chosen != default else None})
-    return chosen
 
 
 def _number(value: float, digits: int = 2) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _members_csv(cache: Cache, ids: np.ndarray, clusters: pd.Series) -> bytes:
-    """The selected images' table rows with their cluster (built only when the download is clicked)."""
+def members_table(cache: Cache, ids: Sequence[int], clusters: pd.Series, review: Review | None) -> pd.DataFrame:
+    """The selected images' table rows with their cluster and tags (built only when the download is clicked)."""
     rows = cache.columns(["id", "path", "label_name", "pred_name", "confidence", "correct", "background_share",
                           "background_hotspot", "border_share"]).set_index("id").loc[ids].reset_index()
     rows.insert(1, "cluster", clusters.loc[ids].to_numpy())
-    return rows.to_csv(index=False).encode()
+    return rows.assign(tags="") if review is None else tag_views.with_tags(rows, review)
 
 
-def main() -> None:
-    cache = common.get_cache()
-    st.title("Clusters")
-    st.caption("Every image of the chosen scope, clustered offline by how its explanation looks; clusters ranked by "
-               "suspicion (relevance off the object or on the border, errors, a map unlike its class's usual one), "
-               "so a shortcut shows first.")
-    scopes = cache.clustering_scopes()
-    if not scopes:
-        st.info(missing_results(cache), icon=":material/info:")
-        st.stop()
-
-    # -------------------------------------------------------------------------------------------- settings
+def choose_clustering(cache: Cache, scopes: list[str]) -> tuple[str, cluster_offline.StoredClustering]:
+    """The scope and clustering menus (URL-bound); a new scope clears the previous one's cluster, layout and box."""
     row = st.columns([2, 3])
     with row[0]:
-        scope = _select("Scope", scopes, "c_scope", scopes[0], display.scope_label,
-                        help="pred:<class>: what the model looked at when it said that class -- where a shortcut's "
-                             "images of other classes land.")
+        scope = common.url_selectbox("Scope", scopes, "c_scope", scopes[0], display.scope_label,
+                                     help="pred:<class>: what the model looked at when it said that class -- where "
+                                          "a shortcut's images of other classes land.")
     if st.session_state.get("c_last_scope", scope) != scope:   # another scope: its own clusters, layout and box
         for key in ("c_clust", "c_focus", "c_gallery_page", "c_scatter", "c_last_selection"):
             st.session_state.pop(key, None)
@@ -98,33 +85,25 @@ def main() -> None:
     default = cache.clustering(scope)                  # newest run, its first algorithm, the eigengap's k
     choices = default.choices
     labels = display.choice_labels(choices)
-    keys = list(labels)
     with row[1]:
-        chosen = _select("Clustering", keys, "c_clust", display.choice_key(default.settings.key(), default.name),
-                         labels.get)
+        chosen = common.url_selectbox("Clustering", list(labels), "c_clust",
+                                      display.choice_key(default.settings.key(), default.name), labels.get)
     run, name = chosen.split("/", 1)
     found = next(s for s in cluster_offline.stored_scopes(cache.root, cluster_offline.cache_fingerprint(cache))
                  if s.fresh and s.scope == scope and s.settings.key() == run)
-    stored = _stored(found, name, choices, (str(found.path), found.meta.get("created"), name))
-    summary = stored.summary
-    assignments = stored.assignments
-    for message in stored.messages:      # e.g. every map of the scope alike: one cluster
-        st.info(f"{display.scope_label(scope)}: {message}.", icon=":material/info:")
-    if not len(summary):
-        st.info(f"The scope {display.scope_label(scope)} holds no image.")
-        st.stop()
+    return scope, _stored(found, name, choices, (str(found.path), found.meta.get("created"), name))
 
-    # -------------------------------------------------------------------------------------------- metrics
+
+def show_metrics(stored: cluster_offline.StoredClustering, verdicts: dict[int, str]) -> None:
+    """The headline numbers, and how unusual the top cluster is against random partitions."""
+    summary, calibration, verification = stored.summary, stored.calibration, stored.verification
     top = summary.iloc[0]
-    calibration = stored.calibration
-    verification = stored.verification
-    verdicts = {} if verification is None else dict(zip(verification["cluster"].astype(int), verification["verdict"]))
     metrics = st.columns(5)
     metrics[0].metric("Images clustered", f"{stored.n:,}", help="Every image of the scope: no sample.")
     metrics[1].metric("Clusters", f"{len(summary)}", f"k from the {stored.k_from}", delta_color="off",
                       delta_arrow="off")
     metrics[2].metric("Eigengap suggests k", f"{stored.suggested_k}")
-    metrics[3].metric("Most suspicious", f"{report.cluster_label(int(top['cluster']))}",
+    metrics[3].metric("Most suspicious", f"{cluster_label(int(top['cluster']))}",
                       f"suspicion {_number(top['suspicion'])}", delta_color="off", delta_arrow="off")
     metrics[4].metric("Its verdict", verdicts.get(int(top["cluster"]), "not verified"),
                       help="The causal test (`cluster --verify-top N`, needs the model): blur the region its "
@@ -139,10 +118,10 @@ def main() -> None:
                    "test's" + ("." if verification is not None else
                                f" (not run here: `{COMMAND} --verify-top 3`)."))
 
-    # -------------------------------------------------------------------------------------------- embedding
-    cluster_order = summary["cluster"].astype(int).tolist()
-    focus = common.query_value("c_focus", cluster_order[0], int, cluster_order)
-    images = _image_columns(cache, report.cache_state(cache))
+
+def show_embedding(stored: cluster_offline.StoredClustering, images: pd.DataFrame, focus: int) -> np.ndarray | None:
+    """The 2-D layout (density + sampled marks) and the eigenvalues; returns the ids inside the box dragged on
+    the layout or carried by the link (?c_sel=), None without a box."""
     points = stored.display_points(DRAWN_POINTS)
     points = points.join(images[["label_name", "pred_name", "correct"]], on="id")
     counts, x_edges, y_edges = stored.density()
@@ -166,40 +145,40 @@ def main() -> None:
                             key="c_eigen")
             st.caption("Smallest eigenvalues of the kNN graph's normalised Laplacian: k well-separated groups give "
                        "k values near 0, then a jump (the eigengap).")
-
-    # The box lives in the browser; mirror it in the URL so a copied link shows the same images. Only a *change*
-    # of the chart's selection is written, so opening a link does not wipe the box it carries.
+    # The box lives in the browser; mirror it in the URL so a copied link shows the same images (only a new
+    # selection is written, so opening a link does not wipe the box it carries).
     box = display.box_from_event(event)
     encoding = display.encode_box(*box) if box else None
-    if st.session_state.get("c_last_selection", "unset") != encoding:
-        if "c_last_selection" in st.session_state or encoding is not None:
-            common.set_query(c_sel=encoding)
-        st.session_state["c_last_selection"] = encoding
+    if common.new_selection(encoding, "c_last_selection"):
+        common.set_query(c_sel=encoding)
     if box is None:
         box = display.decode_box(common.query_value("c_sel", None))
-    selected = stored.ids_in_box(*box) if box else None
+    return stored.ids_in_box(*box) if box else None
 
-    # -------------------------------------------------------------------------------------------- clusters
+
+def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, str]) -> None:
+    """The most suspicious clusters as cards (prototype, suspicion and its parts), then all of them as a table."""
+    summary, verification = stored.summary, stored.verification
     st.subheader("Clusters, most suspicious first")
     parts = display.suspicion_parts(summary)
-    tiles = [report.prototype_tile(p, PROTOTYPE_TILE) for p in stored.prototypes[:CARDS]]
+    tiles = [prototype_tile(p, PROTOTYPE_TILE) for p in stored.prototypes[:CARDS]]
     for start in range(0, min(CARDS, len(summary)), PROTOTYPES_PER_ROW):
         columns = st.columns(PROTOTYPES_PER_ROW)
         for column, position in zip(columns, range(start, min(start + PROTOTYPES_PER_ROW, CARDS, len(summary)))):
             record, part = summary.iloc[position], parts.iloc[position]
             cluster = int(record["cluster"])
             with column:
-                st.image(tiles[position], caption=f"prototype {report.cluster_label(cluster)}", width=PROTOTYPE_TILE)
+                st.image(tiles[position], caption=f"prototype {cluster_label(cluster)}", width=PROTOTYPE_TILE)
                 verdict = verdicts.get(cluster)
                 st.markdown(
-                    f"**#{record['rank']} {report.cluster_label(cluster)}** · suspicion "
+                    f"**#{record['rank']} {cluster_label(cluster)}** · suspicion "
                     f"**{_number(record['suspicion'])}**  \n{record['size']:,} images, accuracy "
                     f"{record['accuracy']:.0%}  \n"
                     + " · ".join(f"{label} {_number(part[key])}" for key, label in display.SUSPICION_PARTS.items())
                     + f"  \nz = {_number(record.get('suspicion_z', np.nan), 1)}"
                     + (f"  \nverdict: {VERDICT_ICONS.get(verdict, verdict)}" if verdict else "")
                     + f"  \n{record['class_mix']}")
-    table = summary.assign(cluster=summary["cluster"].map(report.cluster_label),
+    table = summary.assign(cluster=summary["cluster"].map(cluster_label),
                            **{f"{key}": parts[key] for key in display.SUSPICION_PARTS if key != "border_share"})
     table["verdict"] = [verdicts.get(int(c), "") for c in summary["cluster"]]
     st.dataframe(table[["rank", "cluster", "size", "accuracy", "class_mix", "off_object", "border_share",
@@ -215,30 +194,66 @@ def main() -> None:
         with st.expander("The causal test of the top clusters"):
             st.dataframe(verification, hide_index=True, width="stretch")
 
-    # -------------------------------------------------------------------------------------------- gallery
+
+def show_images(cache: Cache, stored: cluster_offline.StoredClustering, images: pd.DataFrame,
+                selected: np.ndarray | None) -> None:
+    """The images of the box, or of the cluster chosen in the menu (mistakes first): filter by tag, tag them
+    all, download them, and the gallery."""
+    summary = stored.summary
+    cluster_order = summary["cluster"].astype(int).tolist()
     st.subheader("Images")
     if selected is not None:
         st.markdown(f"**{len(selected):,} images in the box** (every image of the scope inside it, drawn or not).")
-        shown = selected
+        selection = selected
         source, csv_name = "the box selection", "box_selection.csv"
     else:
-        focus = _select("Cluster", cluster_order, "c_focus", cluster_order[0],
-                        lambda c: f"{report.cluster_label(c)} (rank {cluster_order.index(c) + 1}, "
-                                  f"{int(summary.loc[summary['cluster'] == c, 'size'].iloc[0]):,} images)",
-                        help="Or drag a box on the chart.")
+        focus = common.url_selectbox(
+            "Cluster", cluster_order, "c_focus", cluster_order[0],
+            lambda c: f"{cluster_label(c)} (rank {cluster_order.index(c) + 1}, "
+                      f"{int(summary.loc[summary['cluster'] == c, 'size'].iloc[0]):,} images)",
+            help="Or drag a box on the chart.")
         members = stored.members(focus)
-        shown = members[np.argsort(images.loc[members, "correct"].to_numpy(), kind="stable")]   # mistakes first
-        source, csv_name = f"cluster {report.cluster_label(focus)}", f"cluster_{report.cluster_label(focus)}.csv"
+        selection = members[np.argsort(images.loc[members, "correct"].to_numpy(), kind="stable")]   # mistakes first
+        source, csv_name = f"cluster {cluster_label(focus)}", f"cluster_{cluster_label(focus)}.csv"
+    shown = tagging.tag_filter(cache, selection, key="c_gallery", container=st.columns([2, 3])[0])
+    if shown:
+        tagging.tag_controls(cache, shown, key="c_tagging",
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of {source}" +
+                                  (" (every page)" if len(shown) == len(selection) else " that pass the filter"))
+    by_cluster = stored.assignments.set_index("id")["cluster"]
+    review = tagging.get_review(cache)   # for the tags column, read only when the download is clicked
+    common.csv_download(f"Download {source} (CSV)",
+                        lambda ids=selection: members_table(cache, ids, by_cluster, review), csv_name, key="c_csv")
+    common.gallery(cache, shown, key="c_gallery", captions=tagging.captions_with_tags(
+        cache, shown, lambda i: f"#{i} {images.at[i, 'label_name']}→{images.at[i, 'pred_name']}"))
 
-    # ----- TAGGING SPOT (issue 14): a "tag these images" control goes here, wired in by the lead from
-    # ----- dashboard/tagging.py. It gets `shown` (every id of the focused cluster or of the box, not only the
-    # ----- gallery's page) and `source` (what they are, for the tag's note).
 
-    by_cluster = assignments.set_index("id")["cluster"]
-    common.deferred_download(f"Download {source} (CSV)", lambda ids=shown: _members_csv(cache, ids, by_cluster),
-                             csv_name, "text/csv", "c_csv", icon=":material/download:")
-    common.gallery(cache, shown, key="c_gallery",
-                   captions=lambda i: f"#{i} {images.at[i, 'label_name']}→{images.at[i, 'pred_name']}")
+def main() -> None:
+    cache = common.get_cache()
+    st.title("Clusters")
+    st.caption("Every image of the chosen scope, clustered offline by how its explanation looks; clusters ranked by "
+               "suspicion (relevance off the object or on the border, errors, a map unlike its class's usual one), "
+               "so a shortcut shows first.")
+    scopes = cache.clustering_scopes()
+    if not scopes:
+        st.info(missing_results(cache), icon=":material/info:")
+        st.stop()
+    scope, stored = choose_clustering(cache, scopes)
+    for message in stored.messages:      # e.g. every map of the scope alike: one cluster
+        st.info(f"{display.scope_label(scope)}: {message}.", icon=":material/info:")
+    if not len(stored.summary):
+        st.info(f"The scope {display.scope_label(scope)} holds no image.")
+        st.stop()
+    verification = stored.verification
+    verdicts = {} if verification is None else dict(zip(verification["cluster"].astype(int), verification["verdict"]))
+    show_metrics(stored, verdicts)
+    cluster_order = stored.summary["cluster"].astype(int).tolist()
+    focus = common.query_value("c_focus", cluster_order[0], int, cluster_order)
+    images = _image_columns(cache, common.cache_key(cache))
+    selected = show_embedding(stored, images, focus)
+    show_clusters(stored, verdicts)
+    show_images(cache, stored, images, selected)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

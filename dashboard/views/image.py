@@ -8,9 +8,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import statistics as explore, overlay, report
+from analysis.cache import Cache
+from analysis.cache.classes import class_names
+from analysis.explore import statistics as explore, overlay
 from analysis.pipeline.geometry import covers_image
 from dashboard import common, tagging
+from dashboard.concept_widgets import image_concepts
 
 VIEW_SIZE = 480    # long side of the big panels (the image keeps its aspect ratio)
 NEIGHBOURS = 8
@@ -19,65 +22,61 @@ SCORES = ("confidence", "background_share", "background_hotspot", "border_share"
 
 
 @st.cache_data(show_spinner="Reading the descriptors ...", max_entries=2)
-def _descriptors(_cache, state: str) -> np.ndarray:
+def _descriptors(_cache, key: str) -> np.ndarray:
     """Every image's positive descriptor, in table order (one read per cache state)."""
     return _cache.descriptors(None, "positive")
 
 
-def _view(tile: np.ndarray, caption: str) -> None:
-    st.image(tile, caption=caption, width="stretch")
+def choose_view(ids: np.ndarray) -> tuple[int, float, str]:
+    """The image id (?id=, an unknown id falls back to the first), overlay opacity and colour map (URL-bound)."""
+    known = set(ids.tolist())
+    requested = common.query_value("id", int(ids[0]), int)
+    if requested not in known:
+        st.warning(f"There is no explained image with id {requested}; showing #{int(ids[0])}.")
+        requested = int(ids[0])
+    controls = st.columns([1, 1, 1, 2])
+    with controls[0]:
+        image_id = int(st.number_input("Image id", int(ids.min()), int(ids.max()), requested,
+                                       key=f"img_id_{requested}"))
+        if image_id not in known:
+            st.caption(f"No image with id {image_id}; showing #{requested}.")
+            image_id = requested
+    with controls[1]:
+        opacity = float(st.slider("Overlay opacity", 0.0, 1.0,
+                                  common.query_value("opacity", 0.6, float, low=0.0, high=1.0), 0.05,
+                                  key="img_opacity"))
+    with controls[2]:
+        colormaps = list(overlay.COLORMAPS)
+        colormap = common.url_selectbox("Colour map", colormaps, "img_cmap", overlay.DEFAULT_COLORMAP, param="cmap")
+    common.set_query(id=image_id, opacity=opacity if opacity != 0.6 else None)
+    return image_id, opacity, colormap
 
 
-cache = common.get_cache()
-table = cache.table
-state = f"{cache.root}|{report.cache_state(cache)}"  # st.cache_data key: which cache, in which state
-names = report.class_names(cache)
-ids = table["id"].to_numpy(np.int64)
+def show_panels(cache: Cache, row: pd.Series, image_id: int, opacity: float, colormap: str) -> None:
+    """The original, the prediction's overlay and map, and the true class's when the prediction is wrong."""
+    render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE, letterbox=False)
+    panels = [("original", common.tiles_for(cache, [image_id], "image", size=VIEW_SIZE, letterbox=False)[0]),
+              (f"FG-CAM for the prediction ({row['pred_name']})",
+               common.tiles_for(cache, [image_id], "overlay", "pred", **render)[0]),
+              ("map (prediction)", common.tiles_for(cache, [image_id], "map", "pred", **render)[0])]
+    if not row["correct"]:
+        panels += [(f"FG-CAM for the true class ({row['label_name']})",
+                    common.tiles_for(cache, [image_id], "overlay", "true", **render)[0]),
+                   ("map (true class)", common.tiles_for(cache, [image_id], "map", "true", **render)[0])]
+    for column, (caption, tile) in zip(st.columns(len(panels)), panels):
+        with column:
+            st.image(tile, caption=caption, width="stretch")
+    st.caption("Red: evidence for the class, blue: against it (symmetric scale per map). A green line outlines the "
+               "object when the cache knows its mask or box.")
+    show_placement(cache, image_id)
 
-st.title("Image")
-requested = common.query_value("id", int(ids[0]), int)
-if requested not in set(ids.tolist()):
-    st.warning(f"There is no explained image with id {requested}; showing #{int(ids[0])}.")
-    requested = int(ids[0])
 
-controls = st.columns([1, 1, 1, 2])
-with controls[0]:
-    image_id = int(st.number_input("Image id", int(ids.min()), int(ids.max()), requested, key=f"img_id_{requested}"))
-    if image_id not in set(ids.tolist()):
-        st.caption(f"No image with id {image_id}; showing #{requested}.")
-        image_id = requested
-with controls[1]:
-    opacity = float(st.slider("Overlay opacity", 0.0, 1.0,
-                              common.query_value("opacity", 0.6, float, low=0.0, high=1.0), 0.05, key="img_opacity"))
-with controls[2]:
-    colormaps = list(overlay.COLORMAPS)
-    colormap = st.selectbox("Colour map", colormaps,
-                            index=colormaps.index(common.query_value("cmap", overlay.DEFAULT_COLORMAP, str,
-                                                                     colormaps)), key="img_cmap")
-common.set_query(id=image_id, opacity=opacity if opacity != 0.6 else None,
-                 cmap=colormap if colormap != overlay.DEFAULT_COLORMAP else None)
-
-row = table.loc[table["id"] == image_id].iloc[0]
-verdict = "correct" if row["correct"] else "wrong"
-st.markdown(f"**#{image_id}** `{row['path']}` · true **{row['label_name']}**, predicted **{row['pred_name']}** "
-            f"({row['confidence']:.1%}) · {':green[correct]' if row['correct'] else ':red[wrong]'}")
-
-render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE, letterbox=False)
-panels = [("original", common.tiles_for(cache, [image_id], "image", size=VIEW_SIZE, letterbox=False)[0]),
-          (f"FG-CAM for the prediction ({row['pred_name']})",
-           common.tiles_for(cache, [image_id], "overlay", "pred", **render)[0]),
-          ("map (prediction)", common.tiles_for(cache, [image_id], "map", "pred", **render)[0])]
-if not row["correct"]:
-    panels += [(f"FG-CAM for the true class ({row['label_name']})",
-                common.tiles_for(cache, [image_id], "overlay", "true", **render)[0]),
-               ("map (true class)", common.tiles_for(cache, [image_id], "map", "true", **render)[0])]
-for column, (caption, tile) in zip(st.columns(len(panels)), panels):
-    with column:
-        _view(tile, caption)
-st.caption("Red: evidence for the class, blue: against it (symmetric scale per map). A green line outlines the "
-           "object when the cache knows its mask or box.")
-geometry = cache.geometry(image_id)
-if geometry["known"]:
+def show_placement(cache: Cache, image_id: int) -> None:
+    """One line: which region of the image the model saw, at which input size and aspect change."""
+    geometry = cache.geometry(image_id)
+    if not geometry["known"]:
+        common.placement_notice(cache, [image_id])
+        return
     x0, y0, x1, y1 = geometry["crop_box"]
     width, height = geometry["width"], geometry["height"]
     if covers_image(geometry["crop_box"], width, height, tolerance=0.5):
@@ -90,28 +89,31 @@ if geometry["known"]:
     stretch = "" if aspect is None or abs(aspect - 1) < 0.01 else \
         f"; its aspect ratio changed: width scaled {aspect:.2f} times as much as height"
     st.caption(f"The model saw {where}" + (f" as a {size[0]} x {size[1]} input" if size else "") + stretch + ".")
-else:
-    common.placement_notice(cache, [image_id])
 
-st.subheader("Tags")
-tagging.image_tags(cache, image_id, key="img")
 
-st.subheader("Scores")
-present = [s for s in SCORES if s in table.columns and pd.notna(row[s])]
-for column, score in zip(st.columns(max(1, len(present))), present):
-    column.metric(score.replace("_", " "), f"{row[score]:.3f}", help=explore.SCORE_DESCRIPTIONS.get(score))
-top5 = pd.DataFrame({"class": [names[int(c)] if 0 <= int(c) < len(names) else str(c) for c in row["top5_classes"]],
-                     "probability": np.asarray(row["top5_probs"], np.float64)})
-st.dataframe(top5, hide_index=True, column_config={
-    "probability": st.column_config.ProgressColumn("probability", format="percent", min_value=0, max_value=1)})
+def show_scores(table: pd.DataFrame, row: pd.Series, names: list[str]) -> None:
+    st.subheader("Scores")
+    present = [s for s in SCORES if s in table.columns and pd.notna(row[s])]
+    for column, score in zip(st.columns(max(1, len(present))), present):
+        column.metric(score.replace("_", " "), f"{row[score]:.3f}", help=explore.SCORE_DESCRIPTIONS.get(score))
+    top5 = pd.DataFrame({"class": [names[int(c)] if 0 <= int(c) < len(names) else str(c)
+                                   for c in row["top5_classes"]],
+                         "probability": np.asarray(row["top5_probs"], np.float64)})
+    st.dataframe(top5, hide_index=True, column_config={
+        "probability": st.column_config.ProgressColumn("probability", format="percent", min_value=0, max_value=1)})
 
-st.subheader("Nearest neighbours in explanation space")
-st.caption("Images whose (positive, unit-mass) maps point the same way: cosine distance of the descriptors.")
-position = int(np.searchsorted(ids, image_id))
-rows, distances = explore.nearest_neighbours(_descriptors(cache, state), position, NEIGHBOURS)
-if len(rows) == 0:
-    st.info("This map has no positive relevance, so it has no direction to compare.")
-else:
+
+def show_neighbours(cache: Cache, image_id: int, opacity: float, colormap: str) -> None:
+    """The images whose maps point the same way, each a button that opens it here."""
+    table = cache.table
+    ids = table["id"].to_numpy(np.int64)
+    st.subheader("Nearest neighbours in explanation space")
+    st.caption("Images whose (positive, unit-mass) maps point the same way: cosine distance of the descriptors.")
+    position = int(np.searchsorted(ids, image_id))
+    rows, distances = explore.nearest_neighbours(_descriptors(cache, common.cache_key(cache)), position, NEIGHBOURS)
+    if len(rows) == 0:
+        st.info("This map has no positive relevance, so it has no direction to compare.")
+        return
     neighbour_ids = ids[rows]
     neighbours = table.set_index("id").loc[neighbour_ids]
     tiles = common.tiles_for(cache, neighbour_ids, "overlay", "pred", opacity=opacity, colormap=colormap)
@@ -125,3 +127,26 @@ else:
                       on_click=common.set_query, kwargs={"id": int(neighbour)}, icon=":material/open_in_new:",
                       width="stretch")
             st.caption(f"distance {distance:.3f}" + ("" if info["correct"] else " · wrong"))
+
+
+def main() -> None:
+    cache = common.get_cache()
+    table = cache.table
+    st.title("Image")
+    image_id, opacity, colormap = choose_view(table["id"].to_numpy(np.int64))
+    row = table.loc[table["id"] == image_id].iloc[0]
+    st.markdown(f"**#{image_id}** `{row['path']}` · true **{row['label_name']}**, predicted **{row['pred_name']}** "
+                f"({row['confidence']:.1%}) · {':green[correct]' if row['correct'] else ':red[wrong]'}")
+    show_panels(cache, row, image_id, opacity, colormap)
+    st.subheader("Tags")
+    tagging.image_tags(cache, image_id, key="img")
+    st.subheader("Concepts")
+    st.caption("The CAM-layer channels that carry most of this image's evidence for the prediction, each with its own "
+               "map (the Concepts page has their reference images).")
+    image_concepts(cache, image_id, which="pred")
+    show_scores(table, row, class_names(cache))
+    show_neighbours(cache, image_id, opacity, colormap)
+
+
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

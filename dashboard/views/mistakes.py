@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import charts, report, statistics as explore
+from analysis.cache.classes import class_names
+from analysis.explore import charts, statistics as explore
 from analysis.review import tag_views
 from analysis.cache import Cache
 from dashboard import common, tagging
@@ -20,17 +21,6 @@ VIEWS = {"confusions": "Confusion matrix", "label_errors": "Likely label errors"
 LABEL_ERROR_TOP = 24
 PAIRS_PER_PAGE = 8
 PAIR_TILE = 150
-
-
-def n_classes(cache: Cache) -> int:
-    names = cache.manifest.get("class_names") or []
-    table = cache.table
-    return max(len(names), int(max(table["label"].max(), table["pred"].max())) + 1)
-
-
-def class_names(cache: Cache) -> list[str]:
-    names = list(cache.manifest.get("class_names") or [])
-    return names + [str(i) for i in range(len(names), n_classes(cache))]
 
 
 def open_cell(true: int, pred: int) -> None:
@@ -63,9 +53,8 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
         st.info("No image falls in this cell.")
         return
     export = tagging.with_tags_column(cache, rows[["id", "path", "label_name", "pred_name", "confidence"]])
-    st.download_button("Download this cell's images (CSV)", export.to_csv(index=False).encode(),
-                       file_name=f"mistakes_{names[true]}_as_{names[pred]}.csv", mime="text/csv",
-                       icon=":material/download:", key="mk_csv")
+    common.csv_download("Download this cell's images (CSV)", export,
+                        f"mistakes_{names[true]}_as_{names[pred]}.csv", key="mk_csv")
     if true == pred:
         st.caption("A diagonal cell: the model was right, so the map of the predicted class is the map of the "
                    "true class. Most confident first.")
@@ -79,13 +68,7 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
     tagging.tag_controls(cache, ids, key="mk_tagging",
                          what=f"the {len(ids):,} image{'s' if len(ids) != 1 else ''} of this cell" +
                               ("" if len(ids) == len(rows) else " that pass the filter"))
-    pages = (len(ids) + PAIRS_PER_PAGE - 1) // PAIRS_PER_PAGE
-    page = 1
-    if pages > 1:
-        page = int(st.number_input(f"Page (of {pages})", 1, pages, key="mk_page",
-                                   value=common.query_value("mk_page", 1, int, low=1, high=pages)))
-        common.set_query(mk_page=page if page > 1 else None)
-    shown = ids[(page - 1) * PAIRS_PER_PAGE: page * PAIRS_PER_PAGE]
+    shown = common.paginate(ids, PAIRS_PER_PAGE, "mk_page")
     images = common.tiles_for(cache, shown, kind="image", size=PAIR_TILE)
     pred_maps = common.tiles_for(cache, shown, kind="overlay", which="pred", size=PAIR_TILE)
     true_maps = pred_maps if true == pred else common.tiles_for(cache, shown, kind="overlay", which="true",
@@ -111,7 +94,7 @@ def label_errors(_cache: Cache, state: str):
 
 def show_label_errors(cache: Cache) -> None:
     """Every image ranked by how likely its label is wrong (Cleanlab), as a sortable table and a gallery."""
-    frame = label_errors(cache, f"{cache.root}|{report.cache_state(cache)}")
+    frame = label_errors(cache, common.cache_key(cache))
     st.markdown("Every image ranked by **label quality** (Cleanlab's self-confidence: the model's probability of "
                 "the given label; lowest first = most likely mislabelled). Click a column header to sort.")
     st.caption("The probabilities are the model's own, in-sample for images it was trained on: a model that "
@@ -126,8 +109,7 @@ def show_label_errors(cache: Cache) -> None:
         "label_quality": st.column_config.NumberColumn("label quality", format="%.3g"),
         "confidence": st.column_config.NumberColumn("confidence", format="percent"),
         "path": st.column_config.TextColumn("path", width="medium")})
-    st.download_button("Download the ranking (CSV)", with_tags.to_csv(index=False).encode(),
-                       file_name="label_errors.csv", mime="text/csv", icon=":material/download:", key="mk_le_csv")
+    common.csv_download("Download the ranking (CSV)", with_tags, "label_errors.csv", key="mk_le_csv")
     st.subheader("The most likely label errors")
     left, right, _ = st.columns([1, 2, 2])
     top = int(left.number_input("How many", 1, len(frame), key="mk_le_top",
@@ -151,9 +133,7 @@ def main() -> None:
     names = class_names(cache)
     n = len(names)
     st.title("Mistakes")
-    view = st.radio("Show", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="mk_view",
-                    index=list(VIEWS).index(common.query_value("mk_view", "confusions", choices=list(VIEWS))))
-    common.set_query(mk_view=view if view != "confusions" else None)
+    view = common.url_radio("Show", list(VIEWS), "mk_view", "confusions", VIEWS.get, horizontal=True)
     if view == "label_errors":
         show_label_errors(cache)
         return
@@ -163,9 +143,8 @@ def main() -> None:
                 f"({wrong / max(1, int(matrix.sum())):.1%}). Click a cell of the matrix, or a row of the top "
                 "confusions, to see its images.")
 
-    value = st.radio("Colour cells by", list(VALUES), format_func=VALUES.get, horizontal=True, key="mk_value",
-                     index=list(VALUES).index(common.query_value("value", "count", choices=list(VALUES))))
-    common.set_query(value=value if value != "count" else None)
+    value = common.url_radio("Colour cells by", list(VALUES), "mk_value", "count", VALUES.get, param="value",
+                             horizontal=True)
 
     frame = explore.confusion_frame(matrix, names)
     selected = selected_cell(n)
@@ -177,13 +156,9 @@ def main() -> None:
                                                                                    selectable=False),
                                   "confusion_matrix.png", "mk_matrix_png")
     clicked = chart_selection(event)
-    # Only a new click moves the view: the chart keeps reporting its last click, which must not override a
-    # cell opened since from the list or from a link.
-    if clicked != st.session_state.get("mk_last_click"):
-        st.session_state["mk_last_click"] = clicked
-        if clicked is not None and clicked != selected:
-            open_cell(*clicked)
-            st.rerun()
+    if common.new_selection(clicked, "mk_last_click") and clicked is not None and clicked != selected:
+        open_cell(*clicked)
+        st.rerun()
 
     with right:
         st.markdown("**Top confusions**")
@@ -202,4 +177,5 @@ def main() -> None:
     show_cell(cache, table[(table["label"] == true) & (table["pred"] == pred)], names, true, pred)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

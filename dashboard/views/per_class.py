@@ -4,7 +4,7 @@ Each class gets its mean image (a sample of its images) beside the mean map of i
 wrongly classified images (every image's positive map scaled to unit mass, so each image counts once). The mean
 maps are read from CACHE/analysis/class_maps.parquet, which `python -m analysis cluster` streams through the
 cache shard by shard (analysis.explore.cluster_offline.compute_class_aggregates): the page never reads every map.
-Opening a class (?class=K) shows bigger maps and its images. View state in the URL: class, show, pc_page.
+Opening a class (?class=K) shows bigger maps and its images. View state in the URL: class, show, pc_page, pc_tag.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import streamlit as st
 
 from analysis.explore import cluster_offline, statistics as explore, overlay, report
 from analysis.cache import Cache
-from dashboard import common
+from analysis.cache.classes import class_names
+from dashboard import common, tagging
 
 MEAN_IMAGE_SAMPLE = 64     # images averaged into a class's mean image (read from disk once, then cached)
 GRID_TILE = 96
@@ -23,14 +24,10 @@ GRID_CLASSES_PER_PAGE = 24
 SHOW = {"all": "all images", "correct": "correct only", "wrong": "wrong only"}
 
 
-def cache_key(cache: Cache) -> tuple:
-    return str(cache.root), len(cache), str(cache.manifest.get("updated"))
-
-
 def class_maps_stamp(cache: Cache) -> tuple:
     """Changes when the cluster command (re)writes the per-class aggregates, so an open page picks them up."""
     path = cluster_offline.results_root(cache.root) / cluster_offline.CLASS_MAPS_FILE
-    return cache_key(cache), path.stat().st_mtime_ns if path.exists() else None
+    return common.cache_key(cache), path.stat().st_mtime_ns if path.exists() else None
 
 
 @st.cache_data(show_spinner="Reading the mean maps of each class ...", max_entries=4)
@@ -58,20 +55,16 @@ def map_tile(mean_map: np.ndarray, count: int, size: int) -> np.ndarray:
     return overlay.heat(mean_map, size)
 
 
-def class_name(names: list[str], label: int) -> str:
-    return names[label] if label < len(names) else str(label)
-
-
 @st.cache_data(show_spinner="Drawing the grid ...", max_entries=4)
 def grid_png(_cache: Cache, key: tuple, classes: tuple[int, ...]) -> bytes:
     """The grid as one PNG: per class, mean image | correct mean map | wrong mean map."""
-    cache, names, means = _cache, list(_cache.manifest.get("class_names") or []), mean_maps(_cache, key)
+    cache, names, means = _cache, class_names(_cache), mean_maps(_cache, key)
     tiles, captions = [], []
     for label in classes:
-        tiles += [class_mean_image(cache, cache_key(cache), label, GRID_TILE * 2),
+        tiles += [class_mean_image(cache, common.cache_key(cache), label, GRID_TILE * 2),
                   map_tile(means.correct[label], int(means.n_correct[label]), GRID_TILE * 2),
                   map_tile(means.wrong[label], int(means.n_wrong[label]), GRID_TILE * 2)]
-        name = class_name(names, label)
+        name = names[label]
         captions += [f"{name}: mean image", f"correct (n={means.n_correct[label]})",
                      f"wrong (n={means.n_wrong[label]})"]
     return overlay.png_bytes(overlay.image_grid(tiles, captions, columns=3, caption_height=20))
@@ -90,12 +83,12 @@ def show_grid(cache: Cache, means: explore.ClassMeanMaps, names: list[str], clas
     for start in range(0, len(classes), GRID_COLUMNS):
         for column, label in zip(st.columns(GRID_COLUMNS), classes[start:start + GRID_COLUMNS]):
             with column, st.container(border=True):
-                name = class_name(names, label)
+                name = names[label]
                 n_ok, n_bad = int(means.n_correct[label]), int(means.n_wrong[label])
                 total = n_ok + n_bad
                 st.markdown(f"**{name}** · {total:,} images, {n_ok / max(1, total):.0%} correct")
                 a, b, c = st.columns(3)
-                a.image(class_mean_image(cache, cache_key(cache), label, GRID_TILE), caption="mean image",
+                a.image(class_mean_image(cache, common.cache_key(cache), label, GRID_TILE), caption="mean image",
                         width="stretch")
                 b.image(map_tile(means.correct[label], n_ok, GRID_TILE), caption=f"correct ({n_ok})",
                         width="stretch")
@@ -106,32 +99,35 @@ def show_grid(cache: Cache, means: explore.ClassMeanMaps, names: list[str], clas
 
 
 def show_class(cache: Cache, means: explore.ClassMeanMaps, names: list[str], label: int) -> None:
-    name = class_name(names, label)
+    name = names[label]
     n_ok, n_bad = int(means.n_correct[label]), int(means.n_wrong[label])
     st.subheader(f"Class {name}")
     a, b, c = st.columns(3)
-    a.image(class_mean_image(cache, cache_key(cache), label, OPEN_TILE),
+    a.image(class_mean_image(cache, common.cache_key(cache), label, OPEN_TILE),
             caption=f"mean of up to {MEAN_IMAGE_SAMPLE} images", width=OPEN_TILE)
     b.image(map_tile(means.correct[label], n_ok, OPEN_TILE), caption=f"mean map, correct ({n_ok} images)",
             width=OPEN_TILE)
     c.image(map_tile(means.wrong[label], n_bad, OPEN_TILE),
             caption=f"mean map of the prediction, wrong ({n_bad} images)", width=OPEN_TILE)
-    show = st.radio("Images", list(SHOW), format_func=SHOW.get, horizontal=True,
-                    index=list(SHOW).index(common.query_value("show", "all", choices=list(SHOW))), key="pc_show")
-    common.set_query(show=show if show != "all" else None)
+    show = common.url_radio("Images", list(SHOW), "pc_show", "all", SHOW.get, param="show", horizontal=True)
     rows = cache.columns(["id", "label", "pred_name", "correct", "confidence"])
     rows = rows[rows["label"] == label]
     if show != "all":
         rows = rows[rows["correct"] == (show == "correct")]
     rows = rows.sort_values(["correct", "confidence"], ascending=[True, False], kind="stable")
     by_id = rows.set_index("id")
-    common.gallery(cache, rows["id"].tolist(), key="pc", kind="overlay",
-                   captions=lambda i: f"#{i} → {by_id.at[i, 'pred_name']} ({by_id.at[i, 'confidence']:.0%})")
+    shown = tagging.tag_filter(cache, rows["id"].tolist(), key="pc", container=st.columns([2, 3])[0])
+    common.gallery(cache, shown, key="pc", kind="overlay", captions=tagging.captions_with_tags(
+        cache, shown, lambda i: f"#{i} → {by_id.at[i, 'pred_name']} ({by_id.at[i, 'confidence']:.0%})"))
+    if shown:
+        tagging.tag_controls(cache, shown, key="pc_tagging",
+                             what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery "
+                                  "(every page)")
 
 
 def main() -> None:
     cache = common.get_cache()
-    names = list(cache.manifest.get("class_names") or [])
+    names = class_names(cache)
     st.title("Per-class maps")
     means = mean_maps(cache, class_maps_stamp(cache))
     if means is None:
@@ -144,17 +140,12 @@ def main() -> None:
 
     options = [None] + classes
     chosen = st.selectbox("Class", options, format_func=lambda c: "all classes (grid)" if c is None else
-                          class_name(names, c), index=options.index(common.query_value("class", None, int, classes)),
+                          names[c], index=options.index(common.query_value("class", None, int, classes)),
                           key="pc_class")
     common.set_query(**{"class": chosen})
     if chosen is None:
-        pages = (len(classes) + GRID_CLASSES_PER_PAGE - 1) // GRID_CLASSES_PER_PAGE
-        page = 1
-        if pages > 1:  # a 1,000-class model: draw a page of classes at a time
-            page = int(st.number_input(f"Page of classes (of {pages})", 1, pages, key="pc_grid_page",
-                                       value=common.query_value("pc_grid_page", 1, int, low=1, high=pages)))
-            common.set_query(pc_grid_page=page if page > 1 else None)
-        shown = classes[(page - 1) * GRID_CLASSES_PER_PAGE: page * GRID_CLASSES_PER_PAGE]
+        # a 1,000-class model: draw a page of classes at a time
+        shown = common.paginate(classes, GRID_CLASSES_PER_PAGE, "pc_grid_page", "Page of classes (of {pages})")
         common.png_download("Download this grid (PNG)", grid_png(cache, class_maps_stamp(cache), tuple(shown)),
                             "per_class_maps.png", key="pc_png")
         show_grid(cache, means, names, shown)
@@ -164,4 +155,5 @@ def main() -> None:
         show_class(cache, means, names, chosen)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import streamlit as st
 
-from analysis.explore import report
 from analysis.review import tag_views
 from analysis.cache import Cache
 from analysis.review import Review, ReviewError, tagged_table
@@ -59,9 +59,8 @@ def show_tags(cache: Cache, review: Review) -> list[str]:
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in export_tag)
     with right:
         a, b = st.columns(2)
-        a.download_button(f"Download “{export_tag}” (CSV)", frame.to_csv(index=False).encode(),
-                          file_name=f"tagged_{name}.csv", mime="text/csv", icon=":material/download:",
-                          key="fm_export_csv")
+        with a:
+            common.csv_download(f"Download “{export_tag}” (CSV)", frame, f"tagged_{name}.csv", key="fm_export_csv")
         b.download_button(f"Download “{export_tag}” (JSON)",
                           (json.dumps(frame.to_dict("records"), indent=1, ensure_ascii=False, default=str) + "\n")
                           .encode(), file_name=f"tagged_{name}.json", mime="application/json",
@@ -75,18 +74,29 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
     if not tags:
         return
     left, right, _ = st.columns([2, 1, 2])
-    tag = left.selectbox("Tag", tags, key="fm_tag",
-                         index=tags.index(common.query_value("fm_tag", tags[0], str, choices=tags)))
-    common.set_query(fm_tag=tag if tag != tags[0] else None)
+    tag = common.url_selectbox("Tag", tags, "fm_tag", tags[0], where=left)
     top = int(right.number_input("Candidates to show", 1, 96, key="fm_top",
                                  value=common.query_value("fm_top", TOP, int, low=1, high=96)))
     common.set_query(fm_top=top if top != TOP else None)
     try:
-        candidates = _candidates(review, f"{cache.root}|{report.cache_state(cache)}", tag,
+        candidates = _candidates(review, common.cache_key(cache), tag,
                                  tuple(review.ids(tag).tolist()), tuple(review.rejected(tag).tolist()), top)
     except ValueError as error:
         st.info(str(error).splitlines()[0])
         return
+    show_probe(candidates, tag)
+    error = st.session_state.pop("fm_error", None)
+    if error:
+        st.error(error)
+    if candidates.empty:
+        st.info("Every image is tagged or rejected: nothing left to rank.")
+        return
+    show_candidates(cache, review, candidates, tag)
+    show_tagged(cache, review, tag)
+
+
+def show_probe(candidates: pd.DataFrame, tag: str) -> None:
+    """How well the probe separates the tagged images so far (cross-validated), and what it was fitted on."""
     probe = candidates.attrs.get("probe", {})
     a, b, c, d = st.columns(4)
     a.metric("Separation (cv ROC AUC)", _percent(probe.get("cv_roc_auc")),
@@ -101,12 +111,10 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
                f"{probe.get('positives', 0):,} images tagged “{tag}” against the rejected ones and a sample of the rest; "
                f"{candidates.attrs.get('ranked', 0):,} untagged images ranked. Accept (✓) or reject (✗) the "
                "candidates: the probe is fitted again with them.")
-    error = st.session_state.pop("fm_error", None)
-    if error:
-        st.error(error)
-    if candidates.empty:
-        st.info("Every image is tagged or rejected: nothing left to rank.")
-        return
+
+
+def show_candidates(cache: Cache, review: Review, candidates: pd.DataFrame, tag: str) -> None:
+    """The top of the ranking, each with accept / reject buttons, and buttons for all of them."""
     ids = candidates["id"].tolist()
     everyone = st.columns(4)
     everyone[0].button(f"Accept all {len(ids)}", key="fm_accept_all", on_click=_decide,
@@ -129,6 +137,8 @@ def find_more(cache: Cache, review: Review, tags: list[str]) -> None:
                 no.button("✗", key=f"fm_no_{image_id}", on_click=_decide, args=(review, [image_id], tag, False),
                           help=f"Not “{tag}” (a negative for the next fit)", width="stretch")
 
+
+def show_tagged(cache: Cache, review: Review, tag: str) -> None:
     with st.expander(f"The images tagged “{tag}”"):
         tagged = review.ids(tag).tolist()
         common.gallery(cache, tagged, key="fm", captions=tagging.captions_with_tags(cache, tagged))
@@ -154,4 +164,5 @@ def main() -> None:
     show_tags(cache, review)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()

@@ -11,24 +11,26 @@ for the session and are cached per cache and settings.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from analysis.cache import Cache, CacheError
-from analysis.explore import charts, statistics as explore
+from analysis.cache.classes import class_names
+from analysis.explore import charts
 from analysis.trust import compare, page as trust_page, sanity
 from dashboard import common
+
+if TYPE_CHECKING:   # the region test imports torch: the page loads it only when the test runs
+    from analysis.trust.region_test import CacheShortcutReport
 
 SELECT_BY = {"label": "true class", "pred": "predicted class"}
 DEFAULT_MAX_IMAGES = 200     # images tested per run: 3 forward passes each (plus 2 with masks), on the CPU
 MAX_IMAGES = 5000
 REGION_TILE = 256
 INSERTION_TILE = 200
-
-
-def cache_key(cache: Cache) -> tuple:
-    return str(cache.root), len(cache), str(cache.manifest.get("updated"))
 
 
 # ------------------------------------------------------------------------------------------------ faithfulness
@@ -192,14 +194,14 @@ def insertion_section(cache: Cache) -> None:
 
 # ------------------------------------------------------------------------------------------------ shortcut test
 @st.cache_resource(show_spinner="Loading the cache's model ...", max_entries=2)
-def cached_model(_cache: Cache, key: tuple):  # -> analysis.models.LoadedModel; errors are not cached
+def cached_model(_cache: Cache, key: str):  # -> analysis.models.LoadedModel; errors are not cached
     from analysis.trust.region_test import model_from_manifest
 
     return model_from_manifest(_cache.manifest)
 
 
 @st.cache_data(show_spinner="Blurring the region and running the model ...", max_entries=16)
-def cached_test(_cache: Cache, key: tuple, ids: tuple[int, ...], q: float):
+def cached_test(_cache: Cache, key: str, ids: tuple[int, ...], q: float):
     from analysis.trust.region_test import shortcut_test_on_cache
 
     return shortcut_test_on_cache(_cache, list(ids), q=q, loaded=cached_model(_cache, key))
@@ -214,7 +216,7 @@ def shortcut_section(cache: Cache) -> None:
                 "blurred instead. A large drop for the region and a small one for the control means the model "
                 "really depends on what the region holds (Lapuschkin et al. 2019).")
     table = cache.table
-    names = list(cache.manifest.get("class_names") or [])
+    names = class_names(cache)
     by = common.query_value("st_by", "label", choices=list(SELECT_BY))
     classes = sorted(int(c) for c in table[by].unique())
     with st.form("shortcut"):
@@ -222,7 +224,7 @@ def shortcut_section(cache: Cache) -> None:
         by = a.radio("Select images by", list(SELECT_BY), format_func=SELECT_BY.get,
                      index=list(SELECT_BY).index(by))
         all_classes = sorted(set(table["label"].tolist()) | set(table["pred"].tolist()))
-        chosen = b.selectbox("Class", all_classes, format_func=lambda k: names[k] if k < len(names) else str(k),
+        chosen = b.selectbox("Class", all_classes, format_func=lambda k: names[k],
                              index=all_classes.index(common.query_value("st_class", classes[0], int, all_classes)))
         q = c.slider("Region: top q% of the mean map", 1.0, 50.0, step=1.0,
                      value=common.query_value("st_q", 5.0, float, low=1.0, high=50.0))
@@ -239,22 +241,24 @@ def shortcut_section(cache: Cache) -> None:
                    "manifest and runs it on the CPU: 3 forward passes per image, 5 with masks).")
         return
     _, by, chosen, q, limit = request
-    column = table[by].to_numpy()
-    ids = table["id"].to_numpy()[column == chosen]
+    ids = trust_page.shortcut_selection(table, by, chosen, limit)
     if len(ids) == 0:
-        st.warning(f"No image has {SELECT_BY[by]} {names[chosen] if chosen < len(names) else chosen}.")
+        st.warning(f"No image has {SELECT_BY[by]} {names[chosen]}.")
         return
-    ids = ids[explore.sample_rows(len(ids), int(limit), seed=0)]
     try:
-        report = cached_test(cache, cache_key(cache), tuple(int(i) for i in ids), float(q))
+        report = cached_test(cache, common.cache_key(cache), tuple(int(i) for i in ids), float(q))
     except ModelSpecError as error:
         st.warning(f"The shortcut test needs the model, which cannot be loaded here: {error}")
         return
     except (ValueError, CacheError) as error:
         st.warning(f"The shortcut test cannot run on this selection: {error}")
         return
+    show_shortcut_test(cache, report, by, names[chosen])
+
+
+def show_shortcut_test(cache: Cache, report: CacheShortcutReport, by: str, name: str) -> None:
+    """The shortcut test's result: the region, accuracies and changed predictions, the verdict, per class."""
     summary = report.result.summary
-    name = names[chosen] if chosen < len(names) else str(chosen)
     st.subheader(f"{int(summary['n'])} images with {SELECT_BY[by]} {name}, region: top {summary['q']:g}% "
                  f"({summary['region_share']:.1%} of the image)")
     left, right = st.columns([1, 2])
@@ -281,9 +285,8 @@ def shortcut_section(cache: Cache) -> None:
                     "away, and with the object blurred away.")
         st.dataframe(report.per_class, hide_index=True, width="stretch")
     per_image = report.result.per_image
-    st.download_button("Download the per-image results (CSV)", per_image.to_csv(index=False).encode(),
-                       file_name=f"shortcut_test_{by}_{name}_q{summary['q']:g}.csv", mime="text/csv",
-                       icon=":material/download:", key="st_csv")
+    common.csv_download("Download the per-image results (CSV)", per_image,
+                        f"shortcut_test_{by}_{name}_q{summary['q']:g}.csv", key="st_csv")
 
 
 def main() -> None:
@@ -297,4 +300,5 @@ def main() -> None:
     shortcut_section(cache)
 
 
-main()
+if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
+    main()
