@@ -286,3 +286,30 @@ def test_per_class_page_draws_the_stored_class_maps(monkeypatch, large_cache):
     for label, name in enumerate(names):
         rows = table[table["label"] == label]
         assert f"**{name}** · {len(rows):,} images, {rows['correct'].mean():.0%} correct" in shown
+
+
+def test_a_box_is_reclustered_live_on_a_click_only(monkeypatch, large_cache):
+    """Issue 13: live re-clustering stays for a selection of a few thousand images. Nothing runs before the
+    click; after it, every image of the box is clustered on its own and the summary adds up to the box."""
+    from analysis.explore.cluster_data import LIVE_MAX, recluster_selection
+
+    frame, _ = stored_tables(large_cache, "all")
+    x0, x1 = np.quantile(frame["x"], [0.1, 0.8])
+    y0, y1 = float(frame["y"].min()) - 1, float(frame["y"].max()) + 1
+    inside = frame[(frame["x"] >= x0) & (frame["x"] <= x1)]["id"].to_numpy()
+    query = {"c_sel": f"box:{x0},{x1},{y0},{y1}"}
+    at = open_page(monkeypatch, large_cache, "clusters", query)
+    assert_sane(at, "clusters", query)
+    assert not [d for d in at.dataframe if "suspicion" in d.value.columns and len(d.value) and
+                d.value["size"].sum() == len(inside)]          # not computed before the click
+    at.button(key="c_live_go").click().run()
+    assert_sane(at, "clusters", query)
+    live = [d.value for d in at.dataframe if list(d.value.columns[:3]) == ["rank", "cluster", "size"]
+            and d.value["size"].sum() == len(inside)]
+    assert live, "the re-clustered selection's summary is missing"
+    result, summary, prototypes = recluster_selection(load(large_cache), inside)
+    assert sorted(result.ids) == sorted(inside) and summary["size"].sum() == len(inside)
+    assert len(prototypes) == len(summary) and list(live[0]["size"]) == list(summary["size"])
+    with pytest.raises(ValueError, match="not 3"):
+        recluster_selection(load(large_cache), inside[:3])
+    assert LIVE_MAX >= 1000

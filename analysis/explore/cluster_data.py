@@ -82,3 +82,23 @@ def members_by_suspicion(cache: Cache, result: clustering.ClusteringResult, clus
     order = order.sort_values(["_wrong", "_bg"], ascending=[False, False], kind="stable")
     out = order.index.to_numpy(np.int64)
     return out if limit is None else out[:limit]
+
+
+LIVE_MAX = 5000     # a selection re-clustered on the page: the exact kNN graph and t-SNE take seconds up to this
+LIVE_MIN = 20       # fewer images than this: nothing worth clustering
+
+
+def recluster_selection(cache: Cache, ids: np.ndarray, n_clusters: int = 0, algorithm: str = "kmeans",
+                        seed: int = 0) -> tuple[clustering.ClusteringResult, pd.DataFrame, np.ndarray]:
+    """Live re-clustering of a selection (a box or a cluster of the offline results, LIVE_MIN..LIVE_MAX images):
+    every image of it clustered again on its own, with its own eigengap (n_clusters 0) and layout, and summarised
+    as the offline clusters are (summary most suspicious first, prototypes). ValueError outside the size range."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    if not LIVE_MIN <= len(ids) <= LIVE_MAX:
+        raise ValueError(f"a selection of {LIVE_MIN:,} to {LIVE_MAX:,} images can be re-clustered here, not "
+                         f"{len(ids):,}: drag a smaller box, or run `python -m analysis cluster` for a scope")
+    settings = clustering.ClusteringSettings(scope="all", algorithm=algorithm, n_clusters=int(n_clusters),
+                                             max_points=len(ids), seed=seed)
+    result = clustering.run_clustering(ids, cache.descriptors(ids, settings.descriptor), settings, len(ids))
+    summary, prototypes = summarize(cache, result)
+    return result, summary, prototypes

@@ -18,7 +18,7 @@ import streamlit as st
 
 from analysis.cache import Cache
 from analysis.explore import charts, cluster_display as display, cluster_offline
-from analysis.explore.cluster_data import cluster_label, prototype_tile
+from analysis.explore.cluster_data import LIVE_MAX, LIVE_MIN, cluster_label, prototype_tile, recluster_selection
 from analysis.review import Review, tag_views
 from dashboard import common, tagging
 
@@ -196,7 +196,7 @@ def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, 
 
 
 def show_images(cache: Cache, stored: cluster_offline.StoredClustering, images: pd.DataFrame,
-                selected: np.ndarray | None) -> None:
+                selected: np.ndarray | None) -> tuple[np.ndarray, str]:
     """The images of the box, or of the cluster chosen in the menu (mistakes first): filter by tag, tag them
     all, download them, and the gallery."""
     summary = stored.summary
@@ -226,6 +226,45 @@ def show_images(cache: Cache, stored: cluster_offline.StoredClustering, images: 
                         lambda ids=selection: members_table(cache, ids, by_cluster, review), csv_name, key="c_csv")
     common.gallery(cache, shown, key="c_gallery", captions=tagging.captions_with_tags(
         cache, shown, lambda i: f"#{i} {images.at[i, 'label_name']}→{images.at[i, 'pred_name']}"))
+    return selection, source
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _reclustered(_cache: Cache, key: str, ids: tuple[int, ...], k: int, algorithm: str):
+    return recluster_selection(_cache, np.asarray(ids, np.int64), k, algorithm)
+
+
+def show_recluster(cache: Cache, selection: np.ndarray, source: str, images: pd.DataFrame) -> None:
+    """Live re-clustering of the images shown (a cluster or the box), on a click: what splits inside them."""
+    st.subheader("Re-cluster these images")
+    if not LIVE_MIN <= len(selection) <= LIVE_MAX:
+        st.caption(f"A selection of {LIVE_MIN:,} to {LIVE_MAX:,} images can be clustered again on its own here "
+                   f"({len(selection):,} in {source}); drag a box around fewer images.")
+        return
+    left, middle, _ = st.columns([1, 1, 2])
+    k = int(left.number_input("Clusters (0: the eigengap's choice)", 0, 20, 0, key="c_live_k"))
+    algorithm = middle.selectbox("Algorithm", ["kmeans", "spectral"], key="c_live_algo")
+    ids = tuple(int(i) for i in np.sort(selection))
+    asked = st.session_state.get("c_live_asked") == (common.cache_key(cache), ids, k, algorithm)
+    if not asked and not st.button(f"Re-cluster the {len(ids):,} images of {source}", key="c_live_go",
+                                   icon=":material/scatter_plot:"):
+        return   # nothing expensive starts without a click
+    st.session_state["c_live_asked"] = (common.cache_key(cache), ids, k, algorithm)
+    with st.spinner(f"Clustering {len(ids):,} images ..."):
+        result, summary, prototypes = _reclustered(cache, common.cache_key(cache), ids, k, algorithm)
+    if result.note:
+        st.info(result.note, icon=":material/info:")
+    frame = result.frame().join(images[["label_name", "pred_name", "correct"]], on="id")
+    chart, table = st.columns([3, 2])
+    chart.altair_chart(charts.cluster_scatter(frame, selectable=False, width=420, height=340))
+    table.dataframe(summary[["rank", "cluster", "size", "accuracy", "class_mix", "suspicion"]].assign(
+        cluster=summary["cluster"].map(cluster_label)), hide_index=True, width="stretch",
+        column_config={"suspicion": st.column_config.NumberColumn("suspicion", format="%.2f"),
+                       "accuracy": st.column_config.NumberColumn("accuracy", format="percent")})
+    columns = st.columns(PROTOTYPES_PER_ROW)
+    for column, (_, record), prototype in zip(columns, summary.head(PROTOTYPES_PER_ROW).iterrows(), prototypes):
+        column.image(prototype_tile(prototype, PROTOTYPE_TILE), width=PROTOTYPE_TILE,
+                     caption=f"#{record['rank']} {cluster_label(int(record['cluster']))}, {record['size']:,} images")
 
 
 def main() -> None:
@@ -252,7 +291,8 @@ def main() -> None:
     images = _image_columns(cache, common.cache_key(cache))
     selected = show_embedding(stored, images, focus)
     show_clusters(stored, verdicts)
-    show_images(cache, stored, images, selected)
+    selection, source = show_images(cache, stored, images, selected)
+    show_recluster(cache, selection, source, images)
 
 
 if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests
