@@ -7,6 +7,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,28 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_path(path.parent)
+
+
+@contextmanager
+def folder_replaced_atomically(final: Path) -> Iterator[Path]:
+    """An empty temporary folder beside `final` to write into; when the block ends without an error it is
+    fsync'ed and takes the place of `final` (a reader sees the old folder or the new one, never half of
+    either), and on an error it is removed. The results written beside a cache (a clustering scope, the
+    concepts, an insertion test) are replaced this way."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        if final.exists():
+            _remove_atomically(final)
+        os.rename(tmp, final)
+        _fsync_path(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def now_iso() -> str:

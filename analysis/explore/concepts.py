@@ -28,10 +28,7 @@ the engine's per-channel maps, ``FGCAM.channel_maps``, for the regions):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.cache import ANALYSIS_DIR, TMP_PREFIX
+from analysis.cache import ANALYSIS_DIR
 from analysis.pipeline.channel_relevance import relevance_share
 
 CONCEPTS_DIR = "concepts"   # CACHE/analysis/concepts/
@@ -250,26 +247,14 @@ def write_concepts(cache_root: Path | str, classes: pd.DataFrame, references: pd
                    meta: dict[str, Any]) -> Path:
     """Write classes.parquet, references.parquet, maps.npy and meta.json as one folder, atomically (a reader
     sees the old folder or the new one)."""
-    from analysis.cache.files import _fsync_path, _save_npy
+    from analysis.cache.files import _save_npy, folder_replaced_atomically
 
     final = concepts_dir(cache_root)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{TMP_PREFIX}{CONCEPTS_DIR}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with folder_replaced_atomically(final) as tmp:
         classes.to_parquet(tmp / "classes.parquet", index=False)
         references.to_parquet(tmp / "references.parquet", index=False)
         _save_npy(tmp / "maps.npy", maps)
         (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
-        _fsync_path(tmp)
-        if final.exists():
-            doomed = final.with_name(f"{TMP_PREFIX}del-{CONCEPTS_DIR}.{uuid.uuid4().hex[:8]}")
-            os.rename(final, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -241,24 +238,15 @@ def report_name(description: str, into_name: str, q: float) -> str:
 def save_insertion_report(report: CacheInsertionReport, directory: Path) -> Path:
     """Write `summary.json` (summary, region, ids, description) and `per_image.parquet` into `directory`,
     replacing an earlier run there atomically."""
+    from analysis.cache.files import folder_replaced_atomically
+
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".tmp-{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with folder_replaced_atomically(directory) as tmp:
         meta = {"format_version": FORMAT_VERSION, "description": report.description, "into_name": report.into_name,
                 "summary": report.result.summary, "region": report.result.region.astype(int).tolist(),
                 "source_ids": report.source_ids.tolist(), "skipped": [list(s) for s in report.skipped]}
         (tmp / SUMMARY_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         report.result.per_image.to_parquet(tmp / PER_IMAGE_FILE, index=False)
-        if directory.exists():
-            doomed = directory.with_name(f".tmp-del-{directory.name}.{uuid.uuid4().hex[:8]}")
-            os.rename(directory, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +14,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.cache.files import _remove_atomically
 from analysis.explore.cluster_offline.settings import (CLUSTERING_DIR, DEFAULT_SCOPES, DENSITY_BINS, FORMAT_VERSION,
                                                        OfflineSettings, RESULTS_DIR, SCOPE_PREFIX, TMP_PREFIX,
                                                        cache_fingerprint, expand_scopes, scope_folder)
@@ -50,13 +47,10 @@ def _density(coords: np.ndarray, bins: int = DENSITY_BINS) -> tuple[np.ndarray, 
 def write_scope_result(target_dir: Path, result: ScopeResult, settings: OfflineSettings, fingerprint: str) -> Path:
     """Write a scope's result as one folder, atomically (temporary folder, fsync, rename); an older result of
     the same scope (a stale one) is replaced."""
-    from analysis.cache.files import _fsync_path, _save_npy, _save_parquet
+    from analysis.cache.files import _save_npy, _save_parquet, folder_replaced_atomically
 
-    target_dir.mkdir(parents=True, exist_ok=True)
     final = target_dir / scope_folder(result.scope)
-    tmp = target_dir / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with folder_replaced_atomically(final) as tmp:
         n = len(result.ids)
         # A seeded random order of the points: the page draws the first ones (plus every small cluster whole).
         sample_rank = np.empty(n, np.int32)
@@ -86,14 +80,6 @@ def write_scope_result(target_dir: Path, result: ScopeResult, settings: OfflineS
             json.dump(meta, handle, indent=1, default=_json_default)
             handle.flush()
             os.fsync(handle.fileno())
-        _fsync_path(tmp)
-        if final.exists():
-            _remove_atomically(final)
-        os.rename(tmp, final)
-        _fsync_path(target_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
