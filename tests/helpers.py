@@ -303,3 +303,28 @@ def make_photo_cache(out_dir: Path | str) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"the explain job failed ({done.returncode}): {done.stderr[-2000:]}")
     return cache
+
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+PAGE_TEXT_KINDS = ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "exception")
+
+
+def open_page(monkeypatch: "pytest.MonkeyPatch", cache_dir: Path, page: str,
+              query: dict[str, object] | None = None) -> "AppTest":
+    """The real dashboard (streamlit's AppTest) on `cache_dir`, at `page` (a file of dashboard/views without
+    .py) with `query` in its URL, as a user's link opens it: the shell registers its pages, then the page runs."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("FGCAM_CACHE", str(cache_dir))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    at.switch_page(f"views/{page}.py")
+    for name, value in (query or {}).items():
+        at.query_params[name] = str(value)
+    at.run()
+    return at
+
+
+def page_texts(at: "AppTest") -> str:
+    """Every text element of a page run, one per line."""
+    return "\n".join(str(e.value) for kind in PAGE_TEXT_KINDS for e in at.get(kind))

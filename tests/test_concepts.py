@@ -20,10 +20,9 @@ from analysis.fgcam import FGCAM
 from analysis.pipeline.models import load_model
 from analysis.pipeline.scores import resize_maps
 from analysis.pipeline.datasets import load_image, to_model_mode
-from tests.helpers import TINY_MODEL_FILE, make_image_folder, run_main, train_tiny_cnn
+from tests.helpers import TINY_MODEL_FILE, make_image_folder, open_page, page_texts, run_main, train_tiny_cnn
 
 TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 
 
 # ------------------------------------------------------------------------------------------------ by hand
@@ -136,28 +135,12 @@ def test_command_errors_are_one_line(tiny_cache: Path, tmp_path: Path, capsys: p
 
 
 # ------------------------------------------------------------------------------------------------ the page
-def open_page(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, query: dict[str, str]) -> AppTest:
-    monkeypatch.setenv("FGCAM_CACHE", str(cache_dir))
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.run()
-    at.switch_page("views/concepts.py")
-    for name, value in query.items():
-        at.query_params[name] = value
-    at.run()
-    return at
-
-
-def shown(at: AppTest) -> str:
-    kinds = ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "exception")
-    return "\n".join(str(e.value) for kind in kinds for e in at.get(kind))
-
-
 @pytest.mark.parametrize("query", [{}, {"class": "garbage"}, {"class": ""}, {"concept": "nan"}, {"concept": "-1"},
                                    {"concept": "1e308"}, {"concept": "99999999999999999999"},
                                    {"concept": " 1 ", "class": "inf"}])
 def test_the_page_shows_a_page_whatever_the_url_holds(monkeypatch, with_concepts: Path, query) -> None:
-    at = open_page(monkeypatch, with_concepts, query)
-    text = shown(at)
+    at = open_page(monkeypatch, with_concepts, "concepts", query)
+    text = page_texts(at)
     assert not at.exception and [t.value for t in at.title] == ["Concepts"], text[-1500:]
     assert "Traceback" not in text and "unexpected problem" not in text, text[-1500:]
     assert "Top concepts of" in text or "Concept #" in text
@@ -167,16 +150,16 @@ def test_the_page_shows_a_class_and_a_concept(monkeypatch, with_concepts: Path) 
     concepts = read_concepts(load(with_concepts))
     names = load(with_concepts).manifest["class_names"]
     first = concepts.classes[concepts.classes["kind"] == "top"].iloc[0]
-    at = open_page(monkeypatch, with_concepts, {"class": names[int(first["class"])]})
-    assert f"Top concepts of {names[int(first['class'])]}" in shown(at)
+    at = open_page(monkeypatch, with_concepts, "concepts", {"class": names[int(first["class"])]})
+    assert f"Top concepts of {names[int(first['class'])]}" in page_texts(at)
     assert len(at.get("imgs")) >= 1 or len(at.get("image")) >= 1
-    at = open_page(monkeypatch, with_concepts, {"concept": str(int(first["channel"]))})
-    assert f"Concept #{int(first['channel'])}" in shown(at) and not at.exception
+    at = open_page(monkeypatch, with_concepts, "concepts", {"concept": str(int(first["channel"]))})
+    assert f"Concept #{int(first['channel'])}" in page_texts(at) and not at.exception
 
 
 def test_a_cache_without_concepts_says_what_to_run(monkeypatch, tiny_cache: Path) -> None:
-    at = open_page(monkeypatch, tiny_cache, {"concept": "3"})
-    assert not at.exception and "python -m analysis concepts --cache" in shown(at)
+    at = open_page(monkeypatch, tiny_cache, "concepts", {"concept": "3"})
+    assert not at.exception and "python -m analysis concepts --cache" in page_texts(at)
 
 
 # ------------------------------------------------------------------------------------------------ the demo
@@ -238,7 +221,7 @@ def test_an_images_top_concepts_for_the_image_page(monkeypatch, with_concepts: P
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     drawn = list(at.get("imgs")) + list(at.get("image"))
-    text = shown(at) + str([e.proto for e in drawn])
+    text = page_texts(at) + str([e.proto for e in drawn])
     assert "need the cache's model" not in text, text
     assert len(drawn) == len(expected), text   # the maps were computed and drawn
     for k in expected:

@@ -12,8 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.cache import load
 from analysis.review import DB_NAME, Review, label_issues
+from tests import helpers
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 
 
 @pytest.fixture()
@@ -22,13 +22,7 @@ def cache_dir(small_cache: Path, tmp_path: Path) -> Path:
 
 
 def open_page(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, page: str, query: dict[str, str]) -> AppTest:
-    monkeypatch.setenv("FGCAM_CACHE", str(cache_dir))
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.run()
-    at.switch_page(f"views/{page}.py")
-    for name, value in query.items():
-        at.query_params[name] = value
-    at.run()
+    at = helpers.open_page(monkeypatch, cache_dir, page, query)
     assert not at.exception, [e.value for e in at.exception]
     return at
 

@@ -12,9 +12,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.cache import load
-from tests.helpers import TINY_MODEL_FILE, make_image_folder, make_mask_folder, train_tiny_cnn
+from tests.helpers import (TINY_MODEL_FILE, make_image_folder, make_mask_folder, open_page, page_texts,
+                           train_tiny_cnn)
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "1e308", "99999999999999999999", "garbage", "", " 1 "]
 SELECTION_VALUES = ["ids:nan", "ids:inf,2", "box:nan,0,0,1", "ids:1e999,-5", "box:1,2", "ids:", "box:a,b,c,d",
                     "box:1e999,-1e999,0,1", "box:0,1,0,1,2", "pred:nope"]
@@ -61,20 +61,7 @@ def large_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def open_page(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, page: str, query: dict[str, str]) -> AppTest:
-    monkeypatch.setenv("FGCAM_CACHE", str(cache_dir))
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.run()
-    at.switch_page(f"views/{page}.py")
-    for name, value in query.items():
-        at.query_params[name] = value
-    at.run()
-    return at
-
-
-def texts(at: AppTest) -> str:
-    kinds = ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "exception")
-    return "\n".join(str(e.value) for kind in kinds for e in at.get(kind))
+texts = page_texts
 
 
 def assert_sane(at: AppTest, page: str, query: dict[str, str]) -> None:
