@@ -21,8 +21,8 @@ from analysis.cache.layout import (BOX_COLUMNS, COMPACT_PREFIX, COVERED_NAME, Ca
                                    DESCRIPTOR_FILES, ERRORS_SCHEMA, MANIFEST_NAME, OPTIONAL_SCORES, ROW_ARRAYS,
                                    SHARDS_DIR, SHARD_PREFIX, SIZE_COLUMNS, STORED_SCHEMA, TABLE_SCHEMA, TMP_PREFIX,
                                    _parse_index, shard_name)
-from analysis.cache.files import (_fsync_path, _remove_atomically, _save_npy, _save_parquet, wipe_cache_dir,
-                                  write_json_atomic)
+from analysis.cache.files import (_fsync_path, _remove_atomically, _save_npy, _save_parquet,
+                                  folder_replaced_atomically, wipe_cache_dir, write_json_atomic)
 from analysis.cache.arrays import normalise_maps, pack_foreground
 from analysis.cache.reader import _Part, _PartsView, _latest_compaction, _list_shards, _read_covered, _read_manifest
 
@@ -242,20 +242,12 @@ class CacheWriter:
         view = _PartsView.open(self.root)
         sequence = (_parse_index(previous.name, COMPACT_PREFIX) if previous is not None else 0) + 1
         final = self.root / f"{COMPACT_PREFIX}{sequence:06d}"
-        tmp = self.root / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with folder_replaced_atomically(final) as tmp:
             view.write_consolidated(tmp, chunk_rows)
             with open(tmp / COVERED_NAME, "w", encoding="utf-8") as handle:
                 json.dump(sorted(covered | set(new_shards)), handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _fsync_path(tmp)
-            os.rename(tmp, final)
-            _fsync_path(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if previous is not None:
             _remove_atomically(previous)
         for path in shard_dirs.values():
