@@ -61,7 +61,7 @@ def test_choice_labels_name_the_run_only_when_there_are_several():
     two = pd.concat([one, one.assign(run="r2", metric="euclidean", k=[4, 4], k_from="given",
                                      name=["kmeans_k4", "spectral_k4"])])
     labels = display.choice_labels(two)
-    assert labels["r2/kmeans_k4"] == "k-means, k = 4 · positive, euclidean, 15 neighbours, tsne, seed 0"
+    assert labels["r2/kmeans_k4"] == "k-means, k = 4 · where: positive relevance, euclidean, 15 neighbours, tsne, seed 0"
 
 
 def test_scope_labels():

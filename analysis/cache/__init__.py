@@ -26,7 +26,8 @@ Every shard and compaction is written under a temporary name, fsync'ed and renam
 resumed job) only ever sees complete parts.  Maps are stored divided by their max |value| because input-level
 relevance can be far below float16's smallest normal number; the float32 scale lives in the table.
 """
-from analysis.cache.layout import (ANALYSIS_DIR, BOX_COLUMNS, COMPACT_PREFIX, COVERED_NAME, CacheError, DAMAGED_DIR,
+from analysis.cache.layout import (ANALYSIS_DIR, BOX_COLUMNS, COMPACT_PREFIX, CONCEPT_DESCRIPTOR, COVERED_NAME,
+                                   CacheError, DAMAGED_DIR,
                                    DASHBOARD_DIR, DERIVED_DIRS, DESCRIPTOR_FILES, ERRORS_SCHEMA, FORMAT_VERSION,
                                    FULL_PROBABILITIES_MAX, INTERNAL_SCHEMA, LOCK_NAME, MANIFEST_NAME, OPTIONAL_SCORES,
                                    PROBABILITY_TOP_K, REVIEW_PREFIX, ROW_ARRAYS, SHARDS_DIR, SHARD_PREFIX,
@@ -41,7 +42,8 @@ from analysis.cache.writer import CacheWriter, ShardRecords, part_problem
 from analysis.cache.reader import Cache, load
 
 
-__all__ = ["ANALYSIS_DIR", "BOX_COLUMNS", "COMPACT_PREFIX", "COVERED_NAME", "Cache", "CacheError", "CacheLocked",
+__all__ = ["ANALYSIS_DIR", "BOX_COLUMNS", "COMPACT_PREFIX", "CONCEPT_DESCRIPTOR", "COVERED_NAME", "Cache",
+           "CacheError", "CacheLocked",
            "CacheWriter", "DAMAGED_DIR", "DASHBOARD_DIR", "DERIVED_DIRS", "DESCRIPTOR_FILES", "ERRORS_SCHEMA",
            "FORMAT_VERSION", "FULL_PROBABILITIES_MAX", "INTERNAL_SCHEMA", "LOCK_NAME", "MANIFEST_NAME",
            "OPTIONAL_SCORES", "PROBABILITY_TOP_K", "REVIEW_PREFIX", "ROW_ARRAYS", "SHARDS_DIR", "SHARD_PREFIX",

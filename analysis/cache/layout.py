@@ -68,6 +68,7 @@ INTERNAL_SCHEMA = pa.schema([
 STORED_SCHEMA = pa.schema(list(TABLE_SCHEMA) + list(INTERNAL_SCHEMA))
 ERRORS_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
 DESCRIPTOR_FILES = {"positive": "desc_positive.npy", "absolute": "desc_absolute.npy"}
+CONCEPT_DESCRIPTOR = "concepts"     # not a file: made from the stored channel relevance when read
 
 
 # Optional per-row arrays: name -> file in every part, row i = table row i of the part, any dtype and trailing

@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.cache.layout import (BOX_COLUMNS, COMPACT_PREFIX, COVERED_NAME, CacheError, DESCRIPTOR_FILES,
-                                   ERRORS_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, ROW_ARRAYS, SHARDS_DIR, SHARD_PREFIX,
+from analysis.cache.layout import (BOX_COLUMNS, COMPACT_PREFIX, CONCEPT_DESCRIPTOR, COVERED_NAME, CacheError,
+                                   DESCRIPTOR_FILES, ERRORS_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, ROW_ARRAYS, SHARDS_DIR, SHARD_PREFIX,
                                    SIZE_COLUMNS, STORED_SCHEMA, TABLE_SCHEMA, UnknownGeometry, _parse_index)
 from analysis.cache.files import _fsync_path, _save_parquet
 from analysis.cache.identity import cache_identity
@@ -366,9 +366,14 @@ class Cache:
         return stored.astype(np.float32) * scale[:, None, None]
 
     def descriptors(self, ids: Sequence[int] | np.ndarray | None = None, kind: str = "positive") -> np.ndarray:
-        """float32 [n, D*D] unit-mass pooled maps, for `ids` or for every row in table order."""
+        """float32 [n, D*D] unit-mass pooled maps ("positive", "absolute"), or [n, K] unit-mass channel relevance
+        ("concepts": ``channel_relevance.read_concept_descriptors``), for `ids` or every row in table order."""
+        if kind == CONCEPT_DESCRIPTOR:
+            from analysis.pipeline.channel_relevance import read_concept_descriptors
+
+            return read_concept_descriptors(self, ids)
         if kind not in DESCRIPTOR_FILES:
-            raise ValueError(f"kind must be one of {sorted(DESCRIPTOR_FILES)}, not {kind!r}")
+            raise ValueError(f"kind must be one of {sorted(DESCRIPTOR_FILES) + [CONCEPT_DESCRIPTOR]}, not {kind!r}")
         positions = np.arange(len(self)) if ids is None else self._view.positions(ids)
         return self._view.descriptors(positions, kind)
 

@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "true:CLASS or pred:CLASS (default: all mistakes true pred)")
     method = parser.add_argument_group("clustering")
     method.add_argument("--descriptor", choices=offline.DESCRIPTOR_KINDS, default=defaults.descriptor,
-                        help="which unit-mass descriptor of the maps to cluster")
+                        help="what to cluster on: where the maps put positive relevance (positive), or |relevance| "
+                             "(absolute), or which CAM-layer channels hold the evidence (concepts: each image's "
+                             "channel relevance at unit mass; the clusters are still summarised with the positive "
+                             "maps)")
     method.add_argument("--metric", choices=offline.METRICS, default=defaults.metric,
                         help="geometry of the kNN graph, k-means and t-SNE: cosine (descriptors scaled to unit "
                              "length: where the relevance concentrates) or euclidean (the unit-mass descriptors)")
@@ -163,6 +166,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, offline.OfflineSettings, li
         raise ValueError(f"the cache {args.cache} holds no explained image yet")
     settings = settings_from(args)
     settings.validate()
+    if settings.descriptor == "concepts":
+        cache.descriptors(cache.ids[:1], "concepts")   # CacheError now, not after the first scopes
     scopes = offline.expand_scopes(args.scopes, offline.class_names_of(cache))
     loaded = device = None
     if args.verify_top:

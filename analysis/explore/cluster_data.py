@@ -55,13 +55,15 @@ def class_consensus_of(cache: Cache, kind: str = "positive") -> np.ndarray:
 
 def summarize(cache: Cache, result: clustering.ClusteringResult,
               consensus: np.ndarray | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-    """Per-cluster summary (most suspicious first) and prototypes [n_clusters, D*D] of a clustering."""
-    kind = result.settings.descriptor
+    """Per-cluster summary (most suspicious first) and prototypes [n_clusters, D*D] of a clustering (a clustering
+    on concepts is summarised with the positive maps, and its summary names each cluster's concepts)."""
+    kind = clustering.summary_descriptor_kind(result.settings.descriptor)
     if consensus is None:
         consensus = class_consensus_of(cache, kind)
     rows = cache.table.set_index("id").loc[result.ids].reset_index()
+    shares = cache.descriptors(result.ids, "concepts") if result.settings.descriptor == "concepts" else None
     return clustering.summarize_clusters(result.labels, rows, cache.descriptors(result.ids, kind), consensus,
-                                         class_names(cache))
+                                         class_names(cache), concept_shares=shares)
 
 
 def prototype_tile(prototype: np.ndarray, size: int) -> np.ndarray:
@@ -89,16 +91,18 @@ LIVE_MIN = 20       # fewer images than this: nothing worth clustering
 
 
 def recluster_selection(cache: Cache, ids: np.ndarray, n_clusters: int = 0, algorithm: str = "kmeans",
-                        seed: int = 0) -> tuple[clustering.ClusteringResult, pd.DataFrame, np.ndarray]:
+                        seed: int = 0, descriptor: str = "positive"
+                        ) -> tuple[clustering.ClusteringResult, pd.DataFrame, np.ndarray]:
     """Live re-clustering of a selection (a box or a cluster of the offline results, LIVE_MIN..LIVE_MAX images):
-    every image of it clustered again on its own, with its own eigengap (n_clusters 0) and layout, and summarised
-    as the offline clusters are (summary most suspicious first, prototypes). ValueError outside the size range."""
+    every image of it clustered again on its own (on `descriptor`, the offline clustering's), with its own
+    eigengap (n_clusters 0) and layout, and summarised as the offline clusters are (summary most suspicious
+    first, prototypes). ValueError outside the size range."""
     ids = np.unique(np.asarray(ids, dtype=np.int64))
     if not LIVE_MIN <= len(ids) <= LIVE_MAX:
         raise ValueError(f"a selection of {LIVE_MIN:,} to {LIVE_MAX:,} images can be re-clustered here, not "
                          f"{len(ids):,}: drag a smaller box, or run `python -m analysis cluster` for a scope")
     settings = clustering.ClusteringSettings(scope="all", algorithm=algorithm, n_clusters=int(n_clusters),
-                                             max_points=len(ids), seed=seed)
+                                             max_points=len(ids), seed=seed, descriptor=descriptor)
     result = clustering.run_clustering(ids, cache.descriptors(ids, settings.descriptor), settings, len(ids))
     summary, prototypes = summarize(cache, result)
     return result, summary, prototypes

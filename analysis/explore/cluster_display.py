@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.explore.charts import CLUSTER_BOX
+from analysis.explore.clustering import DESCRIPTOR_LABELS
 
 DENSITY_CELLS = 64          # cells a side of the drawn density (the stored histogram is summed down to this)
 
@@ -47,8 +48,8 @@ def choice_key(run: str, name: str) -> str:
 
 
 def choice_labels(choices: pd.DataFrame) -> dict[str, str]:
-    """choice_key -> a menu label ('k-means, k = 7 (eigengap) · positive, cosine, 15 neighbours, t-SNE'); the
-    run's settings are named only when the scope holds more than one run."""
+    """choice_key -> a menu label ('k-means, k = 7 (eigengap) · where: positive relevance, cosine, 15 neighbours,
+    t-SNE'); the run's settings are named only when the scope holds more than one run."""
     several_runs = choices["run"].nunique() > 1
     labels = {}
     for row in choices.itertuples():
@@ -56,7 +57,8 @@ def choice_labels(choices: pd.DataFrame) -> dict[str, str]:
         if row.k_from == "eigengap":
             label += " (eigengap)"
         if several_runs:
-            label += (f" · {row.descriptor}, {row.metric}, {row.n_neighbors} neighbours, {row.embedding}, "
+            label += (f" · {DESCRIPTOR_LABELS.get(row.descriptor, row.descriptor)}, {row.metric}, "
+                      f"{row.n_neighbors} neighbours, {row.embedding}, "
                       f"seed {row.seed}")
         labels[choice_key(row.run, row.name)] = label
     return labels

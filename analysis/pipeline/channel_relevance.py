@@ -5,7 +5,9 @@ of I_k is channel k's share of the class's evidence (``FGCAMResult.channel_relev
 in every call, before denoising). The job stores it for every image: for the predicted class, and for the true
 class (on a mistake the engine's second call, on a correct image the same values as the predicted class). These
 are the "concepts" of Concept Relevance Propagation (Achtibat et al., Nat. Mach. Intell. 2023) for CAM
-components; ``analysis.explore.concepts`` builds the per-class statistics and reference images from them.
+components; ``analysis.explore.concepts`` builds the per-class statistics and reference images from them, and
+``concept_descriptors`` makes them a clustering descriptor (ours): images whose evidence comes from the same
+channels, in the same proportions, are near each other, wherever in the image those channels look.
 
 Storage: two of the cache's per-row arrays (``cache.ROW_ARRAYS``), float16 [n, K] each (K: the CAM layer's
 channels; 2 x 2 K bytes per image, e.g. 5 KiB for EfficientNet-Lite0's 1280 channels). Values beyond float16's
@@ -53,3 +55,25 @@ def relevance_share(relevance: np.ndarray) -> np.ndarray:
     positive = np.clip(np.asarray(relevance, np.float32), 0, None)
     total = positive.sum(axis=1, keepdims=True)
     return np.divide(positive, total, out=np.zeros_like(positive), where=total > 0)
+
+
+def concept_descriptors(relevance: np.ndarray) -> np.ndarray:
+    """float32 [n, K] clustering descriptors from channel relevance [n, K]: each row's positive evidence per
+    channel at unit mass (``relevance_share``), the uniform row for an image without positive evidence, as the
+    spatial descriptors (``analysis.pipeline.scores.descriptors``) do, so that clustering never sees a zero row."""
+    shares = relevance_share(relevance)
+    if shares.shape[1]:
+        shares[shares.sum(axis=1) == 0] = 1.0 / shares.shape[1]
+    return shares
+
+
+def read_concept_descriptors(cache: Any, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """``concept_descriptors`` of the stored channel relevance for the predicted class (``cache.descriptors(ids,
+    "concepts")``); CacheError for a cache made before it was stored."""
+    from analysis.cache.layout import CacheError
+
+    relevance = read_channel_relevance(cache, ids, "pred")
+    if relevance is None:
+        raise CacheError("this cache has no channel relevance (made before it was stored): re-run "
+                         "`python -m analysis explain` with --overwrite to use the concepts descriptor")
+    return concept_descriptors(relevance)

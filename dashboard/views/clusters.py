@@ -177,11 +177,13 @@ def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, 
                     + " · ".join(f"{label} {_number(part[key])}" for key, label in display.SUSPICION_PARTS.items())
                     + f"  \nz = {_number(record.get('suspicion_z', np.nan), 1)}"
                     + (f"  \nverdict: {VERDICT_ICONS.get(verdict, verdict)}" if verdict else "")
-                    + f"  \n{record['class_mix']}")
+                    + f"  \n{record['class_mix']}"
+                    + (f"  \nconcepts {record['concept_mix']}" if "concept_mix" in record else ""))
     table = summary.assign(cluster=summary["cluster"].map(cluster_label),
                            **{f"{key}": parts[key] for key in display.SUSPICION_PARTS if key != "border_share"})
     table["verdict"] = [verdicts.get(int(c), "") for c in summary["cluster"]]
-    st.dataframe(table[["rank", "cluster", "size", "accuracy", "class_mix", "off_object", "border_share",
+    concepts = ["concept_mix"] if "concept_mix" in table else []   # a clustering on concepts
+    st.dataframe(table[["rank", "cluster", "size", "accuracy", "class_mix", *concepts, "off_object", "border_share",
                         "error_rate", "unlike_class", "suspicion", "suspicion_z", "verdict"]],
                  hide_index=True, width="stretch",
                  column_config={"accuracy": st.column_config.ProgressColumn("accuracy", format="percent",
@@ -189,7 +191,10 @@ def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, 
                                 **{c: st.column_config.NumberColumn(c.replace("_", " "), format="%.2f")
                                    for c in ("off_object", "border_share", "error_rate", "unlike_class",
                                              "suspicion")},
-                                "suspicion_z": st.column_config.NumberColumn("z vs chance", format="%.1f")})
+                                "suspicion_z": st.column_config.NumberColumn("z vs chance", format="%.1f"),
+                                "concept_mix": st.column_config.TextColumn(
+                                    "concepts", help="the channels with the largest mean share of the members' "
+                                                     "evidence (see the Concepts page)")})
     if verification is not None:
         with st.expander("The causal test of the top clusters"):
             st.dataframe(verification, hide_index=True, width="stretch")
@@ -230,12 +235,14 @@ def show_images(cache: Cache, stored: cluster_offline.StoredClustering, images: 
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _reclustered(_cache: Cache, key: str, ids: tuple[int, ...], k: int, algorithm: str):
-    return recluster_selection(_cache, np.asarray(ids, np.int64), k, algorithm)
+def _reclustered(_cache: Cache, key: str, ids: tuple[int, ...], k: int, algorithm: str, descriptor: str):
+    return recluster_selection(_cache, np.asarray(ids, np.int64), k, algorithm, descriptor=descriptor)
 
 
-def show_recluster(cache: Cache, selection: np.ndarray, source: str, images: pd.DataFrame) -> None:
-    """Live re-clustering of the images shown (a cluster or the box), on a click: what splits inside them."""
+def show_recluster(cache: Cache, selection: np.ndarray, source: str, images: pd.DataFrame,
+                   descriptor: str) -> None:
+    """Live re-clustering of the images shown (a cluster or the box), on a click, on the offline clustering's
+    descriptor: what splits inside them."""
     st.subheader("Re-cluster these images")
     if not LIVE_MIN <= len(selection) <= LIVE_MAX:
         st.caption(f"A selection of {LIVE_MIN:,} to {LIVE_MAX:,} images can be clustered again on its own here "
@@ -245,19 +252,20 @@ def show_recluster(cache: Cache, selection: np.ndarray, source: str, images: pd.
     k = int(left.number_input("Clusters (0: the eigengap's choice)", 0, 20, 0, key="c_live_k"))
     algorithm = middle.selectbox("Algorithm", ["kmeans", "spectral"], key="c_live_algo")
     ids = tuple(int(i) for i in np.sort(selection))
-    asked = st.session_state.get("c_live_asked") == (common.cache_key(cache), ids, k, algorithm)
+    asked = st.session_state.get("c_live_asked") == (common.cache_key(cache), ids, k, algorithm, descriptor)
     if not asked and not st.button(f"Re-cluster the {len(ids):,} images of {source}", key="c_live_go",
                                    icon=":material/scatter_plot:"):
         return   # nothing expensive starts without a click
-    st.session_state["c_live_asked"] = (common.cache_key(cache), ids, k, algorithm)
+    st.session_state["c_live_asked"] = (common.cache_key(cache), ids, k, algorithm, descriptor)
     with st.spinner(f"Clustering {len(ids):,} images ..."):
-        result, summary, prototypes = _reclustered(cache, common.cache_key(cache), ids, k, algorithm)
+        result, summary, prototypes = _reclustered(cache, common.cache_key(cache), ids, k, algorithm, descriptor)
     if result.note:
         st.info(result.note, icon=":material/info:")
     frame = result.frame().join(images[["label_name", "pred_name", "correct"]], on="id")
     chart, table = st.columns([3, 2])
     chart.altair_chart(charts.cluster_scatter(frame, selectable=False, width=420, height=340))
-    table.dataframe(summary[["rank", "cluster", "size", "accuracy", "class_mix", "suspicion"]].assign(
+    concepts = ["concept_mix"] if "concept_mix" in summary else []
+    table.dataframe(summary[["rank", "cluster", "size", "accuracy", "class_mix", *concepts, "suspicion"]].assign(
         cluster=summary["cluster"].map(cluster_label)), hide_index=True, width="stretch",
         column_config={"suspicion": st.column_config.NumberColumn("suspicion", format="%.2f"),
                        "accuracy": st.column_config.NumberColumn("accuracy", format="percent")})
@@ -292,7 +300,7 @@ def main() -> None:
     selected = show_embedding(stored, images, focus)
     show_clusters(stored, verdicts)
     selection, source = show_images(cache, stored, images, selected)
-    show_recluster(cache, selection, source, images)
+    show_recluster(cache, selection, source, images, stored.settings.descriptor)
 
 
 if __name__ == "__main__":   # run as a page (st.navigation runs it as __main__); importable by tests

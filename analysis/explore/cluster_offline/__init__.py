@@ -22,7 +22,8 @@ when it said "bag"?) -- over every image, no sampling:
    points from there.
 5. Per-cluster summaries and prototypes (analysis.explore.clustering.summarize_clusters) and the suspicion calibrated
    against random partitions of the scope into groups of the same sizes (analysis.explore.clustering's
-   `calibrate_suspicion`, ours).
+   `calibrate_suspicion`, ours). A clustering on the concepts descriptor (channel relevance at unit mass, ours)
+   is summarised with the positive maps, and each cluster names its strongest channels (`concept_mix`).
 6. Optionally (`verify_scope`), the causal shortcut test (analysis.trust.region_test) on the top clusters, with the
    verdict rule documented at `verdict`.
 

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 from scipy import sparse
 
 from analysis.explore import statistics as explore
-from analysis.explore.cluster_offline.settings import (CLASS_MAPS_FILE, DESCRIPTOR_KINDS, FORMAT_VERSION, TMP_PREFIX,
-                                                       cache_fingerprint, class_names_of)
+from analysis.explore.clustering import SPATIAL_DESCRIPTOR_KINDS
+from analysis.explore.cluster_offline.settings import (CLASS_MAPS_FILE, FORMAT_VERSION, TMP_PREFIX, cache_fingerprint,
+                                                       class_names_of)
 from analysis.explore.cluster_offline.store import _now, results_root
 
 
@@ -70,7 +71,7 @@ def compute_class_aggregates(cache: Any, chunk_rows: int = 4096,
         if (~correct).any():
             sums["wrong_true"] += _group_sums(explore.unit_mass(cache.maps(chunk[~correct], "true"), "positive"),
                                               labels[~correct], n_classes)
-        for kind in DESCRIPTOR_KINDS:
+        for kind in SPATIAL_DESCRIPTOR_KINDS:     # the summaries' (a clustering on concepts uses "positive")
             descriptors = cache.descriptors(chunk, kind)
             entry = consensus_sums.setdefault(kind, {"correct": 0.0, "all": 0.0})
             entry["correct"] = entry["correct"] + _group_sums(descriptors[correct], preds[correct], n_classes)

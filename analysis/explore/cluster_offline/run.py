@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from analysis.explore import clustering
 from analysis.explore.cluster_offline.settings import (DEFAULT_SCOPES, OfflineSettings, TMP_PREFIX, cache_fingerprint,
                                                        class_names_of, expand_scopes, scope_folder, scope_mask)
 from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, cluster_scope
@@ -25,7 +26,7 @@ def load_cache(root: Path) -> Any:
 
 
 def read_descriptors(cache_root: Path, ids: np.ndarray, kind: str, chunk_rows: int = 65536) -> np.ndarray:
-    """float32 [len(ids), D*D] descriptors, read in chunks through a cache opened for this only: one copy in
+    """float32 [len(ids), P] descriptors, read in chunks through a cache opened for this only: one copy in
     memory (reading them at once holds two), and the mapped file pages leave the process with the reader."""
     reader = load_cache(cache_root)
     first = reader.descriptors(ids[:1], kind)
@@ -72,7 +73,8 @@ def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] =
         progress.stage("per-class mean maps")
         # Through a cache opened for this pass only: the file pages it maps leave the process with it.
         write_class_aggregates(cache.root, compute_class_aggregates(load_cache(cache.root)), fingerprint)
-    consensus = read_class_aggregates(cache).consensus[settings.descriptor]
+    summary_kind = clustering.summary_descriptor_kind(settings.descriptor)
+    consensus = read_class_aggregates(cache).consensus[summary_kind]
     target = run_dir(cache.root, settings)
     target.mkdir(parents=True, exist_ok=True)
     for leftover in target.glob(f"{TMP_PREFIX}*"):   # of a killed run (one run of a setting at a time)
@@ -108,9 +110,11 @@ def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] =
                 layout = _all_layout(target / scope_folder("all"), fingerprint)
             init = None if layout is None else layout.reindex(ids).to_numpy(np.float64)
             init = None if init is None or not np.isfinite(init).all() else init
+        # A clustering on concepts: the graph on channel shares, the summaries on the positive maps.
+        maps = None if summary_kind == settings.descriptor else read_descriptors(cache.root, ids, summary_kind)
         result = cluster_scope(scope, ids, read_descriptors(cache.root, ids, settings.descriptor), table[mask],
                                consensus, names, settings, threads, progress.stage, init=init,
-                               overwrite_descriptors=True)
+                               overwrite_descriptors=True, summary_descriptors=maps)
         for message in result.messages:
             progress.message(f"{scope}: {message}")
         path = write_scope_result(target, result, settings, fingerprint)

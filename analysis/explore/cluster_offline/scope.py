@@ -45,11 +45,14 @@ def clustering_name(algorithm: str, k: int) -> str:
 def cluster_scope(scope: str, ids: np.ndarray, descriptors: np.ndarray, rows: pd.DataFrame,
                   consensus: np.ndarray, class_names: Sequence[str], settings: OfflineSettings,
                   threads: int | None = None, progress: Progress | None = None,
-                  init: np.ndarray | None = None, overwrite_descriptors: bool = False) -> ScopeResult:
+                  init: np.ndarray | None = None, overwrite_descriptors: bool = False,
+                  summary_descriptors: np.ndarray | None = None) -> ScopeResult:
     """Cluster one scope: `ids` [n] with their `descriptors` [n, P] and table `rows` (same order); `init`
     [n, 2]: the scope's points in the all-images layout, to start t-SNE from (see `tsne_layout`).
     `overwrite_descriptors`: the descriptors (float32) may be used as working memory (a million images' worth
-    is a GiB)."""
+    is a GiB). `summary_descriptors` [n, D*D]: the spatial descriptors that summarise the clusters when the
+    clustered ones are not spatial (the concepts descriptor: prototypes and suspicion from the positive maps,
+    and each cluster's concept mix from `descriptors`)."""
     settings.validate()
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
@@ -124,12 +127,14 @@ def cluster_scope(scope: str, ids: np.ndarray, descriptors: np.ndarray, rows: pd
         del points
 
     say("summaries")
+    maps, shares = (x, None) if summary_descriptors is None else (summary_descriptors, x)
     summaries, prototype_blocks, records = [], [], []
     for algorithm, k, source in wanted:
         name = clustering_name(algorithm, k)
         labels = labels_by[name]
-        summary, prototypes = clustering.summarize_clusters(labels, rows, x, consensus, list(class_names))
-        calibration = clustering.calibrate_suspicion(labels, rows, x, consensus, settings.null_partitions,
+        summary, prototypes = clustering.summarize_clusters(labels, rows, maps, consensus, list(class_names),
+                                                            concept_shares=shares)
+        calibration = clustering.calibrate_suspicion(labels, rows, maps, consensus, settings.null_partitions,
                                                      settings.seed)
         summary = summary.merge(calibration.frame(), on="cluster", how="left")
         summary.insert(0, "clustering", name)

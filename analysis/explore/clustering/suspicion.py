@@ -119,14 +119,51 @@ def _cluster_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.zeros(0, np.int64)
 
 
+def _class_mixes(index: np.ndarray, labels: np.ndarray, n_clusters: int, names: np.ndarray
+                 ) -> tuple[list[int], list[str]]:
+    """Per cluster (`index`: each image's cluster position), its majority label and its class mix ("coat 80%,
+    shirt 15%, bag 5%"): label counts, ties in order of first appearance (as pandas' value_counts)."""
+    n_labels = int(labels.max()) + 1 if len(labels) else 0
+    label_counts = np.zeros((n_clusters, n_labels), np.int64)
+    np.add.at(label_counts, (index, labels), 1)
+    first_seen = np.full((n_clusters, n_labels), len(labels), np.int64)
+    np.minimum.at(first_seen, (index, labels), np.arange(len(labels)))
+    majorities, mixes = [], []
+    for position in range(n_clusters):
+        present = np.nonzero(label_counts[position])[0]
+        present = present[np.lexsort((first_seen[position, present], -label_counts[position, present]))]
+        size = int(label_counts[position].sum())
+        mix = ", ".join(f"{names[int(c)]} {label_counts[position, c] / size:.0%}" for c in present[:3])
+        majorities.append(int(present[0]))
+        mixes.append(mix + (f", +{len(present) - 3} more" if len(present) > 3 else ""))
+    return majorities, mixes
+
+
+def concept_mix(labels: np.ndarray, concept_shares: np.ndarray, clusters: np.ndarray, top: int = 3) -> list[str]:
+    """Per cluster of `clusters`, its strongest concepts: the channels with the largest mean share of the
+    members' positive evidence (`concept_shares` [n, K], unit-mass rows aligned with `labels`), e.g.
+    "#13 45%, #30 12%, #56 8%"."""
+    labels = np.asarray(labels, dtype=np.int64)
+    shares = np.asarray(concept_shares, dtype=np.float64)
+    out = []
+    for cluster in clusters:
+        mean = shares[labels == cluster].mean(axis=0)
+        best = [k for k in np.argsort(-mean, kind="stable")[:top] if mean[k] > 0]
+        out.append(", ".join(f"#{int(k)} {mean[k]:.0%}" for k in best))
+    return out
+
+
 def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.ndarray,
-                       consensus: np.ndarray, class_names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+                       consensus: np.ndarray, class_names: list[str],
+                       concept_shares: np.ndarray | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """One row per cluster, most suspicious first, and the prototypes (mean descriptors) [n_clusters, P].
 
     rows: the table rows of the clustered images (same order as `labels` and `descriptors`).
     consensus: [C, P] consensus map of each class (analysis.explore.class_consensus); a cluster's prototype is
     compared with the mean consensus of its members' predicted classes, so a cluster that looks elsewhere than
     its class usually does scores high.
+    concept_shares: [n, K] the concepts descriptor of the same images (a clustering on concepts): adds the
+    column concept_mix (`concept_mix`).
     Noise (-1, HDBSCAN) is summarised too, as cluster -1, but always ranked last.
     """
     labels = np.asarray(labels, dtype=np.int64)
@@ -136,28 +173,17 @@ def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.n
     clusters, index = _cluster_positions(labels)
     inputs = SuspicionInputs(rows, descriptors, consensus)
     stats = inputs.statistics(index, len(clusters))
-    # Class mix: label counts per cluster, ties in order of first appearance (as pandas' value_counts).
-    n_labels = int(inputs.labels.max()) + 1 if len(inputs.labels) else 0
-    label_counts = np.zeros((len(clusters), n_labels), np.int64)
-    np.add.at(label_counts, (index, inputs.labels), 1)
-    first_seen = np.full((len(clusters), n_labels), len(labels), np.int64)
-    np.minimum.at(first_seen, (index, inputs.labels), np.arange(len(labels)))
+    majorities, mixes = _class_mixes(index, inputs.labels, len(clusters), names)
     records = []
     for position, cluster in enumerate(clusters):
-        present = np.nonzero(label_counts[position])[0]
-        present = present[np.lexsort((first_seen[position, present], -label_counts[position, present]))]
-        size = int(stats["size"][position])
-        majority = int(present[0])
-        mix = ", ".join(f"{names[int(c)]} {label_counts[position, c] / size:.0%}" for c in present[:3])
-        if len(present) > 3:
-            mix += f", +{len(present) - 3} more"
+        majority = majorities[position]
         records.append({
             "cluster": int(cluster),
-            "size": size,
+            "size": int(stats["size"][position]),
             "accuracy": float(stats["accuracy"][position]),
             "majority_class": majority,
             "majority_name": str(names[majority]),
-            "class_mix": mix,
+            "class_mix": mixes[position],
             "background_share": float(stats["background_share"][position]),
             "background_hotspot": float(stats["background_hotspot"][position]),
             "border_share": float(stats["border_share"][position]),
@@ -167,6 +193,8 @@ def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.n
     summary = pd.DataFrame.from_records(records, columns=[
         "cluster", "size", "accuracy", "majority_class", "majority_name", "class_mix", "background_share",
         "background_hotspot", "border_share", "unlike_class", "suspicion"])
+    if concept_shares is not None:
+        summary["concept_mix"] = concept_mix(labels, concept_shares, summary["cluster"].to_numpy())
     protos = stats["prototypes"] if len(clusters) else np.zeros((0, descriptors.shape[1]), np.float64)
     if len(summary):
         order = np.lexsort((summary["cluster"].to_numpy(), -summary["suspicion"].fillna(-1).to_numpy(),
