@@ -217,6 +217,40 @@ def small_cache_arguments(out_dir: Path) -> list[str]:
             "--map-size", "16", "--descriptor-size", "4", "--quiet"]
 
 
+def blobs(centres: int, per: int, dim: int = 16, spread: float = 0.02, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`centres` tight groups of unit-mass descriptors (clustering tests), each concentrated on its own block of
+    cells: (descriptors float32 [centres * per, dim], group of each row)."""
+    rng = np.random.default_rng(seed)
+    rows, truth = [], []
+    block = dim // centres
+    for c in range(centres):
+        base = np.full(dim, 0.01)
+        base[c * block:(c + 1) * block] = 1.0
+        points = np.abs(base + rng.normal(0, spread, (per, dim)))
+        rows.append(points / points.sum(axis=1, keepdims=True))
+        truth += [c] * per
+    return np.concatenate(rows).astype(np.float32), np.array(truth)
+
+
+def fit(model: "torch.nn.Module", images: "torch.Tensor", labels: "torch.Tensor", steps: int, lr: float,
+        seed: int = 0, batch_size: int = 32) -> "torch.nn.Module":
+    """Train `model` for `steps` Adam steps on random batches of (images, labels), the batches drawn from a
+    generator seeded with `seed`; returns it in eval mode (the small planted-data models of the tests)."""
+    import torch
+    import torch.nn.functional as F
+
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(images), (batch_size,), generator=generator)
+        loss = F.cross_entropy(model(images[batch]), labels[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
 def make_small_cache(out_dir: Path | str) -> Path:
     """Build a small real cache: a 3-class x 8-image ImageFolder with masks, a briefly trained tiny CNN, the
     real job (real FG-CAM engine, real files).

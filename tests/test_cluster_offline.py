@@ -20,22 +20,8 @@ from sklearn.metrics import adjusted_rand_score
 from analysis.explore import cluster_offline as offline
 from analysis.explore import clustering, statistics as explore
 from analysis.cache import CacheWriter, load
-from tests.helpers import (REPO_ROOT, job_command, run_main, synthetic_manifest, synthetic_records,
+from tests.helpers import (REPO_ROOT, blobs, job_command, run_main, synthetic_manifest, synthetic_records,
                            write_synthetic_cache)
-
-
-def blobs(centres: int, per: int, dim: int = 16, spread: float = 0.02, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`centres` tight groups of unit-mass descriptors, each concentrated on its own block of cells."""
-    rng = np.random.default_rng(seed)
-    rows, truth = [], []
-    block = dim // centres
-    for c in range(centres):
-        base = np.full(dim, 0.01)
-        base[c * block:(c + 1) * block] = 1.0
-        points = np.abs(base + rng.normal(0, spread, (per, dim)))
-        rows.append(points / points.sum(axis=1, keepdims=True))
-        truth += [c] * per
-    return np.concatenate(rows).astype(np.float32), np.array(truth)
 
 
 def table_rows(n: int, seed: int = 0) -> pd.DataFrame:

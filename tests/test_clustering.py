@@ -7,20 +7,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from analysis.explore import clustering, statistics as explore
-
-
-def _blobs(centres: int, per: int, dim: int = 16, spread: float = 0.02, seed: int = 0):
-    """`centres` tight groups of unit-mass descriptors, each concentrated on its own block of pixels."""
-    rng = np.random.default_rng(seed)
-    rows, truth = [], []
-    block = dim // centres
-    for c in range(centres):
-        base = np.full(dim, 0.01)
-        base[c * block:(c + 1) * block] = 1.0
-        pts = np.abs(base + rng.normal(0, spread, (per, dim)))
-        rows.append(pts / pts.sum(axis=1, keepdims=True))
-        truth += [c] * per
-    return np.concatenate(rows).astype(np.float32), np.array(truth)
+from tests.helpers import blobs
 
 
 def test_knn_affinity_is_symmetric_binary_without_self_loops():
@@ -33,7 +20,7 @@ def test_knn_affinity_is_symmetric_binary_without_self_loops():
 
 @pytest.mark.parametrize("centres", [2, 3, 5])
 def test_eigengap_suggests_the_number_of_separated_groups(centres):
-    x, _ = _blobs(centres, per=30, dim=20)
+    x, _ = blobs(centres, per=30, dim=20)
     gap = clustering.eigengap(x, n_neighbors=8)
     assert gap.suggested_k == centres
     assert np.all(gap.eigenvalues[:centres] < 1e-8) and gap.eigenvalues[centres] > 0.05
@@ -41,7 +28,7 @@ def test_eigengap_suggests_the_number_of_separated_groups(centres):
 
 def test_eigengap_large_components_use_lanczos_and_agree_with_dense():
     # Two groups of 700 points: each component is above the dense-solver size, so Lanczos runs on each.
-    x, _ = _blobs(2, per=700, dim=16, spread=0.05)
+    x, _ = blobs(2, per=700, dim=16, spread=0.05)
     gap = clustering.eigengap(x, n_neighbors=10)
     assert gap.suggested_k == 2
     from scipy.sparse.csgraph import laplacian
@@ -53,7 +40,7 @@ def test_eigengap_large_components_use_lanczos_and_agree_with_dense():
 
 @pytest.mark.parametrize("algorithm", clustering.ALGORITHMS)
 def test_every_algorithm_recovers_separated_groups(algorithm):
-    x, truth = _blobs(3, per=40)
+    x, truth = blobs(3, per=40)
     labels = clustering.cluster_labels(x, algorithm, n_clusters=3, n_neighbors=8)
     assert adjusted_rand_score(truth, labels) == pytest.approx(1.0)
     assert set(labels.tolist()) == {0, 1, 2}
@@ -65,7 +52,7 @@ def test_relabel_by_size_orders_clusters_and_keeps_noise():
 
 @pytest.mark.parametrize("method", clustering.EMBEDDINGS)
 def test_embedding_separates_groups(method):
-    x, truth = _blobs(2, per=30)
+    x, truth = blobs(2, per=30)
     coords = clustering.embed_2d(x, method, n_neighbors=8)
     assert coords.shape == (60, 2) and np.isfinite(coords).all()
     # Every point's 5 nearest neighbours in the plane belong to its own group (the groups do not mix).
@@ -137,7 +124,7 @@ def test_noise_cluster_is_ranked_last():
 
 
 def test_run_save_load_roundtrip(tmp_path):
-    x, _ = _blobs(3, per=20)
+    x, _ = blobs(3, per=20)
     ids = np.arange(100, 160)
     settings = clustering.ClusteringSettings(scope="all", algorithm="kmeans", embedding="spectral",
                                              n_neighbors=6)
@@ -164,7 +151,7 @@ def test_settings_validation():
 
 def test_connect_components_adds_one_weak_edge_per_extra_component():
     from scipy.sparse.csgraph import connected_components
-    x, _ = _blobs(3, per=10)
+    x, _ = blobs(3, per=10)
     graph = clustering.knn_affinity(x, 3)
     assert connected_components(graph, directed=False)[0] == 3
     joined = clustering.connect_components(x, graph, weight=0.01)
@@ -225,7 +212,7 @@ def test_identical_or_zero_descriptors_give_one_cluster_and_a_message_never_a_cr
 
 
 def test_non_finite_descriptors_are_left_out_or_refused_and_k_is_capped_by_distinct_maps():
-    x, _ = _blobs(3, per=10)
+    x, _ = blobs(3, per=10)
     x[[2, 5]] = np.nan
     result = clustering.run_clustering(np.arange(30), x, clustering.ClusteringSettings(n_clusters=3))
     assert len(result.ids) == 28 and 2 not in result.ids and 5 not in result.ids and result.scope_size == 30

@@ -17,6 +17,7 @@ from torch import nn
 from analysis.fgcam import FGCAM, denoise
 from analysis.fgcam.ops import PADS
 from data import fashion_mnist
+from tests.helpers import fit
 from tests.pretrained_models import efficientnet_lite0
 
 
@@ -318,17 +319,7 @@ def trained(fashion):
     models = {}
     for name, family in FAMILIES.items():
         torch.manual_seed(0)
-        model = family()
-        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-        generator = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(200):
-            batch = torch.randint(0, len(images), (32,), generator=generator)
-            loss = F.cross_entropy(model(images[batch]), labels[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        model.eval()
+        model = fit(family(), images, labels, steps=200, lr=3e-3, seed=0)
         with torch.no_grad():
             accuracy = float((model(test_images).argmax(dim=1) == test_labels).float().mean())
         models[name] = (model, accuracy)

@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from analysis.cache import load
 from analysis.fgcam import FGCAM
 from analysis.pipeline.models import ModelSpecError
 from analysis.trust.region_test import (control_regions, foreground_test, model_from_manifest, per_class_foreground,
                                     prototype_map, region_pixel_count, shortcut_test, top_region)
-from tests.helpers import run_main
+from tests.helpers import fit, run_main
 from tests.tiny_models import TinyCNN
 
 SIDE = 16
@@ -39,15 +38,7 @@ def shortcut_model() -> TinyCNN:
     torch.manual_seed(0)
     model = TinyCNN(num_classes=2, width=8)
     images, labels = planted_images(64, seed=0)
-    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(150):
-        batch = torch.randint(0, len(images), (32,), generator=generator)
-        loss = F.cross_entropy(model(images[batch]), labels[batch])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return model.eval()
+    return fit(model, images, labels, steps=150, lr=0.02, seed=1)
 
 
 def test_blurring_the_prototype_region_removes_the_shortcut_and_a_random_region_does_not(

@@ -21,6 +21,7 @@ from analysis.trust.compare import (ComparisonError, MethodComparison, edge_maps
                               trust_page_data, write_comparison)
 from analysis.fgcam import FGCAM
 from data.demo_model import DemoCNN
+from tests.helpers import fit
 from tests.test_fgcam_engine import FunctionalNet
 
 
@@ -58,15 +59,7 @@ def mark_model() -> tuple[MarkCNN, torch.Tensor]:
     torch.manual_seed(0)
     model = MarkCNN()
     images, labels = mark_images(256, seed=0)
-    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        batch = torch.randint(0, len(images), (32,), generator=generator)
-        loss = F.cross_entropy(model(images[batch]), labels[batch])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
+    fit(model, images, labels, steps=150, lr=0.01, seed=0)
     test_images, test_labels = mark_images(24, seed=5)
     with torch.no_grad():
         assert (model(test_images).argmax(1) == test_labels).float().mean() == 1.0  # it learnt the mark
