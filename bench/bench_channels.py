@@ -40,7 +40,7 @@ def photos(batch: int, transform) -> torch.Tensor:
 
 def build(name: str, batch: int, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
     if name == "lite0":
-        from bench.pretrained_models import efficientnet_lite0
+        from tests.pretrained_models import efficientnet_lite0
         model, transform = efficientnet_lite0()
         return model, photos(batch, transform)
     torch.manual_seed(0)

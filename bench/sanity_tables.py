@@ -11,7 +11,7 @@ as its positive part pooled to 14 x 14, and the CAM itself).
     .venv/bin/python bench/sanity_tables.py --experiments      # + what lowers FG-CAM's correlation (Lite0)
 
 Lite0 runs on scikit-image's four photos (chelsea, coffee, astronaut, rocket), Resize(256) + CenterCrop(224) +
-ImageNet normalisation (bench/pretrained_models.py). --experiments compares, on the same photos, FG-CAM
+ImageNet normalisation (tests/pretrained_models.py). --experiments compares, on the same photos, FG-CAM
 started at other CAM layers (with and without denoising) on the randomisation cascade of the model's own
 head and blocks, and on deletion / insertion.
 """
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
-LITE0 = f"{REPO / 'bench' / 'pretrained_models.py'}:efficientnet_lite0"
+LITE0 = f"{REPO / 'tests' / 'pretrained_models.py'}:efficientnet_lite0"
 LITE0_LAYER = "_blocks.4"           # the last 28 x 28 block: a middle stage, like the default on other models
 LITE0_CAM_LAYERS = ("_swish", "_blocks.15", "_blocks.13", "_blocks.10", "_blocks.7")
 DEMO_CAM_LAYERS = ("features.10", "features.6", "features.2")   # the blocks at 7 x 7, 14 x 14, 28 x 28
@@ -117,7 +117,7 @@ def lite0_inputs(photos: Path, crops: str) -> tuple[object, "torch.Tensor"]:
     from torchvision import transforms as T
 
     from analysis.pipeline.models import load_model
-    from bench.pretrained_models import IMAGENET_MEAN, IMAGENET_STD
+    from tests.pretrained_models import IMAGENET_MEAN, IMAGENET_STD
 
     loaded = load_model(LITE0)
     if crops == "center":

@@ -196,15 +196,7 @@ def train_tiny_cnn(image_root: Path, checkpoint: Path, steps: int = 60, seed: in
     dataset = ImageFolder(str(image_root), transform=transform)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(images), (16,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    fit(model, images, labels, steps, lr=0.02, seed=seed, batch_size=16)
     torch.save(model.state_dict(), checkpoint)
     return checkpoint
 

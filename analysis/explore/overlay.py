@@ -11,11 +11,14 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from analysis.pipeline.geometry import covers_image, place_map, scale_box
+
+T = TypeVar("T")
 
 # Diverging colour maps as anchor colours from -1 (most negative) to +1 (most positive); 0 is the middle
 # anchor. ColorBrewer / matplotlib anchors, interpolated linearly into a lookup table.
@@ -143,17 +146,23 @@ def placeholder(size: int, text: str = "image missing", height: int | None = Non
     return np.asarray(tile, dtype=np.uint8)
 
 
-def load_image(path: Path | str | None, size: int) -> np.ndarray | None:
-    """The image at `path` as RGB uint8 [size, size, 3] (resized to the square the model saw), or None when the
-    file is missing or unreadable."""
+def _read_image(path: Path | str | None, draw: Callable[[Image.Image], T]) -> T | None:
+    """draw(the opened image at `path`), or None when there is no path or the file is missing or unreadable
+    (a page shows a placeholder instead)."""
     if path is None:
         return None
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            return draw(img)
     except (OSError, UnidentifiedImageError, ValueError):
         return None
+
+
+def load_image(path: Path | str | None, size: int) -> np.ndarray | None:
+    """The image at `path` as RGB uint8 [size, size, 3] (resized to the square the model saw), or None when the
+    file is missing or unreadable."""
+    return _read_image(path, lambda img: np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR),
+                                                    dtype=np.uint8))
 
 
 def display_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -165,37 +174,31 @@ def display_size(width: int, height: int, size: int) -> tuple[int, int]:
 def load_display(path: Path | str | None, size: int) -> tuple[np.ndarray, tuple[int, int]] | None:
     """(RGB uint8 [h, w, 3] with the image's own aspect ratio and long side `size`, the original (width,
     height)), or None when the file is missing or unreadable."""
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as img:
-            original = img.size
-            shown = display_size(*original, size)
-            img.draft("RGB", shown)  # a JPEG decodes at a fraction of its size when that is enough
-            return np.asarray(img.convert("RGB").resize(shown, Image.BILINEAR), dtype=np.uint8), original
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+    def draw(img: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        original = img.size
+        shown = display_size(*original, size)
+        img.draft("RGB", shown)  # a JPEG decodes at a fraction of its size when that is enough
+        return np.asarray(img.convert("RGB").resize(shown, Image.BILINEAR), dtype=np.uint8), original
+
+    return _read_image(path, draw)
 
 
 def model_view(path: Path | str | None, box: tuple[float, float, float, float], size: int) -> np.ndarray | None:
     """RGB uint8 [size, size, 3]: the region `box` (original pixels) of the image at `path`, stretched to the
     square the maps are stored in, black where the box leaves the image (as a padding crop does); None when the
     file is missing or unreadable."""
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            x0, y0, x1, y1 = box
-            factor = min(1.0, 2 * size / max(x1 - x0, y1 - y0))  # EXTENT does not antialias: shrink first
-            if factor < 1.0:
-                width, height = img.size
-                img = img.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.BILINEAR)
-                x0, y0, x1, y1 = scale_box(box, img.width / width, img.height / height)
-            view = img.transform((size, size), Image.EXTENT, (x0, y0, x1, y1), Image.BILINEAR, fillcolor=(0, 0, 0))
-            return np.asarray(view, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+    def draw(img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB")
+        x0, y0, x1, y1 = box
+        factor = min(1.0, 2 * size / max(x1 - x0, y1 - y0))  # EXTENT does not antialias: shrink first
+        if factor < 1.0:
+            width, height = img.size
+            img = img.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.BILINEAR)
+            x0, y0, x1, y1 = scale_box(box, img.width / width, img.height / height)
+        view = img.transform((size, size), Image.EXTENT, (x0, y0, x1, y1), Image.BILINEAR, fillcolor=(0, 0, 0))
+        return np.asarray(view, dtype=np.uint8)
+
+    return _read_image(path, draw)
 
 
 def view_tile(image: np.ndarray, original_size: tuple[int, int], box: tuple[float, float, float, float] | None,

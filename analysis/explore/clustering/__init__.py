@@ -20,9 +20,10 @@ from analysis.explore.clustering.runs import (ClusteringResult, ClusteringSettin
 
 
 __all__ = ["ALGORITHMS", "ALGORITHM_LABELS", "ClusteringResult", "ClusteringSettings", "DESCRIPTOR_KINDS",
-           "DESCRIPTOR_LABELS", "SPATIAL_DESCRIPTOR_KINDS", "concept_mix", "summary_descriptor_kind", "EMBEDDINGS", "EMBEDDING_LABELS", "Eigengap", "SCOPES", "SCOPE_LABELS", "SUMMARY_SCORES",
-           "SUSPICION_COMPONENTS", "SuspicionCalibration", "SuspicionInputs", "_smallest_laplacian_eigenvalues",
-           "all_identical", "calibrate_suspicion", "checked_descriptors", "cluster_labels", "connect_components",
-           "distinct_rows", "effective_neighbours", "eigengap", "embed_2d", "graph_spectrum", "knn_affinity",
-           "laplacian_eigenpairs", "load_result", "relabel_by_size", "run_clustering", "save_result", "scope_ids",
-           "suggest_k", "summarize_clusters", "suspicion_score"]
+           "DESCRIPTOR_LABELS", "EMBEDDINGS", "EMBEDDING_LABELS", "Eigengap", "SCOPES", "SCOPE_LABELS",
+           "SPATIAL_DESCRIPTOR_KINDS", "SUMMARY_SCORES", "SUSPICION_COMPONENTS", "SuspicionCalibration",
+           "SuspicionInputs", "_smallest_laplacian_eigenvalues", "all_identical", "calibrate_suspicion",
+           "checked_descriptors", "cluster_labels", "concept_mix", "connect_components", "distinct_rows",
+           "effective_neighbours", "eigengap", "embed_2d", "graph_spectrum", "knn_affinity", "laplacian_eigenpairs",
+           "load_result", "relabel_by_size", "run_clustering", "save_result", "scope_ids", "suggest_k",
+           "summarize_clusters", "summary_descriptor_kind", "suspicion_score"]
