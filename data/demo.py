@@ -514,7 +514,10 @@ def step_dashboard(paths: DemoPaths, port: int) -> int:
         raise DemoError(f"port {port} is in use (another dashboard?): stop it, or rerun with --port N")
     say(f"[7/7] dashboard: open http://localhost:{port}  (Ctrl-C stops it; the cache stays in {paths.cache})")
     say("        What is this model really looking at? Start with the clusters ranked most suspicious.")
-    process = subprocess.Popen(dashboard_command(paths, port), cwd=REPO_ROOT)
+    # The pages that run the model (concept maps of an image, the sanity views) load it through the demo
+    # model's loader, which reads this variable: any --out works, not only demo_out/.
+    process = subprocess.Popen(dashboard_command(paths, port), cwd=REPO_ROOT,
+                               env={**os.environ, "DEMO_MODEL_WEIGHTS": str(paths.model)})
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM to the demo must not leave the dashboard running on its own

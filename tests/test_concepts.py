@@ -6,6 +6,7 @@ corner."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     assert main(["explain", "--data", str(root / "images"), "--model", TINY, "--checkpoint", str(root / "tiny_cnn.pth"),
                  "--out", str(root / "cache"), "--device", "cpu", "--workers", "0", "--batch-size", "8",
-                 "--map-size", "10", "--descriptor-size", "2", "--quiet"]) == 0
+                 "--map-size", "10", "--descriptor-size", "2", "--quiet", "--no-cluster"]) == 0
     return root / "cache"
 
 
@@ -157,6 +158,16 @@ def test_the_page_shows_a_class_and_a_concept(monkeypatch, with_concepts: Path) 
     assert f"Concept #{int(first['channel'])}" in page_texts(at) and not at.exception
 
 
+def test_explain_finds_the_concepts_after_the_clustering(small_cache: Path) -> None:
+    cache = load(small_cache)                 # made by `explain` without --no-cluster (tests/helpers.py)
+    concepts = read_concepts(cache)
+    assert concepts is not None and not concepts.stale and concepts.meta["n_images"] == len(cache)
+    assert cache.clustering_scopes()          # the clustering ran first
+    predicted = sorted(set(cache.table["pred"]))
+    assert sorted(concepts.classes.loc[concepts.classes["kind"] == "top", "class"].unique()) == predicted
+    assert len(concepts.references) and np.isfinite(concepts.maps.astype(np.float32)).all()
+
+
 def test_a_cache_without_concepts_says_what_to_run(monkeypatch, tiny_cache: Path) -> None:
     at = open_page(monkeypatch, tiny_cache, "concepts", {"concept": "3"})
     assert not at.exception and "python -m analysis concepts --cache" in page_texts(at)
@@ -167,6 +178,9 @@ def test_the_bag_class_has_a_tag_concept_whose_maps_sit_on_the_corner(small_demo
     from analysis.explore.concepts import run_concepts
     from data import shortcut
 
+    made_by_the_demo = read_concepts(load(small_demo.cache))     # explain found them with the model it held
+    assert made_by_the_demo is not None and not made_by_the_demo.stale
+    assert made_by_the_demo.meta["settings"] == asdict(ConceptSettings())
     monkeypatch.setenv("DEMO_MODEL_WEIGHTS", str(small_demo.model))
     run_concepts(small_demo.cache, ConceptSettings(top=3, references=8), show_progress=False)
     cache = load(small_demo.cache)

@@ -1,10 +1,12 @@
 """`python -m analysis concepts`: per class the CAM-layer channels (concepts) that carry its evidence, their
-reference images and where each looks; the method is in analysis/explore/concepts.py."""
+reference images and where each looks; the method is in analysis/explore/concepts.py. `explain` calls
+`concepts_after_explain` when it finishes, after the clustering."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from analysis.commands.cli_types import positive_int
 from analysis.explore.concepts import ConceptSettings, ConceptsError, run_concepts
@@ -25,14 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no closing table")
 
 
-def run(args: argparse.Namespace) -> int:
-    """The `concepts` subcommand: 0 on success, 2 with one line on stderr for a setup problem."""
+def run(args: argparse.Namespace, loaded: Any = None) -> int:
+    """The `concepts` subcommand: 0 on success, 2 with one line on stderr for a setup problem. ``loaded``: the
+    cache's model when it is in memory already (``concepts_after_explain``)."""
     from analysis.cache import CacheError
     from analysis.pipeline.models import ModelSpecError
 
     settings = ConceptSettings(top=args.top, references=args.references, batch_size=args.batch_size)
     try:
-        folder, classes, meta = run_concepts(args.cache, settings, show_progress=not args.quiet)
+        folder, classes, meta = run_concepts(args.cache, settings, show_progress=not args.quiet, loaded=loaded)
     except (CacheError, ConceptsError, ModelSpecError, FileNotFoundError) as error:
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2
@@ -47,3 +50,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name}: {top}" + (f"; strong in few images: {', '.join(f'#{k}' for k in flagged)}"
                                         if flagged else ""))
     return 0
+
+
+def concepts_after_explain(cache_dir: Path, loaded: Any, quiet: bool = False) -> int:
+    """What `explain` runs after the clustering (unless --no-cluster): this command with its defaults, with the
+    job's model (``loaded``), so it needs nothing the job did not have."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    args = parser.parse_args(["--cache", str(cache_dir)] + (["--quiet"] if quiet else []))
+    if not quiet:
+        print("finding each class's concepts (skip with --no-cluster; rerun alone with "
+              f"`python -m analysis concepts --cache {cache_dir}`) ...", file=sys.stderr)
+    code = run(args, loaded)
+    if code != 0:
+        print(f"the cache itself is complete; run `python -m analysis concepts --cache {cache_dir}` to retry",
+              file=sys.stderr)
+    return code

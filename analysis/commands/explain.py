@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="data loading worker processes (0: load in the main process)")
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")
     run_group.add_argument("--no-cluster", action="store_true",
-                           help="do not run `python -m analysis cluster` (default settings) on the finished cache")
+                           help="do not run the offline analysis on the finished cache: `python -m analysis "
+                                "cluster` and then `python -m analysis concepts`, with their default settings")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ the engine's per-channel maps, ``FGCAM.channel_maps``, for the regions):
   its reference images and maps say what it is.
 
 ``python -m analysis concepts --cache DIR`` computes them (with the cache's model, for the maps) into
-``DIR/analysis/concepts/`` (``read_concepts``); the dashboard's Concepts page reads them.
+``DIR/analysis/concepts/`` (``read_concepts``); ``explain`` does it at its end, after the clustering, with the
+model it holds; the dashboard's Concepts page reads them.
 """
 from __future__ import annotations
 
@@ -149,16 +150,17 @@ def region_box(concept_map: np.ndarray, side: float) -> tuple[float, float, floa
 # The concept maps: FG-CAM of one channel, with the cache's model
 # ----------------------------------------------------------------------------------------------------------
 
-def concept_explainer(cache: Any) -> tuple[Any, Any]:
+def concept_explainer(cache: Any, loaded: Any = None) -> tuple[Any, Any]:
     """(the cache's model as ``analysis.models.LoadedModel``, an FGCAM with the cache's base, CAM layer and
     low-layer rule; no denoising: a concept is one component, and the stored relevance is taken before
-    denoising). ModelSpecError when the model cannot be loaded here."""
+    denoising). ``loaded``: the model already in memory (the job's), else it is loaded from the manifest
+    (ModelSpecError when it cannot be loaded here)."""
     from analysis.commands.cli_types import low_rule
     from analysis.fgcam import FGCAM
     from analysis.trust.region_test import model_from_manifest
 
     options = cache.manifest.get("options") or {}
-    loaded = model_from_manifest(cache.manifest)
+    loaded = loaded if loaded is not None else model_from_manifest(cache.manifest)
     rule = low_rule(options["low_rule"]) if options.get("low_rule") else None
     explainer = FGCAM(loaded.model, base=options.get("base", "gradcam"), cam_layer=options.get("cam_layer"),
                       low_rule=rule)
@@ -203,10 +205,11 @@ def concept_maps(cache: Any, loaded: Any, explainer: Any, pairs: list[tuple[int,
 # ----------------------------------------------------------------------------------------------------------
 
 def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
-                     progress: Callable[[int], Any] | None = None,
-                     start: Callable[[int], Any] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+                     progress: Callable[[int], Any] | None = None, start: Callable[[int], Any] | None = None,
+                     loaded: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     """(classes, references with their region box and map row, maps float16 [R, S, S] normalised to max |.| 1
-    with the scale in references.map_scale). ConceptsError without stored channel relevance."""
+    with the scale in references.map_scale). ConceptsError without stored channel relevance. ``loaded``: the
+    cache's model when it is in memory already (see ``concept_explainer``)."""
     relevance = cache.channel_relevance(which="pred")
     if relevance is None:
         raise ConceptsError("this cache has no channel relevance (made before it was stored): re-run "
@@ -222,7 +225,7 @@ def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
     pairs = sorted(per_image.items())
     if start is not None:
         start(len(pairs))
-    loaded, explainer = concept_explainer(cache)
+    loaded, explainer = concept_explainer(cache, loaded)
     size = int(cache.map_size)
     maps = concept_maps(cache, loaded, explainer, pairs, size, batch_size=settings.batch_size, progress=progress)
     keys = sorted(maps)
@@ -306,9 +309,10 @@ def read_concepts(cache: Any) -> Concepts | None:
     return Concepts(classes, references, maps, meta, meta.get("cache_fingerprint") != cache_fingerprint(cache))
 
 
-def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings(), show_progress: bool = True
-                 ) -> tuple[Path, pd.DataFrame, dict[str, Any]]:
-    """Compute and store the concepts of the cache at ``cache_root``; (folder, classes, meta)."""
+def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings(), show_progress: bool = True,
+                 loaded: Any = None) -> tuple[Path, pd.DataFrame, dict[str, Any]]:
+    """Compute and store the concepts of the cache at ``cache_root``; (folder, classes, meta). ``loaded``: the
+    cache's model when it is in memory already (the job's)."""
     from tqdm import tqdm
 
     from analysis.cache import load
@@ -322,7 +326,8 @@ def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings()
         nonlocal bar
         bar = tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True, desc="concept maps")
 
-    classes, references, maps = compute_concepts(cache, settings, progress=lambda k: bar.update(k), start=start)
+    classes, references, maps = compute_concepts(cache, settings, progress=lambda k: bar.update(k), start=start,
+                                                 loaded=loaded)
     if bar is not None:
         bar.close()
     relevance = cache.channel_relevance([int(cache.table["id"].iloc[0])]) if len(cache.table) else None

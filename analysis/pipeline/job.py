@@ -311,8 +311,12 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
             print(f"explained {counts['explained']} images ({counts['errors']} skipped, see the errors table) "
                   f"into {plan.out}; this run: {processed} images in {seconds:.1f} s", file=sys.stderr)
     ranks.close()
-    if ranks.rank == 0 and plan.cluster:
+    if ranks.rank == 0 and plan.cluster:   # the offline analysis: clustering, then concepts (with this model)
         from analysis.commands.cluster import cluster_after_explain
+        from analysis.commands.concepts import concepts_after_explain
 
-        return cluster_after_explain(plan.out, quiet=plan.quiet)
+        code = cluster_after_explain(plan.out, quiet=plan.quiet)
+        if code == 0 and load(plan.out).complete:
+            code = concepts_after_explain(plan.out, plan.loaded, quiet=plan.quiet)
+        return code
     return 0

@@ -102,7 +102,8 @@ class JobPlan:
     existing: bool                    # an identical cache exists: resume it
     wipe: bool                        # --overwrite on an existing cache
     quiet: bool
-    cluster: bool                     # cluster every scope when the cache is complete (not --no-cluster)
+    cluster: bool                     # cluster every scope, then find the concepts, when the cache is complete
+                                      # (not --no-cluster)
     seen: tuple                       # what --out held when the plan was made (_out_snapshot)
 
     @property
