@@ -240,3 +240,32 @@ def test_an_images_top_concepts_for_the_image_page(monkeypatch, with_concepts: P
     assert len(drawn) == len(expected), text   # the maps were computed and drawn
     for k in expected:
         assert f"concept #{k}:" in text, text[-2000:]
+
+
+def test_ctrl_c_leaves_the_stored_concepts_as_they_were(photo_cache: Path, tmp_path: Path) -> None:
+    """Stopped while the concept maps are computed (SIGINT, as Ctrl-C): exit 130, one line, and the concepts
+    stored before (by `explain`) unchanged, never half-written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    copy = tmp_path / "cache"
+    shutil.copytree(photo_cache, copy)
+    before = (copy / "analysis" / "concepts" / "meta.json").read_bytes()     # explain found them at its end
+    process = subprocess.Popen([sys.executable, "-m", "analysis", "concepts", "--cache", str(copy),
+                                "--batch-size", "1"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"concept maps" not in seen:    # the progress bar starts before the model loads and any map is made
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=300)
+    err = (seen + rest).decode(errors="replace")
+    assert process.returncode == 130, err
+    assert "stopped:" in err and "Traceback" not in err
+    assert (copy / "analysis" / "concepts" / "meta.json").read_bytes() == before
+    assert not [p for p in (copy / "analysis").iterdir() if p.name.startswith(".tmp")]

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace, loaded: Any = None) -> int:
     except (CacheError, ConceptsError, ModelSpecError, FileNotFoundError) as error:
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # nothing half-written: the folder is replaced only when complete
+        print(f"\nstopped: the concepts stored before (if any) are unchanged; rerun `python -m analysis concepts "
+              f"--cache {args.cache}` to compute them", file=sys.stderr)
+        return 130
     if not args.quiet:
         names = meta["class_names"]
         print(f"concepts of {meta['n_images']} images ({meta['channels']} channels at {meta['cam_layer']}) in "
@@ -62,7 +66,7 @@ def concepts_after_explain(cache_dir: Path, loaded: Any, quiet: bool = False) ->
         print("finding each class's concepts (skip with --no-cluster; rerun alone with "
               f"`python -m analysis concepts --cache {cache_dir}`) ...", file=sys.stderr)
     code = run(args, loaded)
-    if code != 0:
+    if code not in (0, 130):
         print(f"the cache itself is complete; run `python -m analysis concepts --cache {cache_dir}` to retry",
               file=sys.stderr)
     return code
