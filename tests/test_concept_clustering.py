@@ -144,7 +144,7 @@ def test_the_clusters_page_names_each_clusters_concepts(monkeypatch, concept_clu
                    {"c_scope": "all", "c_clust": f"{stored.settings.key()}/{stored.name}"})
     assert not at.exception
     texts = page_texts(at)
-    assert f"concepts {stored.summary.iloc[0]['concept_mix']}" in texts
+    assert f"concepts {stored.summary.iloc[0]['concept_mix']}" in texts and "**which channels**" in texts
     assert any("concept_mix" in frame.value.columns for frame in at.dataframe)
 
 

@@ -293,6 +293,10 @@ def main() -> None:
         st.stop()
     verification = stored.verification
     verdicts = {} if verification is None else dict(zip(verification["cluster"].astype(int), verification["verdict"]))
+    if stored.settings.descriptor == "concepts":
+        st.caption("This clustering groups images by **which channels** of the CAM layer hold their evidence (the "
+                   "concepts descriptor), not by where the maps put it; each cluster is still drawn and scored by "
+                   "its maps, and names its strongest channels (see the Concepts page).")
     show_metrics(stored, verdicts)
     cluster_order = stored.summary["cluster"].astype(int).tolist()
     focus = common.query_value("c_focus", cluster_order[0], int, cluster_order)
