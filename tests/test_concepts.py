@@ -269,3 +269,23 @@ def test_ctrl_c_leaves_the_stored_concepts_as_they_were(photo_cache: Path, tmp_p
     assert "stopped:" in err and "Traceback" not in err
     assert (copy / "analysis" / "concepts" / "meta.json").read_bytes() == before
     assert not [p for p in (copy / "analysis").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_explain_leaves_concepts_that_need_more_maps_than_it_made_to_the_command(small_cache: Path, tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture) -> None:
+    """Many classes call for more concept maps than the job made: explain says how to run them, instead of
+    doubling its own time (the budget: the images explained, or AUTOMATIC_MIN_MAPS when more)."""
+    from analysis.commands.concepts import concepts_after_explain
+    from analysis.explore.concepts import concepts_dir, plan_concepts
+
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    shutil.rmtree(concepts_dir(copy))
+    needed = plan_concepts(load(copy)).n_maps
+    assert needed > len(load(copy))          # 3 classes x up to 5 concepts x 8 reference images, 24 images
+    assert concepts_after_explain(copy, None, quiet=True, min_maps=0) == 0
+    err = capsys.readouterr().err
+    assert f"they need {needed:,} channel maps" in err and "python -m analysis concepts --cache" in err
+    assert err.count("\n") == 1 and not concepts_dir(copy).exists()
+    assert concepts_after_explain(copy, None, quiet=True, min_maps=needed) == 0      # within the budget: made
+    assert read_concepts(load(copy)) is not None

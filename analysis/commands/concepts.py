@@ -56,12 +56,32 @@ def run(args: argparse.Namespace, loaded: Any = None) -> int:
     return 0
 
 
-def concepts_after_explain(cache_dir: Path, loaded: Any, quiet: bool = False) -> int:
+AUTOMATIC_MIN_MAPS = 2_000   # explain computes the concepts itself up to max(this, images explained) channel maps
+
+
+def concepts_after_explain(cache_dir: Path, loaded: Any, quiet: bool = False,
+                           min_maps: int = AUTOMATIC_MIN_MAPS) -> int:
     """What `explain` runs after the clustering (unless --no-cluster): this command with its defaults, with the
-    job's model (``loaded``), so it needs nothing the job did not have."""
+    job's model (``loaded``), so it needs nothing the job did not have; unless the concept maps would outnumber
+    the images the job explained (and `min_maps`): many classes call for more maps than the job made (each
+    class's reference images x its concepts), so then it says how to run them instead of doubling the job."""
+    from analysis.cache import CacheError, load
+    from analysis.explore.concepts import plan_concepts
+
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)
     args = parser.parse_args(["--cache", str(cache_dir)] + (["--quiet"] if quiet else []))
+    try:
+        cache = load(cache_dir)
+        needed = plan_concepts(cache, ConceptSettings()).n_maps
+    except (CacheError, ConceptsError) as error:
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if needed > max(min_maps, len(cache)):
+        print(f"note: concepts not computed: they need {needed:,} channel maps, more than the {len(cache):,} images "
+              f"explained; run `python -m analysis concepts --cache {cache_dir}` when that is worth it (--top and "
+              "--references make it smaller)", file=sys.stderr)
+        return 0
     if not quiet:
         print("finding each class's concepts (skip with --no-cluster; rerun alone with "
               f"`python -m analysis concepts --cache {cache_dir}`) ...", file=sys.stderr)

@@ -204,12 +204,22 @@ def concept_maps(cache: Any, loaded: Any, explainer: Any, pairs: list[tuple[int,
 # Computing and storing (CACHE/analysis/concepts/, atomically), reading
 # ----------------------------------------------------------------------------------------------------------
 
-def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
-                     progress: Callable[[int], Any] | None = None, start: Callable[[int], Any] | None = None,
-                     loaded: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
-    """(classes, references with their region box and map row, maps float16 [R, S, S] normalised to max |.| 1
-    with the scale in references.map_scale). ConceptsError without stored channel relevance. ``loaded``: the
-    cache's model when it is in memory already (see ``concept_explainer``)."""
+@dataclass
+class ConceptPlan:
+    """The statistics (no model needed) and the concept maps they call for: ``pairs`` (id, channels) per image."""
+    classes: pd.DataFrame
+    references: pd.DataFrame
+    pairs: list[tuple[int, list[int]]]
+
+    @property
+    def n_maps(self) -> int:
+        """Channel maps to compute: one FG-CAM walk each (an image's channels are walked together)."""
+        return sum(len(channels) for _, channels in self.pairs)
+
+
+def plan_concepts(cache: Any, settings: ConceptSettings = ConceptSettings()) -> ConceptPlan:
+    """The per-class statistics and reference images from the stored channel relevance, and which concept maps
+    they need. ConceptsError without stored channel relevance."""
     relevance = cache.channel_relevance(which="pred")
     if relevance is None:
         raise ConceptsError("this cache has no channel relevance (made before it was stored): re-run "
@@ -222,7 +232,17 @@ def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
     for i, k in zip(references["id"], references["channel"]):
         if int(k) not in per_image.setdefault(int(i), []):
             per_image[int(i)].append(int(k))
-    pairs = sorted(per_image.items())
+    return ConceptPlan(classes, references, sorted(per_image.items()))
+
+
+def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
+                     progress: Callable[[int], Any] | None = None, start: Callable[[int], Any] | None = None,
+                     loaded: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """(classes, references with their region box and map row, maps float16 [R, S, S] normalised to max |.| 1
+    with the scale in references.map_scale). ConceptsError without stored channel relevance. ``loaded``: the
+    cache's model when it is in memory already (see ``concept_explainer``)."""
+    plan = plan_concepts(cache, settings)
+    classes, references, pairs = plan.classes, plan.references, plan.pairs
     if start is not None:
         start(len(pairs))
     loaded, explainer = concept_explainer(cache, loaded)
