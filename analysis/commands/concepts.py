@@ -27,15 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no closing table")
 
 
-def run(args: argparse.Namespace, loaded: Any = None) -> int:
+def run(args: argparse.Namespace, loaded: Any = None, plan: Any = None) -> int:
     """The `concepts` subcommand: 0 on success, 2 with one line on stderr for a setup problem. ``loaded``: the
-    cache's model when it is in memory already (``concepts_after_explain``)."""
+    cache's model when it is in memory already, ``plan`` its ``plan_concepts`` (``concepts_after_explain``)."""
     from analysis.cache import CacheError
     from analysis.pipeline.models import ModelSpecError
 
     settings = ConceptSettings(top=args.top, references=args.references, batch_size=args.batch_size)
     try:
-        folder, classes, meta = run_concepts(args.cache, settings, show_progress=not args.quiet, loaded=loaded)
+        folder, classes, meta = run_concepts(args.cache, settings, show_progress=not args.quiet, loaded=loaded,
+                                             plan=plan)
     except (CacheError, ConceptsError, ModelSpecError, FileNotFoundError) as error:
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2
@@ -73,19 +74,19 @@ def concepts_after_explain(cache_dir: Path, loaded: Any, quiet: bool = False,
     args = parser.parse_args(["--cache", str(cache_dir)] + (["--quiet"] if quiet else []))
     try:
         cache = load(cache_dir)
-        needed = plan_concepts(cache, ConceptSettings()).n_maps
+        plan = plan_concepts(cache, ConceptSettings())     # the command's defaults, as `args`
     except (CacheError, ConceptsError) as error:
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
-    if needed > max(min_maps, len(cache)):
-        print(f"note: concepts not computed: they need {needed:,} channel maps, more than the {len(cache):,} images "
+    if plan.n_maps > max(min_maps, len(cache)):
+        print(f"note: concepts not computed: they need {plan.n_maps:,} channel maps, more than the {len(cache):,} images "
               f"explained; run `python -m analysis concepts --cache {cache_dir}` when that is worth it (--top and "
               "--references make it smaller)", file=sys.stderr)
         return 0
     if not quiet:
         print("finding each class's concepts (skip with --no-cluster; rerun alone with "
               f"`python -m analysis concepts --cache {cache_dir}`) ...", file=sys.stderr)
-    code = run(args, loaded)
+    code = run(args, loaded, plan)
     if code not in (0, 130):
         print(f"the cache itself is complete; run `python -m analysis concepts --cache {cache_dir}` to retry",
               file=sys.stderr)

@@ -206,7 +206,9 @@ def concept_maps(cache: Any, loaded: Any, explainer: Any, pairs: list[tuple[int,
 
 @dataclass
 class ConceptPlan:
-    """The statistics (no model needed) and the concept maps they call for: ``pairs`` (id, channels) per image."""
+    """The statistics (no model needed) and the concept maps they call for: ``pairs`` (id, channels) per image;
+    for ``settings``."""
+    settings: ConceptSettings
     classes: pd.DataFrame
     references: pd.DataFrame
     pairs: list[tuple[int, list[int]]]
@@ -232,16 +234,19 @@ def plan_concepts(cache: Any, settings: ConceptSettings = ConceptSettings()) -> 
     for i, k in zip(references["id"], references["channel"]):
         if int(k) not in per_image.setdefault(int(i), []):
             per_image[int(i)].append(int(k))
-    return ConceptPlan(classes, references, sorted(per_image.items()))
+    return ConceptPlan(settings, classes, references, sorted(per_image.items()))
 
 
 def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
                      progress: Callable[[int], Any] | None = None, start: Callable[[int], Any] | None = None,
-                     loaded: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+                     loaded: Any = None, plan: ConceptPlan | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     """(classes, references with their region box and map row, maps float16 [R, S, S] normalised to max |.| 1
     with the scale in references.map_scale). ConceptsError without stored channel relevance. ``loaded``: the
-    cache's model when it is in memory already (see ``concept_explainer``)."""
-    plan = plan_concepts(cache, settings)
+    cache's model when it is in memory already (see ``concept_explainer``); ``plan``: ``plan_concepts`` of this
+    cache when made already (used when made for these settings)."""
+    if plan is None or plan.settings != settings:
+        plan = plan_concepts(cache, settings)
     classes, references, pairs = plan.classes, plan.references, plan.pairs
     if start is not None:
         start(len(pairs))
@@ -330,9 +335,9 @@ def read_concepts(cache: Any) -> Concepts | None:
 
 
 def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings(), show_progress: bool = True,
-                 loaded: Any = None) -> tuple[Path, pd.DataFrame, dict[str, Any]]:
+                 loaded: Any = None, plan: ConceptPlan | None = None) -> tuple[Path, pd.DataFrame, dict[str, Any]]:
     """Compute and store the concepts of the cache at ``cache_root``; (folder, classes, meta). ``loaded``: the
-    cache's model when it is in memory already (the job's)."""
+    cache's model when it is in memory already (the job's); ``plan``: its ``plan_concepts`` when made already."""
     from tqdm import tqdm
 
     from analysis.cache import load
@@ -347,7 +352,7 @@ def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings()
         bar = tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True, desc="concept maps")
 
     classes, references, maps = compute_concepts(cache, settings, progress=lambda k: bar.update(k), start=start,
-                                                 loaded=loaded)
+                                                 loaded=loaded, plan=plan)
     if bar is not None:
         bar.close()
     relevance = cache.channel_relevance([int(cache.table["id"].iloc[0])]) if len(cache.table) else None

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-PRED, TRUE = "channel_relevance", "channel_relevance_true"   # names in cache.ROW_ARRAYS
-FILES = {PRED: "channel_relevance.npy", TRUE: "channel_relevance_true.npy"}
+PRED, TRUE = "channel_relevance", "channel_relevance_true"   # names in cache.ROW_ARRAYS (which names the files)
 WHICH = {"pred": PRED, "true": TRUE}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 

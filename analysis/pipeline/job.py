@@ -316,7 +316,7 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
         from analysis.commands.concepts import concepts_after_explain
 
         code = cluster_after_explain(plan.out, quiet=plan.quiet)
-        if code == 0 and load(plan.out).complete:
+        if code == 0 and manifest.get("finished"):    # _finish's manifest: the cache is complete
             code = concepts_after_explain(plan.out, plan.loaded, quiet=plan.quiet)
         return code
     return 0

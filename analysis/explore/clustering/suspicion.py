@@ -40,6 +40,21 @@ SUMMARY_SCORES = ("background_share", "background_hotspot", "border_share")
 OFF_OBJECT_SCORE = "background_hotspot"
 
 
+def _indicator(index: np.ndarray, columns: np.ndarray, n_clusters: int, width: int) -> sparse.csr_matrix:
+    """[n_clusters, width] sparse counts: a one at (index[i], columns[i]) for every i."""
+    return sparse.csr_matrix((np.ones(len(index), np.float32), (index, columns)), shape=(n_clusters, width))
+
+
+def _cluster_sums(index: np.ndarray, n_clusters: int, values: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """float64 [n_clusters, P]: the sum of the rows of `values` [n, P] in each cluster (`index` [n]: each row's
+    cluster position), `chunk` rows at a time in float32, the chunks' sums added in float64."""
+    sums = np.zeros((n_clusters, values.shape[1]), np.float64)
+    for start in range(0, len(values), chunk):
+        stop = min(start + chunk, len(values))
+        sums += _indicator(index[start:stop], np.arange(stop - start), n_clusters, stop - start) @ values[start:stop]
+    return sums
+
+
 class SuspicionInputs:
     """The per-image inputs of the suspicion score, prepared once, so that many partitions of the same images can
     be scored quickly (`statistics`): the summary scores them once, the null calibration a hundred times.
@@ -64,14 +79,6 @@ class SuspicionInputs:
         self.consensus = np.where(known[:, None], consensus, 0.0)
         self.consensus_known = known.astype(np.float64)
 
-    def _indicator(self, index: np.ndarray, n_clusters: int, start: int = 0, stop: int | None = None,
-                   columns: np.ndarray | None = None, width: int | None = None) -> sparse.csr_matrix:
-        stop = self.n if stop is None else stop
-        columns = np.arange(stop - start) if columns is None else columns
-        width = stop - start if width is None else width
-        return sparse.csr_matrix((np.ones(stop - start, np.float32), (index[start:stop], columns)),
-                                 shape=(n_clusters, width))
-
     def statistics(self, index: np.ndarray, n_clusters: int) -> dict[str, np.ndarray]:
         """Per-cluster numbers for a partition: index [n] = cluster position 0..n_clusters-1 of each image.
 
@@ -88,14 +95,10 @@ class SuspicionInputs:
             with np.errstate(invalid="ignore", divide="ignore"):
                 return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
-        sums = np.zeros((n_clusters, self.descriptors.shape[1]), np.float64)
-        for start in range(0, self.n, self.CHUNK):
-            stop = min(start + self.CHUNK, self.n)
-            sums += self._indicator(index, n_clusters, start, stop) @ self.descriptors[start:stop]
+        sums = _cluster_sums(index, n_clusters, self.descriptors, self.CHUNK)
         with np.errstate(invalid="ignore", divide="ignore"):
             prototypes = sums / size[:, None]
-            counts = self._indicator(index, n_clusters, columns=self.preds,
-                                     width=self.consensus.shape[0]).toarray().astype(np.float64)
+            counts = _indicator(index, self.preds, n_clusters, self.consensus.shape[0]).toarray().astype(np.float64)
             known = counts @ self.consensus_known
             reference = (counts @ self.consensus) / known[:, None]
             norms = np.linalg.norm(prototypes, axis=1) * np.linalg.norm(reference, axis=1)
@@ -139,15 +142,14 @@ def _class_mixes(index: np.ndarray, labels: np.ndarray, n_clusters: int, names: 
     return majorities, mixes
 
 
-def concept_mix(labels: np.ndarray, concept_shares: np.ndarray, clusters: np.ndarray, top: int = 3) -> list[str]:
-    """Per cluster of `clusters`, its strongest concepts: the channels with the largest mean share of the
-    members' positive evidence (`concept_shares` [n, K], unit-mass rows aligned with `labels`), e.g.
+def concept_mix(index: np.ndarray, n_clusters: int, concept_shares: np.ndarray, top: int = 3) -> list[str]:
+    """Per cluster position (`index` [n]: each image's), its strongest concepts: the channels with the largest
+    mean share of the members' positive evidence (`concept_shares` [n, K], unit-mass rows), e.g.
     "#13 45%, #30 12%, #56 8%"."""
-    labels = np.asarray(labels, dtype=np.int64)
-    shares = np.asarray(concept_shares, dtype=np.float64)
+    sizes = np.bincount(index, minlength=n_clusters).astype(np.float64)
+    means = _cluster_sums(index, n_clusters, np.asarray(concept_shares, np.float32)) / np.maximum(sizes, 1)[:, None]
     out = []
-    for cluster in clusters:
-        mean = shares[labels == cluster].mean(axis=0)
+    for mean in means:
         best = [k for k in np.argsort(-mean, kind="stable")[:top] if mean[k] > 0]
         out.append(", ".join(f"#{int(k)} {mean[k]:.0%}" for k in best))
     return out
@@ -194,7 +196,7 @@ def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.n
         "cluster", "size", "accuracy", "majority_class", "majority_name", "class_mix", "background_share",
         "background_hotspot", "border_share", "unlike_class", "suspicion"])
     if concept_shares is not None:
-        summary["concept_mix"] = concept_mix(labels, concept_shares, summary["cluster"].to_numpy())
+        summary["concept_mix"] = concept_mix(index, len(clusters), concept_shares)   # rows in cluster position order
     protos = stats["prototypes"] if len(clusters) else np.zeros((0, descriptors.shape[1]), np.float64)
     if len(summary):
         order = np.lexsort((summary["cluster"].to_numpy(), -summary["suspicion"].fillna(-1).to_numpy(),
