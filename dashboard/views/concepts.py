@@ -14,7 +14,7 @@ from analysis.cache import Cache
 from analysis.cache.classes import class_names
 from analysis.explore.concepts import Concepts
 from dashboard import common
-from dashboard.concept_widgets import TILE, concepts_or_message, reference_tiles
+from dashboard.concept_widgets import TILE, concept_link, concepts_or_message, reference_tiles
 
 COLUMNS = 8
 
@@ -30,14 +30,13 @@ def reference_row(cache: Cache, concepts: Concepts, channel: int, class_index: i
 def concept_heading(text: str, channel: int) -> None:
     head, link = st.columns([5, 1])
     head.markdown(text)
-    link.page_link("views/concepts.py", label=f"Concept #{channel}", query_params={"concept": str(channel)},
-                   icon=":material/arrow_forward:")
+    concept_link(link, channel)
 
 
 def show_class(cache: Cache, concepts: Concepts, names: list[str], channels: int) -> None:
     """A class -> its top concepts and the channels strong in few of its images."""
     classes_with = sorted(int(c) for c in concepts.classes["class"].unique())
-    options = [names[c] if c < len(names) else str(c) for c in classes_with]
+    options = [names[c] for c in classes_with]   # class_names covers every predicted index
     if not options:
         st.info("No class has a concept with positive evidence.")
         return
@@ -84,7 +83,7 @@ def show_concept(cache: Cache, concepts: Concepts, names: list[str], concept: in
     if not serves.empty:
         st.caption("; ".join(
             f"{'top concept' if r['kind'] == 'top' else 'strong in few images'} of "
-            f"{names[int(r['class'])] if int(r['class']) < len(names) else r['class']} "
+            f"{names[int(r['class'])]} "
             f"({r['share']:.0%} of its evidence)" for _, r in serves.iterrows()))
     refs = concepts.references_of(concept, -1)
     if refs.empty:
@@ -98,8 +97,7 @@ def show_concept(cache: Cache, concepts: Concepts, names: list[str], concept: in
         for column, tile, (_, ref) in zip(st.columns(4), tiles[start:start + 4],
                                           list(refs.iterrows())[start:start + 4]):
             pred = int(table.at[int(ref["id"]), "pred"])
-            column.image(tile, caption=f"#{int(ref['id'])}, predicted {names[pred] if pred < len(names) else pred}",
-                         width="stretch")
+            column.image(tile, caption=f"#{int(ref['id'])}, predicted {names[pred]}", width="stretch")
 
 
 def main() -> None:
