@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.browser   # a real Chromium: `make test-quick` leaves these out
 
 
 def screenshots_module():

@@ -36,7 +36,8 @@ def run_inprocess(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
 
 def explain_args(data: Path, out: Path, *extra: str, model: str = TINY) -> list[str]:
     return ["explain", "--data", str(data), "--model", model, "--out", str(out), "--device", "cpu",
-            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet", *extra]
+            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet",
+            "--no-cluster", *extra]   # the clustering is tested on the session cache (about 15 s a run here)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,8 @@ def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tm
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
     checkpoint = ["--checkpoint", str(small_cache.parent / "tiny_cnn.pth")]
-    command = job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", *checkpoint)  # 12 shards
+    command = job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", "--no-cluster",
+                          *checkpoint)  # 12 shards
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(EXPLAIN_TEST_SLEEP="0.12"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -169,8 +171,8 @@ def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tm
     assert len(ids) == 2 * committed  # whole shards only
     assert set(ids) == {i for s in ids // 2 for i in (2 * s, 2 * s + 1)}
 
-    rerun = subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", *checkpoint), cwd=REPO_ROOT,
-                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--no-cluster", *checkpoint),
+                           cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming: {committed} of 12 shards already committed" in rerun.stderr
     cache = load(out)
@@ -185,7 +187,7 @@ def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tm
 def test_readers_see_only_committed_shards_while_the_job_writes(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
-    command = job_command(data, out, "--batch-size", "3", "--map-size", "8", "--quiet")  # 8 shards of 3
+    command = job_command(data, out, "--batch-size", "3", "--map-size", "8", "--quiet", "--no-cluster")  # 8 shards of 3
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(EXPLAIN_TEST_SLEEP="0.05"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sizes = set()
@@ -214,8 +216,9 @@ def test_readers_see_only_committed_shards_while_the_job_writes(small_cache: Pat
 def test_torchrun_two_cpu_processes_share_the_dataset(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
-    explain = job_command(data, out, "--batch-size", "2", "--shard-size", "4", "--map-size", "8", "--checkpoint",
-                          str(small_cache.parent / "tiny_cnn.pth"))[3:]  # `explain ...` (no --quiet: rank lines)
+    # `explain ...` (no --quiet: rank lines)
+    explain = job_command(data, out, "--batch-size", "2", "--shard-size", "4", "--map-size", "8", "--no-cluster",
+                          "--checkpoint", str(small_cache.parent / "tiny_cnn.pth"))[3:]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "analysis", *explain]
     result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,

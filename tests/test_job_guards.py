@@ -27,7 +27,8 @@ TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
 
 def explain_args(data: Path, out: Path, *extra: str, model: str = TINY) -> list[str]:
     return ["explain", "--data", str(data), "--model", model, "--out", str(out), "--device", "cpu",
-            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet", *extra]
+            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet",
+            "--no-cluster", *extra]   # the clustering is tested on the session cache (about 15 s a run here)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -43,8 +44,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_job(data: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
             model: str = TINY) -> subprocess.CompletedProcess:
-    return subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", *extra,
-                                      model=model),
+    return subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", "--no-cluster",
+                                      *extra, model=model),
                           cwd=REPO_ROOT, env=subprocess_env(**(env or {})), capture_output=True, text=True,
                           timeout=300)
 
@@ -71,7 +72,8 @@ def test_a_second_job_on_a_cache_being_written_is_refused_and_a_killed_one_block
         images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     # Job A: Grad-CAM, slowed down to 3 s per image, so that it is surely still running while B starts.
-    first = subprocess.Popen(job_command(images, out, "--batch-size", "2", "--map-size", "8", "--quiet"),
+    first = subprocess.Popen(job_command(images, out, "--batch-size", "2", "--map-size", "8", "--quiet",
+                                         "--no-cluster"),
                              cwd=REPO_ROOT, env=subprocess_env(EXPLAIN_TEST_SLEEP="3"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
