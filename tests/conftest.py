@@ -21,6 +21,16 @@ import pytest
 from tests.helpers import REPO_ROOT, make_photo_cache, make_small_cache, seed_offset
 
 
+# Fixtures that take minutes on 2 cores: a test that uses one is `slow` (left out by `make test-quick`).
+SLOW_FIXTURES = {"small_demo", "photo_cache"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a complete cache: 3 classes x 8 images (one mislabelled per class), masks, tiny trained CNN,

@@ -182,7 +182,7 @@ def run_job_subprocess(data: Path, out: Path, *extra: str, model: str | None = N
                           capture_output=True, text=True, timeout=timeout)
 
 
-def train_tiny_cnn(image_root: Path, checkpoint: Path, steps: int = 60, seed: int = 0) -> Path:
+def train_tiny_cnn(image_root: Path, checkpoint: Path, steps: int = 60, seed: int = 0, lr: float = 0.02) -> Path:
     """Train tests/tiny_models.py:tiny_cnn briefly on an ImageFolder and save its state dict (for --checkpoint).
 
     A trained model gives maps with positive relevance on the class square (a random one often gives none).
@@ -196,7 +196,7 @@ def train_tiny_cnn(image_root: Path, checkpoint: Path, steps: int = 60, seed: in
     dataset = ImageFolder(str(image_root), transform=transform)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    fit(model, images, labels, steps, lr=0.02, seed=seed, batch_size=16)
+    fit(model, images, labels, steps, lr=lr, seed=seed, batch_size=16)
     torch.save(model.state_dict(), checkpoint)
     return checkpoint
 

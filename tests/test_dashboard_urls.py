@@ -52,7 +52,9 @@ def large_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("large")
     make_image_folder(root / "images", per_class=30, size=20, mislabelled=10)
     make_mask_folder(root / "images", root / "masks", size=20)
-    train_tiny_cnn(root / "images", root / "tiny_cnn.pth", steps=120)
+    # lr 0.005: at 0.02 (120 steps) a class went unpredicted with FGCAM_TEST_SEED 0, 2 and 3 (an empty mistakes
+    # cell 0 -> 1 with seed 2). Measured with seeds 0 to 3, 1 and 2 threads: 10 images in each off-diagonal cell.
+    train_tiny_cnn(root / "images", root / "tiny_cnn.pth", steps=200, lr=0.005)
     out = root / "cache"
     assert main(["explain", "--data", str(root / "images"), "--model", f"{TINY_MODEL_FILE}:tiny_cnn",
                  "--checkpoint", str(root / "tiny_cnn.pth"), "--out", str(out), "--masks", str(root / "masks"),

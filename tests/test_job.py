@@ -92,7 +92,8 @@ def test_small_cache_matches_a_direct_computation(small_cache: Path) -> None:
                 "counts", "software"):
         assert key in cache.manifest
     assert cache.manifest["options"]["cam_layer"] == "features.3"
-    assert not (table["correct"]).all() and table["correct"].sum() >= 12  # trained, with mislabelled images
+    # trained, with mislabelled images: 21 of 24 correct measured with FGCAM_TEST_SEED 0 and 2 (the 3 mislabelled)
+    assert not (table["correct"]).all() and table["correct"].sum() >= 12
     assert [p.name for p in small_cache.glob("compact-*")] == ["compact-000001"]
     assert not list((small_cache / "shards").iterdir())
 
@@ -256,6 +257,7 @@ def test_a_model_trained_with_image_folder_on_numeric_folders_gets_its_classes(t
     assert {name: i for i, name in enumerate(cache.manifest["class_names"])} == ImageFolder(str(data)).class_to_idx
     table = cache.table
     assert (table["label_name"] == table["path"].str.split("/").str[0]).all()
+    # measured 1.0 with FGCAM_TEST_SEED 0 and 2, 1 and 2 threads
     assert table["correct"].mean() >= 0.9, table[["path", "label_name", "pred_name"]]
 
 
@@ -401,7 +403,7 @@ def test_option_mismatch_is_refused_same_options_resume_overwrite_replaces(
     assert cache.manifest["created"] == json.loads(before)["created"]
     assert cache.manifest["options"]["shard_size"] == 8  # kept from the existing cache
 
-    code, err = run_inprocess(capsys, *changed, "--overwrite")
+    code, err = run_inprocess(capsys, *changed, "--overwrite", "--no-cluster")   # the clustering: ~15 s, not read
     assert code == 0, err
     cache = load(copy)
     assert cache.maps([0]).shape == (1, 32, 32) and cache.table["id"].tolist() == list(range(24))

@@ -162,7 +162,7 @@ def test_shards_without_a_manifest_are_refused_and_overwrite_removes_them(small_
     assert code == 2 and one_line(err), err
     assert "holds explanation shards but no manifest.json" in err and "--overwrite" in err
     assert sorted(p.name for p in copy.rglob("*")) == before
-    code, _, err = run_main(capsys, *argv, "--overwrite")
+    code, _, err = run_main(capsys, *argv, "--overwrite", "--no-cluster")   # the clustering: ~15 s, not read
     assert code == 0, err
     cache = load(copy)
     assert cache.map_size == 8 and cache.table["id"].tolist() == list(range(24)) and cache.complete
