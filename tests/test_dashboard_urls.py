@@ -130,6 +130,7 @@ def test_st_run_in_a_link_starts_nothing(monkeypatch, large_cache):
 
 
 # ------------------------------------------------------------------------------------------------ fuzz
+@pytest.mark.slow
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_query_parameter_with_bad_values_gives_a_sane_page(monkeypatch, large_cache, page):
     """Each bad value in every parameter of the page at once (with the gates valid, so the whole page runs), then
@@ -142,6 +143,7 @@ def test_every_query_parameter_with_bad_values_gives_a_sane_page(monkeypatch, la
             assert_sane(open_page(monkeypatch, large_cache, page, query), page, query)
 
 
+@pytest.mark.slow
 def test_bad_values_with_tags_in_use(monkeypatch, large_cache, tmp_path):
     """The tag filters, the Find-more page and the label-error gallery with tags in the database: every bad value
     gives a page; a link naming a tag that exists opens its filter, one naming no tag shows every image."""

@@ -149,6 +149,7 @@ def test_small_cache_matches_a_direct_computation(small_cache: Path) -> None:
 # Crash and resume, concurrent readers, ranks
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
@@ -185,6 +186,7 @@ def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tm
     assert_same_predictions(cache.table, load(small_cache).table)
 
 
+@pytest.mark.slow
 def test_readers_see_only_committed_shards_while_the_job_writes(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
@@ -214,6 +216,7 @@ def test_readers_see_only_committed_shards_while_the_job_writes(small_cache: Pat
     assert final.complete and final.table["id"].tolist() == list(range(24))
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_share_the_dataset(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"

@@ -68,6 +68,7 @@ def one_line(text: str) -> bool:
 # One writer per cache
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_job_on_a_cache_being_written_is_refused_and_a_killed_one_blocks_nothing(
         images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
@@ -103,6 +104,7 @@ def test_a_second_job_on_a_cache_being_written_is_refused_and_a_killed_one_block
     assert cache.table["id"].tolist() == list(range(12))
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_agree_when_the_cache_is_taken(images: Path, tmp_path: Path) -> None:
     """Another process holds --out: rank 0 is refused the lock and no rank starts (one message, from rank 0);
     nothing is written. (tests/test_job.py runs torchrun on a free --out: rank 1 writes under rank 0's lock.)"""
@@ -181,6 +183,7 @@ def build():
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, named", [
     ("T.Normalize([0.4] * 3, [0.5] * 3)", "Normalize(mean=[0.5, 0.5, 0.5]"),   # the description changes
     ("T.Lambda(lambda x: x * 3 - 1)", "same description"),                      # only the output changes
@@ -213,6 +216,7 @@ def test_a_resume_with_an_edited_transform_is_refused(images: Path, tmp_path: Pa
 # Damaged committed parts
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_damaged_shard_is_moved_aside_and_redone_at_the_start(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     committed = killed_half_way(images, out)
@@ -232,6 +236,7 @@ def test_a_damaged_shard_is_moved_aside_and_redone_at_the_start(images: Path, tm
     assert committed >= 1
 
 
+@pytest.mark.slow
 def test_a_damaged_compaction_is_moved_aside_and_its_images_redone(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     assert run_job(images, out).returncode == 0
