@@ -73,8 +73,7 @@ def test_a_second_job_on_a_cache_being_written_is_refused_and_a_killed_one_block
         images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     # Job A: Grad-CAM, slowed down to 3 s per image, so that it is surely still running while B starts.
-    first = subprocess.Popen(job_command(images, out, "--batch-size", "2", "--map-size", "8", "--quiet",
-                                         "--no-cluster"),
+    first = subprocess.Popen(job_command(images, out, "--batch-size", "2", "--map-size", "8", "--quiet"),
                              cwd=REPO_ROOT, env=subprocess_env(EXPLAIN_TEST_SLEEP="3"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
