@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -36,6 +37,12 @@ def cache_dir() -> Path | None:
     args, _ = parser.parse_known_args(sys.argv[1:])
     value = args.cache or os.environ.get(ENV_VAR)
     return Path(value).expanduser().resolve() if value else None
+
+
+def analysis_command(cache: Cache, command: str, *options: str) -> str:
+    """`python -m analysis COMMAND --cache <this cache> OPTIONS`, for a message that says what to run: it names the
+    cache the page opened (shell-quoted, as are the options), never a placeholder."""
+    return " ".join(["python -m analysis", command, "--cache", *map(shlex.quote, (str(cache.root), *options))])
 
 
 @st.cache_resource(show_spinner="Opening the cache ...", max_entries=4)

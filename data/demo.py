@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import signal
 import socket
@@ -46,7 +45,7 @@ MARKER = ".fgcam-demo"             # marks a folder as the demo's own: only such
 MASK_THRESHOLD = shortcut.FREE_CORNER_THRESHOLD   # the object stands on black: above this is object
 MAP_SIZE = 28                      # the images' own resolution: input-level maps stored without resampling
 DESCRIPTOR_SIZE = 14               # 2x2 pooling of the 28x28 maps for clustering
-MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:load_demo_model"
+MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:demo_cnn"   # the architecture; --checkpoint: the weights
 
 
 class DemoError(Exception):
@@ -341,8 +340,14 @@ def step_model(paths: DemoPaths, settings: DemoSettings, train: Split, test: Spl
 # Step 6: the offline job
 # ----------------------------------------------------------------------------------------------------------
 
+def model_arguments(paths: DemoPaths) -> list[str]:
+    """The job's options that load the demo's trained model; the manifest records the checkpoint's absolute path,
+    so the pages that run the model load it for a demo made with any --out."""
+    return ["--model", MODEL_SPEC, "--checkpoint", str(paths.model.resolve())]
+
+
 def explain_command(paths: DemoPaths, overwrite: bool, batch_size: int, workers: int | None) -> list[str]:
-    command = [sys.executable, "-m", "analysis", "explain", "--data", str(paths.test), "--model", MODEL_SPEC,
+    command = [sys.executable, "-m", "analysis", "explain", "--data", str(paths.test), *model_arguments(paths),
                "--out", str(paths.cache), "--masks", str(paths.masks), "--target-layer", "input",
                "--map-size", str(MAP_SIZE), "--descriptor-size", str(DESCRIPTOR_SIZE),
                "--batch-size", str(batch_size)]
@@ -365,7 +370,7 @@ def cache_is_complete(cache_dir: Path) -> bool:
 def step_explain(paths: DemoPaths, batch_size: int = 64, workers: int | None = None,
                  quiet: bool = False) -> None:
     stamp = {"model_sha256": file_sha256(paths.model), "testset": read_stamp(paths, "testset"),
-             "map_size": MAP_SIZE, "descriptor_size": DESCRIPTOR_SIZE}
+             "map_size": MAP_SIZE, "descriptor_size": DESCRIPTOR_SIZE, "model": model_arguments(paths)}
     same_inputs = read_stamp(paths, "explain") == stamp
     if same_inputs and cache_is_complete(paths.cache):
         say(f"[6/7] explanations: already in {paths.cache} (skipped)")
@@ -378,9 +383,8 @@ def step_explain(paths: DemoPaths, batch_size: int = 64, workers: int | None = N
     if quiet:
         command.append("--quiet")
     say(f"[6/7] explaining the test split with FG-CAM at the input layer into {paths.cache} ...")
-    env = {**os.environ, "DEMO_MODEL_WEIGHTS": str(paths.model)}
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env)
+    done = subprocess.run(command, cwd=REPO_ROOT)
     if done.returncode != 0:
         raise DemoError(f"the explanation job failed (exit code {done.returncode}, its message is above); fix "
                         "that and rerun `python -m data.demo`: it resumes where the job stopped")
@@ -514,10 +518,8 @@ def step_dashboard(paths: DemoPaths, port: int) -> int:
         raise DemoError(f"port {port} is in use (another dashboard?): stop it, or rerun with --port N")
     say(f"[7/7] dashboard: open http://localhost:{port}  (Ctrl-C stops it; the cache stays in {paths.cache})")
     say("        What is this model really looking at? Start with the clusters ranked most suspicious.")
-    # The pages that run the model (concept maps of an image, the sanity views) load it through the demo
-    # model's loader, which reads this variable: any --out works, not only demo_out/.
-    process = subprocess.Popen(dashboard_command(paths, port), cwd=REPO_ROOT,
-                               env={**os.environ, "DEMO_MODEL_WEIGHTS": str(paths.model)})
+    # The pages that run the model load it from the cache's manifest (its spec and --checkpoint): no variable.
+    process = subprocess.Popen(dashboard_command(paths, port), cwd=REPO_ROOT)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM to the demo must not leave the dashboard running on its own

@@ -65,7 +65,7 @@ def show_tags(cache: Cache, review: Review) -> list[str]:
                           (json.dumps(frame.to_dict("records"), indent=1, ensure_ascii=False, default=str) + "\n")
                           .encode(), file_name=f"tagged_{name}.json", mime="application/json",
                           icon=":material/download:", key="fm_export_json")
-    st.caption(f"The same list as `python -m analysis export --cache DIR --tag '{export_tag}'` "
+    st.caption(f"The same list as `{common.analysis_command(cache, 'export', '--tag', export_tag)}` "
                "(add `--format folder --out DIR` for an ImageFolder of links, ready for relabelling).")
     return tags
 
