@@ -10,7 +10,9 @@ Steps, each skipped when its output exists and was made with the same settings:
   5. model     A small CNN (data/demo_model.py) trained on the 60,000 training images -> OUT/model.pt,
                OUT/train_report.json (accuracy, training time, what the shortcut does to predictions).
   6. explain   The offline job, FG-CAM at the input layer, on the test split -> OUT/cache.
-  7. dashboard `streamlit run dashboard/app.py -- --cache OUT/cache`, URL printed (skip with --no-dashboard).
+  7. dashboard `streamlit run dashboard/app.py -- --cache OUT/cache` on localhost only (--address to share it,
+               --read-only for a dashboard without tag forms that writes nothing), URL printed (skip with
+               --no-dashboard).
 
 --small runs a quick version (12,000 training images, 2 epochs, 1,000 test images) into demo_out/small.
 A failing step stops with one line saying what to do; a rerun continues from the first missing output.
@@ -504,22 +506,29 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def dashboard_command(paths: DemoPaths, port: int) -> list[str]:
+def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False) -> list[str]:
+    """`streamlit run dashboard/app.py`: on `address` only (localhost: nobody else on the network reaches it), no
+    "Deploy" button (a minimal toolbar), read-only when asked (no tag forms, nothing written)."""
     return [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
-            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--", "--cache", str(paths.cache)]
+            "--server.port", str(port), "--server.address", address, "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else [])]
 
 
-def step_dashboard(paths: DemoPaths, port: int) -> int:
+def step_dashboard(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False) -> int:
     app = REPO_ROOT / "dashboard" / "app.py"
     if not app.is_file():
         raise DemoError(f"{app} is missing: the checkout is incomplete (git status / git pull)")
     if not port_is_free(port):
         raise DemoError(f"port {port} is in use (another dashboard?): stop it, or rerun with --port N")
-    say(f"[7/7] dashboard: open http://localhost:{port}  (Ctrl-C stops it; the cache stays in {paths.cache})")
+    shared = address not in ("localhost", "127.0.0.1", "::1")
+    host = address if shared and address not in ("0.0.0.0", "::") else "localhost"
+    say(f"[7/7] dashboard: open http://{host}:{port}  (Ctrl-C stops it; the cache stays in {paths.cache})"
+        + (f"; it listens on {address}: others on the network can open it" if shared else "")
+        + ("; read-only" if read_only else ""))
     say("        What is this model really looking at? Start with the clusters ranked most suspicious.")
     # The pages that run the model load it from the cache's manifest (its spec and --checkpoint): no variable.
-    process = subprocess.Popen(dashboard_command(paths, port), cwd=REPO_ROOT)
+    process = subprocess.Popen(dashboard_command(paths, port, address, read_only), cwd=REPO_ROOT)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM to the demo must not leave the dashboard running on its own
@@ -560,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quick version: 12,000 training images, 2 epochs, 1,000 test images")
     parser.add_argument("--no-dashboard", action="store_true", help="stop after the explanations (step 6)")
     parser.add_argument("--port", type=_port, default=8501, help="dashboard port (default 8501)")
+    parser.add_argument("--address", default="localhost",
+                        help="the dashboard's address (default localhost: this machine only; 0.0.0.0: every "
+                             "network interface, for sharing, best with --read-only)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="a dashboard to share: tags are shown, no tag form, nothing written in the cache")
     parser.add_argument("--offline", action="store_true",
                         help="never download or apt-get (use local Fashion-MNIST files only)")
     parser.add_argument("--threads", type=_positive_int, default=None,
@@ -606,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_dashboard:
             say(f"dashboard: streamlit run dashboard/app.py -- --cache {paths.cache}")
             return 0
-        return step_dashboard(paths, args.port)
+        return step_dashboard(paths, args.port, args.address, args.read_only)
     except DemoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -160,13 +160,14 @@ def default_settings(cache: Cache) -> clustering.ClusteringSettings:
     return clustering.ClusteringSettings()
 
 
-def default_clustering(cache: Cache) -> clustering.ClusteringResult:
+def default_clustering(cache: Cache, save: bool = True) -> clustering.ClusteringResult:
     """The Clusters page's default clustering when it was saved before; otherwise the same clustering with the
-    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding)."""
+    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding), saved in the
+    cache unless `save` is False (a read-only dashboard)."""
     saved = clustering.load_result(result_path(cache, default_settings(cache)))
     if saved is not None:
         return saved
-    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"))
+    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"), save=save)
 
 
 def _summary_section(cache: Cache) -> str:
