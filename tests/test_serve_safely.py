@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -82,35 +76,11 @@ def test_the_demo_and_the_repository_config_serve_on_localhost_with_a_minimal_to
 def test_a_dashboard_started_without_an_address_listens_on_loopback_only(small_cache: Path, tmp_path: Path) -> None:
     """`streamlit run dashboard/app.py -- --cache DIR` in the repository, no address given: its listening
     sockets are all loopback ones (before, Streamlit listened on every interface and printed a Network URL)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path / "streamlit.log"
-    command = [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
-               "--server.port", str(port), "--", "--cache", str(small_cache)]
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()[-2000:]
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            assert time.monotonic() < deadline, "streamlit did not answer"
-            time.sleep(0.5)
-        addresses = listening_addresses(port)
+    with screenshots_module().running_app(small_cache, log, address=None) as base:
+        addresses = listening_addresses(int(base.rsplit(":", 1)[1]))
         assert addresses and all(is_loopback(a) for a in addresses), addresses
         assert "Network URL" not in log.read_text()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 # ------------------------------------------------------------------------------------------------ read-only
