@@ -15,7 +15,7 @@ from analysis.review import DB_NAME, Review, ReviewError
 from tests.helpers import REPO_ROOT, open_page, page_texts
 from tests.test_browser import CHROMIUM, screenshots_module
 
-PAGES_WITH_TAGS = [("image", "Image"), ("background?threshold=0.00", "Background attention"),
+PAGES_WITH_TAGS = [("", "Findings"), ("image", "Image"), ("background?threshold=0.00", "Background attention"),
                    ("review", "Find more like these"), ("clusters", "Clusters")]
 
 
@@ -137,6 +137,7 @@ def test_a_read_only_server_in_a_browser_has_no_tag_form_and_writes_nothing(smal
                 for name in ("Tag", "Untag", "Remove", "Accept all", "✓"):
                     assert page.get_by_role("button", name=name, exact=True).count() == 0, (path, name)
                 assert page.get_by_label("or a new tag").count() == 0, path
+                assert page.get_by_text("Tag these", exact=False).count() == 0, path   # the Findings' expanders
                 assert page.get_by_label("Your name (signs your tags)").count() == 0, path
                 assert page.get_by_text("Deploy", exact=True).count() == 0, path     # a minimal toolbar
                 expect(page.get_by_text("read-only", exact=False).first).to_be_visible()
@@ -144,7 +145,7 @@ def test_a_read_only_server_in_a_browser_has_no_tag_form_and_writes_nothing(smal
             shots.wait_until_done(page, "Image")
             expect(page.get_by_text("odd corner", exact=False).first).to_be_visible()   # the tags are shown
             # The report download builds a clustering, which a read-write dashboard saves in the cache.
-            page.goto(f"{base}/")     # the default page (the Overview) lives at /
+            page.goto(f"{base}/overview")
             shots.wait_until_done(page, "Overview")
             with page.expect_download(timeout=180_000) as info:
                 page.get_by_role("button", name="Download HTML report").click()
