@@ -3,6 +3,7 @@
 ```python
 from analysis.review import Review, label_issues
 review = Review("cache/")                     # opens or creates cache/review.sqlite
+Review("cache/", read_only=True)              # reads it only (SQLite mode=ro); every write raises ReviewError
 review.tag(ids, "shortcut", note=None, who=None)
 review.untag(ids, "shortcut")
 review.ids("shortcut")                        # np.int64 array of tagged ids
