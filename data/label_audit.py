@@ -108,3 +108,39 @@ def build(root: Path, recipe: AuditRecipe, threads: int = 1) -> tuple[Path, pd.D
             os.environ[WEIGHTS_ENV] = previous
     ids = load(cache).table[["id", "path", "pred_name", "label_name"]]
     return cache, truth.merge(ids, on="path", how="left", validate="one_to_one")
+
+
+def true_victims(truth: pd.DataFrame) -> np.ndarray:
+    """bool per truth row: a tagged non-bag the model called "bag" (the shortcut's victims, by construction)."""
+    return (truth["marked"] & (truth["true"] != shortcut.SHORTCUT_CLASS)
+            & (truth["pred_name"] == shortcut.SHORTCUT_CLASS)).to_numpy(bool)
+
+
+def measure(cache_dir: Path, truth: pd.DataFrame, top: int = 100) -> pd.DataFrame:
+    """One row per Cleanlab method: AP of the flips over every image (victims left in) and over the ranking
+    with the victims set apart, and how many of the top `top` are true victims in each; plus the victims set
+    apart against the true ones (precision, recall)."""
+    from sklearn.metrics import average_precision_score
+
+    from analysis.cache import load
+    from analysis.review import LABEL_QUALITY_METHODS, label_issues, shortcut_victims
+
+    cache = load(cache_dir)
+    by_id = truth.set_index("id")
+    victims = by_id.index.isin(shortcut_victims(cache)["id"])
+    real = pd.Series(true_victims(truth), index=truth["id"])
+    found, actual = set(by_id.index[victims]), set(real.index[real])
+    rows = []
+    for method in LABEL_QUALITY_METHODS:
+        row: dict = {"method": method}
+        for name, set_apart in (("mixed", False), ("apart", True)):
+            ranking = label_issues(cache, method=method, set_apart=set_apart)
+            flipped = by_id.loc[ranking["id"], "flipped"].to_numpy(bool)
+            row[f"ap_{name}"] = float(average_precision_score(flipped, -ranking["label_quality"].to_numpy()))
+            row[f"victims_top{top}_{name}"] = int(real.loc[ranking["id"].head(top)].sum())
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.attrs.update(victims_found=len(found), victims_true=len(actual), flips=int(truth["flipped"].sum()),
+                       victims_precision=len(found & actual) / max(1, len(found)),
+                       victims_recall=len(found & actual) / max(1, len(actual)))
+    return frame
