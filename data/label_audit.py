@@ -35,7 +35,7 @@ class AuditRecipe:
     epochs: int = 2
     audit_start: int = 1000          # test images audit_start .. audit_start + audit_images - 1
     audit_images: int = 2000
-    flips: int = 60
+    flips: int = 100
     other_fraction: float = 0.06     # share of the non-bag audit images that carry the tag
     seed: int = 0                    # training, the flips and the tags of other images
     scopes: tuple[str, ...] = ("all", "mistakes")

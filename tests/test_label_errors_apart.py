@@ -148,12 +148,13 @@ def test_flips_rank_first_and_shortcut_victims_are_set_apart(planted: tuple[Path
     cache_dir, truth = planted
     frame = measure(cache_dir, truth).set_index("method")
     info = frame.attrs
-    # Measured (AP apart, victims in the top 100): seed 0: 0.925, 0 of 100; seed 2: ...; both with
-    # torch.set_num_threads(1). Without setting them apart, the victims fill the top: 41 of 100 with seed 0.
+    # Measured with torch.set_num_threads(1), normalized margin, victims apart: AP 0.924 (seed 0) and 0.911
+    # (seed 2), 0 victims in the top 100 for both. Left in, the victims take 22 of the top 100 (both seeds)
+    # and the AP is 0.869 / 0.797: the last assert shows the test could fail without setting them apart.
     assert frame.loc["normalized_margin", "ap_apart"] >= 0.8, frame
     assert frame.loc["normalized_margin", "victims_top100_apart"] <= 5, frame
-    assert frame.loc["normalized_margin", "victims_top100_mixed"] >= 20, frame   # the test can fail without us
-    # The victims set apart are the planted ones: seed 0 finds 91 of 91, none wrongly.
+    assert frame.loc["normalized_margin", "victims_top100_mixed"] >= 10, frame
+    # The victims set apart are the planted ones: 91 of 91 (seed 0) and 82 of 82 (seed 2), none wrongly.
     assert info["victims_precision"] >= 0.95 and info["victims_recall"] >= 0.8, info
     assert true_victims(truth).sum() >= 50
 
