@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from analysis.cache import load
-from analysis.review import ProbabilityFileError, label_issues, read_probability_file, shortcut_victims
+from analysis.review import (VICTIM_COLUMNS, ProbabilityFileError, label_issues, read_probability_file,
+                             shortcut_victims)
 from tests import helpers
 
 
@@ -101,6 +102,26 @@ def test_a_bad_probability_file_is_one_line_naming_the_problem(small_cache: Path
     with pytest.raises(ProbabilityFileError) as error:
         read_probability_file(load(small_cache), tmp_path / "bad.csv")
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_region_share_is_the_descriptor_mass_on_the_prototypes_top_cells() -> None:
+    from analysis.review.shortcut_victims import region_shares
+
+    prototype = np.zeros((10, 10))
+    prototype[0, :5] = [5, 4, 3, 2, 1]       # top 5% of 100 cells = the 5 cells of row 0, columns 0-4
+    descriptors = np.zeros((3, 100))
+    descriptors[0, [0, 1, 50]] = [0.2, 0.3, 0.5]     # half on the region
+    descriptors[1, 5] = 1.0                           # next to it: none
+    descriptors[2, :5] = 0.2                          # all of it
+    np.testing.assert_allclose(region_shares(descriptors, prototype.reshape(-1), q=5.0), [0.5, 0.0, 1.0])
+    # q = 2%: only the two strongest cells
+    np.testing.assert_allclose(region_shares(descriptors, prototype.reshape(-1), q=2.0), [0.5, 0.0, 0.4])
+
+
+def test_without_a_verified_shortcut_nothing_is_set_apart(small_cache: Path) -> None:
+    cache = load(small_cache)
+    assert shortcut_victims(cache).empty and list(shortcut_victims(cache).columns) == list(VICTIM_COLUMNS)
+    assert label_issues(cache).attrs["victims"] == 0 and len(label_issues(cache)) == len(cache)
 
 
 def run_command(*args: str) -> subprocess.CompletedProcess:

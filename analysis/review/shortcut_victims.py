@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from analysis.cache import Cache
 from analysis.cache.identity import cache_fingerprint
-from analysis.explore.cluster_offline import (SCOPE_GROUPS, StoredClustering, VerifyOptions, choices_of,
-                                              stored_scopes, stored_verification_options)
+from analysis.explore.cluster_offline import (CLUSTERING_DIR, SCOPE_GROUPS, StoredClustering, VerifyOptions,
+                                              choices_of, results_root, stored_scopes, stored_verification_options)
 
 MIN_REGION_SHARE = 0.25
 VICTIM_COLUMNS = ("id", "finding", "scope", "clustering", "cluster_rank", "cluster", "region_share",
@@ -39,6 +39,12 @@ def _scope_order(scope: str) -> tuple[int, str]:
     """all, mistakes, then per-class scopes: the broadest verified finding names a victim first."""
     group = scope.split(":", 1)[0]
     return (SCOPE_GROUPS.index(group) if group in SCOPE_GROUPS else len(SCOPE_GROUPS), scope)
+
+
+def verifications_state(cache: Cache) -> str:
+    """Changes whenever a causal test result is written or removed (a page's cache key for the victims)."""
+    found = sorted((results_root(cache.root) / CLUSTERING_DIR).glob("*/*/verification.parquet"))
+    return "|".join(f"{path.parent.name}:{path.stat().st_mtime_ns}" for path in found if path.is_file())
 
 
 def verified_shortcuts(cache: Cache) -> list[tuple[StoredClustering, pd.Series, float]]:
@@ -54,7 +60,7 @@ def verified_shortcuts(cache: Cache) -> list[tuple[StoredClustering, pd.Series, 
             continue   # a damaged result is as good as none: the page's clustering says so
         q = float((stored_verification_options(stored) or {}).get("q", VerifyOptions.q))
         records = {r["name"]: r for r in stored.meta.get("clusterings", [])}
-        for row in checked[checked["verdict"] == "shortcut"].sort_values("rank").itertuples(index=False):
+        for row in checked[checked["verdict"] == "shortcut"].sort_values("rank", kind="stable").itertuples(index=False):
             if row.clustering in records:
                 clustering = StoredClustering(stored, records[row.clustering], choices_of([stored]))
                 found.append((clustering, pd.Series(row._asdict()), q))

@@ -12,7 +12,7 @@ import streamlit as st
 
 from analysis.cache.classes import class_names
 from analysis.explore import charts, statistics as explore
-from analysis.review import tag_views
+from analysis.review import tag_views, verifications_state
 from analysis.cache import Cache
 from dashboard import common, tagging
 
@@ -87,6 +87,11 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
                 c.image(true_maps[k], caption=f"map for {names[true]} (true)", width="stretch")
 
 
+def label_errors_key(cache: Cache) -> str:
+    """The cache's state and the causal tests' results (a new `cluster --verify-top` changes the victims)."""
+    return f"{common.cache_key(cache)}|{verifications_state(cache)}"
+
+
 @st.cache_data(show_spinner="Ranking likely label errors ...", max_entries=2)
 def label_errors(_cache: Cache, state: str):
     return tag_views.label_error_table(_cache)
@@ -99,7 +104,7 @@ def shortcut_victims(_cache: Cache, state: str):
 
 def show_shortcut_victims(cache: Cache) -> None:
     """The wrong predictions a verified shortcut explains, apart from the ranking (a short section)."""
-    victims = shortcut_victims(cache, common.cache_key(cache))
+    victims = shortcut_victims(cache, label_errors_key(cache))
     st.subheader(f"Shortcut victims, set apart: {len(victims):,}")
     if victims.empty:
         st.caption("None: no cluster's causal test found a shortcut (run `python -m analysis cluster --cache "
@@ -116,7 +121,7 @@ def show_shortcut_victims(cache: Cache) -> None:
 
 def show_label_errors(cache: Cache) -> None:
     """Every image ranked by how likely its label is wrong (Cleanlab), as a sortable table and a gallery."""
-    frame = label_errors(cache, common.cache_key(cache))
+    frame = label_errors(cache, label_errors_key(cache))
     st.markdown("Every image ranked by **label quality** (Cleanlab's normalized margin: the probability of the "
                 "given label minus the highest other one, rescaled; lowest first = most likely mislabelled), "
                 "except the shortcut victims (below). Click a column header to sort.")
