@@ -1,5 +1,5 @@
 """A planted audit set for the label-error ranking with shortcut victims present (issue 24, item 6), shared
-by bench/bench_label_errors.py and tests/test_label_audit.py.
+by bench/bench_label_errors.py and tests/test_label_errors_apart.py.
 
 What is planted (all seeded):
   * A DemoCNN (data/demo_model.py) trained on the first `train_images` Fashion-MNIST training images with the
