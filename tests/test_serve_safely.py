@@ -116,6 +116,7 @@ def test_a_read_only_image_page_shows_the_tags_and_no_form(small_cache: Path, tm
     assert "odd corner" in text and "Read-only dashboard: tags are shown, not changed." in text, text
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 def test_a_read_only_server_in_a_browser_has_no_tag_form_and_writes_nothing(small_cache: Path, tmp_path: Path) -> None:
     pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
