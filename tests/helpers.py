@@ -226,7 +226,8 @@ def blobs(centres: int, per: int, dim: int = 16, spread: float = 0.02, seed: int
 
 # Every test that trains a model asserts a property that must hold for another training run too (another CPU
 # sums floats in another order, so its model differs). FGCAM_TEST_SEED=2 reruns them with other weights and
-# batches (`fit`) and another small demo (tests/conftest.py): `FGCAM_TEST_SEED=2 make test-quick`. Unset: 0.
+# batches (`fit`) and another small demo (tests/conftest.py): `FGCAM_TEST_SEED=2 make test` (the demo's tests are
+# marked slow: `make test-quick` leaves them out). Unset: 0.
 SEED_ENV = "FGCAM_TEST_SEED"
 
 
