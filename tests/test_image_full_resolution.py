@@ -52,3 +52,35 @@ def test_the_image_page_falls_back_to_the_cached_maps_and_says_why(photo_cache: 
     assert "Showing the cache's 28 x 28 maps: the model could not explain the image again here" in texts
     assert "no such file /nowhere/model.py" in texts and "Maps at the model's input resolution" not in texts
     assert len(at.get("imgs")) + len(at.get("image")) >= 3  # the panels are still drawn (original, overlay, map)
+
+
+def test_the_photo_style_saturates_at_its_percentile_and_greys_the_base() -> None:
+    from analysis.explore import overlay
+
+    spiky = np.zeros((10, 10), np.float32)
+    spiky.flat[:100] = np.arange(1, 101)   # |values| 1 .. 100: the 95th percentile is 95.05
+    shown = overlay.display_map(spiky, overlay.PHOTO_STYLE)
+    assert shown.max() == 1.0 and np.isclose(shown.flat[49], 50 / 95.05) and (shown.flat[95:] == 1.0).all()
+    assert np.isclose(overlay.display_map(spiky, overlay.OverlayStyle()).flat[49], 0.5)  # the old scale: the max
+    grey = overlay.grey(np.array([[[200, 30, 30]]], np.uint8))
+    assert np.allclose(grey, 0.299 * 200 + 0.587 * 30 + 0.114 * 30)
+
+
+def test_a_red_map_on_a_red_object_shows_on_the_photo_style() -> None:
+    """The faint case of issue 24: a red object under a red map. Where the map is high the tile must differ from
+    where it is 0 (both on the object) far more in PHOTO_STYLE than in the old drawing."""
+    from analysis.explore import overlay
+
+    rng = np.random.default_rng(0)
+    cup = np.zeros((40, 40, 3), np.uint8)
+    cup[:] = (190, 40, 35)
+    signed = np.zeros((40, 40), np.float32)
+    signed[:, :20] = rng.exponential(1.0, (40, 20)) ** 3  # fine-grained: a heavy tail of strong pixels
+    box = (0.0, 0.0, 40.0, 40.0)
+
+    def difference(style) -> float:
+        tile = overlay.view_tile(cup, (40, 40), box, signed, opacity=0.6, colormap="RdBu", style=style).astype(float)
+        return float(np.abs(tile[:, :20].mean(axis=(0, 1)) - tile[:, 20:].mean(axis=(0, 1))).sum())
+
+    before, after = difference(overlay.OverlayStyle()), difference(overlay.PHOTO_STYLE)
+    assert after > 3 * before, (before, after)  # measured 8.3 vs 1.9 (seed 1 of the map: 7.9 vs 2.0)

@@ -93,7 +93,7 @@ def shown_maps(cache: Cache, row: pd.Series, image_id: int) -> tuple[dict[str, n
 def show_panels(cache: Cache, row: pd.Series, image_id: int, opacity: float, colormap: str) -> None:
     """The original, the prediction's overlay and map, and the true class's when the prediction is wrong."""
     maps, which_maps = shown_maps(cache, row, image_id)
-    render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE, letterbox=False)
+    render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE, letterbox=False, style=overlay.PHOTO_STYLE)
 
     def tile(kind: str, which: str) -> np.ndarray:
         return common.tiles_for(cache, [image_id], kind, which, maps=None if maps is None else [maps[which]],
@@ -109,8 +109,9 @@ def show_panels(cache: Cache, row: pd.Series, image_id: int, opacity: float, col
         with column:
             st.image(image, caption=caption, width="stretch")
     st.caption(which_maps)
-    st.caption("Red: evidence for the class, blue: against it (symmetric scale per map). A green line outlines the "
-               "object when the cache knows its mask or box.")
+    st.caption(f"Red: evidence for the class, blue: against it, on the photo in grey (symmetric scale per map, full "
+               f"colour from the {overlay.PHOTO_STYLE.percentile:g}th percentile of |relevance| up). A green line "
+               "outlines the object when the cache knows its mask or box.")
     show_placement(cache, image_id)
 
 
