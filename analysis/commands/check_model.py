@@ -102,10 +102,8 @@ class ModelCheck:
 def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: str, base: str = "gradcam",
                 cam_layer: str | None = None, target_layer: str = "input", device: torch.device | None = None,
                 batch_size: int = 8, estimate_for: int = 10_000, timing: bool = True) -> ModelCheck:
-    """Everything the report says; raises OptionError for a layer name the model does not have. ``timing``
-    False leaves out the time and memory (the sweep over every torchvision model needs only the verdict)."""
-    from analysis.fgcam import FGCAM, UnsupportedOperation
-    from analysis.fgcam.explainer import require_feature_map
+    """Everything the report says (``timing`` False: no time and memory); OptionError for an unknown layer."""
+    from analysis.fgcam import FGCAM, UnsupportedOperation, require_feature_map
     from analysis.fgcam.propagate import node_kinds
 
     device = device or torch.device("cpu")
@@ -148,10 +146,9 @@ def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: st
         check.error = f"{type(error).__name__}: {_first_line(error)}"
         return check
     _tabulate_ops(check, explainer.graph, [step.node for step in flow], kinds)  # where relevance really went
-    if not timing:
-        return check
     try:
-        _measure_speed(check, explainer, model, images, target_layer)
+        if timing:
+            _measure_speed(check, explainer, model, images, target_layer)
     except RuntimeError as error:  # out of memory at --batch-size
         check.notes.append(f"timing a batch of {batch_size} failed ({type(error).__name__}: {_first_line(error)}); "
                            "try a smaller --batch-size")
