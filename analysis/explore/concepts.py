@@ -151,8 +151,8 @@ def region_box(concept_map: np.ndarray, side: float) -> tuple[float, float, floa
 # ----------------------------------------------------------------------------------------------------------
 
 def concept_explainer(cache: Any, loaded: Any = None, denoise: bool = False) -> tuple[Any, Any]:
-    """(the cache's model as ``analysis.models.LoadedModel``, an FGCAM with the cache's base, CAM layer and
-    low-layer rule; no denoising unless ``denoise``: a concept is one component, and the stored relevance is
+    """(the cache's model as ``analysis.pipeline.models.LoadedModel``, an FGCAM with the cache's base, CAM layer
+    and low-layer rule; no denoising unless ``denoise``: a concept is one component, and the stored relevance is
     taken before denoising; a whole map as the job made it needs the cache's own). ``loaded``: the model already
     in memory (the job's), else it is loaded from the manifest (ModelSpecError when it cannot be loaded here)."""
     from analysis.commands.cli_types import low_rule
