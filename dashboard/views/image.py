@@ -85,9 +85,10 @@ def shown_maps(cache: Cache, row: pd.Series, image_id: int) -> tuple[dict[str, n
         return None, (f":orange[Showing the cache's {stored} maps: the model could not explain the image again "
                       f"here ({type(error).__name__}: {first.replace(str(cache.root), 'the cache')}).]")
     height, width = maps.shape[1:]
-    return dict(zip(("pred", "true"), maps)), (f"Maps at the model's input resolution, {height} x {width}: the "
-                                               f"image explained again with the cache's model (the cache stores "
-                                               f"them at {stored}).")
+    target = (cache.manifest.get("options") or {}).get("target_layer", "input")
+    where = "the model's input resolution" if target == "input" else f"the resolution of layer {target}"
+    return dict(zip(("pred", "true"), maps)), (f"Maps at {where}, {height} x {width}: the image explained again "
+                                               f"with the cache's model (the cache stores them at {stored}).")
 
 
 def show_panels(cache: Cache, row: pd.Series, image_id: int, opacity: float, colormap: str) -> None:
