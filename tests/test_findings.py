@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis.findings import Finding, compute_findings, read_findings, render, url, write_findings
-from analysis.findings.kinds import region_words, top_region
+from analysis.findings.kinds import region_words
 from tests.helpers import REPO_ROOT, open_page, page_texts
 
 
@@ -40,12 +40,6 @@ def test_region_words_name_where_a_region_lies(cells, words) -> None:
     region = np.zeros((14, 14), bool)
     region[cells] = True
     assert region_words(region) == words
-
-
-def test_top_region_takes_the_top_q_percent_of_cells() -> None:
-    prototype = np.arange(100, dtype=np.float32)
-    region = top_region(prototype, 5.0)
-    assert region.shape == (10, 10) and region.sum() == 5 and region.ravel()[95:].all()
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +79,20 @@ def test_on_the_demo_the_top_finding_is_the_tag_and_its_numbers_are_the_caches(v
     victims = called & (rows["label"].map(lambda p: names[p]) != bag)
     assert numbers["n_victims"] == int(victims.sum())
     assert numbers["n_classes"] == rows.loc[victims, "label"].nunique()
-    # The causal numbers are the stored test's, for this scope and cluster.
-    clustering = cluster_offline.read_clustering(cache, numbers["scope"])
-    tested = clustering.verification.set_index("rank").loc[numbers["rank"]]
+    # The causal numbers are the stored test's, for this clustering and cluster.
+    from analysis.review.shortcut_victims import verified_shortcuts
+
+    clustering, tested, q = next((c, row, q) for c, row, q in verified_shortcuts(cache)
+                                 if c.scope == numbers["scope"] and c.name == numbers["clustering"]
+                                 and int(row["rank"]) == numbers["rank"])
     assert numbers["changed_region"] == pytest.approx(tested["changed_region"])
     assert numbers["changed_control"] == pytest.approx(tested["changed_control"])
     assert numbers["tested"] == tested["tested"] and numbers["off_object"] == pytest.approx(tested["off_object_share"])
+    assert sorted(top.ids) == sorted(clustering.members(int(tested["cluster"])).tolist())
     # The evidence share, recomputed: each member's positive descriptor mass in the prototype's top q% cells.
     position = int(np.nonzero(clustering.summary["cluster"].to_numpy() == int(tested["cluster"]))[0][0])
     prototype = np.asarray(clustering.prototypes[position])
-    cut = np.sort(prototype)[::-1][int(round(prototype.size * tested["q"] / 100)) - 1]
+    cut = np.sort(prototype)[::-1][int(round(prototype.size * q / 100)) - 1]
     descriptors = cache.descriptors(np.asarray(top.ids), "positive")
     assert numbers["evidence_share"] == pytest.approx(descriptors[:, prototype >= cut].sum(1).mean(), abs=1e-6)
     assert numbers["where"] == "in the top-left corner"   # the planted tag's corner

@@ -56,44 +56,43 @@ def region_words(region: np.ndarray) -> str:
     return "in the centre"
 
 
-def top_region(prototype: np.ndarray, q: float) -> np.ndarray:
-    """The top q% cells of a prototype [S*S] (at least one), as the causal test's region: bool [S, S]."""
-    side = int(round(np.sqrt(prototype.size)))
-    count = max(1, int(round(prototype.size * q / 100)))
-    region = np.zeros(prototype.size, bool)
-    region[np.argsort(-prototype, kind="stable")[:count]] = True
-    return region.reshape(side, side)
+def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: list[str], table: pd.DataFrame
+                      ) -> Finding:
+    """One verified shortcut cluster; the region is the one the causal test blurred (the prototype's top q%)."""
+    from analysis.review.shortcut_victims import region_shares
+    from analysis.trust.region_test import top_region
 
-
-def _shortcut_finding(cache: Any, clustering: Any, row: Any, names: list[str], table: pd.DataFrame) -> Finding:
-    members = clustering.members(int(row.cluster))
+    members = clustering.members(int(row["cluster"]))
     labels, preds = table.loc[members, "label"].to_numpy(), table.loc[members, "pred"].to_numpy()
     target = int(np.bincount(preds).argmax())
     victims = members[(preds == target) & (labels != target)]
     summary = clustering.summary
-    position = int(np.nonzero(summary["cluster"].to_numpy() == int(row.cluster))[0][0])
-    region = top_region(np.asarray(clustering.prototypes[position]), float(row.q))
-    descriptors = cache.descriptors(members, "positive")
-    numbers = {"size": len(members), "scope": clustering.scope, "rank": int(row.rank),
+    position = int(np.nonzero(summary["cluster"].to_numpy() == int(row["cluster"]))[0][0])
+    prototype = np.asarray(clustering.prototypes[position], np.float32)
+    side = int(round(np.sqrt(prototype.size)))
+    region = top_region(prototype.reshape(side, side), q, side, side).numpy()
+    numbers = {"size": len(members), "scope": clustering.scope, "rank": int(row["rank"]),
                "n_called": int((preds == target).sum()), "pred_name": names[target], "n_victims": len(victims),
                "n_classes": int(len(np.unique(labels[(preds == target) & (labels != target)]))),
-               "evidence_share": float(descriptors[:, region.ravel()].sum(1).mean()),
-               "region_area": float(region.mean()), "where": region_words(region),
-               "off_object": float(row.off_object_share), "location_rule": str(row.location_rule),
-               "changed_region": float(row.changed_region), "tested": int(row.tested),
-               "changed_control": float(row.changed_control), "p_value": float(row.p_value)}
-    view = ("clusters", {"c_scope": clustering.scope, "c_focus": str(int(row.cluster))})
+               "evidence_share": float(region_shares(cache.descriptors(members, "positive"), prototype, q).mean()),
+               "where": region_words(region), "clustering": clustering.name,
+               "off_object": float(row["off_object_share"]), "location_rule": str(row["location_rule"]), "q": q,
+               "changed_region": float(row["changed_region"]), "tested": int(row["tested"]),
+               "changed_control": float(row["changed_control"]), "p_value": float(row["p_value"])}
+    view = ("clusters", {"c_scope": clustering.scope, "c_clust": f"{clustering.settings.key()}/{clustering.name}",
+                         "c_focus": str(int(row["cluster"]))})
     return Finding(
         kind="shortcut cluster", title=f"Shortcut: {len(members)} images the model calls \"{names[target]}\"",
         sentences=["{size} images of scope {scope} form the cluster ranked {rank}: the model calls {n_called} of "
                    "them \"{pred_name}\", {n_victims} of which are labelled as {n_classes} other classes.",
-                   "{evidence_share:.0%} of their evidence lies in a region of {region_area:.0%} of the image "
-                   "{where}; {off_object:.0%} of that region lies {location_rule}.",
+                   "{evidence_share:.0%} of their evidence lies in the top {q:g}% of their mean map, a region {where}; "
+                   "{off_object:.0%} of that region lies {location_rule}.",
                    "Blurring that region changes {changed_region:.0%} of {tested} predictions, against "
                    "{changed_control:.0%} for a random region of the same size."],
-        numbers=numbers, ids=[int(i) for i in members], strength=float(row.changed_region - row.changed_control),
+        numbers=numbers, ids=[int(i) for i in members],
+        strength=numbers["changed_region"] - numbers["changed_control"],
         verdict="shortcut", page=view[0], query=view[1],
-        rests_on=f"the causal region test of `cluster --verify-top` (exact McNemar p = {float(row.p_value):.2g}, "
+        rests_on=f"the causal region test of `cluster --verify-top` (exact McNemar p = {numbers['p_value']:.2g}, "
                  "the region's flips at least 10 points above the control's) and the region's place off the object",
         links={k: view for k in ("n_called", "n_victims", "evidence_share", "changed_region")},
         examples=_examples(victims if len(victims) else members))
@@ -115,26 +114,27 @@ def _merge_same(findings: list[Finding]) -> list[Finding]:
 
 
 def shortcut_clusters(cache: Any) -> list[Finding]:
-    """Clusters the causal test called "shortcut"; when no cluster was tested, one "undecided" finding for the
-    most suspicious cluster, naming the command that would decide."""
+    """Clusters the causal test called "shortcut" (in every clustering computed on the cache as it is now, as
+    the shortcut victims of the label-error ranking); when no cluster was tested at all, one "undecided" finding
+    for the most suspicious cluster, naming the command that would decide."""
     from analysis.explore import cluster_offline
+    from analysis.review.shortcut_victims import verified_shortcuts
 
     names, table = _names(cache), cache.columns(["id", "label", "pred"]).set_index("id")
-    found, untested = [], []
+    found = [_shortcut_finding(cache, clustering, row, q, names, table)
+             for clustering, row, q in verified_shortcuts(cache)]
+    if found:
+        return _merge_same(found)
+    untested = []
     for scope in cluster_offline.fresh_scopes(cache):
         try:
             clustering = cluster_offline.read_clustering(cache, scope)
         except cluster_offline.ClusteringNotFound:
             continue
-        verification = clustering.verification
-        if verification is None or verification.empty:
-            untested.append(clustering)
-            continue
-        found += [_shortcut_finding(cache, clustering, row, names, table)
-                  for row in verification.itertuples() if row.verdict == "shortcut"]
-    if found or not untested:
-        return _merge_same(found)
-    return [_untested_finding(cache, untested)]
+        if clustering.verification is not None and not clustering.verification.empty:
+            return []     # tested, and nothing was called a shortcut: the Clusters page shows the verdicts
+        untested.append(clustering)
+    return [_untested_finding(cache, untested)] if untested else []
 
 
 def _untested_finding(cache: Any, untested: list[Any]) -> Finding:
