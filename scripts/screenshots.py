@@ -8,7 +8,8 @@ Each page is opened by its URL, left to finish running, checked (no Streamlit ex
 "Error" text) and saved as PNG: the README's small viewport shots (1400 x 900, palette PNG), or with --full-page
 whole pages (the browser test, tests/test_browser.py, uses the same functions). --photos shoots the Image page
 and a gallery of the coffee photo instead (and the Image page of the cat), on the cache of real photos that
-tests/helpers.py: make_photo_cache builds (docs/screenshots/photo_image.png, photo_image_cat.png, photo_gallery.png). Exit status 1 when a page shows a problem.
+tests/helpers.py: make_photo_cache builds (docs/screenshots/photo_image.png, photo_image_cat.png,
+photo_gallery.png). Exit status 1 when a page shows a problem.
 """
 from __future__ import annotations
 
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="base URL of a dashboard already running")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     parser.add_argument("--photos", action="store_true",
-                        help="the Image pages of the coffee and cat photos and a gallery (needs a photo cache, see above)")
+                        help="the Image pages of the coffee and cat photos and a gallery (needs a photo cache, see "
+                             "above)")
     parser.add_argument("--full-page", action="store_true",
                         help=f"1400 x {FULL_PAGE_HEIGHT} (most of a page), not the 1400 x 900 viewport")
     args = parser.parse_args(argv)
