@@ -209,12 +209,14 @@ def _url_choice(widget: Callable[..., Any], label: str, options: list, key: str,
 # ------------------------------------------------------------------------------------------------ images
 def tiles_for(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred",
               opacity: float = 0.6, colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE,
-              letterbox: bool = True) -> list[np.ndarray]:
+              letterbox: bool = True, maps: Sequence[np.ndarray] | None = None,
+              style: overlay.OverlayStyle = overlay.OverlayStyle()) -> list[np.ndarray]:
     """Rendered tiles for ``ids`` (report.image_tiles): "image", "map" or "overlay", each image with its own
     aspect ratio and the map on the region the model saw, letterboxed into size x size squares unless
-    ``letterbox`` is False. Reads only these images' maps."""
+    ``letterbox`` is False. Reads only these images' maps, unless ``maps`` gives them (one per id). ``style``:
+    overlay.OverlayStyle (the Image page's: overlay.PHOTO_STYLE)."""
     return report.image_tiles(cache, ids, kind=kind, which=which, opacity=opacity, colormap=colormap, size=size,
-                              letterbox=letterbox)
+                              letterbox=letterbox, maps=maps, style=style)
 
 
 def placement_notice(cache: Cache, ids: Sequence[int]) -> None:

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from analysis.explore import overlay
 from analysis.cache import Cache, CacheError
 from analysis.explore.concepts import Concepts, ConceptsError, read_concepts
-from dashboard.common import analysis_command
+from dashboard.common import analysis_command, cache_key
 
 TILE = 150
 CROP_MIN = 0.5   # a crop covers at least half of the map's side, centred on the concept's region
@@ -141,7 +141,8 @@ def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 
         st.caption("No channel holds positive evidence for this class on this image.")
         return
     try:
-        maps = live_concept_maps(cache, cache.identity, image_id, tuple(chosen), class_index)
+        # keyed by the cache's folder and state: a copy with another manifest (another model path) loads its own
+        maps = live_concept_maps(cache, cache_key(cache), image_id, tuple(chosen), class_index)
     except Exception as error:   # the model cannot be loaded here: the shares alone, and why
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         st.caption(f"Concept maps need the cache's model ({type(error).__name__}: "

@@ -182,3 +182,13 @@ def brightness_own_function():
 def brightness_crop30():
     """CenterCrop(30): a 60 x 30 image loses 15 columns on each side."""
     return BrightnessCNN(), T.Compose([T.CenterCrop(30), T.ToTensor()])
+
+
+def tiny_vit():
+    """A one-layer torchvision VisionTransformer on 20 px images: its CAM layer outputs tokens [N, 17, 8], not a
+    feature map (check-model and explain must refuse it in one line)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=20, patch_size=5, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                             num_classes=3).eval()

@@ -33,10 +33,14 @@ TILE = 112                            # pixels of one image tile in the report
 # ----------------------------------------------------------------------------------------------------------
 
 def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred", opacity: float = 0.6,
-                colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE, letterbox: bool = True) -> list[np.ndarray]:
+                colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE, letterbox: bool = True,
+                maps: Sequence[np.ndarray] | None = None, style: overlay.OverlayStyle = overlay.OverlayStyle()
+                ) -> list[np.ndarray]:
     """Images of `ids` with their own aspect ratio (long side `size`), the map on the region the model saw:
     kind "image", "overlay" or "map" (see overlay.view_tile), with the foreground outline when the cache knows
-    it; letterboxed into size x size squares for grids. Reads only these images' maps and files.
+    it; letterboxed into size x size squares for grids. Reads only these images' maps and files; `maps` (one per
+    id, any resolution) are drawn instead of the cached ones (the Image page's full-resolution maps); `style`: how
+    (overlay.OverlayStyle).
 
     A placement the cache does not know (an older cache, a transform whose geometry could not be measured,
     or an image file whose size changed since the job) is drawn over the whole image and labelled so.
@@ -44,7 +48,8 @@ def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: 
     ids = [int(i) for i in ids]
     if not ids:
         return []
-    maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
+    if maps is None:
+        maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
     masks = cache.foreground(ids)
     tiles = []
     for k, image_id in enumerate(ids):
@@ -63,7 +68,7 @@ def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: 
         box = geometry["crop_box"] if geometry["known"] and tuple(original) == recorded else None
         mask = None if masks is None or not masks[k].any() else masks[k]
         tiles.append(overlay.view_tile(image, original, box, maps[k], kind=kind, opacity=opacity,
-                                       colormap=colormap, mask=mask, tile=size if letterbox else None))
+                                       colormap=colormap, mask=mask, tile=size if letterbox else None, style=style))
     return tiles
 
 
