@@ -13,7 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.explore.cluster_offline.settings import Progress, TMP_PREFIX, TOP_TO_VERIFY
+from analysis.explore.clustering import Progress
+from analysis.explore.cluster_offline.settings import TMP_PREFIX, TOP_TO_VERIFY
 from analysis.explore.cluster_offline.store import StoredScope, _now
 
 
