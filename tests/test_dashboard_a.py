@@ -36,8 +36,8 @@ def _metrics(at: AppTest) -> dict[str, str]:
 
 @pytest.fixture()
 def private_cache(small_cache: Path, tmp_path: Path) -> Path:
-    """A copy of the session cache, so that the clustering results the page saves in CACHE/dashboard/ start from
-    nothing and do not leak into other tests. The dataset root in the manifest still points to the images."""
+    """A copy of the session cache, so that what a test writes in it (tags, clusterings) starts from nothing and
+    does not leak into other tests. The dataset root in the manifest still points to the images."""
     copy = tmp_path / "cache"
     shutil.copytree(small_cache, copy)
     return copy

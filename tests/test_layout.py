@@ -17,8 +17,6 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS: dict[str, str] = {
     "analysis/commands/compare_methods.py:run":
         "the command's steps in order (inputs, model, comparison, sanity checks, files, table)",
-    "analysis/explore/cluster_offline/verify.py:verify_clusters":
-        "the causal test of each top cluster and its verdict, one loop",
     "analysis/pipeline/plan.py:prepare":
         "every check before any work, in the order the user's options are read",
     "analysis/review/probe.py:rank_by_probe":
