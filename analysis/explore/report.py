@@ -8,6 +8,7 @@ are inline SVG rendered by vl-convert, so the file opens anywhere without a netw
 from __future__ import annotations
 
 import html
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -252,8 +253,9 @@ def _cluster_block(cache: Cache, stored: StoredClustering, position: int, option
 
 def _clusters_section(cache: Cache, stored: StoredClustering | None, options: ReportOptions) -> str:
     if stored is None:
+        command = f"python -m analysis cluster --cache {shlex.quote(str(cache.root))}"
         return ('<section id="clusters"><h2>Most suspicious clusters</h2><p>No clustering is stored for this cache '
-                f'as it is now: run <code>python -m analysis cluster --cache {html.escape(str(cache.root))}</code> '
+                f'as it is now: run <code>{html.escape(command)}</code> '
                 '(the explain job runs it at its end) and make the report again.</p></section>')
     summary = stored.summary
     table = summary[["rank", "cluster", "size", "accuracy", "majority_name", "class_mix", "background_share",
@@ -313,8 +315,9 @@ def _tags_section(cache: Cache, options: ReportOptions) -> str:
                    for t, i, label, pred in zip(tiles, examples, frame["label"], frame["prediction"])]
         shown = frame[["id", "label", "prediction", "tags", "note", "who", "when"]].head(options.rows_per_tag)
         shown = shown.fillna("")
-        more = (f"<p>… and {len(frame) - len(shown):,} more (the whole list: <code>python -m analysis export "
-                f"--cache DIR --tag {html.escape(repr(row.tag))}</code>).</p>") if len(frame) > len(shown) else ""
+        command = f"python -m analysis export --cache {shlex.quote(str(cache.root))} --tag {shlex.quote(row.tag)}"
+        more = (f"<p>… and {len(frame) - len(shown):,} more (the whole list: <code>{html.escape(command)}</code>)."
+                "</p>") if len(frame) > len(shown) else ""
         who = f", by {html.escape(row.who)}" if row.who else ""
         rejected = f", {row.rejected:,} rejected" if row.rejected else ""
         blocks.append(f'<div class="cluster" id="tag-{number}"><h3>{html.escape(row.tag)}</h3>'
