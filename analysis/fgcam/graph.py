@@ -18,9 +18,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from . import ops
+from . import opsets as ops
 from .conv import Conv
-from .ops import UnsupportedOperation, argument  # noqa: F401  (UnsupportedOperation: re-exported, the old home)
+from .opsets import UnsupportedOperation, argument  # noqa: F401  (UnsupportedOperation: re-exported, the old home)
 
 
 class _NamingTracer(fx.Tracer):
@@ -202,7 +202,7 @@ class ModelGraph:
         """
         if not ops.PADS.match(node, self.module(node)):
             return None
-        value = ops.pad_value(self, node)
+        value = pad_value(self, node)
         if value is None:
             return None
         x_node = node.args[0]
@@ -424,3 +424,21 @@ def stand_in(value: Any) -> Any:
 
 class _MutatedInput(Exception):
     """A node changed one of its inputs in place; that input's recorded value is no longer valid."""
+
+
+def pad_value(graph: ModelGraph, node: fx.Node) -> float | None:
+    """The value a pad op writes at the padding: a number for a constant pad, None for a pad that copies
+    values (reflect, replicate, circular), nan where the graph does not say (a value computed in forward)."""
+    module = graph.module(node)
+    if module is not None:
+        return float(module.value)
+    def given(index: int, name: str, default: Any) -> Any:
+        return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+    if node.target is torch.constant_pad_nd:
+        mode, value = "constant", given(2, "value", 0)
+    else:
+        mode, value = given(2, "mode", "constant"), given(3, "value", None)
+    if isinstance(mode, fx.Node) or isinstance(value, fx.Node):
+        return float("nan")
+    return float(value or 0) if mode == "constant" else None
