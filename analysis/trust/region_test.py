@@ -31,15 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
-                                   logits_of, model_device_dtype, upsample_maps)
+from analysis.pipeline.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
+                                            logits_of, model_device_dtype, upsample_maps)
 
 
 DEFAULT_Q = 5.0            # percent of the image area
 CONTROL_TRIES = 16         # random placements tried per image; the one overlapping the region least is kept
 
 
-def _check_q(q: float) -> None:
+def check_q(q: float) -> None:
+    """ValueError unless `q` (the share of a map's pixels that make its region) is a percentage in (0, 100]."""
     if not (isinstance(q, (int, float)) and math.isfinite(q) and 0 < q <= 100):
         raise ValueError(f"q must be a percentage in (0, 100], got {q!r}")
 
@@ -62,14 +63,14 @@ def prototype_map(maps: np.ndarray | Tensor) -> np.ndarray:
 
 def region_pixel_count(num_pixels: int, q: float) -> int:
     """Pixels in "the top q%": ceil(q / 100 * num_pixels), at least 1."""
-    _check_q(q)
+    check_q(q)
     return max(1, math.ceil(q / 100.0 * num_pixels - 1e-9))
 
 
 def top_region(prototype: np.ndarray | Tensor, q: float, height: int, width: int) -> Tensor:
     """bool [height, width]: the top q% pixels of the prototype upsampled bilinearly to the input size
     (ties in row-major order, as the faithfulness metrics order pixels)."""
-    _check_q(q)
+    check_q(q)
     prototype = torch.as_tensor(np.asarray(prototype, dtype=np.float32))
     if prototype.dim() != 2:
         raise ValueError(f"the prototype must be a 2-D map [h, w], got shape {tuple(prototype.shape)}")
@@ -115,7 +116,7 @@ def blur_regions(images: Tensor, regions: Tensor, blur_sigma: float = DEFAULT_BL
     return torch.where(regions, gaussian_blur(images, blur_sigma), images)
 
 
-def _probabilities(model: nn.Module, images: Tensor, forward_batch: int) -> Tensor:
+def model_probabilities(model: nn.Module, images: Tensor, forward_batch: int) -> Tensor:
     """float32 [N, classes] softmax outputs, on the CPU."""
     check_eval_mode(model)
     device, dtype = model_device_dtype(model, images)
@@ -154,15 +155,15 @@ def shortcut_test(model: nn.Module, images: Tensor, labels: Tensor | None, proto
         raise ValueError(f"images must be [N, C, H, W] with N >= 1, got shape {tuple(images.shape)}")
     if labels is not None and torch.as_tensor(labels).shape != (len(images),):
         raise ValueError(f"labels must be a vector of {len(images)} class indices")
-    _check_q(q)
+    check_q(q)
     if not isinstance(forward_batch, int) or forward_batch < 1:
         raise ValueError(f"forward_batch must be a positive integer, got {forward_batch!r}")
     n, _, height, width = images.shape
     region = top_region(prototype, q, height, width)
     controls = control_regions(region, n, seed=seed)
-    before = _probabilities(model, images, forward_batch)
-    prototype_blurred = _probabilities(model, blur_regions(images, region, blur_sigma), forward_batch)
-    random_blurred = _probabilities(model, blur_regions(images, controls, blur_sigma), forward_batch)
+    before = model_probabilities(model, images, forward_batch)
+    prototype_blurred = model_probabilities(model, blur_regions(images, region, blur_sigma), forward_batch)
+    random_blurred = model_probabilities(model, blur_regions(images, controls, blur_sigma), forward_batch)
     pred = before.argmax(1)
     take = lambda probs: probs.gather(1, pred[:, None])[:, 0].numpy()  # noqa: E731 -- p(original prediction)
     frame = pd.DataFrame({
@@ -222,9 +223,9 @@ def foreground_test(model: nn.Module, images: Tensor, labels: Tensor | None, for
     if len(rows) == 0:
         return pd.DataFrame({name: pd.Series(dtype=float) for name in columns})
     images, mask = images[rows], foreground[rows]
-    full = _probabilities(model, images, forward_batch)
-    object_only = _probabilities(model, blur_regions(images, ~mask, blur_sigma), forward_batch)
-    background_only = _probabilities(model, blur_regions(images, mask, blur_sigma), forward_batch)
+    full = model_probabilities(model, images, forward_batch)
+    object_only = model_probabilities(model, blur_regions(images, ~mask, blur_sigma), forward_batch)
+    background_only = model_probabilities(model, blur_regions(images, mask, blur_sigma), forward_batch)
     pred = full.argmax(1)
     take = lambda probs: probs.gather(1, pred[:, None])[:, 0].numpy()  # noqa: E731
     label = (torch.as_tensor(labels).long().cpu()[rows].numpy() if labels is not None
@@ -340,7 +341,7 @@ def shortcut_test_on_cache(cache: Any, ids: Sequence[int] | np.ndarray, q: float
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         raise ValueError("the selection is empty")
-    _check_q(q)
+    check_q(q)
     known = set(cache.ids.tolist())
     missing = [int(i) for i in ids if int(i) not in known]
     if missing:
