@@ -21,6 +21,7 @@ import streamlit as st
 from analysis.explore import overlay, report
 from analysis.explore.statistics import table_csv
 from analysis.cache import Cache, CacheError, load
+from analysis.cache.derived import MissingResult
 from analysis.cache.identity import cache_state, files_state
 
 ENV_VAR = "FGCAM_CACHE"
@@ -62,6 +63,13 @@ def open_cache_or_problem() -> tuple[Cache | None, str | None]:
     if len(cache) == 0:
         return None, f"The cache {root} holds no explained image yet (is the job still starting?)."
     return cache, None
+
+
+def show_missing(record: MissingResult) -> None:
+    """A derived result the page cannot show (missing, stale or unreadable), said the same way on every page:
+    one info box naming the command that makes it, and the command to copy."""
+    st.info(record.sentence(), icon=":material/info:")
+    st.code(record.command, language="bash")
 
 
 def get_cache() -> Cache:

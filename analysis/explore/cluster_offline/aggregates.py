@@ -103,7 +103,7 @@ def compute_class_aggregates(cache: Any, chunk_rows: int = 4096,
 
 def write_class_aggregates(cache_root: Path | str, aggregates: ClassAggregates, fingerprint: str) -> Path:
     """CACHE/analysis/class_maps.parquet: one row per (group, class) with its count and flattened mean."""
-    from analysis.cache.files import _save_parquet
+    from analysis.cache.files import save_parquet
 
     maps = aggregates.maps
     records = {"group": [], "class": [], "n": [], "values": []}
@@ -131,7 +131,7 @@ def write_class_aggregates(cache_root: Path | str, aggregates: ClassAggregates, 
     final = root / CLASS_MAPS_FILE
     tmp = root / f"{TMP_PREFIX}{CLASS_MAPS_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
-        _save_parquet(tmp, table)
+        save_parquet(tmp, table)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

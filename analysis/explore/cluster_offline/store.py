@@ -47,7 +47,7 @@ def _density(coords: np.ndarray, bins: int = DENSITY_BINS) -> tuple[np.ndarray, 
 def write_scope_result(target_dir: Path, result: ScopeResult, settings: OfflineSettings, fingerprint: str) -> Path:
     """Write a scope's result as one folder, atomically (temporary folder, fsync, rename); an older result of
     the same scope (a stale one) is replaced."""
-    from analysis.cache.files import _save_npy, _save_parquet, folder_replaced_atomically
+    from analysis.cache.files import save_npy, save_parquet, folder_replaced_atomically
 
     final = target_dir / scope_folder(result.scope)
     with folder_replaced_atomically(final) as tmp:
@@ -62,11 +62,11 @@ def write_scope_result(target_dir: Path, result: ScopeResult, settings: OfflineS
                    "sample_rank": pa.array(sample_rank[order], pa.int32())}
         for name, labels in result.labels.items():
             columns[name] = pa.array(np.asarray(labels, np.int32)[order], pa.int32())
-        _save_parquet(tmp / "assignments.parquet", pa.table(columns))
-        _save_parquet(tmp / "summary.parquet", pa.Table.from_pandas(result.summary, preserve_index=False))
-        _save_npy(tmp / "prototypes.npy", result.prototypes.astype(np.float32))
+        save_parquet(tmp / "assignments.parquet", pa.table(columns))
+        save_parquet(tmp / "summary.parquet", pa.Table.from_pandas(result.summary, preserve_index=False))
+        save_npy(tmp / "prototypes.npy", result.prototypes.astype(np.float32))
         counts, x_range, y_range = _density(result.coords)
-        _save_npy(tmp / "density.npy", counts)
+        save_npy(tmp / "density.npy", counts)
         meta = {
             "format_version": FORMAT_VERSION, "scope": result.scope, "run": settings.key(),
             "settings": settings.as_dict(), "cache_fingerprint": fingerprint, "created": _now(), "n": int(n),

@@ -96,7 +96,7 @@ def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: Verif
     row per tested cluster (see docs/contracts.md) and writes it next to the scope's result."""
     import torch
 
-    from analysis.cache.files import _save_parquet
+    from analysis.cache.files import save_parquet
     from analysis.trust.region_test import load_inputs, shortcut_test
 
     summary_all = pq.read_table(stored.path / "summary.parquet").to_pandas()
@@ -164,7 +164,7 @@ def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: Verif
         {b"fgcam_verification": json.dumps(meta).encode()})
     tmp = stored.path / f"{TMP_PREFIX}verification.{os.getpid()}.{uuid.uuid4().hex[:8]}.parquet"
     try:
-        _save_parquet(tmp, table_out)
+        save_parquet(tmp, table_out)
         os.replace(tmp, stored.path / "verification.parquet")
     finally:
         tmp.unlink(missing_ok=True)
