@@ -102,7 +102,7 @@ def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
 
     if args.cache is not None:
         from analysis.cache import load
-        from analysis.trust.region_test import model_from_manifest
+        from analysis.pipeline.models import model_from_manifest
 
         model_options = [name for name in ("model", "weights", "checkpoint", "num_classes", "image_size", "mean",
                                            "std") if getattr(args, name) is not None]

@@ -155,7 +155,7 @@ def concept_explainer(cache: Any, loaded: Any = None) -> tuple[Any, Any]:
     denoising). ``loaded``: the model already in memory (the job's), else it is loaded from the manifest
     (ModelSpecError when it cannot be loaded here)."""
     from analysis.fgcam import FGCAM, parse_low_rule
-    from analysis.trust.region_test import model_from_manifest
+    from analysis.pipeline.models import model_from_manifest
 
     options = cache.manifest.get("options") or {}
     loaded = loaded if loaded is not None else model_from_manifest(cache.manifest)

@@ -46,6 +46,33 @@ class LoadedModel:
     output_names: list[str] | None         # class names of the outputs when the weights know them
 
 
+def model_from_manifest(manifest: dict[str, Any]) -> LoadedModel:
+    """The model a cache was made with (eval mode, CPU), built from the manifest's spec, checkpoint and
+    preprocessing options.
+
+    Raises `ModelSpecError` with one line saying why it cannot be loaded here (not
+    importable, file or weights missing, or weights that differ from those the cache was made with).
+    """
+    model_info = manifest.get("model") or {}
+    options = manifest.get("options") or {}
+    spec = model_info.get("spec")
+    if not spec:
+        raise ModelSpecError("the cache's manifest names no model")
+    checkpoint = model_info.get("checkpoint")
+    num_classes = model_info.get("num_classes") if str(spec).startswith("torchvision:") else None
+    try:
+        loaded = load_model(spec, weights=options.get("weights"), checkpoint=Path(checkpoint) if checkpoint else None,
+                            num_classes=num_classes, image_size=options.get("image_size"),
+                            mean=options.get("mean"), std=options.get("std"))
+    except ModelSpecError as error:
+        raise ModelSpecError(f"cannot load the cache's model here: {error}") from None
+    expected = model_info.get("weights_sha256")
+    if expected and loaded.weights_sha256 != expected:
+        raise ModelSpecError(f"the model {spec} now has other weights than the cache was made with "
+                             "(checkpoint or weights file changed); re-run the explain job or restore them")
+    return loaded
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Building the module
 # ----------------------------------------------------------------------------------------------------------

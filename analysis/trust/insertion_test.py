@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from analysis.cache.derived import INSERTION_TESTS
 from analysis.pipeline.faithfulness import DEFAULT_FORWARD_BATCH
+from analysis.pipeline.models import model_from_manifest
 from analysis.trust.region_test import (DEFAULT_Q, check_q, control_regions, load_inputs, model_probabilities,
-                                        model_from_manifest, prototype_map, top_region)
+                                        prototype_map, top_region)
 
 DEFAULT_TARGETS = 200          # images of other classes the region is pasted into
 MAX_SOURCES = 500              # source images loaded at most (a seeded sample of a larger selection)

@@ -15,7 +15,7 @@ faithfulness metrics (Petsiuk et al. 2018), so that no new sharp edges appear.
 
 Method: `prototype_map`, `top_region`, `control_regions`, `blur_regions`, `shortcut_test`,
 `foreground_test`, `per_class_foreground`. Machinery: loading the cache's model and images
-(`model_from_manifest`, `load_inputs`), `shortcut_test_on_cache` for the dashboard. The command line
+(`analysis.pipeline.models.model_from_manifest`, `load_inputs`), `shortcut_test_on_cache` for the dashboard. The command line
 (`python -m analysis shortcut-test`) is analysis/commands/shortcut_test.py.
 """
 from __future__ import annotations
@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from analysis.fgcam.explainer import logits_of
 from analysis.pipeline.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
-                                            logits_of, model_device_dtype, upsample_maps)
+                                            model_device_dtype, upsample_maps)
+from analysis.pipeline.models import model_from_manifest
 
 
 DEFAULT_Q = 5.0            # percent of the image area
@@ -256,35 +258,6 @@ def per_class_foreground(frame: pd.DataFrame, class_names: Sequence[str]) -> pd.
         })
     return pd.DataFrame(rows, columns=["class", "n", "accuracy_full", "accuracy_object_only",
                                        "accuracy_background_only", "kept_object_only", "kept_background_only"])
-
-
-def model_from_manifest(manifest: dict[str, Any]) -> Any:
-    """The model a cache was made with (`analysis.pipeline.models.LoadedModel`, eval mode, CPU), built from the
-    manifest's spec, checkpoint and preprocessing options.
-
-    Raises `analysis.pipeline.models.ModelSpecError` with one line saying why it cannot be loaded here (not
-    importable, file or weights missing, or weights that differ from those the cache was made with).
-    """
-    from analysis.pipeline.models import ModelSpecError, load_model
-
-    model_info = manifest.get("model") or {}
-    options = manifest.get("options") or {}
-    spec = model_info.get("spec")
-    if not spec:
-        raise ModelSpecError("the cache's manifest names no model")
-    checkpoint = model_info.get("checkpoint")
-    num_classes = model_info.get("num_classes") if str(spec).startswith("torchvision:") else None
-    try:
-        loaded = load_model(spec, weights=options.get("weights"), checkpoint=Path(checkpoint) if checkpoint else None,
-                            num_classes=num_classes, image_size=options.get("image_size"),
-                            mean=options.get("mean"), std=options.get("std"))
-    except ModelSpecError as error:
-        raise ModelSpecError(f"cannot load the cache's model here: {error}") from None
-    expected = model_info.get("weights_sha256")
-    if expected and loaded.weights_sha256 != expected:
-        raise ModelSpecError(f"the model {spec} now has other weights than the cache was made with "
-                             "(checkpoint or weights file changed); re-run the explain job or restore them")
-    return loaded
 
 
 def load_inputs(paths: Sequence[Path], transform: Any,

@@ -197,7 +197,7 @@ def insertion_section(cache: Cache) -> None:
 # ------------------------------------------------------------------------------------------------ shortcut test
 @st.cache_resource(show_spinner="Loading the cache's model ...", max_entries=2)
 def cached_model(_cache: Cache, key: str):  # -> analysis.models.LoadedModel; errors are not cached
-    from analysis.trust.region_test import model_from_manifest
+    from analysis.pipeline.models import model_from_manifest
 
     return model_from_manifest(_cache.manifest)
 
