@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.cache.identity import cache_fingerprint
-from analysis.cache.layout import ANALYSIS_DIR, DASHBOARD_DIR, TRUST_DIR
+from analysis.cache.layout import ANALYSIS_DIR, TRUST_DIR
 
 FINGERPRINT_KEY = "cache_fingerprint"
 
@@ -34,6 +34,7 @@ class DerivedResult:
     command: str                     # `python -m analysis COMMAND --cache DIR` makes it
 
     def path(self, cache_root: Path | str) -> Path:
+        """Where it lives for the cache at `cache_root`."""
         return Path(cache_root).joinpath(*self.parts)
 
     def command_line(self, cache_root: Path | str, extra: str = "") -> str:
@@ -47,8 +48,8 @@ INSERTION_TESTS = DerivedResult("insertion test", (TRUST_DIR, "insertion"), "ins
 CLUSTERINGS = DerivedResult("offline clustering", (ANALYSIS_DIR,), "cluster")
 CLASS_MAPS = DerivedResult("summary of the per-class mean maps", (ANALYSIS_DIR, "class_maps.parquet"), "cluster")
 CONCEPTS = DerivedResult("concept analysis", (ANALYSIS_DIR, "concepts"), "concepts")
-LIVE_CLUSTERINGS = DerivedResult("saved clustering of a selection", (DASHBOARD_DIR,), "cluster")
-DERIVED_RESULTS = (COMPARISON, SANITY_CHECKS, INSERTION_TESTS, CLUSTERINGS, CLASS_MAPS, CONCEPTS, LIVE_CLUSTERINGS)
+DERIVED_RESULTS = (COMPARISON, SANITY_CHECKS, INSERTION_TESTS, CLUSTERINGS, CLASS_MAPS, CONCEPTS)
+# (The dashboard keeps the clusterings of a selection in layout.DASHBOARD_DIR: made on a click, by no command.)
 
 
 def fingerprint_record(cache: Any) -> dict[str, str]:

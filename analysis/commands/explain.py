@@ -12,6 +12,7 @@ from analysis.commands.cli_types import (add_low_rule_argument, add_model_argume
                                          non_negative_int as _non_negative_int, positive_int as _positive_int)
 from analysis.pipeline.faithfulness import cost_note
 from analysis.pipeline.job import claim_the_cache, run_claimed
+from analysis.pipeline.models import LoadedModel
 from analysis.pipeline.plan import ExplainOptions, Ranks, SetupError
 
 
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> ExplainOptions:
     """The job's options from the parsed command line (every field of ExplainOptions is an option here)."""
-    return ExplainOptions(**{name.name: getattr(args, name.name) for name in dataclasses.fields(ExplainOptions)})
+    return ExplainOptions(**{option.name: getattr(args, option.name) for option in dataclasses.fields(ExplainOptions)})
 
 
 def _keep_tags_aside(out: Path) -> None:
@@ -98,7 +99,7 @@ def _keep_tags_aside(out: Path) -> None:
               file=sys.stderr)
 
 
-def _analyse(out: Path, loaded: object, finished: bool, quiet: bool) -> int:
+def _analyse(out: Path, loaded: LoadedModel, finished: bool, quiet: bool) -> int:
     """The offline analysis after the job: clustering, then concepts (with the job's model, on a complete
     cache)."""
     from analysis.commands.cluster import cluster_after_explain
