@@ -17,6 +17,7 @@ from dashboard import common, tagging  # noqa: E402
 PAGES = {  # sidebar section -> (file, title, url path, icon); adding a page is one line here. The sections follow
     # the user's path: find what the model does, check it on single images and against other methods, fix it.
     "Find": [
+        ("findings.py", "Findings", "findings", ":material/lightbulb:"),
         ("overview.py", "Overview", "overview", ":material/dashboard:"),
         ("clusters.py", "Clusters", "clusters", ":material/scatter_plot:"),
         ("background.py", "Background attention", "background", ":material/filter_center_focus:"),

@@ -2,7 +2,7 @@
 
     fgcam, cache          the bottom: neither imports the other, nor anything above
     pipeline              the offline job and what it is made of
-    explore, review, trust   the analyses over a finished cache (they may use each other, without a circle)
+    explore, review, trust, findings   the analyses over a finished cache (they may use each other, no circle)
     commands              the CLI: argparse and the command chains
     dashboard             the Streamlit app
 
@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "analysis.explore": 2,
     "analysis.review": 2,
     "analysis.trust": 2,
+    "analysis.findings": 2,
     "analysis.commands": 3,
     "analysis.__main__": 3,
     "dashboard": 4,

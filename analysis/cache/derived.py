@@ -48,7 +48,8 @@ INSERTION_TESTS = DerivedResult("insertion test", (TRUST_DIR, "insertion"), "ins
 CLUSTERINGS = DerivedResult("offline clustering", (ANALYSIS_DIR,), "cluster")
 CLASS_MAPS = DerivedResult("summary of the per-class mean maps", (ANALYSIS_DIR, "class_maps.parquet"), "cluster")
 CONCEPTS = DerivedResult("concept analysis", (ANALYSIS_DIR, "concepts"), "concepts")
-DERIVED_RESULTS = (COMPARISON, SANITY_CHECKS, INSERTION_TESTS, CLUSTERINGS, CLASS_MAPS, CONCEPTS)
+FINDINGS = DerivedResult("list of findings", (ANALYSIS_DIR, "findings.json"), "findings")
+DERIVED_RESULTS = (COMPARISON, SANITY_CHECKS, INSERTION_TESTS, CLUSTERINGS, CLASS_MAPS, CONCEPTS, FINDINGS)
 # (The dashboard keeps the clusterings of a selection in layout.DASHBOARD_DIR: made on a click, by no command.)
 
 
