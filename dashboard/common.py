@@ -21,22 +21,40 @@ import streamlit as st
 from analysis.explore import overlay, report
 from analysis.explore.statistics import table_csv
 from analysis.cache import Cache, CacheError, load
-from analysis.cache.derived import MissingResult
+from analysis.cache.derived import MissingResult, analysis_command as derived_command
 from analysis.cache.identity import cache_state, files_state
 
 ENV_VAR = "FGCAM_CACHE"
+READ_ONLY_ENV_VAR = "FGCAM_READ_ONLY"   # "1": as --read-only
 TILE = 160          # pixels of one gallery tile
 PAGE_SIZE = 24      # tiles per gallery page
 
 
 # ------------------------------------------------------------------------------------------------ the cache
-def cache_dir() -> Path | None:
-    """--cache DIR after `--` on the streamlit command line, else $FGCAM_CACHE, else None."""
+def _app_arguments() -> argparse.Namespace:
+    """The app's own options: after `--` on the streamlit command line."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--cache", default=None)
+    parser.add_argument("--read-only", action="store_true")
     args, _ = parser.parse_known_args(sys.argv[1:])
-    value = args.cache or os.environ.get(ENV_VAR)
+    return args
+
+
+def cache_dir() -> Path | None:
+    """--cache DIR after `--` on the streamlit command line, else $FGCAM_CACHE, else None."""
+    value = _app_arguments().cache or os.environ.get(ENV_VAR)
     return Path(value).expanduser().resolve() if value else None
+
+
+def read_only() -> bool:
+    """--read-only after `--` (or FGCAM_READ_ONLY=1): a dashboard to share, which shows the tags but has no tag
+    form and writes nothing (the tags database is opened read-only; the report's clustering is not saved)."""
+    return _app_arguments().read_only or os.environ.get(READ_ONLY_ENV_VAR, "").strip() == "1"
+
+
+def analysis_command(cache: Cache, command: str, *options: str) -> str:
+    """`python -m analysis COMMAND --cache <this cache> OPTIONS` (analysis.cache.derived.analysis_command)."""
+    return derived_command(cache.root, command, *options)
 
 
 @st.cache_resource(show_spinner="Opening the cache ...", max_entries=4)
@@ -99,7 +117,8 @@ def no_cache_page() -> None:
 def sidebar_summary(cache: Cache) -> None:
     manifest = cache.manifest
     with st.sidebar:
-        st.caption(f"**Cache** `{cache_dir()}`")
+        st.caption(f"**Cache** `{cache_dir()}`" + (" · **read-only**: tags are shown, not changed" if read_only()
+                                                   else ""))
         counts = manifest.get("counts", {})
         st.caption(f"{len(cache):,} images explained, {counts.get('errors', 0):,} skipped · "
                    f"model `{manifest.get('model', {}).get('spec', '?')}`")

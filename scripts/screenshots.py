@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +92,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0) -> Iterator[str]:
-    """`streamlit run dashboard/app.py -- --cache DIR` on a free local port; yields its base URL and stops it."""
+def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0, app_options: Sequence[str] = (),
+                address: str | None = "127.0.0.1") -> Iterator[str]:
+    """`streamlit run dashboard/app.py -- --cache DIR APP_OPTIONS` on a free local port; yields its base URL and
+    stops it. `address` None: the one .streamlit/config.toml sets."""
     port = free_port()
     command = [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"),
-               "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-               "--browser.gatherUsageStats", "false", "--", "--cache", str(cache_dir)]
+               "--server.headless", "true", "--server.port", str(port),
+               *(["--server.address", address] if address else []),
+               "--browser.gatherUsageStats", "false", "--", "--cache", str(cache_dir), *app_options]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

@@ -55,6 +55,7 @@ def _explain_and_cluster(split: demo.DemoPaths, model: Path, out: Path) -> Expla
     paths = demo.DemoPaths(out)
     command = demo.explain_command(demo.DemoPaths(split.out), overwrite=False, batch_size=250, workers=0)
     command[command.index("--out") + 1] = str(paths.cache)
+    command[command.index("--checkpoint") + 1] = str(model)
     command += ["--no-cluster", "--quiet", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), demo_model.WEIGHTS_ENV: str(model)}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)

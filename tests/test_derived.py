@@ -66,15 +66,16 @@ def test_a_result_made_on_one_state_of_the_cache_is_stale_on_the_next(tmp_path: 
 def test_the_missing_or_stale_record_names_the_real_command(tmp_path: Path) -> None:
     root = tmp_path / "my cache"
     record = missing(COMPARISON, root)
-    assert record.command == f"python -m analysis compare-methods --cache {root}"
+    assert record.command == f"python -m analysis compare-methods --cache '{root}'"   # quoted: a space in it
     assert record.sentence() == (f"No method comparison for this cache yet: it has not been computed. Run "
-                                 f"`python -m analysis compare-methods --cache {root}`.")
-    stale = missing(CLUSTERINGS, root, "stale", "computed on an older state of this cache", "The job runs it.")
+                                 f"`python -m analysis compare-methods --cache '{root}'`.")
+    plain = tmp_path / "cache"
+    stale = missing(CLUSTERINGS, plain, "stale", "computed on an older state of this cache", "The job runs it.")
     assert stale.sentence() == (f"The stored offline clustering is stale (computed on an older state of this "
-                                f"cache). Run `python -m analysis cluster --cache {root}` to make it again. The "
+                                f"cache). Run `python -m analysis cluster --cache {plain}` to make it again. The "
                                 "job runs it.")
-    broken = missing(CONCEPTS, root, "unreadable", "maps.npy is cut short", extra="--top 3")
-    assert broken.command.endswith("concepts --cache " + str(root) + " --top 3")
+    broken = missing(CONCEPTS, root, "unreadable", "maps.npy is cut short", options=("--top", "3"))
+    assert broken.command.endswith(f"concepts --cache '{root}' --top 3")
     assert "cannot be read (maps.npy is cut short)" in broken.sentence()
     with pytest.raises(ValueError, match="missing, stale or unreadable"):
         missing(CLASS_MAPS, root, "old")

@@ -15,6 +15,8 @@ its sample stays valid while the cache grows).
 """
 from __future__ import annotations
 
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,12 @@ from analysis.cache.identity import cache_fingerprint
 from analysis.cache.layout import ANALYSIS_DIR, TRUST_DIR
 
 FINGERPRINT_KEY = "cache_fingerprint"
+
+
+def analysis_command(cache_root: Path | str, command: str, *options: str) -> str:
+    """`python -m analysis COMMAND --cache <cache_root> OPTIONS`, for a message that says what to run: it names
+    the real cache (shell-quoted, as are the options), never a placeholder."""
+    return " ".join(["python -m analysis", command, "--cache", *map(shlex.quote, (str(cache_root), *options))])
 
 
 @dataclass(frozen=True)
@@ -37,9 +45,9 @@ class DerivedResult:
         """Where it lives for the cache at `cache_root`."""
         return Path(cache_root).joinpath(*self.parts)
 
-    def command_line(self, cache_root: Path | str, extra: str = "") -> str:
+    def command_line(self, cache_root: Path | str, *options: str) -> str:
         """The command that makes it for the cache at `cache_root` (its real path)."""
-        return f"python -m analysis {self.command} --cache {cache_root}" + (f" {extra}" if extra else "")
+        return analysis_command(cache_root, self.command, *options)
 
 
 COMPARISON = DerivedResult("method comparison", (TRUST_DIR,), "compare-methods")
@@ -89,8 +97,8 @@ class MissingResult:
 
 
 def missing(result: DerivedResult, cache_root: Path | str, state: str = "missing", reason: str = "",
-            note: str = "", extra: str = "") -> MissingResult:
-    """The record for `result` of the cache at `cache_root`; `extra`: options appended to the command."""
+            note: str = "", options: Sequence[str] = ()) -> MissingResult:
+    """The record for `result` of the cache at `cache_root`; `options`: appended to the command."""
     if state not in ("missing", "stale", "unreadable"):
         raise ValueError(f"state must be missing, stale or unreadable, not {state!r}")
-    return MissingResult(result, result.command_line(cache_root, extra), state, reason, note)
+    return MissingResult(result, result.command_line(cache_root, *options), state, reason, note)

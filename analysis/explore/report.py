@@ -8,6 +8,7 @@ are inline SVG rendered by vl-convert, so the file opens anywhere without a netw
 from __future__ import annotations
 
 import html
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -159,13 +160,14 @@ def default_settings(cache: Cache) -> clustering.ClusteringSettings:
     return clustering.ClusteringSettings()
 
 
-def default_clustering(cache: Cache) -> clustering.ClusteringResult:
+def default_clustering(cache: Cache, save: bool = True) -> clustering.ClusteringResult:
     """The Clusters page's default clustering when it was saved before; otherwise the same clustering with the
-    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding)."""
+    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding), saved in the
+    cache unless `save` is False (a read-only dashboard)."""
     saved = clustering.load_result(result_path(cache, default_settings(cache)))
     if saved is not None:
         return saved
-    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"))
+    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"), save=save)
 
 
 def _summary_section(cache: Cache) -> str:
@@ -313,8 +315,9 @@ def _tags_section(cache: Cache, options: ReportOptions) -> str:
                    for t, i, label, pred in zip(tiles, examples, frame["label"], frame["prediction"])]
         shown = frame[["id", "label", "prediction", "tags", "note", "who", "when"]].head(options.rows_per_tag)
         shown = shown.fillna("")
-        more = (f"<p>… and {len(frame) - len(shown):,} more (the whole list: <code>python -m analysis export "
-                f"--cache DIR --tag {html.escape(repr(row.tag))}</code>).</p>") if len(frame) > len(shown) else ""
+        command = f"python -m analysis export --cache {shlex.quote(str(cache.root))} --tag {shlex.quote(row.tag)}"
+        more = (f"<p>… and {len(frame) - len(shown):,} more (the whole list: <code>{html.escape(command)}</code>)."
+                "</p>") if len(frame) > len(shown) else ""
         who = f", by {html.escape(row.who)}" if row.who else ""
         rejected = f", {row.rejected:,} rejected" if row.rejected else ""
         blocks.append(f'<div class="cluster" id="tag-{number}"><h3>{html.escape(row.tag)}</h3>'

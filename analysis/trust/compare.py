@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.cache import TRUST_DIR, cache_identity
+from analysis.cache.derived import COMPARISON
 from analysis.cache.files import file_replaced_atomically, write_json_atomic
 from analysis.pipeline.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
                                             deletion_insertion_curves)
@@ -196,8 +197,8 @@ def read_comparison(directory: Path) -> MethodComparison:
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        raise ComparisonError(f"no method comparison in {directory} (run `python -m analysis compare-methods "
-                              f"--cache CACHE` to make one)")
+        command = COMPARISON.command_line(directory.parent if directory.name == TRUST_DIR else "CACHE")
+        raise ComparisonError(f"no method comparison in {directory} (run `{command}` to make one)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format_version") not in READABLE_VERSIONS:

@@ -166,13 +166,13 @@ def insertion_section(cache: Cache) -> None:
     note = ("Tag a suspicious cluster first (Clusters page), or select with `--pred CLASS`, `--class CLASS` or "
             "`--ids FILE`; then reload this page.")
     if not saved:
-        common.show_missing(missing(INSERTION_TESTS, cache.root, note=note, extra="--tag shortcut"))
+        common.show_missing(missing(INSERTION_TESTS, cache.root, note=note, options=("--tag", "shortcut")))
         return
     old = [run.name for run in saved if trust_page.made_before_cache(run.modified, cache.manifest)]
     saved = [run for run in saved if run.name not in old]
     if old:
         common.show_missing(missing(INSERTION_TESTS, cache.root, "stale", f"{len(old)} saved test(s) are older than "
-                                    "this cache, their ids may name other images now", note, "--tag shortcut"))
+                                    "this cache, their ids may name other images now", note, ("--tag", "shortcut")))
     if not saved:
         return
     table = trust_page.insertion_table(saved)
@@ -190,8 +190,8 @@ def insertion_section(cache: Cache) -> None:
                        width=INSERTION_TILE,
                        caption=f"{run.description} → {run.into_name}: the pasted region (red) on the selection's "
                                "mean image")
-    st.caption(f"Run another: `{INSERTION_TESTS.command_line(cache.root, '--tag shortcut')}` (see --help for --into, "
-               "--q, --targets).")
+    st.caption(f"Run another: `{INSERTION_TESTS.command_line(cache.root, '--tag', 'shortcut')}` (see --help for "
+               "--into, --q, --targets).")
 
 
 # ------------------------------------------------------------------------------------------------ shortcut test
