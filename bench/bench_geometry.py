@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.pipeline.geometry import MeasuredGeometry, foreground_in_frame, geometry_of, place_map  # noqa: E402
+from analysis.cache.placement import place_map  # noqa: E402
+from analysis.pipeline.geometry import MeasuredGeometry, foreground_in_frame, geometry_of  # noqa: E402
 
 
 def interleaved_median_ms(steps: list, repeats: int) -> list[float]:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.pipeline import job, plan as job_plan  # noqa: E402
 from analysis.__main__ import build_parser  # noqa: E402
 from analysis.cache import CacheWriter, load  # noqa: E402
+from analysis.commands.explain import options_from  # noqa: E402
 from analysis.pipeline.datasets import collate_items, ExplainDataset  # noqa: E402
 from tests.helpers import make_image_folder  # noqa: E402
 
@@ -110,7 +111,7 @@ def channel_relevance_overhead(plan: job_plan.JobPlan, scratch: Path, rounds: in
 def job_loop(args: argparse.Namespace, out: Path) -> tuple[float, float, int]:
     """(loop images/s, end-to-end images/s, images) of one fresh job run."""
     start = time.perf_counter()
-    plan = job_plan.prepare(args, job_plan.Ranks())
+    plan = job_plan.prepare(options_from(args), job_plan.Ranks())
     writer = CacheWriter(plan.out)
     writer.initialise(wipe=plan.wipe)
     writer.write_manifest(plan.manifest)
@@ -165,7 +166,7 @@ def main() -> None:
                 "--quiet"]
         args = build_parser().parse_args(argv)
         if options.channel_relevance:
-            plan = job_plan.prepare(args, job_plan.Ranks())
+            plan = job_plan.prepare(options_from(args), job_plan.Ranks())
             total, median, pairs = channel_relevance_overhead(plan, work / "scratch", options.repeats)
             k = int(plan.explainer(collate_items([ExplainDataset(
                 plan.listing, plan.labels, plan.loaded.transform, plan.loaded.in_channels, plan.map_size,
@@ -177,7 +178,7 @@ def main() -> None:
             return
         engine_rate = loop_rate = end_rate = 0.0
         for _ in range(options.repeats):  # alternate, so a burst of load from other processes hits both
-            plan = job_plan.prepare(args, job_plan.Ranks())
+            plan = job_plan.prepare(options_from(args), job_plan.Ranks())
             engine_rate = max(engine_rate, engine_alone(plan))
             del plan
             loop, end, n = job_loop(args, work / "cache")

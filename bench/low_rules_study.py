@@ -14,7 +14,7 @@ input, for the class the original model predicts:
   step the mean Spearman rank correlation of |map| (the input's resolution) with the original model's map;
   "mean" averages the steps (lower: the map depends more on the model);
 * class: the same against the map of another class, drawn per image (``analysis.trust.sanity.other_classes``);
-* deletion / insertion AUC (``analysis.trust.faithfulness``, blurred baseline, 20 steps), mean and 95% half-width;
+* deletion / insertion AUC (``analysis.pipeline.faithfulness``, blurred baseline, 20 steps), mean and 95% half-width;
 * kept: the median share of the components' sum that reaches the pixels (epsilon absorbs some).
 
 Models: the small demo's CNN on `--demo-sample` test images of its cache; the pretrained EfficientNet-Lite0
@@ -37,7 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis.trust import faithfulness, sanity  # noqa: E402
+from analysis.pipeline import faithfulness  # noqa: E402
+from analysis.trust import sanity  # noqa: E402
 from analysis.fgcam import FGCAM, LowRule  # noqa: E402
 
 

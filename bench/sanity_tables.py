@@ -133,7 +133,8 @@ def demo_inputs(cache_dir: Path, sample: int) -> tuple[object, "torch.Tensor"]:
     """(the demo model, `sample` of its cache's images drawn as compare-methods draws them)."""
     from analysis.cache import load
     from analysis.explore.statistics import sample_rows as sample_positions
-    from analysis.trust.region_test import load_inputs, model_from_manifest
+    from analysis.pipeline.models import model_from_manifest
+    from analysis.trust.region_test import load_inputs
 
     cache = load(cache_dir)
     loaded = model_from_manifest(cache.manifest)

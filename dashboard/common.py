@@ -8,7 +8,6 @@ import argparse
 import math
 import os
 import re
-import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import streamlit as st
 from analysis.explore import overlay, report
 from analysis.explore.statistics import table_csv
 from analysis.cache import Cache, CacheError, load
+from analysis.cache.derived import MissingResult, analysis_command as derived_command
 from analysis.cache.identity import cache_state, files_state
 
 ENV_VAR = "FGCAM_CACHE"
@@ -53,9 +53,8 @@ def read_only() -> bool:
 
 
 def analysis_command(cache: Cache, command: str, *options: str) -> str:
-    """`python -m analysis COMMAND --cache <this cache> OPTIONS`, for a message that says what to run: it names the
-    cache the page opened (shell-quoted, as are the options), never a placeholder."""
-    return " ".join(["python -m analysis", command, "--cache", *map(shlex.quote, (str(cache.root), *options))])
+    """`python -m analysis COMMAND --cache <this cache> OPTIONS` (analysis.cache.derived.analysis_command)."""
+    return derived_command(cache.root, command, *options)
 
 
 @st.cache_resource(show_spinner="Opening the cache ...", max_entries=4)
@@ -82,6 +81,13 @@ def open_cache_or_problem() -> tuple[Cache | None, str | None]:
     if len(cache) == 0:
         return None, f"The cache {root} holds no explained image yet (is the job still starting?)."
     return cache, None
+
+
+def show_missing(record: MissingResult) -> None:
+    """A derived result the page cannot show (missing, stale or unreadable), said the same way on every page:
+    one info box naming the command that makes it, and the command to copy."""
+    st.info(record.sentence(), icon=":material/info:")
+    st.code(record.command, language="bash")
 
 
 def get_cache() -> Cache:

@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw
 
 from analysis.explore import overlay
 from analysis.cache import Cache, CacheError
+from analysis.cache.derived import CONCEPTS, missing
 from analysis.explore.concepts import Concepts, ConceptsError, read_concepts
-from dashboard.common import analysis_command, cache_key
+from dashboard import common
 
 TILE = 150
 CROP_MIN = 0.5   # a crop covers at least half of the map's side, centred on the concept's region
@@ -32,18 +33,18 @@ def concepts_or_message(cache: Cache) -> Concepts | None:
     try:
         concepts = cached_concepts(cache, f"{cache.identity}:{_folder_token(cache)}")
     except ConceptsError as error:
-        st.warning(str(error).replace(str(cache.root), "the cache"))
+        reason = str(error).replace(str(cache.root), "the cache")
+        common.show_missing(missing(CONCEPTS, cache.root, "unreadable", reason))
         return None
     if concepts is None:
         has_relevance = cache.channel_relevance([int(cache.ids[0])]) is not None
-        st.info("No concepts were computed for this cache yet. Run\n\n"
-                f"```bash\n{analysis_command(cache, 'concepts')}\n```\n\n"
-                + ("" if has_relevance else "This cache was made before the job stored each channel's relevance: "
-                   "re-run `python -m analysis explain` with `--overwrite` first."))
+        common.show_missing(missing(CONCEPTS, cache.root, note="" if has_relevance else (
+            "This cache was made before the job stored each channel's relevance: re-run `python -m analysis explain` "
+            "with `--overwrite` first.")))
         return None
     if concepts.stale:
-        st.warning("These concepts were computed for an earlier state of the cache (it was resumed or overwritten "
-                   f"since): run `{analysis_command(cache, 'concepts')}` again.")
+        common.show_missing(missing(CONCEPTS, cache.root, "stale", "computed for an earlier state of the cache: it was "
+                                    "resumed or overwritten since"))
     return concepts
 
 
@@ -124,7 +125,7 @@ def live_concept_maps(_cache: Cache, key: str, image_id: int, channels: tuple[in
 def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 3, size: int = TILE) -> None:
     """An image's top concepts (channels by relevance for the predicted or the true class) with their share of
     the image's evidence and their maps. For the Image page; never raises (a message instead)."""
-    from analysis.pipeline.channel_relevance import relevance_share
+    from analysis.cache.channels import relevance_share
     from analysis.explore.concepts import ConceptSettings, region_box
 
     image_id = int(image_id)
@@ -142,7 +143,7 @@ def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 
         return
     try:
         # keyed by the cache's folder and state: a copy with another manifest (another model path) loads its own
-        maps = live_concept_maps(cache, cache_key(cache), image_id, tuple(chosen), class_index)
+        maps = live_concept_maps(cache, common.cache_key(cache), image_id, tuple(chosen), class_index)
     except Exception as error:   # the model cannot be loaded here: the shares alone, and why
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         st.caption(f"Concept maps need the cache's model ({type(error).__name__}: "

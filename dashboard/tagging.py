@@ -146,7 +146,7 @@ def tag_controls(cache: Cache, ids: Sequence[int], key: str, what: str | None = 
         st.session_state[f"{key}_choice"] = default
     ids = [int(i) for i in ids]
     count = len(ids)
-    heading = what or (f"this image" if count == 1 else f"these {count:,} images")
+    heading = what or ("this image" if count == 1 else f"these {count:,} images")
     with st.form(key=f"{key}_form", border=True, enter_to_submit=False):
         st.markdown(f"**Tag {heading}**" if count else "**Tag**: no image to tag")
         choose, new, note, tag_button, untag_button = st.columns([2, 2, 3, 1, 1], vertical_alignment="bottom")

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from analysis.cache.files import file_replaced_atomically, write_json_atomic
 from analysis.commands.cli_types import OneLineParser, positive_int as _positive_int
 from data import fashion_mnist, shortcut
 from data.fashion_mnist import FOLDER_NAMES, FashionMNISTUnavailable, Split
@@ -127,10 +128,7 @@ def read_stamp(paths: DemoPaths, step: str) -> dict[str, Any] | None:
 
 
 def write_stamp(paths: DemoPaths, step: str, stamp: dict[str, Any]) -> None:
-    paths.steps.mkdir(parents=True, exist_ok=True)
-    tmp = _stamp_path(paths, step).with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True))
-    tmp.replace(_stamp_path(paths, step))
+    write_json_atomic(_stamp_path(paths, step), stamp)
 
 
 def claim_output_folder(out: Path) -> None:
@@ -239,12 +237,10 @@ def write_test_split(paths: DemoPaths, test: Split, marked: np.ndarray, indices:
     for final, tmp in ((paths.test, tmp_test), (paths.masks, tmp_masks)):
         _remove(final)
         tmp.rename(final)
-    tmp_csv = paths.shortcut_csv.with_suffix(".tmp")
-    with open(tmp_csv, "w", newline="") as handle:
+    with file_replaced_atomically(paths.shortcut_csv) as tmp_csv, open(tmp_csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "index", "label", "marked"])
         writer.writeheader()
         writer.writerows(rows)
-    tmp_csv.replace(paths.shortcut_csv)
 
 
 def read_shortcut_csv(path: Path) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import transforms as T
 
+from analysis.cache.files import file_replaced_atomically
 from data.fashion_mnist import FOLDER_NAMES, IMAGE_SIDE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +82,8 @@ def save_weights(model: DemoCNN, path: Path, info: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"state_dict": model.state_dict(), "class_names": list(CLASS_NAMES),
                "width": model.features[0].out_channels, "info": info}
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with file_replaced_atomically(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_weights(path: Path) -> tuple[DemoCNN, dict[str, Any]]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from analysis.cache import load
-from analysis.pipeline.channel_relevance import channel_relevance_arrays, relevance_share
+from analysis.cache.channels import relevance_share
+from analysis.pipeline.channel_relevance import channel_relevance_arrays
 from analysis.pipeline.models import load_model
 from analysis.pipeline.datasets import load_image, to_model_mode
 from tests.helpers import TINY_MODEL_FILE, make_image_folder

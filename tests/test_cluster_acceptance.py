@@ -63,7 +63,7 @@ def _explain_and_cluster(split: demo.DemoPaths, model: Path, out: Path) -> Expla
     cache = load(paths.cache)
     os.environ[demo_model.WEIGHTS_ENV] = str(model)      # what model_from_manifest loads for the causal test
     try:
-        from analysis.trust.region_test import model_from_manifest
+        from analysis.pipeline.models import model_from_manifest
 
         offline.cluster_cache(cache, SETTINGS, SCOPES, threads=1, verify=offline.VerifyOptions(),
                               loaded=model_from_manifest(cache.manifest))

@@ -13,9 +13,10 @@ import torch
 import torchvision
 
 from analysis.explore.statistics import sample_rows as sample_positions
-from analysis.trust.compare import (METHODS, ComparisonError, Explainers, compare_methods, default_intermediate_layer,
-                                    method_maps, read_comparison, summarise, trust_page_data)
-from analysis.trust.faithfulness import deletion_insertion_curves
+from analysis.trust.compare import ComparisonError, compare_methods, read_comparison, summarise
+from analysis.trust.methods import METHODS, Explainers, default_intermediate_layer, method_maps
+from analysis.trust.page import trust_page_data
+from analysis.pipeline.faithfulness import deletion_insertion_curves
 from data.demo_model import DemoCNN
 from PIL import Image
 

@@ -1,5 +1,5 @@
 """The concepts descriptor (issue 15): clustering images by which CAM-layer channels hold their evidence
-(`channel_relevance.concept_descriptors`, `cache.descriptors(ids, "concepts")`), next to the spatial descriptors,
+(`cache.channels.concept_descriptors`, `cache.descriptors(ids, "concepts")`), next to the spatial descriptors,
 with the clusters still summarised by their maps; offline (`python -m analysis cluster --descriptor concepts`),
 live (a selection re-clustered on the Clusters page) and on the page."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from analysis.cache import CacheError, load
 from analysis.explore import cluster_offline as offline, clustering
 from analysis.explore.cluster_data import recluster_selection
 from analysis.explore.cluster_offline.scope import cluster_scope
-from analysis.pipeline.channel_relevance import concept_descriptors
+from analysis.cache.channels import concept_descriptors
 from tests.helpers import open_page, page_texts, run_main, write_synthetic_cache
 
 

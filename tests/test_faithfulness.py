@@ -11,8 +11,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from analysis.trust.faithfulness import (area_under_curve, cost_note, deletion_insertion_curves, faithfulness_scores,
-                                   forward_passes_per_image, gaussian_blur, pixel_ranks, step_counts)
+from analysis.pipeline.faithfulness import (area_under_curve, cost_note, deletion_insertion_curves, faithfulness_scores,
+                                            forward_passes_per_image, gaussian_blur, pixel_ranks, step_counts)
 
 
 def sigmoid(x: float) -> float:

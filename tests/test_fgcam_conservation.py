@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from analysis.fgcam import FGCAM, denoise
-from analysis.fgcam.ops import PADS
+from analysis.fgcam.opsets import PADS
 from data import fashion_mnist
 from tests.helpers import fit
 from tests.pretrained_models import efficientnet_lite0

@@ -14,8 +14,9 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from analysis.cache import UnknownGeometry, load
-from analysis.pipeline.geometry import (DerivedGeometry, MeasuredGeometry, NoGeometry, foreground_in_frame, frame_coverage,
-                               geometry_of, measure_box, place_map)
+from analysis.cache.placement import place_map
+from analysis.pipeline.geometry import (DerivedGeometry, MeasuredGeometry, NoGeometry, foreground_in_frame,
+                                        frame_coverage, geometry_of, measure_box)
 from analysis.pipeline.datasets import ExplainDataset, list_dataset, mask_foreground
 from tests.helpers import TINY_MODEL_FILE, run_main
 

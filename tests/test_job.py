@@ -556,7 +556,7 @@ def test_load_errors_of_a_cache_directory(tmp_path: Path) -> None:
 
 def test_faithfulness_columns_match_a_direct_computation(images: Path, tmp_path: Path, trained: list[str],
                                                          capsys: pytest.CaptureFixture) -> None:
-    from analysis.trust.faithfulness import faithfulness_scores
+    from analysis.pipeline.faithfulness import faithfulness_scores
     out = tmp_path / "cache"
     code, err = run_inprocess(capsys, *explain_args(images, out, "--faithfulness", "4", *trained))
     assert code == 0, err

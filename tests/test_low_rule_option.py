@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from analysis.cache import load
-from analysis.commands.cli_types import low_rule, low_rule_text
+from analysis.commands.cli_types import low_rule
 from analysis.trust.compare import read_comparison
-from analysis.fgcam import LowRule
+from analysis.fgcam import LowRule, low_rule_text
 from tests.helpers import TINY_MODEL_FILE, make_image_folder, run_main
 
 TINY = f"{TINY_MODEL_FILE}:tiny_cnn"

@@ -14,8 +14,9 @@ import torch
 from analysis.cache import load
 from analysis.fgcam import FGCAM
 from analysis.pipeline.models import ModelSpecError
-from analysis.trust.region_test import (control_regions, foreground_test, model_from_manifest, per_class_foreground,
-                                    prototype_map, region_pixel_count, shortcut_test, top_region)
+from analysis.pipeline.models import model_from_manifest
+from analysis.trust.region_test import (control_regions, foreground_test, per_class_foreground, prototype_map,
+                                        region_pixel_count, shortcut_test, top_region)
 from tests.helpers import fit, run_main
 from tests.tiny_models import TinyCNN
 

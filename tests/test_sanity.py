@@ -17,8 +17,9 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from analysis.trust import sanity
-from analysis.trust.compare import (ComparisonError, MethodComparison, edge_maps, read_comparison, sanity_page_data,
-                              trust_page_data, write_comparison)
+from analysis.trust.compare import ComparisonError, MethodComparison, read_comparison, write_comparison
+from analysis.trust.methods import edge_maps
+from analysis.trust.page import sanity_page_data, trust_page_data
 from analysis.fgcam import FGCAM
 from data.demo_model import DemoCNN
 from tests.helpers import fit

@@ -1,8 +1,10 @@
 """On-disk cache of a dataset explanation: the shard writer and the reading API, as a package.
 
-layout (names, schemas, errors), files (durable writes), identity (which cache this is), arrays (per-row arrays
-as stored), lock (the writer lock), writer (CacheWriter), reader (Cache, load). The public names are
-re-exported here: `from analysis.cache import load, Cache, CacheError, CacheWriter, ...`.
+layout (names, schemas, errors), files (durable writes: one file, one folder), identity (which cache this is),
+arrays (per-row arrays as stored), channels (the stored channel relevance read back), placement (a stored map
+laid over the original image), lock (the writer lock), writer (CacheWriter), reader (Cache, load), derived
+(the results other commands keep beside a cache: their places, freshness, and the "missing or stale: run
+this" record). The public names are re-exported here: `from analysis.cache import load, Cache, ...`.
 
 Layout of a cache directory::
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from analysis.cache.layout import COMPACT_PREFIX, DAMAGED_DIR, DERIVED_DIRS, MANIFEST_NAME, SHARDS_DIR, TMP_PREFIX
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its list of names) to disk, so a rename into it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -27,48 +28,68 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """One array to `path`, fsync'ed (write it inside a temporary folder or file that is then renamed)."""
     with open(path, "wb") as handle:
         np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _save_parquet(path: Path, table: pa.Table) -> None:
+def save_parquet(path: Path, table: pa.Table) -> None:
+    """One table to `path`, fsync'ed (write it inside a temporary folder or file that is then renamed)."""
     pq.write_table(table, path)
-    _fsync_path(path)
+    fsync_path(path)
+
+
+def _temporary_name(final: Path) -> Path:
+    """A name beside `final` that readers skip and the next run removes (`.tmp-` prefix, unique per writer);
+    the suffix is kept, so a writer that picks its format by suffix (pandas, PIL) still sees the right one."""
+    return final.with_name(f"{TMP_PREFIX}{final.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{final.suffix}")
+
+
+@contextmanager
+def file_replaced_atomically(final: Path) -> Iterator[Path]:
+    """A temporary path beside `final` to write one file to; when the block ends without an error the file
+    is fsync'ed and renamed over `final` (a reader sees the old file or the new one, never half of one), and
+    on an error it is removed. Every single-file write of the product goes through here."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(final)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that readers see either the old or the new file, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False, default=str)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    with file_replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
 
 
 @contextmanager
-def folder_replaced_atomically(final: Path) -> Iterator[Path]:
+def folder_replaced_atomically(final: Path, only_over_empty: bool = False) -> Iterator[Path]:
     """An empty temporary folder beside `final` to write into; when the block ends without an error it is
     fsync'ed and takes the place of `final` (a reader sees the old folder or the new one, never half of
     either), and on an error it is removed. The results written beside a cache (a clustering scope, the
-    concepts, an insertion test) are replaced this way."""
+    concepts, an insertion test) are replaced this way. `only_over_empty`: `final` is the user's folder,
+    which may only be replaced while it is empty (OSError, and the new folder removed, if it is not)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp = _temporary_name(final)
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():
-            _remove_atomically(final)
+            final.rmdir() if only_over_empty else remove_atomically(final)
         os.rename(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -78,7 +99,7 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _remove_atomically(path: Path) -> None:
+def remove_atomically(path: Path) -> None:
     """Rename to a temporary name, then delete: a reader sees the whole part or none of it, never half."""
     doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}.{uuid.uuid4().hex[:8]}")
     try:

@@ -7,7 +7,7 @@
   clustering's results record it) and `cache_state(cache)` (the identity and the manifest's progress stamps;
   the dashboard's cached computations are keyed by it), and `files_state(root)`, the same
   question asked of the files before the cache is opened (the dashboard reopens a cache when it changes). A
-  derived result made on another state is stale.
+  derived result made on another state is stale (analysis.cache.derived.is_fresh).
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ DAMAGED_DIR = "damaged"   # committed parts a resumed job found unreadable, move
 LOCK_NAME = ".lock"       # the writer's lock (WriterLock); never deleted, see there
 
 
-# Results derived from a cache and kept in its directory (compare-methods, the offline clustering): --overwrite
-# removes them with the cache, and each records the cache_identity it was made from.
+# Results derived from a cache and kept in its directory (analysis.cache.derived: where each lives, the command
+# that makes it, its freshness): --overwrite removes them with the cache.
 TRUST_DIR = "trust"
 DASHBOARD_DIR = "dashboard"  # the Clusters page's own clusterings, saved by older versions: removed with the cache
 ANALYSIS_DIR = "analysis"   # the offline clustering's results (python -m analysis cluster)
@@ -95,7 +95,8 @@ def shard_name(index: int) -> str:
     return f"{SHARD_PREFIX}{index:08d}"
 
 
-def _parse_index(name: str, prefix: str) -> int | None:
+def parse_index(name: str, prefix: str) -> int | None:
+    """The number in a shard or compaction name (`prefix` + digits), None for any other name."""
     if not name.startswith(prefix):
         return None
     digits = name[len(prefix):]

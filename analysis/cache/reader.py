@@ -1,4 +1,4 @@
-"""Reading a cache: the committed parts (shards and compactions) seen as one table (_PartsView), the Cache
+"""Reading a cache: the committed parts (shards and compactions) seen as one table (PartsView), the Cache
 object the dashboard and the commands use, and load()."""
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ import pyarrow.parquet as pq
 
 from analysis.cache.layout import (BOX_COLUMNS, COMPACT_PREFIX, CONCEPT_DESCRIPTOR, COVERED_NAME, CacheError,
                                    DESCRIPTOR_FILES, ERRORS_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, ROW_ARRAYS, SHARDS_DIR, SHARD_PREFIX,
-                                   SIZE_COLUMNS, STORED_SCHEMA, TABLE_SCHEMA, UnknownGeometry, _parse_index)
-from analysis.cache.files import _fsync_path, _save_parquet
+                                   SIZE_COLUMNS, STORED_SCHEMA, TABLE_SCHEMA, UnknownGeometry, parse_index)
+from analysis.cache.files import fsync_path, save_parquet
 from analysis.cache.identity import cache_identity
 from analysis.cache.arrays import full_probabilities, unpack_foreground
+from analysis.cache.channels import read_channel_relevance, read_concept_descriptors
+from analysis.cache.placement import place_map
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest_file(path: Path) -> dict[str, Any]:
+    """The manifest at `path`; CacheError when it is unreadable or of another format version."""
     try:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
@@ -36,18 +39,20 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _latest_compaction(root: Path) -> Path | None:
+def latest_compaction(root: Path) -> Path | None:
+    """The newest compaction folder of the cache at `root` (highest sequence number), None when there is none."""
     best: tuple[int, Path] | None = None
     if not root.is_dir():
         return None
     for entry in os.scandir(root):
-        index = _parse_index(entry.name, COMPACT_PREFIX)
+        index = parse_index(entry.name, COMPACT_PREFIX)
         if index is not None and (best is None or index > best[0]):
             best = (index, Path(entry.path))
     return None if best is None else best[1]
 
 
-def _read_covered(compaction: Path) -> list[int]:
+def read_covered(compaction: Path) -> list[int]:
+    """The shard indices a compaction replaced (its covered list)."""
     try:
         with open(compaction / COVERED_NAME, encoding="utf-8") as handle:
             return [int(i) for i in json.load(handle)]
@@ -57,18 +62,19 @@ def _read_covered(compaction: Path) -> list[int]:
         raise CacheError(f"corrupt compaction {compaction}: {exc}") from None
 
 
-def _list_shards(shards_dir: Path) -> dict[int, Path]:
+def list_shards(shards_dir: Path) -> dict[int, Path]:
+    """Shard index -> folder, for every committed shard (temporary names are skipped)."""
     found: dict[int, Path] = {}
     if shards_dir.is_dir():
         for entry in os.scandir(shards_dir):
-            index = _parse_index(entry.name, SHARD_PREFIX)
+            index = parse_index(entry.name, SHARD_PREFIX)
             if index is not None:
                 found[index] = Path(entry.path)
     return found
 
 
 @dataclass
-class _Part:
+class StoredPart:
     """One committed shard or compaction, with its arrays memory-mapped (nothing read until indexed)."""
 
     path: Path
@@ -79,7 +85,7 @@ class _Part:
     row_arrays: dict[str, np.ndarray]      # the ROW_ARRAYS this part has
 
     @classmethod
-    def open(cls, path: Path) -> "_Part":
+    def open(cls, path: Path) -> "StoredPart":
         def load(name: str) -> np.ndarray:
             return np.load(path / name, mmap_mode="r", allow_pickle=False)
 
@@ -94,10 +100,10 @@ class _Part:
         )
 
 
-class _PartsView:
+class PartsView:
     """The union of the committed parts of a cache, indexed by position in id order."""
 
-    def __init__(self, parts: list[_Part], stored: pa.Table, part_of_row: np.ndarray, row_in_part: np.ndarray,
+    def __init__(self, parts: list[StoredPart], stored: pa.Table, part_of_row: np.ndarray, row_in_part: np.ndarray,
                  errors: pa.Table):
         order = np.argsort(stored.column("id").to_numpy(), kind="stable")
         if len(order) and np.any(order != np.arange(len(order))):
@@ -118,7 +124,7 @@ class _PartsView:
         self.errors = errors
 
     @classmethod
-    def open(cls, root: Path, attempts: int = 5) -> "_PartsView":
+    def open(cls, root: Path, attempts: int = 5) -> "PartsView":
         # A compaction running concurrently may delete shards between our listing and our reads; the new
         # compaction then holds them, so listing again gives a consistent view.
         for attempt in range(attempts):
@@ -131,17 +137,17 @@ class _PartsView:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _open_once(cls, root: Path) -> "_PartsView":
-        compaction = _latest_compaction(root)
-        covered = set(_read_covered(compaction)) if compaction is not None else set()
+    def _open_once(cls, root: Path) -> "PartsView":
+        compaction = latest_compaction(root)
+        covered = set(read_covered(compaction)) if compaction is not None else set()
         part_paths = [] if compaction is None else [compaction]
-        part_paths += [p for i, p in sorted(_list_shards(root / SHARDS_DIR).items()) if i not in covered]
+        part_paths += [p for i, p in sorted(list_shards(root / SHARDS_DIR).items()) if i not in covered]
         parts, tables, errors, part_of_row, row_in_part = [], [], [], [], []
         for number, path in enumerate(part_paths):
             try:
                 table = _with_defaults(pq.read_table(path / "table.parquet", schema=STORED_SCHEMA))
                 errors.append(pq.read_table(path / "errors.parquet", schema=ERRORS_SCHEMA))
-                part = _Part.open(path)
+                part = StoredPart.open(path)
             except FileNotFoundError:
                 if not path.exists():
                     raise  # removed by a concurrent compaction: retried by `open`
@@ -172,7 +178,7 @@ class _PartsView:
             raise KeyError(f"image ids not in the cache: {missing[:10].tolist()}")
         return pos
 
-    def _gather(self, positions: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, _Part]]:
+    def _gather(self, positions: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, StoredPart]]:
         """Group positions by part: (indices into `positions`, rows inside the part, the part)."""
         out = []
         part_numbers = self.part_of_row[positions]
@@ -243,9 +249,9 @@ class _PartsView:
         true_row[wrong] = np.arange(len(wrong), dtype=np.int64)
         stored = self.stored.set_column(self.stored.schema.get_field_index("_true_row"), "_true_row",
                                         pa.array(true_row, type=pa.int64()))
-        _save_parquet(target / "table.parquet", stored)
+        save_parquet(target / "table.parquet", stored)
         err_order = np.argsort(self.errors.column("id").to_numpy(), kind="stable")
-        _save_parquet(target / "errors.parquet", self.errors.take(pa.array(err_order)))
+        save_parquet(target / "errors.parquet", self.errors.take(pa.array(err_order)))
 
         def stream(name: str, shape: tuple[int, ...], dtype: Any, fill: "callable", count: int) -> None:
             out = np.lib.format.open_memmap(target / name, mode="w+", dtype=dtype, shape=(count, *shape))
@@ -254,7 +260,7 @@ class _PartsView:
                 out[start:stop] = fill(start, stop)
             out.flush()
             del out
-            _fsync_path(target / name)
+            fsync_path(target / name)
 
         all_pos = np.arange(n)
         stream("maps_pred.npy", size, np.float16, lambda a, b: self.raw_maps(all_pos[a:b], "pred")[0], n)
@@ -298,7 +304,7 @@ def _take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
 class Cache:
     """Read-only view of the committed part of an explanation cache (see `load`)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], view: _PartsView):
+    def __init__(self, root: Path, manifest: dict[str, Any], view: PartsView):
         self.root = root
         self.manifest = manifest
         self._view = view
@@ -367,10 +373,8 @@ class Cache:
 
     def descriptors(self, ids: Sequence[int] | np.ndarray | None = None, kind: str = "positive") -> np.ndarray:
         """float32 [n, D*D] unit-mass pooled maps ("positive", "absolute"), or [n, K] unit-mass channel relevance
-        ("concepts": ``channel_relevance.read_concept_descriptors``), for `ids` or every row in table order."""
+        ("concepts": ``channels.read_concept_descriptors``), for `ids` or every row in table order."""
         if kind == CONCEPT_DESCRIPTOR:
-            from analysis.pipeline.channel_relevance import read_concept_descriptors
-
             return read_concept_descriptors(self, ids)
         if kind not in DESCRIPTOR_FILES:
             raise ValueError(f"kind must be one of {sorted(DESCRIPTOR_FILES) + [CONCEPT_DESCRIPTOR]}, not {kind!r}")
@@ -413,8 +417,6 @@ class Cache:
         """float32 [H, W] at the original image's size: the map laid on the region the model saw (bilinear
         between map cells), NaN where the model never looked. UnknownGeometry when the cache does not know
         where the map lies (see `geometry`)."""
-        from analysis.pipeline.geometry import place_map
-
         geometry = self.geometry(id)
         if not geometry["known"]:
             raise UnknownGeometry(f"image {id}: where the model's input lies in the original image is unknown "
@@ -444,9 +446,7 @@ class Cache:
     def channel_relevance(self, ids: Sequence[int] | np.ndarray | None = None, which: str = "pred"
                           ) -> np.ndarray | None:
         """float32 [len(ids), K]: each CAM-layer channel's relevance (the spatial sum of its component) for the
-        predicted or the true class; None for a cache made before it was stored (analysis.pipeline.channel_relevance)."""
-        from analysis.pipeline.channel_relevance import read_channel_relevance
-
+        predicted or the true class; None for a cache made before it was stored (analysis.cache.channels)."""
         return read_channel_relevance(self, ids, which)
 
     def image_path(self, id: int) -> Path:
@@ -470,6 +470,6 @@ def load(root: Path | str) -> Cache:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.exists():
         raise CacheError(f"not an explanation cache (no {MANIFEST_NAME}): {root}")
-    manifest = _read_manifest(manifest_path)
-    view = _PartsView.open(root)
+    manifest = read_manifest_file(manifest_path)
+    view = PartsView.open(root)
     return Cache(root, manifest, view)

@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 from analysis.cache.layout import (BOX_COLUMNS, COMPACT_PREFIX, COVERED_NAME, CacheError, DAMAGED_DIR,
                                    DESCRIPTOR_FILES, ERRORS_SCHEMA, MANIFEST_NAME, OPTIONAL_SCORES, ROW_ARRAYS,
                                    SHARDS_DIR, SHARD_PREFIX, SIZE_COLUMNS, STORED_SCHEMA, TABLE_SCHEMA, TMP_PREFIX,
-                                   _parse_index, shard_name)
-from analysis.cache.files import (_fsync_path, _remove_atomically, _save_npy, _save_parquet,
+                                   parse_index, shard_name)
+from analysis.cache.files import (fsync_path, remove_atomically, save_npy, save_parquet,
                                   folder_replaced_atomically, wipe_cache_dir, write_json_atomic)
 from analysis.cache.arrays import normalise_maps, pack_foreground
-from analysis.cache.reader import _Part, _PartsView, _latest_compaction, _list_shards, _read_covered, _read_manifest
+from analysis.cache.reader import (PartsView, StoredPart, latest_compaction, list_shards, read_covered,
+                                   read_manifest_file)
 
 
 @dataclass
@@ -139,7 +140,7 @@ class CacheWriter:
         path = self.root / MANIFEST_NAME
         if not path.exists():
             return None
-        return _read_manifest(path)
+        return read_manifest_file(path)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -149,12 +150,12 @@ class CacheWriter:
     def committed_shards(self) -> set[int]:
         """Shard indices already durable on disk (in a shard directory or in the current compaction)."""
         done: set[int] = set()
-        compaction = _latest_compaction(self.root)
+        compaction = latest_compaction(self.root)
         if compaction is not None:
-            done.update(_read_covered(compaction))
+            done.update(read_covered(compaction))
         if self.shards_dir.is_dir():
             for entry in os.scandir(self.shards_dir):
-                index = _parse_index(entry.name, SHARD_PREFIX)
+                index = parse_index(entry.name, SHARD_PREFIX)
                 if index is not None:
                     done.add(index)
         return done
@@ -170,24 +171,24 @@ class CacheWriter:
         try:
             maps_pred, scale_pred = normalise_maps(records.maps_pred)
             maps_true, scale_true = normalise_maps(records.maps_true)
-            _save_parquet(tmp / "table.parquet", _stored_table(records, scale_pred, scale_true))
-            _save_npy(tmp / "maps_pred.npy", maps_pred)
-            _save_npy(tmp / "maps_true.npy", maps_true)
-            _save_npy(tmp / DESCRIPTOR_FILES["positive"], np.asarray(records.descriptors_positive, np.float32))
-            _save_npy(tmp / DESCRIPTOR_FILES["absolute"], np.asarray(records.descriptors_absolute, np.float32))
+            save_parquet(tmp / "table.parquet", _stored_table(records, scale_pred, scale_true))
+            save_npy(tmp / "maps_pred.npy", maps_pred)
+            save_npy(tmp / "maps_true.npy", maps_true)
+            save_npy(tmp / DESCRIPTOR_FILES["positive"], np.asarray(records.descriptors_positive, np.float32))
+            save_npy(tmp / DESCRIPTOR_FILES["absolute"], np.asarray(records.descriptors_absolute, np.float32))
             if records.foreground is not None:
-                _save_npy(tmp / "foreground.npy", pack_foreground(records.foreground))
+                save_npy(tmp / "foreground.npy", pack_foreground(records.foreground))
             for name, array in records.row_arrays.items():
-                _save_npy(tmp / ROW_ARRAYS[name], np.asarray(array))
-            _save_parquet(tmp / "errors.parquet", _errors_table(records.errors))
-            _fsync_path(tmp)
+                save_npy(tmp / ROW_ARRAYS[name], np.asarray(array))
+            save_parquet(tmp / "errors.parquet", _errors_table(records.errors))
+            fsync_path(tmp)
             try:
                 os.rename(tmp, final)  # atomic: readers see the whole shard or nothing
             except OSError as error:
                 if error.errno in (errno.EEXIST, errno.ENOTEMPTY):  # committed meanwhile by another process
                     raise FileExistsError(f"shard {index} is already committed in {self.shards_dir}") from None
                 raise
-            _fsync_path(self.shards_dir)
+            fsync_path(self.shards_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -205,11 +206,11 @@ class CacheWriter:
         no other process writes the cache (the job holds the cache's lock).
         """
         parts = []
-        compaction = _latest_compaction(self.root)
+        compaction = latest_compaction(self.root)
         if compaction is not None:
             parts.append((compaction, None))
         parts += [(path, range(index * shard_size, (index + 1) * shard_size))
-                  for index, path in sorted(_list_shards(self.shards_dir).items())]
+                  for index, path in sorted(list_shards(self.shards_dir).items())]
         moved = []
         for path, ids in parts:
             problem = part_problem(path, map_size, descriptor_size, ids)
@@ -218,7 +219,7 @@ class CacheWriter:
             target = self.root / DAMAGED_DIR / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
             target.parent.mkdir(exist_ok=True)
             os.rename(path, target)
-            _fsync_path(path.parent)
+            fsync_path(path.parent)
             moved.append((path.name, problem, target))
         return moved
 
@@ -231,16 +232,16 @@ class CacheWriter:
         until the rename the old parts are untouched; after it, readers prefer the new compaction and ignore
         the shards it lists, which are deleted last.
         """
-        previous = _latest_compaction(self.root)
-        shard_dirs = _list_shards(self.shards_dir)
-        covered = set(_read_covered(previous)) if previous is not None else set()
+        previous = latest_compaction(self.root)
+        shard_dirs = list_shards(self.shards_dir)
+        covered = set(read_covered(previous)) if previous is not None else set()
         new_shards = {i: p for i, p in shard_dirs.items() if i not in covered}
         if not new_shards:
             for path in shard_dirs.values():  # leftovers of a compaction killed before its cleanup
-                _remove_atomically(path)
+                remove_atomically(path)
             return None
-        view = _PartsView.open(self.root)
-        sequence = (_parse_index(previous.name, COMPACT_PREFIX) if previous is not None else 0) + 1
+        view = PartsView.open(self.root)
+        sequence = (parse_index(previous.name, COMPACT_PREFIX) if previous is not None else 0) + 1
         final = self.root / f"{COMPACT_PREFIX}{sequence:06d}"
         with folder_replaced_atomically(final) as tmp:
             view.write_consolidated(tmp, chunk_rows)
@@ -249,9 +250,9 @@ class CacheWriter:
                 handle.flush()
                 os.fsync(handle.fileno())
         if previous is not None:
-            _remove_atomically(previous)
+            remove_atomically(previous)
         for path in shard_dirs.values():
-            _remove_atomically(path)
+            remove_atomically(path)
         return final
 
 
@@ -262,9 +263,9 @@ def part_problem(path: Path, map_size: int, descriptor_size: int, ids: range | N
     try:
         table = pq.read_table(path / "table.parquet", schema=STORED_SCHEMA)
         pq.read_table(path / "errors.parquet", schema=ERRORS_SCHEMA)
-        part = _Part.open(path)
+        part = StoredPart.open(path)
         if path.name.startswith(COMPACT_PREFIX):
-            _read_covered(path)
+            read_covered(path)
     except FileNotFoundError as error:
         return f"{Path(error.filename or '?').name} is missing"
     except (OSError, ValueError, pa.ArrowException, CacheError) as error:

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from analysis.commands.cli_types import positive_int
-from analysis.pipeline.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
+from analysis.commands.cli_types import add_model_arguments, positive_int
+from analysis.pipeline.models import LoadedModel, ModelSpecError, load_model
 from analysis.pipeline.datasets import IMAGE_EXTENSIONS, evenly_spaced, load_image, to_model_mode
 
 COMMAND = "check-model"
@@ -194,7 +194,7 @@ def _holds_tensor(value: Any) -> bool:
 def _candidates(graph, shapes: dict, cam) -> list[dict[str, Any]]:
     """Other CAM layers: at each spatial resolution finer than the CAM layer's, the outermost module whose
     output all of the model's data passes through (a stage's output rather than a layer inside a block)."""
-    from analysis.fgcam.ops import PADS
+    from analysis.fgcam.opsets import PADS
 
     cam_shape = _shape_of(shapes.get(cam))
     best: dict[tuple[int, int], tuple[int, str, list[int]]] = {}  # resolution -> (depth, name, shape)

@@ -1,15 +1,16 @@
 """What every command line shares: argparse types (a bad value is one clear line before any work starts), the
-parser whose usage errors are one line (OneLineParser, also `python -m data.demo`'s) and the help formatter."""
+parser whose usage errors are one line (OneLineParser, also `python -m data.demo`'s), the help formatter, and
+the option groups several commands take (the model, --low-rule). Only commands import this module: the
+library takes typed values (``analysis.pipeline.plan.ExplainOptions``), never argparse's."""
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from analysis.fgcam import LowRule
 
 T = TypeVar("T", int, float)
@@ -58,38 +59,50 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-LOW_RULE_FORMAT = "RULE:LAYER[:VALUE] with RULE gamma or epsilon (e.g. gamma:_blocks.2:0.25), or none"
-
-
 def low_rule(text: str) -> "LowRule | None":
-    """``--low-rule``: ``gamma:LAYER[:GAMMA]`` or ``epsilon:LAYER[:EPSILON]`` -> ``analysis.fgcam.LowRule``
-    (the value defaults to LowRule's, 0.25); ``none`` -> None (z+ everywhere). Whether LAYER is a module of
-    the model is checked where the model is loaded (FGCAM's constructor)."""
-    from analysis.fgcam import LowRule
+    """``--low-rule``: the text -> ``analysis.fgcam.LowRule`` (``analysis.fgcam.parse_low_rule``), its
+    problems as argparse's one-line errors."""
+    from analysis.fgcam import parse_low_rule
 
-    if text.strip().lower() == "none":
-        return None
-    parts = text.split(":")
-    if len(parts) not in (2, 3) or not parts[1]:
-        raise argparse.ArgumentTypeError(f"expected {LOW_RULE_FORMAT}, got {text!r}")
-    rule, layer = parts[0].strip().lower(), parts[1].strip()
-    values = {}
-    if len(parts) == 3:
-        try:
-            values = {rule: float(parts[2])}
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"the value in {text!r} is not a number ({LOW_RULE_FORMAT})") from None
     try:
-        return LowRule(rule, layer, **{k: v for k, v in values.items() if k in ("gamma", "epsilon")})
+        return parse_low_rule(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error} ({LOW_RULE_FORMAT})") from None
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def low_rule_text(rule: "LowRule | None") -> str | None:
-    """The ``--low-rule`` text of a LowRule (what manifests and results record); None for z+ everywhere."""
-    if rule is None:
-        return None
-    return f"{rule.rule}:{rule.through}:{rule.gamma if rule.rule == 'gamma' else rule.epsilon:g}"
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The options that say which model to load and how to preprocess its images
+    (``analysis.pipeline.models.load_model``'s arguments), shared by the commands that load one (`explain`,
+    `check-model`, `compare-methods`, where --model is only needed with --data: `required=False`)."""
+    model = parser.add_argument_group("model loading and preprocessing")
+    model.add_argument("--model", required=required,
+                       help="torchvision:NAME, package.module:callable or path/to/file.py:callable (the callable "
+                            "returns an nn.Module or (nn.Module, transform))")
+    model.add_argument("--weights", default=None,
+                       help="torchvision weights enum name, e.g. DEFAULT or ResNet50_Weights.IMAGENET1K_V2 "
+                            "(downloaded by torchvision; with --checkpoint only its preprocessing is used)")
+    model.add_argument("--checkpoint", type=Path, default=None,
+                       help="a state dict file (.pth), loaded with torch.load(weights_only=True)")
+    model.add_argument("--num-classes", type=positive_int, default=None,
+                       help="number of outputs for a torchvision model built without --weights")
+    model.add_argument("--image-size", type=positive_int, default=None,
+                       help="resize images to SIZE x SIZE when no transform comes with the model (then 224)")
+    model.add_argument("--mean", type=float, nargs="+", default=None,
+                       help="normalisation mean per channel (default: ImageNet's) when no transform comes "
+                            "with the model")
+    model.add_argument("--std", type=float, nargs="+", default=None,
+                       help="normalisation std per channel (default: ImageNet's)")
+
+
+def add_low_rule_argument(group: Any) -> None:
+    """``--low-rule``, the engine's rule for the lowest convolutions (``analysis.fgcam.LowRule``), shared by the
+    commands that explain (`explain`, `compare-methods`): one option, parsed by ``low_rule``."""
+    from analysis.fgcam import LOW_RULE_FORMAT
+
+    group.add_argument("--low-rule", type=low_rule, default=None, metavar="RULE:LAYER[:VALUE]",
+                       help=f"another LRP rule for the convolutions up to LAYER's output, z+ above it: "
+                            f"{LOW_RULE_FORMAT}; the value is gamma or epsilon (default 0.25). Default: none (z+ "
+                            "everywhere, as the paper; README, 'Another rule for the lowest layers')")
 
 
 def skipped_lines(skipped: list[tuple[int, str]]) -> list[str]:

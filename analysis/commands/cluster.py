@@ -174,7 +174,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, clustering.ClusteringSettin
     scopes = offline.expand_scopes(args.scopes, offline.class_names_of(cache))
     loaded = device = None
     if args.verify_top:
-        from analysis.trust.region_test import model_from_manifest
+        from analysis.pipeline.models import model_from_manifest
         from analysis.pipeline.devices import pick_device
 
         device = pick_device(args.device)

@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from analysis.cache import cache_identity
-from analysis.commands.cli_types import low_rule_text, positive_float as _positive_float, positive_int as _positive_int
-from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
-                                         forward_passes_per_image)
+from analysis.commands.cli_types import (add_low_rule_argument, add_model_arguments, positive_float as _positive_float,
+                                         positive_int as _positive_int)
+from analysis.fgcam import low_rule_text
+from analysis.pipeline.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
+                                            forward_passes_per_image)
 from analysis.explore.statistics import sample_rows
-from analysis.pipeline.models import add_low_rule_argument, add_model_arguments
-from analysis.trust.compare import (BASE_LABELS, DEFAULT_SAMPLE, Explainers, METHODS, TRUST_DIR_NAME,
-                                    check_intermediate_layer, compare_methods, default_intermediate_layer,
-                                    format_table, write_comparison)
+from analysis.trust.compare import DEFAULT_SAMPLE, TRUST_DIR_NAME, compare_methods, format_table, write_comparison
+from analysis.trust.methods import (BASE_LABELS, METHODS, Explainers, check_intermediate_layer,
+                                    default_intermediate_layer)
 
 
 COMMAND = "compare-methods"
@@ -101,7 +101,7 @@ def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
 
     if args.cache is not None:
         from analysis.cache import load
-        from analysis.trust.region_test import model_from_manifest
+        from analysis.pipeline.models import model_from_manifest
 
         model_options = [name for name in ("model", "weights", "checkpoint", "num_classes", "image_size", "mean",
                                            "std") if getattr(args, name) is not None]

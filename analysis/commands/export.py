@@ -8,11 +8,11 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import pandas as pd
 
+from analysis.cache.files import folder_replaced_atomically
 from analysis.commands.cli_types import check_new_file
 from analysis.review import DEFAULT_TAGS, Review, clean_tag, tagged_table
 
@@ -48,13 +48,12 @@ def write_image_folder(frame: pd.DataFrame, out: Path, by: str = "label") -> tup
     gets its id appended), written under a temporary name and renamed into place. Symbolic links to the
     images, copies where the file system refuses links. Returns (linked, copied, missing paths); the list is
     written to OUT/tagged.csv with a `file` column (the image's place in OUT, empty when missing)."""
-    tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
     linked = copied = 0
     missing: list[str] = []
     files = []
-    try:
-        taken: set[str] = set()
+    taken: set[str] = set()
+    # Only an empty OUT gets here (checked by the caller); replacing it raises if that changed.
+    with folder_replaced_atomically(out, only_over_empty=True) as tmp:
         for row in frame.itertuples(index=False):
             source = Path(row.path)
             if not source.is_file():
@@ -75,12 +74,6 @@ def write_image_folder(frame: pd.DataFrame, out: Path, by: str = "label") -> tup
                 copied += 1
             files.append(relative)
         frame.assign(file=files).to_csv(tmp / LIST_NAME, index=False)
-        if out.exists():
-            out.rmdir()  # only an empty folder gets here (checked by the caller); raises if that changed
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return linked, copied, missing
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from analysis.commands.cli_types import (percentage as _percentage, positive_float as _positive_float, skipped_lines,
                                          positive_int as _positive_int)
 from analysis.pipeline.devices import pick_device
-from analysis.trust.faithfulness import DEFAULT_BLUR_SIGMA
+from analysis.pipeline.faithfulness import DEFAULT_BLUR_SIGMA
 from analysis.trust.region_test import CacheShortcutReport, DEFAULT_Q, shortcut_test_on_cache
 
 

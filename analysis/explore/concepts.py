@@ -38,10 +38,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.cache import ANALYSIS_DIR
-from analysis.pipeline.channel_relevance import relevance_share
+from analysis.cache.channels import relevance_share
+from analysis.cache.derived import CONCEPTS, fingerprint_record, is_fresh
 
-CONCEPTS_DIR = "concepts"   # CACHE/analysis/concepts/
 FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
@@ -155,13 +154,12 @@ def concept_explainer(cache: Any, loaded: Any = None, denoise: bool = False) -> 
     and low-layer rule; no denoising unless ``denoise``: a concept is one component, and the stored relevance is
     taken before denoising; a whole map as the job made it needs the cache's own). ``loaded``: the model already
     in memory (the job's), else it is loaded from the manifest (ModelSpecError when it cannot be loaded here)."""
-    from analysis.commands.cli_types import low_rule
-    from analysis.fgcam import FGCAM
-    from analysis.trust.region_test import model_from_manifest
+    from analysis.fgcam import FGCAM, parse_low_rule
+    from analysis.pipeline.models import model_from_manifest
 
     options = cache.manifest.get("options") or {}
     loaded = loaded if loaded is not None else model_from_manifest(cache.manifest)
-    rule = low_rule(options["low_rule"]) if options.get("low_rule") else None
+    rule = parse_low_rule(options["low_rule"]) if options.get("low_rule") else None
     explainer = FGCAM(loaded.model, base=options.get("base", "gradcam"), cam_layer=options.get("cam_layer"),
                       low_rule=rule, denoise=denoise)
     return loaded, explainer
@@ -268,20 +266,21 @@ def compute_concepts(cache: Any, settings: ConceptSettings = ConceptSettings(),
 
 
 def concepts_dir(cache_root: Path | str) -> Path:
-    return Path(cache_root) / ANALYSIS_DIR / CONCEPTS_DIR
+    """Where the concepts of the cache at `cache_root` are stored (analysis.cache.derived.CONCEPTS)."""
+    return CONCEPTS.path(cache_root)
 
 
 def write_concepts(cache_root: Path | str, classes: pd.DataFrame, references: pd.DataFrame, maps: np.ndarray,
                    meta: dict[str, Any]) -> Path:
     """Write classes.parquet, references.parquet, maps.npy and meta.json as one folder, atomically (a reader
     sees the old folder or the new one)."""
-    from analysis.cache.files import _save_npy, folder_replaced_atomically
+    from analysis.cache.files import save_npy, folder_replaced_atomically
 
     final = concepts_dir(cache_root)
     with folder_replaced_atomically(final) as tmp:
         classes.to_parquet(tmp / "classes.parquet", index=False)
         references.to_parquet(tmp / "references.parquet", index=False)
-        _save_npy(tmp / "maps.npy", maps)
+        save_npy(tmp / "maps.npy", maps)
         (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
     return final
 
@@ -318,8 +317,6 @@ class Concepts:
 
 def read_concepts(cache: Any) -> Concepts | None:
     """The stored concepts of a loaded cache; None when none were computed. ConceptsError for a damaged folder."""
-    from analysis.cache.identity import cache_fingerprint
-
     folder = concepts_dir(cache.root)
     if not (folder / "meta.json").is_file():
         return None
@@ -329,9 +326,8 @@ def read_concepts(cache: Any) -> Concepts | None:
         references = pd.read_parquet(folder / "references.parquet")
         maps = np.load(folder / "maps.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise ConceptsError(f"the concepts in {folder} cannot be read ({str(error).splitlines()[0]}): run "
-                            "`python -m analysis concepts` again") from None
-    return Concepts(classes, references, maps, meta, meta.get("cache_fingerprint") != cache_fingerprint(cache))
+        raise ConceptsError(f"the concepts in {folder} cannot be read ({str(error).splitlines()[0]})") from None
+    return Concepts(classes, references, maps, meta, not is_fresh(meta, cache))
 
 
 def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings(), show_progress: bool = True,
@@ -341,7 +337,6 @@ def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings()
     from tqdm import tqdm
 
     from analysis.cache import load
-    from analysis.cache.identity import cache_fingerprint
 
     started = time.perf_counter()
     cache = load(cache_root)
@@ -357,7 +352,7 @@ def run_concepts(cache_root: Path, settings: ConceptSettings = ConceptSettings()
         bar.close()
     relevance = cache.channel_relevance([int(cache.table["id"].iloc[0])]) if len(cache.table) else None
     meta = {"settings": asdict(settings), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "cache_fingerprint": cache_fingerprint(cache), "class_names": list(cache.manifest.get("class_names") or []),
+            **fingerprint_record(cache), "class_names": list(cache.manifest.get("class_names") or []),
             "cam_layer": (cache.manifest.get("options") or {}).get("cam_layer"),
             "channels": int(relevance.shape[1]) if relevance is not None else 0, "n_images": int(len(cache.table)),
             "map_size": int(cache.map_size), "seconds": round(time.perf_counter() - started, 1)}

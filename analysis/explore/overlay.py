@@ -17,7 +17,8 @@ from typing import Callable, TypeVar
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from analysis.pipeline.geometry import covers_image, place_map, scale_box
+from analysis.cache.placement import place_map
+from analysis.pipeline.geometry import covers_image, scale_box
 
 T = TypeVar("T")
 

@@ -68,7 +68,7 @@ def _on_model(model: nn.Module, images: Tensor) -> Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def _logits(output: object) -> Tensor:
+def logits_of(output: object) -> Tensor:
     """The logits from a model output (a tensor, or the first element of a tuple such as GoogLeNet's)."""
     if isinstance(output, Tensor):
         return output
@@ -100,7 +100,7 @@ class FGCAM:
 
     def logits(self, images: Tensor) -> Tensor:
         """A plain forward pass through the traced graph (no values kept, no gradients)."""
-        return _logits(self.graph.run(images)[0])
+        return logits_of(self.graph.run(images)[0])
 
     def __call__(self, images: Tensor, target_layer: str = "input", classes: Tensor | None = None, *,
                  channels: Tensor | None = None, flow: list[NodeFlow] | None = None) -> FGCAMResult:
@@ -167,7 +167,7 @@ class FGCAM:
         plan = walk_plan(self.graph, target, cam, self.low_rule)
         output, values = self.graph.run(images, plan.values | {cam}, plan.shapes,
                                         grad_from=cam if gradients_needed else None)
-        logits = _logits(output)
+        logits = logits_of(output)
         if classes is None:
             classes = logits.argmax(dim=1)
         classes = classes.to(logits.device).long()
@@ -262,7 +262,7 @@ class LRP:
         target = self.graph.node_for(target_layer)
         plan = walk_plan(self.graph, target, self._logits_node, self.low_rule)
         output, values = self.graph.run(_on_model(self.model, images), plan.values, plan.shapes)
-        logits = _logits(output)
+        logits = logits_of(output)
         classes = logits.argmax(dim=1) if classes is None else classes.to(logits.device).long()
         start = torch.zeros_like(logits).scatter_(1, classes[:, None], logits.gather(1, classes[:, None]))
         with torch.no_grad():

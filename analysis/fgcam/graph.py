@@ -18,9 +18,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from . import ops
+from . import opsets
 from .conv import Conv
-from .ops import UnsupportedOperation, argument  # noqa: F401  (UnsupportedOperation: re-exported, the old home)
+from .opsets import UnsupportedOperation, argument  # noqa: F401  (UnsupportedOperation: re-exported, the old home)
 
 
 class _NamingTracer(fx.Tracer):
@@ -124,13 +124,13 @@ class ModelGraph:
         return self.model.get_submodule(node.target) if node.op == "call_module" else None
 
     def _is_reducing(self, node: fx.Node) -> bool:
-        return ops.REDUCING.match(node, self.module(node))
+        return opsets.REDUCING.match(node, self.module(node))
 
     def _is_transparent(self, node: fx.Node) -> bool:
-        return ops.TRANSPARENT.match(node, self.module(node))
+        return opsets.TRANSPARENT.match(node, self.module(node))
 
     def _is_head(self, node: fx.Node) -> bool:
-        return ops.HEAD.match(node, self.module(node))
+        return opsets.HEAD.match(node, self.module(node))
 
     # ------------------------------------------------------------------------------------------- structure
     def _nodes_reading_image(self) -> set[fx.Node]:
@@ -143,7 +143,7 @@ class ModelGraph:
         return reading
 
     def _mixes_pixels(self, node: fx.Node) -> bool:
-        return ops.MIXES_PIXELS.match(node, self.module(node))
+        return opsets.MIXES_PIXELS.match(node, self.module(node))
 
     def ancestors(self, node: fx.Node) -> set[fx.Node]:
         seen, stack = {node}, [node]
@@ -200,9 +200,9 @@ class ModelGraph:
 
         Only the input's shape is used (``env`` may hold a stand-in); ``like`` gives the dtype and device.
         """
-        if not ops.PADS.match(node, self.module(node)):
+        if not opsets.PADS.match(node, self.module(node)):
             return None
-        value = ops.pad_value(self, node)
+        value = pad_value(self, node)
         if value is None:
             return None
         x_node = node.args[0]
@@ -245,7 +245,7 @@ class ModelGraph:
 
     def _engine_op(self, node: fx.Node) -> str | None:
         module = self.module(node)
-        if ops.CONVOLUTIONS.match(node, module) and (module is None or (
+        if opsets.CONVOLUTIONS.match(node, module) and (module is None or (
                 type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
                 and module.padding_mode == "zeros")):
             return "conv"
@@ -424,3 +424,21 @@ def stand_in(value: Any) -> Any:
 
 class _MutatedInput(Exception):
     """A node changed one of its inputs in place; that input's recorded value is no longer valid."""
+
+
+def pad_value(graph: ModelGraph, node: fx.Node) -> float | None:
+    """The value a pad op writes at the padding: a number for a constant pad, None for a pad that copies
+    values (reflect, replicate, circular), nan where the graph does not say (a value computed in forward)."""
+    module = graph.module(node)
+    if module is not None:
+        return float(module.value)
+    def given(index: int, name: str, default: Any) -> Any:
+        return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+    if node.target is torch.constant_pad_nd:
+        mode, value = "constant", given(2, "value", 0)
+    else:
+        mode, value = given(2, "mode", "constant"), given(3, "value", None)
+    if isinstance(mode, fx.Node) or isinstance(value, fx.Node):
+        return float("nan")
+    return float(value or 0) if mode == "constant" else None

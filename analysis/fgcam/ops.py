@@ -7,10 +7,10 @@ table, ``check-model``), which values the rule reads, and the rule's step. The w
 (``propagate._make_plan``) keeps exactly the values that ``reads`` names; the walk hands each step
 exactly those values (``Step.values``; reading any other raises), so the two cannot drift apart.
 
-The other op sets here are properties of ops, not rules: outputs that are >= 0 by construction (a ReLU's:
-z+ then needs no sign check), gates of a product, and the ops the graph's search for the CAM layer walks
-through. The mapping is by op, never by architecture; an op on the relevance path with no kind raises
-``UnsupportedOperation`` naming it.
+The op sets the kinds are made of (``opsets``) are properties of ops, not rules: outputs that are >= 0 by
+construction (a ReLU's: z+ then needs no sign check), gates of a product, and the ops the graph's search for
+the CAM layer walks through. The mapping is by op, never by architecture; an op on the relevance path with no
+kind raises ``UnsupportedOperation`` naming it.
 
 Extending: a new rule for an op is a ``Kind`` placed before the row that covers the op now (the first match
 wins); a rule that depends on where a node sits adds an ``applies`` test, as the image-reading convolution
@@ -23,103 +23,17 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-import torchvision.ops
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import rules
-
-if TYPE_CHECKING:
-    from .graph import ModelGraph
-
-
-class UnsupportedOperation(RuntimeError):
-    """The engine met an operation it has no relevance rule for (never a silently wrong map)."""
-
-
-@dataclass(frozen=True)
-class Ops:
-    """A set of ops: module classes (subclasses included), functions, and tensor method names."""
-    modules: tuple[type, ...] = ()
-    functions: frozenset = frozenset()
-    methods: frozenset = frozenset()
-
-    def __or__(self, other: "Ops") -> "Ops":
-        return Ops(self.modules + other.modules, self.functions | other.functions, self.methods | other.methods)
-
-    def match(self, node: fx.Node, module: nn.Module | None) -> bool:
-        if node.op == "call_module":
-            return isinstance(module, self.modules)
-        if node.op == "call_function":
-            return node.target in self.functions
-        return node.op == "call_method" and node.target in self.methods
-
-
-def ops(modules: Iterable[type] = (), functions: Iterable[Any] = (), methods: Iterable[str] = ()) -> Ops:
-    return Ops(tuple(modules), frozenset(functions), frozenset(methods))
-
-
-# --------------------------------------------------------------------------------------------------- op sets
-CONVOLUTIONS = ops([nn.Conv2d], [F.conv2d, torch.conv2d])
-LINEAR = ops([nn.Linear], [F.linear])
-MIXES_PIXELS = CONVOLUTIONS | LINEAR | ops([nn.Conv1d, nn.Conv3d])  # the ops after which a value is no longer the image
-RECTIFIERS = ops(  # element-wise, with outputs >= 0 whatever the input
-    [nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid],
-    [F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid],
-    ["relu", "relu_", "sigmoid", "sigmoid_"])
-NONNEGATIVE = RECTIFIERS | ops([nn.Softmax], [torch.softmax, F.softmax], ["softmax"])
-ELEMENTWISE = RECTIFIERS | ops(  # activations, normalisations, casts: one value in, one value out
-    [nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardtanh,
-     nn.Softplus, nn.Tanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
-     nn.LayerNorm, nn.InstanceNorm2d, nn.AlphaDropout],
-    [F.alpha_dropout, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.softplus,
-     torch.tanh, F.tanh, F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm, torch.clone, torch.clamp,
-     torch.clip],
-    ["tanh", "clone", "clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "hardtanh_", "detach", "to", "float",
-     "type_as"])
-IDENTITIES = ops(  # no value changes at inference (and no sign changes in training)
-    [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, torchvision.ops.StochasticDepth],
-    [F.dropout, F.dropout2d, torchvision.ops.stochastic_depth])
-POOLS = ops(
-    [nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d],
-    [F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.avg_pool1d,
-     torch.max_pool2d, torch.avg_pool1d, torch.mean, torch.amax],
-    ["mean", "amax"])
-PADS = ops([nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d],
-           [F.pad, torch.constant_pad_nd])
-MOVES = PADS | ops(  # ops that only move, copy or select entries
-    [nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle],
-    [torch.flatten, torch.reshape, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.permute,
-     torch.transpose, torch.swapaxes, torch.swapdims, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
-     torch.narrow, torch.movedim, torch.channel_shuffle, F.pixel_shuffle, operator.getitem],
-    ["view", "reshape", "flatten", "permute", "transpose", "swapaxes", "swapdims", "contiguous", "squeeze",
-     "unsqueeze", "chunk", "split", "narrow", "view_as", "reshape_as", "expand", "expand_as", "repeat", "movedim",
-     "__getitem__"])
-ADDS = ops(functions=[operator.add, operator.iadd, torch.add], methods=["add", "add_", "__add__", "__radd__"])
-SUBS = ops(functions=[operator.sub, operator.isub, torch.sub], methods=["sub", "sub_"])
-MULS = ops(functions=[operator.mul, operator.imul, torch.mul], methods=["mul", "mul_"])
-DIVS = ops(functions=[operator.truediv, operator.itruediv, torch.div], methods=["div", "div_"])
-GATES = ops([nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Tanh],
-            [torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax, torch.tanh, F.tanh],
-            ["sigmoid", "softmax", "tanh", "hardsigmoid"])
-
-# The graph's search for the default CAM layer (graph.default_cam_layer): ops that turn a spatial map into a
-# vector (the head starts at the first), layers of a head above them, and layers that change no value.
-REDUCING = ops([nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten],
-               [F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
-                torch.flatten, torch.reshape, torch.mean, torch.amax, torch.squeeze],
-               ["view", "reshape", "flatten", "mean", "amax", "squeeze"])
-HEAD = ops([nn.Linear, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.BatchNorm1d, nn.LayerNorm],
-           [F.linear, F.relu, torch.relu])
-TRANSPARENT = ops([nn.Dropout, nn.Identity], [F.dropout])
+from .graph import ModelGraph, pad_value
+from .opsets import (ADDS, CONVOLUTIONS, DIVS, ELEMENTWISE, GATES, IDENTITIES, LINEAR, MOVES, MULS, NONNEGATIVE,
+                     PADS, POOLS, SUBS, Ops, UnsupportedOperation, argument)
 
 
 # ------------------------------------------------------------------------------------------- the walk's steps
@@ -348,6 +262,40 @@ class LowRule:
         return f"{self.rule} ({value}) for the convolutions up to {self.through}"
 
 
+LOW_RULE_FORMAT = "RULE:LAYER[:VALUE] with RULE gamma or epsilon (e.g. gamma:_blocks.2:0.25), or none"
+
+
+def parse_low_rule(text: str) -> LowRule | None:
+    """``gamma:LAYER[:GAMMA]`` or ``epsilon:LAYER[:EPSILON]`` -> a LowRule (the value defaults to LowRule's,
+    0.25); ``none`` -> None (z+ everywhere). The text the ``--low-rule`` option takes and manifests record;
+    ValueError naming LOW_RULE_FORMAT otherwise. Whether LAYER is a module of the model is checked where the
+    model is loaded (FGCAM's constructor)."""
+    if text.strip().lower() == "none":
+        return None
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise ValueError(f"expected {LOW_RULE_FORMAT}, got {text!r}")
+    rule, layer = parts[0].strip().lower(), parts[1].strip()
+    values = {}
+    if len(parts) == 3:
+        try:
+            values = {rule: float(parts[2])}
+        except ValueError:
+            raise ValueError(f"the value in {text!r} is not a number ({LOW_RULE_FORMAT})") from None
+    try:
+        return LowRule(rule, layer, **{k: v for k, v in values.items() if k in ("gamma", "epsilon")})
+    except ValueError as error:
+        raise ValueError(f"{error} ({LOW_RULE_FORMAT})") from None
+
+
+def low_rule_text(rule: LowRule | None) -> str | None:
+    """The text of a LowRule that ``parse_low_rule`` reads back (what manifests and results record); None for
+    z+ everywhere."""
+    if rule is None:
+        return None
+    return f"{rule.rule}:{rule.through}:{rule.gamma if rule.rule == 'gamma' else rule.epsilon:g}"
+
+
 def _below(through: str) -> Callable[[ModelGraph, fx.Node], bool]:
     def applies(graph: ModelGraph, node: fx.Node) -> bool:
         return node in graph.cached(("at or below", through), lambda: graph.ancestors(graph.node_for(through)))
@@ -394,30 +342,6 @@ def is_nonnegative(graph: ModelGraph, node: fx.Node, kind: Kind | None, known: s
         value = pad_value(graph, node)
         keeps_sign = value is None or value >= 0  # nan (a value the graph does not give): not known
     return keeps_sign and bool(node.all_input_nodes) and all(n in known for n in node.all_input_nodes)
-
-
-def pad_value(graph: ModelGraph, node: fx.Node) -> float | None:
-    """The value a pad op writes at the padding: a number for a constant pad, None for a pad that copies
-    values (reflect, replicate, circular), nan where the graph does not say (a value computed in forward)."""
-    module = graph.module(node)
-    if module is not None:
-        return float(module.value)
-    def given(index: int, name: str, default: Any) -> Any:
-        return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-    if node.target is torch.constant_pad_nd:
-        mode, value = "constant", given(2, "value", 0)
-    else:
-        mode, value = given(2, "mode", "constant"), given(3, "value", None)
-    if isinstance(mode, fx.Node) or isinstance(value, fx.Node):
-        return float("nan")
-    return float(value or 0) if mode == "constant" else None
-
-
-def argument(node: fx.Node, env: Mapping, index: int, name: str, default: Any) -> Any:
-    """The value of a call's argument, given by position ``index`` or by keyword ``name``."""
-    value = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-    return env[value] if isinstance(value, fx.Node) else value
 
 
 def describe(graph: ModelGraph, node: fx.Node) -> str:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from .graph import ModelGraph, UnsupportedOperation, stand_in
-from . import ops
+from . import opsets
 from .ops import Kind, LowRule, ReadValues, Step, describe, is_nonnegative, kind_of, kind_table
 
 
@@ -83,7 +83,7 @@ def _make_plan(graph: ModelGraph, low: fx.Node, high: fx.Node, low_rule: LowRule
         for value in (node, *live_inputs):
             last_reader[value] = node  # the walk goes down the order, so the last assignment is the last reader
         x_node = node.args[0] if node.args else None
-        if isinstance(x_node, fx.Node) and x_node.args and ops.PADS.match(x_node, graph.module(x_node)):
+        if isinstance(x_node, fx.Node) and x_node.args and opsets.PADS.match(x_node, graph.module(x_node)):
             # a rule that excludes a separate pad op's padding needs the shape of the pad's input (graph.padding),
             # also when the walk stops at the pad's output: keep a stand-in of it until then
             last_reader[x_node.args[0]] = node

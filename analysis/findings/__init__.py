@@ -10,19 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from analysis.cache.derived import FINDINGS, is_fresh
 from analysis.findings.kinds import KINDS
 from analysis.findings.model import Finding, from_json, rank, read_json, render, to_json, url
 
-FINDINGS_FILE = "findings.json"
+FINDINGS_FILE = FINDINGS.parts[-1]      # CACHE/analysis/findings.json
 
 __all__ = ["FINDINGS_FILE", "Finding", "compute_findings", "findings_path", "read_findings", "render", "url",
            "write_findings"]
 
 
 def findings_path(cache_root: Path | str) -> Path:
-    from analysis.cache.layout import ANALYSIS_DIR
-
-    return Path(cache_root) / ANALYSIS_DIR / FINDINGS_FILE
+    """Where the findings of the cache at `cache_root` are stored (analysis.cache.derived.FINDINGS)."""
+    return FINDINGS.path(cache_root)
 
 
 def compute_findings(cache: Any) -> list[Finding]:
@@ -44,10 +44,8 @@ def write_findings(cache: Any) -> tuple[Path, list[Finding]]:
 
 def read_findings(cache: Any) -> tuple[list[Finding], bool] | None:
     """(the stored findings, whether they were made on the cache as it is now); None when none are stored."""
-    from analysis.cache.identity import cache_fingerprint
-
     record = read_json(findings_path(cache.root))
     if record is None:
         return None
     findings, _ = from_json(record)
-    return findings, record.get("cache_fingerprint") == cache_fingerprint(cache)
+    return findings, is_fresh(record, cache)

@@ -24,34 +24,27 @@ How the box is found (our method; torchvision documents the transforms, not this
   *unknown*: the cache says so instead of guessing.
 
 Moving between frames (separable along the axes, so exact for an axis-aligned box):
-* `place_map`: a map [m, n] of the model frame -> [H, W] over the original image, bilinear between the map's
-  cell centres, NaN where the model never looked;
+* `analysis.cache.placement.place_map`: a map [m, n] of the model frame -> [H, W] over the original image,
+  bilinear between the map's cell centres, NaN where the model never looked (the cache's `map_in_image`);
 * `frame_coverage`: a mask in original pixels -> [m, n], the share of each map cell that the object covers
   (exact area overlap); a cell belongs to the foreground when at least half of it does (`foreground_in_frame`).
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-Box = tuple[float, float, float, float]          # x0, y0, x1, y1 in original pixels
+from analysis.cache.placement import Box, check_box
+
 GEOMETRY_METHODS = ("derived", "measured", "unknown")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Moving maps and masks between the model frame and the original image
 # ----------------------------------------------------------------------------------------------------------
-
-def _check_box(box: Sequence[float]) -> Box:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or not (x1 > x0 and y1 > y0):
-        raise ValueError(f"a crop box needs finite x0 < x1 and y0 < y1, got {box}")
-    return x0, y0, x1, y1
-
 
 def _overlaps(start: float, stop: float, cells: int, length: int) -> np.ndarray:
     """[cells, length]: how much of pixel i = [i, i + 1) lies in cell j = [start + j s, start + (j + 1) s)."""
@@ -64,7 +57,7 @@ def _overlaps(start: float, stop: float, cells: int, length: int) -> np.ndarray:
 def frame_coverage(mask: np.ndarray, box: Sequence[float], rows: int, columns: int | None = None) -> np.ndarray:
     """float32 [rows, columns]: the share of each model-frame cell that the True pixels of `mask` (bool [H, W],
     original pixels) cover. Parts of a cell outside the image (padding) count as not covered."""
-    x0, y0, x1, y1 = _check_box(box)
+    x0, y0, x1, y1 = check_box(box)
     columns = rows if columns is None else columns
     mask = np.asarray(mask, dtype=bool)
     height, width = mask.shape
@@ -80,38 +73,6 @@ def frame_coverage(mask: np.ndarray, box: Sequence[float], rows: int, columns: i
 def foreground_in_frame(mask: np.ndarray, box: Sequence[float], size: int) -> np.ndarray:
     """bool [size, size]: the model-frame cells at least half covered by the object of `mask` (original pixels)."""
     return frame_coverage(mask, box, size) >= 0.5 - 1e-6
-
-
-def _interpolation(start: float, stop: float, cells: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(weights [length, cells], inside bool [length]): bilinear weights of the cells for each pixel centre of
-    an axis of `length` pixels, the cells spanning [start, stop); values beyond the outer cell centres are the
-    outer cells' (no extrapolation). `inside`: the pixel centre lies in [start, stop)."""
-    centres = np.arange(length, dtype=np.float64) + 0.5
-    position = np.clip((centres - start) / ((stop - start) / cells) - 0.5, 0.0, cells - 1)
-    low = np.floor(position).astype(np.int64)
-    high = np.minimum(low + 1, cells - 1)
-    fraction = position - low
-    weights = np.zeros((length, cells), np.float64)
-    rows = np.arange(length)
-    np.add.at(weights, (rows, low), 1.0 - fraction)
-    np.add.at(weights, (rows, high), fraction)
-    return weights, (centres >= start) & (centres < stop)
-
-
-def place_map(frame_map: np.ndarray, box: Sequence[float], width: int, height: int) -> np.ndarray:
-    """float32 [height, width]: a model-frame map [m, n] laid over a width x height image whose crop box is
-    `box` (in the same pixels), bilinear between cell centres; NaN at pixels whose centre the box misses."""
-    x0, y0, x1, y1 = _check_box(box)
-    frame_map = np.asarray(frame_map, dtype=np.float64)
-    if frame_map.ndim != 2 or 0 in frame_map.shape:
-        raise ValueError(f"a map must be [m, n] with m, n >= 1, got shape {frame_map.shape}")
-    weights_y, inside_y = _interpolation(y0, y1, frame_map.shape[0], int(height))
-    weights_x, inside_x = _interpolation(x0, x1, frame_map.shape[1], int(width))
-    out = np.full((int(height), int(width)), np.nan, np.float32)
-    if inside_y.any() and inside_x.any():
-        placed = weights_y[inside_y] @ np.nan_to_num(frame_map) @ weights_x[inside_x].T
-        out[np.ix_(inside_y, inside_x)] = placed
-    return out
 
 
 def scale_box(box: Sequence[float], factor_x: float, factor_y: float) -> Box:

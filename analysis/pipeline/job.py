@@ -2,15 +2,19 @@
 
 Method (what is computed per batch) is `explain_batch`; machinery (sharding, resume, ranks, data loading,
 commits) is the rest; the checks before any work are in analysis/pipeline/plan.py and the command line is
-analysis/commands/explain.py (`python -m analysis explain`). Image id = index in the sorted dataset list (after
---limit); shard k holds ids [k*S, (k+1)*S); with torchrun, rank r takes the shards k with k % world_size == r.
-A shard is committed atomically (see analysis.cache), so a rerun skips committed shards: no duplicates, no gaps.
+analysis/commands/explain.py (`python -m analysis explain`, which then runs the clustering and the
+concepts). From Python: `explain_dataset(ExplainOptions(data=..., out=..., model=...))`.
+
+Image id = index in the sorted dataset list (after --limit); shard k holds ids [k*S, (k+1)*S); with torchrun,
+rank r takes the shards k with k % world_size == r. A shard is committed atomically (see analysis.cache), so a
+rerun skips committed shards: no duplicates, no gaps.
 """
 from __future__ import annotations
 
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +26,11 @@ import torch
 
 from analysis.cache import (BOX_COLUMNS, SIZE_COLUMNS, CacheLocked, CacheWriter, ShardRecords, WriterLock, load,
                             now_iso, probability_arrays)
-from analysis.trust.faithfulness import faithfulness_scores
+from analysis.pipeline.faithfulness import faithfulness_scores
 from analysis.pipeline.channel_relevance import channel_relevance_arrays
 from analysis.pipeline.scores import all_scores, descriptors, resize_maps
 from analysis.pipeline.datasets import Batch, ExplainDataset, collate_items
-from analysis.pipeline.plan import JobPlan, Ranks, SetupError, _out_snapshot
+from analysis.pipeline.plan import ExplainOptions, JobPlan, Ranks, SetupError, out_snapshot, prepare
 
 
 SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration")
@@ -235,7 +239,7 @@ def _finish(plan: JobPlan, writer: CacheWriter) -> dict[str, Any]:
     return manifest
 
 
-def _take_the_cache(plan: JobPlan) -> WriterLock:
+def take_the_cache(plan: JobPlan) -> WriterLock:
     """Rank 0: the cache's writer lock, before anything is written; then --out must still hold what the plan
     was made from (another job may have written it while this one loaded its model)."""
     lock = WriterLock(plan.out)
@@ -245,47 +249,66 @@ def _take_the_cache(plan: JobPlan) -> WriterLock:
         raise SetupError(f"--out {error}") from None
     except OSError as error:
         raise SetupError(f"--out {plan.out}: cannot take the writer lock ({error.strerror or error})") from None
-    if _out_snapshot(plan.out) != plan.seen:
+    if out_snapshot(plan.out) != plan.seen:
         lock.release()
         raise SetupError(f"--out {plan.out} was changed by another job while this one was starting; run the "
                          "command again")
     return lock
 
 
-def _keep_tags_aside(out: Path) -> None:
-    """Tags name images by id, which a new cache may give to other images: they stay with the old cache."""
-    from analysis.review import ReviewError, keep_tags_aside
-
+def claim_the_cache(options: ExplainOptions, ranks: Ranks) -> tuple[JobPlan, WriterLock | None]:
+    """Every rank validates on its own, then all agree; rank 0 then takes the cache's lock for the whole job
+    (the other ranks write their shards under it), and all agree again: no rank starts alone. Returns the
+    plan and (rank 0) the held lock; a problem on any rank is a SetupError on every rank (ranks closed)."""
+    plan, lock, problem = None, None, None
     try:
-        moved = keep_tags_aside(out)
-    except ReviewError as error:  # the job's own work does not depend on the tags
-        print(f"warning: the tags of the replaced cache were not set aside: {error}", file=sys.stderr)
-        return
-    if moved is not None:
-        print(f"the replaced cache's tags were kept aside in {moved}; the new cache starts without tags",
-              file=sys.stderr)
+        plan = prepare(options, ranks)
+    except SetupError as error:
+        problem = str(error)
+    problem = ranks.agree(problem)
+    if problem is None and ranks.rank == 0:
+        try:
+            lock = take_the_cache(plan)
+        except SetupError as error:
+            problem = str(error)
+    problem = ranks.agree(problem)
+    if problem is not None:
+        if lock is not None:
+            lock.release()
+        ranks.close()
+        raise SetupError(problem)
+    return plan, lock
 
 
-def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
+def _rank0_start(plan: JobPlan, writer: CacheWriter, ranks: Ranks, replaced: Callable[[Path], None] | None) -> None:
+    """Rank 0, under the lock: wipe or clean --out, set damaged parts aside, write the manifest."""
+    writer.initialise(wipe=plan.wipe)
+    writer.remove_stale_temporaries()
+    if plan.existing:
+        for part, problem, target in writer.set_aside_damaged_parts(plan.map_size, plan.descriptor_size,
+                                                                    plan.shard_size):
+            print(f"warning: {part} of the cache cannot be read ({problem}); moved to {target}, its images are "
+                  "explained again", file=sys.stderr)
+        manifest = writer.read_manifest() or plan.manifest
+        manifest["updated"] = now_iso()
+        manifest["options"] = plan.manifest["options"]
+        manifest["geometry"] = plan.manifest["geometry"]
+        manifest["world_size"] = ranks.world_size
+        writer.write_manifest(manifest)
+    else:
+        writer.write_manifest(plan.manifest)
+        if plan.wipe and replaced is not None:
+            replaced(plan.out)
+
+
+def run_claimed(plan: JobPlan, ranks: Ranks, replaced: Callable[[Path], None] | None = None) -> dict[str, Any] | None:
+    """The job on a claimed cache (`claim_the_cache`): explain this rank's shards, then (rank 0) compact and
+    stamp the manifest. Returns rank 0's final manifest (None on the other ranks); ranks closed. `replaced`
+    is called on rank 0 with --out when --overwrite has just replaced a cache (the explain command keeps the
+    old cache's tags aside there)."""
     writer = CacheWriter(plan.out)
     if ranks.rank == 0:
-        writer.initialise(wipe=plan.wipe)
-        writer.remove_stale_temporaries()
-        if plan.existing:
-            for part, problem, target in writer.set_aside_damaged_parts(plan.map_size, plan.descriptor_size,
-                                                                        plan.shard_size):
-                print(f"warning: {part} of the cache cannot be read ({problem}); moved to {target}, its images are "
-                      "explained again", file=sys.stderr)
-            manifest = writer.read_manifest() or plan.manifest
-            manifest["updated"] = now_iso()
-            manifest["options"] = plan.manifest["options"]
-            manifest["geometry"] = plan.manifest["geometry"]
-            manifest["world_size"] = ranks.world_size
-            writer.write_manifest(manifest)
-        else:
-            writer.write_manifest(plan.manifest)
-            if plan.wipe:
-                _keep_tags_aside(plan.out)
+        _rank0_start(plan, writer, ranks, replaced)
     ranks.barrier()  # nobody lists committed shards before rank 0 wiped or cleaned the directory
     committed = writer.committed_shards()
     mine = [k for k in range(plan.n_shards) if k % ranks.world_size == ranks.rank and k not in committed]
@@ -303,6 +326,7 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
     if ranks.world_size > 1 and not plan.quiet:
         print(f"rank {ranks.rank}: explained {processed} images in {len(mine)} shards", file=sys.stderr)
     ranks.barrier()  # the cache is complete only when every rank has committed its shards
+    manifest = None
     if ranks.rank == 0:
         manifest = _finish(plan, writer)
         if not plan.quiet:
@@ -311,12 +335,19 @@ def _run_locked(plan: JobPlan, ranks: Ranks) -> int:
             print(f"explained {counts['explained']} images ({counts['errors']} skipped, see the errors table) "
                   f"into {plan.out}; this run: {processed} images in {seconds:.1f} s", file=sys.stderr)
     ranks.close()
-    if ranks.rank == 0 and plan.cluster:   # the offline analysis: clustering, then concepts (with this model)
-        from analysis.commands.cluster import cluster_after_explain
-        from analysis.commands.concepts import concepts_after_explain
+    return manifest
 
-        code = cluster_after_explain(plan.out, quiet=plan.quiet)
-        if code == 0 and manifest.get("finished"):    # _finish's manifest: the cache is complete
-            code = concepts_after_explain(plan.out, plan.loaded, quiet=plan.quiet)
-        return code
-    return 0
+
+def explain_dataset(options: ExplainOptions, ranks: Ranks | None = None,
+                    replaced: Callable[[Path], None] | None = None) -> dict[str, Any] | None:
+    """The explain job from Python: check everything, take the cache, explain, release. Returns rank 0's
+    final manifest (its `finished` is set when every image is in the cache; None on the other ranks); raises
+    SetupError, with nothing written, on a problem found before the work. Without the clustering and the
+    concepts, which `python -m analysis explain` runs afterwards (analysis.commands.explain)."""
+    ranks = ranks or Ranks()
+    plan, lock = claim_the_cache(options, ranks)
+    try:
+        return run_claimed(plan, ranks, replaced)
+    finally:
+        if lock is not None:
+            lock.release()

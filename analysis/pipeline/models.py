@@ -11,7 +11,6 @@ Resize((--image-size, --image-size)) + ToTensor + Normalize(--mean, --std).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import importlib.util
@@ -25,7 +24,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from analysis.commands.cli_types import LOW_RULE_FORMAT, low_rule, positive_int
 from analysis.pipeline.geometry import TransformGeometry, geometry_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,37 +46,31 @@ class LoadedModel:
     output_names: list[str] | None         # class names of the outputs when the weights know them
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The options that say which model to load and how to preprocess its images (`load_model`'s arguments),
-    shared by the commands that load one (`explain`, `check-model`, `compare-methods`, where --model is only
-    needed with --data: `required=False`)."""
-    model = parser.add_argument_group("model loading and preprocessing")
-    model.add_argument("--model", required=required,
-                       help="torchvision:NAME, package.module:callable or path/to/file.py:callable (the callable "
-                            "returns an nn.Module or (nn.Module, transform))")
-    model.add_argument("--weights", default=None,
-                       help="torchvision weights enum name, e.g. DEFAULT or ResNet50_Weights.IMAGENET1K_V2 "
-                            "(downloaded by torchvision; with --checkpoint only its preprocessing is used)")
-    model.add_argument("--checkpoint", type=Path, default=None,
-                       help="a state dict file (.pth), loaded with torch.load(weights_only=True)")
-    model.add_argument("--num-classes", type=positive_int, default=None,
-                       help="number of outputs for a torchvision model built without --weights")
-    model.add_argument("--image-size", type=positive_int, default=None,
-                       help="resize images to SIZE x SIZE when no transform comes with the model (then 224)")
-    model.add_argument("--mean", type=float, nargs="+", default=None,
-                       help="normalisation mean per channel (default: ImageNet's) when no transform comes "
-                            "with the model")
-    model.add_argument("--std", type=float, nargs="+", default=None,
-                       help="normalisation std per channel (default: ImageNet's)")
+def model_from_manifest(manifest: dict[str, Any]) -> LoadedModel:
+    """The model a cache was made with (eval mode, CPU), built from the manifest's spec, checkpoint and
+    preprocessing options.
 
-
-def add_low_rule_argument(group: Any) -> None:
-    """``--low-rule``, the engine's rule for the lowest convolutions (``analysis.fgcam.LowRule``), shared by the
-    commands that explain (`explain`, `compare-methods`): one option, parsed by ``cli_types.low_rule``."""
-    group.add_argument("--low-rule", type=low_rule, default=None, metavar="RULE:LAYER[:VALUE]",
-                       help=f"another LRP rule for the convolutions up to LAYER's output, z+ above it: {LOW_RULE_FORMAT}; "
-                            "the value is gamma or epsilon (default 0.25). Default: none (z+ everywhere, as the paper; "
-                            "README, 'Another rule for the lowest layers')")
+    Raises `ModelSpecError` with one line saying why it cannot be loaded here (not
+    importable, file or weights missing, or weights that differ from those the cache was made with).
+    """
+    model_info = manifest.get("model") or {}
+    options = manifest.get("options") or {}
+    spec = model_info.get("spec")
+    if not spec:
+        raise ModelSpecError("the cache's manifest names no model")
+    checkpoint = model_info.get("checkpoint")
+    num_classes = model_info.get("num_classes") if str(spec).startswith("torchvision:") else None
+    try:
+        loaded = load_model(spec, weights=options.get("weights"), checkpoint=Path(checkpoint) if checkpoint else None,
+                            num_classes=num_classes, image_size=options.get("image_size"),
+                            mean=options.get("mean"), std=options.get("std"))
+    except ModelSpecError as error:
+        raise ModelSpecError(f"cannot load the cache's model here: {error}") from None
+    expected = model_info.get("weights_sha256")
+    if expected and loaded.weights_sha256 != expected:
+        raise ModelSpecError(f"the model {spec} now has other weights than the cache was made with "
+                             "(checkpoint or weights file changed); re-run the explain job or restore them")
+    return loaded
 
 
 # ----------------------------------------------------------------------------------------------------------

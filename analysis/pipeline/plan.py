@@ -3,11 +3,10 @@ model, the device, the cache to write or resume (JobPlan, made by `prepare`). A 
 line, exit code 2, nothing written."""
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 
 from analysis.cache import (COMPACT_PREFIX, FORMAT_VERSION, MANIFEST_NAME, SHARD_PREFIX, SHARDS_DIR, CacheError,
                             CacheWriter, is_cache_entry, new_cache_id, now_iso)
-from analysis.commands.cli_types import low_rule_text
+from analysis.fgcam import LowRule, low_rule_text
 from analysis.pipeline.models import LoadedModel, ModelSpecError, load_model, preprocessing_fingerprint
 from analysis.cache.identity import RUNTIME_OPTIONS  # options that may differ between a run and its resume
 from analysis.pipeline.devices import pick_device
@@ -28,6 +27,50 @@ from analysis.pipeline.datasets import (DatasetError, DatasetListing, attach_box
 
 class SetupError(Exception):
     """A problem found before any work starts: printed as one line, exit code 2."""
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class ExplainOptions:
+    """What the explain job is asked to do: `python -m analysis explain`'s options, typed, with its defaults
+    (the command builds one from argparse; from Python, build one and call ``job.explain_dataset``). Each
+    field is the option of the same name (``faithfulness``: --faithfulness STEPS, 0 for off)."""
+
+    data: Path
+    out: Path
+    model: str
+    overwrite: bool = False
+    limit: int | None = None
+    classes: Path | None = None
+    weights: str | None = None
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    image_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    base: str = "gradcam"
+    target_layer: str = "input"
+    cam_layer: str | None = None
+    denoise: bool = False
+    low_rule: LowRule | None = None
+    faithfulness: int = 0
+    map_size: int = 64
+    descriptor_size: int = 16
+    masks: Path | None = None
+    boxes: Path | None = None
+    batch_size: int = 32
+    shard_size: int | None = None
+    device: str | None = None
+    workers: int = field(default_factory=_default_workers)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("data", "out", "classes", "checkpoint", "masks", "boxes"):   # a str from Python is a path
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, Path(getattr(self, name)))
 
 
 @dataclass
@@ -102,9 +145,7 @@ class JobPlan:
     existing: bool                    # an identical cache exists: resume it
     wipe: bool                        # --overwrite on an existing cache
     quiet: bool
-    cluster: bool                     # cluster every scope, then find the concepts, when the cache is complete
-                                      # (not --no-cluster)
-    seen: tuple                       # what --out held when the plan was made (_out_snapshot)
+    seen: tuple                       # what --out held when the plan was made (out_snapshot)
 
     @property
     def n_shards(self) -> int:
@@ -270,7 +311,7 @@ def _preprocessing_difference(old: dict[str, str] | None, new: dict[str, str]) -
     return f"preprocessing {changed(before)} -> {changed(after)}"
 
 
-def _out_snapshot(out: Path) -> tuple:
+def out_snapshot(out: Path) -> tuple:
     """What --out holds that the plan depends on: the manifest's bytes, and whether there are committed parts.
     Compared again once the lock is held, in case another job wrote --out in between."""
     manifest = out / MANIFEST_NAME
@@ -301,11 +342,12 @@ def _check_writable(out: Path) -> None:
             raise SetupError(f"--out {out}: cannot write in {target} ({reason}); choose a writable --out") from None
 
 
-def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
-    """Validate everything and build the plan; raises SetupError (nothing has been written yet)."""
+def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
+    """Validate everything and build the plan; raises SetupError (nothing has been written yet). Problems are
+    worded with the command line's option names (--out, --masks, ...), which are the fields of `options`."""
     from analysis.fgcam import FGCAM
 
-    out: Path = args.out
+    out: Path = options.out
     if out.exists() and not out.is_dir():
         raise SetupError(f"--out {out}: exists and is not a directory")
     _check_writable(out)  # before the model loads: a read-only --out must not cost the user a model load
@@ -316,103 +358,103 @@ def prepare(args: argparse.Namespace, ranks: Ranks) -> JobPlan:
             try:
                 existing_manifest = CacheWriter(out).read_manifest()
             except CacheError as error:
-                if not args.overwrite:
+                if not options.overwrite:
                     raise SetupError(f"{error}; use --overwrite to replace it") from None
         else:
             foreign = [p.name for p in out.iterdir() if not is_cache_entry(p.name)]
             if foreign:
                 raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "
                                  "choose a new or empty directory")
-            if _out_snapshot(out)[1] and not args.overwrite:
+            if out_snapshot(out)[1] and not options.overwrite:
                 raise SetupError(f"--out {out} holds explanation shards but no {MANIFEST_NAME}, so nobody knows "
                                  "which options made them and they cannot be resumed; use --overwrite to remove "
                                  "them, or another --out")
-    seen = _out_snapshot(out)
+    seen = out_snapshot(out)
 
-    for option, path in (("--masks", args.masks), ("--boxes", args.boxes), ("--classes", args.classes),
-                         ("--checkpoint", args.checkpoint)):
+    for option, path in (("--masks", options.masks), ("--boxes", options.boxes), ("--classes", options.classes),
+                         ("--checkpoint", options.checkpoint)):
         if path is not None and not path.exists():
             raise SetupError(f"{option} {path}: no such file or directory")
     try:
-        listing = list_dataset(args.data)
-        if args.masks is not None:
-            attach_masks(listing, args.masks)
-        if args.boxes is not None:
-            attach_boxes(listing, args.boxes)
+        listing = list_dataset(options.data)
+        if options.masks is not None:
+            attach_masks(listing, options.masks)
+        if options.boxes is not None:
+            attach_boxes(listing, options.boxes)
     except (DatasetError, OSError) as error:
         raise SetupError(str(error).splitlines()[0]) from None
     listed = len(listing.samples)
-    listing.samples = [listing.samples[i] for i in evenly_spaced(listed, args.limit)]
+    listing.samples = [listing.samples[i] for i in evenly_spaced(listed, options.limit)]
 
-    device = _pick_device(args.device, ranks)
+    device = _pick_device(options.device, ranks)
     try:
-        loaded = load_model(args.model, weights=args.weights, checkpoint=args.checkpoint,
-                            num_classes=args.num_classes, image_size=args.image_size, mean=args.mean, std=args.std)
+        loaded = load_model(options.model, weights=options.weights, checkpoint=options.checkpoint,
+                            num_classes=options.num_classes, image_size=options.image_size, mean=options.mean,
+                            std=options.std)
     except ModelSpecError as error:
         raise SetupError(str(error)) from None
     model = loaded.model.to(device)
     try:
-        explainer = FGCAM(model, base=args.base, cam_layer=args.cam_layer, denoise=args.denoise,
-                          low_rule=args.low_rule)
+        explainer = FGCAM(model, base=options.base, cam_layer=options.cam_layer, denoise=options.denoise,
+                          low_rule=options.low_rule)
     except ValueError as error:
         raise SetupError(str(error).splitlines()[0]) from None
     except Exception as error:  # UnsupportedOperation: a model the engine cannot trace
         raise SetupError(f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
-    outputs = _dry_run(loaded, explainer, listing, device, args.target_layer)
+    outputs = _dry_run(loaded, explainer, listing, device, options.target_layer)
     geometry = _geometry_record(loaded, listing)
     if listing.has_foreground and geometry["method"] == "unknown":
         raise SetupError(f"foreground masks/boxes cannot be placed: {geometry['transform']}; give the model a "
                          "transform that only resizes and crops (or use --image-size/--mean/--std)")
 
-    class_names = _class_mapping(listing, loaded, args.classes)
+    class_names = _class_mapping(listing, loaded, options.classes)
     if outputs != len(class_names):
-        source = f"--classes {args.classes} lists" if args.classes else "the dataset has"
+        source = f"--classes {options.classes} lists" if options.classes else "the dataset has"
         raise SetupError(f"the model has {outputs} outputs but {source} {len(class_names)} classes; "
                          "pass --classes FILE with one class name per model output (line i = output i)")
     index_of = {name: i for i, name in enumerate(class_names)}
     labels = [index_of[s.label_name] for s in listing.samples]
 
-    shard_size = args.shard_size
+    shard_size = options.shard_size
     if shard_size is None:
         previous = (existing_manifest or {}).get("options", {}).get("shard_size")
-        shard_size = int(previous) if previous and not args.overwrite else args.batch_size
-    options = {
-        "base": args.base, "target_layer": args.target_layer, "cam_layer": explainer.cam_layer,
-        "denoise": bool(args.denoise), "low_rule": low_rule_text(args.low_rule),
-        "batch_size": args.batch_size, "map_size": args.map_size,
-        "descriptor_size": args.descriptor_size, "faithfulness_steps": args.faithfulness,
-        "masks": _absolute(args.masks), "boxes": _absolute(args.boxes),
-        "limit": args.limit, "shard_size": shard_size, "classes": _absolute(args.classes),
-        "weights": args.weights, "image_size": args.image_size, "mean": args.mean, "std": args.std,
-        "preprocessing": loaded.preprocessing, "device": str(device), "workers": args.workers,
+        shard_size = int(previous) if previous and not options.overwrite else options.batch_size
+    recorded = {
+        "base": options.base, "target_layer": options.target_layer, "cam_layer": explainer.cam_layer,
+        "denoise": bool(options.denoise), "low_rule": low_rule_text(options.low_rule),
+        "batch_size": options.batch_size, "map_size": options.map_size,
+        "descriptor_size": options.descriptor_size, "faithfulness_steps": options.faithfulness,
+        "masks": _absolute(options.masks), "boxes": _absolute(options.boxes),
+        "limit": options.limit, "shard_size": shard_size, "classes": _absolute(options.classes),
+        "weights": options.weights, "image_size": options.image_size, "mean": options.mean, "std": options.std,
+        "preprocessing": loaded.preprocessing, "device": str(device), "workers": options.workers,
     }
     now = now_iso()
     manifest = {
         "format_version": FORMAT_VERSION, "cache_id": new_cache_id(), "created": now, "updated": now,
         "finished": None,
-        "model": {"spec": _normalised_spec(args.model), "weights_sha256": loaded.weights_sha256,
-                  "checkpoint": _absolute(args.checkpoint), "num_classes": outputs,
+        "model": {"spec": _normalised_spec(options.model), "weights_sha256": loaded.weights_sha256,
+                  "checkpoint": _absolute(options.checkpoint), "num_classes": outputs,
                   "preprocessing": preprocessing_fingerprint(loaded.transform, loaded.in_channels)},
         "dataset": {"root": str(listing.root), "kind": listing.kind, "fingerprint": listing.fingerprint(),
                     "n_images": len(listing.samples), "n_listed": listed,
                     "foreground": listing.has_foreground},
-        "options": options, "class_names": class_names, "geometry": geometry,
+        "options": recorded, "class_names": class_names, "geometry": geometry,
         "counts": {"images": len(listing.samples), "explained": 0, "errors": 0, "correct": 0},
         "software": _software_versions(), "world_size": ranks.world_size,
     }
     existing = False
-    if existing_manifest is not None and not args.overwrite:
+    if existing_manifest is not None and not options.overwrite:
         diffs = _differences(existing_manifest, manifest)
         if diffs:
             raise SetupError(f"--out {out} holds a cache made with different options ({'; '.join(diffs)}); "
                              "use --overwrite to replace it, or another --out")
         existing = True
         manifest = {**existing_manifest, "world_size": ranks.world_size, "geometry": geometry,
-                    "options": {**existing_manifest["options"], **{k: options[k] for k in RUNTIME_OPTIONS}}}
+                    "options": {**existing_manifest["options"], **{k: recorded[k] for k in RUNTIME_OPTIONS}}}
     return JobPlan(out=out, listing=listing, labels=labels, class_names=class_names, loaded=loaded,
-                   explainer=explainer, device=device, target_layer=args.target_layer, map_size=args.map_size,
-                   descriptor_size=args.descriptor_size, faithfulness_steps=args.faithfulness,
-                   shard_size=shard_size, batch_size=args.batch_size,
-                   workers=args.workers, manifest=manifest, existing=existing,
-                   wipe=bool(args.overwrite and out.is_dir()), quiet=args.quiet, seen=seen,
-                   cluster=not args.no_cluster)
+                   explainer=explainer, device=device, target_layer=options.target_layer, map_size=options.map_size,
+                   descriptor_size=options.descriptor_size, faithfulness_steps=options.faithfulness,
+                   shard_size=shard_size, batch_size=options.batch_size,
+                   workers=options.workers, manifest=manifest, existing=existing,
+                   wipe=bool(options.overwrite and out.is_dir()), quiet=options.quiet, seen=seen)

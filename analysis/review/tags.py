@@ -33,7 +33,6 @@ learning", JAIR 2021) on the class probabilities the job stores; "find more like
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import sqlite3
@@ -47,6 +46,7 @@ import pandas as pd
 
 from analysis.cache.identity import identity_record
 from analysis.cache import MANIFEST_NAME, Cache, CacheError, CacheWriter, load
+from analysis.cache.files import file_replaced_atomically
 from analysis.review.probe import as_ids, rank_by_probe
 
 DB_NAME = "review.sqlite"
@@ -276,26 +276,17 @@ class Review:
         while target.exists():
             target = self.root / f"{ASIDE_PREFIX}{stamp}-{number}.sqlite"
             number += 1
-        tmp = self.root / f".tmp-{target.name}.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        try:
-            with closing(sqlite3.connect(tmp, isolation_level=None)) as copy:
-                copy.execute("BEGIN")
-                for statement in _SCHEMA:
-                    copy.execute(statement)
-                for table in ("meta", "tags", "rejections"):
-                    rows = connection.execute(f"SELECT * FROM {table}").fetchall()
-                    if rows:
-                        marks = ", ".join("?" * len(rows[0]))
-                        copy.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
-                copy.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('set_aside', ?)", (_now(),))
-                copy.execute("COMMIT")
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with file_replaced_atomically(target) as tmp, closing(sqlite3.connect(tmp, isolation_level=None)) as copy:
+            copy.execute("BEGIN")
+            for statement in _SCHEMA:
+                copy.execute(statement)
+            for table in ("meta", "tags", "rejections"):
+                rows = connection.execute(f"SELECT * FROM {table}").fetchall()
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    copy.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+            copy.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('set_aside', ?)", (_now(),))
+            copy.execute("COMMIT")
         connection.execute("DELETE FROM tags")
         connection.execute("DELETE FROM rejections")
         connection.execute("DELETE FROM meta")

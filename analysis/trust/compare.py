@@ -3,7 +3,7 @@ they pass the sanity checks?
 
 On the same N sampled images and the same explained class (the model's prediction), six maps are scored
 with deletion and insertion curves (Petsiuk et al., "RISE", BMVC 2018; Gaussian-blurred baseline; see
-`analysis.trust.faithfulness`) at two layers -- the input, and an intermediate layer:
+`analysis.pipeline.faithfulness`) at two layers -- the input, and an intermediate layer:
 
   fgcam            FG-CAM (Qiu, Jin, Zhang, AAAI 2024, arXiv 2303.09171) on the chosen base CAM
   fgcam_denoised   the same with FG-CAM's low-rank denoising
@@ -22,18 +22,15 @@ paper's claim is that FG-CAM beats CAMs at shallow and intermediate layers and L
 The same methods then go through the sanity checks of `analysis.trust.sanity` (cascading model randomisation
 and class sensitivity, on a seeded subset of the sample: --sanity-sample, --randomise, --no-class-check).
 
-Method: `default_intermediate_layer`, `method_maps`, `compare_methods`, `summarise`. Machinery: sampling and
-loading images, `write_comparison` / `read_comparison` (the files the dashboard's "Trust" page reads, by
-default in CACHE/trust/). The command line (`python -m analysis compare-methods`) is
+Method: `compare_methods`, `summarise` (the maps: analysis.trust.methods). Machinery: sampling and loading
+images, `write_comparison` / `read_comparison` (the files the dashboard's "Trust" page reads through
+analysis.trust.page, by default in CACHE/trust/). The command line (`python -m analysis compare-methods`) is
 analysis/commands/compare_methods.py.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shlex
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,19 +38,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.cache import TRUST_DIR, cache_identity
-from analysis.fgcam.ops import PADS
-from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
-                                         deletion_insertion_curves)
+from analysis.cache.derived import COMPARISON
+from analysis.cache.files import file_replaced_atomically, write_json_atomic
+from analysis.pipeline.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, DEFAULT_STEPS,
+                                            deletion_insertion_curves)
+from analysis.trust.methods import METHODS, Explainers, method_label, method_maps
 
 
-METHODS = ("fgcam", "fgcam_denoised", "cam", "lrp", "random", "edge")
-BASE_LABELS = {"gradcam": "Grad-CAM", "scorecam": "Score-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-               "layercam": "LayerCAM"}
 TRUST_DIR_NAME = TRUST_DIR            # compare-methods --cache DIR writes DIR/trust/ (the Trust page reads it)
 
 
@@ -64,128 +58,6 @@ META_FILE, TABLE_FILE, CURVES_FILE, PER_IMAGE_FILE = ("comparison.json", "table.
                                                       "per_image.parquet")
 SANITY_FILE, SANITY_PER_IMAGE_FILE = "sanity.parquet", "sanity_per_image.parquet"
 DEFAULT_SAMPLE = 100
-
-
-def method_label(method: str, base: str) -> str:
-    """The name a table shows for a method."""
-    return {"fgcam": f"FG-CAM ({BASE_LABELS.get(base, base)})",
-            "fgcam_denoised": f"FG-CAM ({BASE_LABELS.get(base, base)}), denoised",
-            "cam": f"{BASE_LABELS.get(base, base)}, upsampled",
-            "lrp": "LRP (z+, z^B)", "random": "random map", "edge": "edge map (Sobel)"}[method]
-
-
-def default_intermediate_layer(explainer: Any, image: Tensor) -> str:
-    """A middle layer between the input and the CAM layer, from the model's own structure.
-
-    The modules (called once) strictly between the input and the CAM layer are grouped by the spatial size
-    of their output; of the distinct sizes, largest first, the middle one is taken (VGG-16: 56 x 56,
-    ResNet-50: 28 x 28), and at that size the outermost module, the last one in the graph (a stage's
-    output: ResNet's ``layer2``, VGG's last ReLU at 56 x 56). `image` [1, C, H, W] gives the shapes.
-    """
-    graph = explainer.graph
-    cam = graph.node_for(explainer.cam_layer)
-    between = graph.path(graph.input_node, cam) - {graph.input_node, cam}
-    # a pad module's output (EfficientNet's `static_padding`) is the layer below with a border: not a layer of
-    # its own, and its odd size would stand for a resolution of its own
-    candidates = [(name, outs[0]) for name, outs in graph.module_outputs.items()
-                  if len(outs) == 1 and outs[0] in between and not PADS.match(outs[0], graph.module(outs[0]))]
-    parameter = next(explainer.model.parameters(), None)
-    if parameter is not None:
-        image = image.to(parameter.device, parameter.dtype)
-    with torch.no_grad():
-        _, values = graph.run(image[:1], shapes={node for _, node in candidates})
-    spatial = [(name, node, tuple(values[node].shape[-2:])) for name, node in candidates
-               if isinstance(values.get(node), Tensor) and values[node].dim() == 4]
-    if not spatial:
-        raise ValueError(f"no module between the input and the CAM layer {explainer.cam_layer!r} outputs a "
-                         "spatial map; pass --layer NAME")
-    sizes = sorted({size for *_, size in spatial}, key=lambda s: (s[0] * s[1], s), reverse=True)
-    middle = sizes[len(sizes) // 2]
-    at_size = [(name, node) for name, node, size in spatial if size == middle]
-    outermost = min(name.count(".") for name, _ in at_size)
-    return max(((name, node) for name, node in at_size if name.count(".") == outermost),
-               key=lambda item: (graph.order[item[1]], -len(item[0])))[0]
-
-
-def check_intermediate_layer(explainers: "Explainers", layer: str) -> None:
-    """ValueError (one line) unless `layer` names a module whose output lies between the input and the CAM
-    layer, where FG-CAM, the upsampled CAM and LRP all have a map."""
-    graph = explainers.fgcam.graph
-    if layer == "input":
-        raise ValueError("--layer input: the input is always compared; name an intermediate layer")
-    node = graph.node_for(layer)  # ValueError naming known layers for an unknown name
-    cam = graph.node_for(explainers.fgcam.cam_layer)
-    if node is not cam and node not in graph.path(graph.input_node, cam):
-        raise ValueError(f"--layer {layer}: not between the input and the CAM layer {explainers.fgcam.cam_layer!r}; "
-                         "name a module below the CAM layer (or pass --cam-layer)")
-
-
-@dataclass
-class Explainers:
-    """The explainers of one comparison (each traces the model once)."""
-
-    fgcam: Any
-    fgcam_denoised: Any
-    lrp: Any
-    base: str
-
-    @classmethod
-    def build(cls, model: nn.Module, base: str = "gradcam", cam_layer: str | None = None,
-              low_rule: Any = None) -> "Explainers":
-        """``low_rule``: the engine's rule for the lowest convolutions (``analysis.fgcam.LowRule``; None: z+),
-        for FG-CAM, denoised or not, and LRP alike."""
-        from analysis.fgcam import FGCAM, LRP
-
-        plain = FGCAM(model, base=base, cam_layer=cam_layer, denoise=False, low_rule=low_rule)
-        denoised = FGCAM(model, base=base, cam_layer=plain.cam_layer, denoise=True, low_rule=low_rule)
-        return cls(plain, denoised, LRP(model, low_rule=low_rule), base)
-
-
-def random_maps(count_or_indices: Sequence[int], layer: str, size: tuple[int, int], seed: int) -> Tensor:
-    """float32 [N, h, w] uniform noise; image i's map depends only on (seed, its index, layer), so it does not
-    change with the batch size or with the other layers compared."""
-    out = torch.empty((len(count_or_indices), *size))
-    for row, index in enumerate(count_or_indices):
-        state = np.random.SeedSequence([seed, int(index), zlib.crc32(layer.encode())]).generate_state(2)
-        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        out[row] = torch.rand(size, generator=generator)
-    return out
-
-
-def edge_maps(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """float32 [N, h, w]: the Sobel gradient magnitude of each image's channel mean (edges replicated),
-    resized to `size` like a map of that layer (`upsample_maps`: area-like when shrinking). It reads the
-    image only: the reference a map that shows the image, not the model, looks like."""
-    from analysis.trust.faithfulness import upsample_maps
-
-    gray = F.pad(images.float().mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")
-    derivative = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device)
-    gx = F.conv2d(gray, derivative.view(1, 1, 3, 3))
-    gy = F.conv2d(gray, derivative.t().contiguous().view(1, 1, 3, 3))
-    return upsample_maps(torch.sqrt(gx * gx + gy * gy)[:, 0], *size)
-
-
-def method_maps(explainers: Explainers, method: str, images: Tensor, layer: str, classes: Tensor,
-                layer_size: tuple[int, int], image_indices: Sequence[int], seed: int = 0) -> Tensor:
-    """[N, h, w] maps of `method` for `classes` at `layer` (h, w = `layer_size`, the layer's resolution;
-    the input's for "input"); the faithfulness metrics upsample them to the input size. `image_indices`
-    and `seed` make the random maps reproducible per image."""
-    if method == "fgcam":
-        return explainers.fgcam(images, target_layer=layer, classes=classes).maps
-    if method == "fgcam_denoised":
-        return explainers.fgcam_denoised(images, target_layer=layer, classes=classes).maps
-    if method == "cam":
-        cam = explainers.fgcam(images, target_layer=explainers.fgcam.cam_layer, classes=classes).maps
-        if tuple(cam.shape[-2:]) == tuple(layer_size):
-            return cam
-        return F.interpolate(cam[:, None].float(), size=layer_size, mode="bilinear", align_corners=False)[:, 0]
-    if method == "lrp":
-        return explainers.lrp(images, target_layer=layer, classes=classes).maps
-    if method == "random":
-        return random_maps(image_indices, layer, layer_size, seed).to(images.device)
-    if method == "edge":
-        return edge_maps(images, layer_size)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 @dataclass
@@ -308,15 +180,12 @@ def write_comparison(comparison: MethodComparison, directory: Path) -> Path:
         for name in (SANITY_FILE, SANITY_PER_IMAGE_FILE):
             (directory / name).unlink(missing_ok=True)
     for name, frame in frames:
-        tmp = directory / f".tmp-{name}.{os.getpid()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, directory / name)
+        with file_replaced_atomically(directory / name) as tmp:
+            frame.to_parquet(tmp, index=False)
     meta = {"format_version": FORMAT_VERSION, **comparison.meta}
     if comparison.sanity is None:
         meta.pop("sanity", None)
-    tmp = directory / f".tmp-{META_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / META_FILE)
+    write_json_atomic(directory / META_FILE, meta)
     return directory
 
 
@@ -327,9 +196,8 @@ def read_comparison(directory: Path) -> MethodComparison:
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        cache = shlex.quote(str(directory.parent)) if directory.name == TRUST_DIR else "CACHE"
-        raise ComparisonError(f"no method comparison in {directory} (run `python -m analysis compare-methods "
-                              f"--cache {cache}` to make one)")
+        command = COMPARISON.command_line(directory.parent if directory.name == TRUST_DIR else "CACHE")
+        raise ComparisonError(f"no method comparison in {directory} (run `{command}` to make one)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format_version") not in READABLE_VERSIONS:
@@ -364,28 +232,6 @@ def made_for_another_cache(meta: dict[str, Any], manifest: dict[str, Any]) -> st
     if made < created:
         return f"it was made {meta['created']}, before this cache ({manifest['created']})"
     return None
-
-
-def trust_page_data(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """(table, mean curves, meta) of the comparison in `directory` (e.g. CACHE/trust), for the Trust page."""
-    comparison = read_comparison(directory)
-    return comparison.table, comparison.curves, comparison.meta
-
-
-def sanity_page_data(directory: Path, variant: str = "abs", metric: str = "spearman"
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
-    """For the Trust page: (randomisation curves -- `analysis.trust.sanity.sanity_curves`: mean and 95% band of
-    `metric` against the step, from the original model at step 0 --, the class check's rows of the
-    summary, the sanity meta with its "sentence"), or None when the comparison has no sanity checks.
-    ComparisonError as `read_comparison`."""
-    from analysis.trust.sanity import sanity_curves
-
-    comparison = read_comparison(directory)
-    if comparison.sanity is None:
-        return None
-    table = comparison.sanity
-    classes = table[(table["check"] == "class") & (table["variant"] == variant)].reset_index(drop=True)
-    return sanity_curves(table, variant, metric), classes, comparison.meta["sanity"]
 
 
 def _cell(row: Any, metric: str) -> str:

@@ -33,14 +33,15 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from analysis.trust.compare import TRUST_DIR_NAME
-from analysis.trust.faithfulness import DEFAULT_FORWARD_BATCH
-from analysis.trust.region_test import (DEFAULT_Q, _check_q, _probabilities, control_regions, load_inputs,
-                                    model_from_manifest, prototype_map, top_region)
+from analysis.cache.derived import INSERTION_TESTS
+from analysis.pipeline.faithfulness import DEFAULT_FORWARD_BATCH
+from analysis.pipeline.models import model_from_manifest
+from analysis.trust.region_test import (DEFAULT_Q, check_q, control_regions, load_inputs, model_probabilities,
+                                        prototype_map, top_region)
 
 DEFAULT_TARGETS = 200          # images of other classes the region is pasted into
 MAX_SOURCES = 500              # source images loaded at most (a seeded sample of a larger selection)
-INSERTION_DIR = Path(TRUST_DIR_NAME) / "insertion"   # under the cache directory, next to compare-methods
+INSERTION_DIR = Path(*INSERTION_TESTS.parts)   # under the cache directory, next to compare-methods
 FORMAT_VERSION = 1
 SUMMARY_FILE, PER_IMAGE_FILE = "summary.json", "per_image.parquet"
 
@@ -92,7 +93,7 @@ def insertion_test(model: nn.Module, sources: Tensor, targets: Tensor, into: int
     if sources.shape[1:] != targets.shape[1:]:
         raise ValueError(f"sources {tuple(sources.shape[1:])} and targets {tuple(targets.shape[1:])} differ in "
                          "size (a model transform without a fixed resize?)")
-    _check_q(q)
+    check_q(q)
     if not isinstance(forward_batch, int) or forward_batch < 1:
         raise ValueError(f"forward_batch must be a positive integer, got {forward_batch!r}")
     n, _, height, width = targets.shape
@@ -101,11 +102,11 @@ def insertion_test(model: nn.Module, sources: Tensor, targets: Tensor, into: int
     generator = np.random.default_rng(seed)
     pairing = generator.permutation(len(sources))[np.arange(n) % len(sources)]
     paired = sources[torch.from_numpy(pairing)]
-    before = _probabilities(model, targets, forward_batch)
+    before = model_probabilities(model, targets, forward_batch)
     if not 0 <= into < before.shape[1]:
         raise ValueError(f"class {into} is not an output of the model ({before.shape[1]} classes)")
-    pasted = _probabilities(model, paste_regions(targets, paired, region), forward_batch)
-    control = _probabilities(model, paste_regions(targets, paired, controls), forward_batch)
+    pasted = model_probabilities(model, paste_regions(targets, paired, region), forward_batch)
+    control = model_probabilities(model, paste_regions(targets, paired, controls), forward_batch)
     frame = pd.DataFrame({
         "target": np.arange(n), "source": pairing,
         "pred_before": before.argmax(1).numpy(), "pred_prototype": pasted.argmax(1).numpy(),
@@ -173,7 +174,7 @@ def insertion_test_on_cache(cache: Any, source_ids: Sequence[int] | np.ndarray, 
     source_ids = np.unique(np.asarray(source_ids, dtype=np.int64))
     if len(source_ids) == 0:
         raise ValueError("the selection is empty")
-    _check_q(q)
+    check_q(q)
     table = cache.table
     known = set(cache.ids.tolist())
     missing = [int(i) for i in source_ids if int(i) not in known]
@@ -264,7 +265,7 @@ class SavedInsertionTest:
 
 def read_insertion_reports(cache_root: Path) -> list[SavedInsertionTest]:
     """Every saved run in CACHE/trust/insertion/, newest first; unreadable ones are left out."""
-    base = Path(cache_root) / INSERTION_DIR
+    base = INSERTION_TESTS.path(cache_root)
     if not base.is_dir():
         return []
     found = []

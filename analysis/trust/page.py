@@ -2,8 +2,8 @@
 
 The page (dashboard/views/trust.py) only loads, calls this module and draws. Three families of results:
 
-* **Faithfulness** (deletion / insertion, `python -m analysis compare-methods`): `comparison_table`,
-  `curve_chart`.
+* **Faithfulness** (deletion / insertion, `python -m analysis compare-methods`): `trust_page_data` (the
+  stored comparison), `comparison_table`, `curve_chart`.
 * **Sanity checks** (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018; `analysis.trust.sanity`,
   stored by the same command): `sanity_curve_chart` (rank correlation or SSIM with the original map against
   how much of the model is re-initialised, per method, mean and 95% band), `class_check_chart`, and
@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import altair as alt
@@ -33,6 +34,8 @@ import pandas as pd
 from PIL import Image
 
 from analysis.explore import overlay, statistics as explore
+from analysis.trust.compare import read_comparison
+from analysis.trust.sanity import sanity_curves
 
 SIMILAR = 0.5          # rank correlation with the original map from which a map "changes little"
 DIFFERENT = 0.2        # ... under which it "changes a lot"
@@ -48,6 +51,26 @@ REFERENCE_METHODS = ("random", "edge")   # ignore the model: their maps never ch
 
 
 # ------------------------------------------------------------------------------------------------ faithfulness
+def trust_page_data(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(table, mean curves, meta) of the comparison in `directory` (e.g. CACHE/trust), for the Trust page."""
+    comparison = read_comparison(directory)
+    return comparison.table, comparison.curves, comparison.meta
+
+
+def sanity_page_data(directory: Path, variant: str = "abs", metric: str = "spearman"
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
+    """For the Trust page: (randomisation curves -- `analysis.trust.sanity.sanity_curves`: mean and 95% band of
+    `metric` against the step, from the original model at step 0 --, the class check's rows of the
+    summary, the sanity meta with its "sentence"), or None when the comparison has no sanity checks.
+    ComparisonError as `read_comparison`."""
+    comparison = read_comparison(directory)
+    if comparison.sanity is None:
+        return None
+    table = comparison.sanity
+    classes = table[(table["check"] == "class") & (table["variant"] == variant)].reset_index(drop=True)
+    return sanity_curves(table, variant, metric), classes, comparison.meta["sanity"]
+
+
 def comparison_table(table: pd.DataFrame, meta: dict) -> pd.DataFrame:
     """The comparison's table for people: mean ± 95% CI half-width and std of both AUCs, best per layer."""
     sizes = meta.get("layer_sizes", {})
@@ -89,7 +112,7 @@ def curve_chart(curves: pd.DataFrame, layer: str, curve: str) -> alt.Chart:
 
 # ------------------------------------------------------------------------------------------------ sanity checks
 def sanity_curve_chart(curves: pd.DataFrame, layer: str, metric: str = "spearman") -> alt.LayerChart:
-    """`curves` (`analysis.trust.compare.sanity_page_data`'s first item for `metric`) at `layer`: the mean similarity
+    """`curves` (`sanity_page_data`'s first item for `metric`) at `layer`: the mean similarity
     with the original map against the cascade's step (left: the original model, 1), one line per method, with
     its 95% band; the methods that ignore the model dashed."""
     data = curves[curves["layer"] == layer].dropna(subset=["mean"]).assign(

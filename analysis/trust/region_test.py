@@ -15,7 +15,7 @@ faithfulness metrics (Petsiuk et al. 2018), so that no new sharp edges appear.
 
 Method: `prototype_map`, `top_region`, `control_regions`, `blur_regions`, `shortcut_test`,
 `foreground_test`, `per_class_foreground`. Machinery: loading the cache's model and images
-(`model_from_manifest`, `load_inputs`), `shortcut_test_on_cache` for the dashboard. The command line
+(`analysis.pipeline.models.model_from_manifest`, `load_inputs`), `shortcut_test_on_cache` for the dashboard. The command line
 (`python -m analysis shortcut-test`) is analysis/commands/shortcut_test.py.
 """
 from __future__ import annotations
@@ -31,15 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.trust.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
-                                   logits_of, model_device_dtype, upsample_maps)
+from analysis.fgcam.explainer import logits_of
+from analysis.pipeline.faithfulness import (DEFAULT_BLUR_SIGMA, DEFAULT_FORWARD_BATCH, check_eval_mode, gaussian_blur,
+                                            model_device_dtype, upsample_maps)
+from analysis.pipeline.models import model_from_manifest
 
 
 DEFAULT_Q = 5.0            # percent of the image area
 CONTROL_TRIES = 16         # random placements tried per image; the one overlapping the region least is kept
 
 
-def _check_q(q: float) -> None:
+def check_q(q: float) -> None:
+    """ValueError unless `q` (the share of a map's pixels that make its region) is a percentage in (0, 100]."""
     if not (isinstance(q, (int, float)) and math.isfinite(q) and 0 < q <= 100):
         raise ValueError(f"q must be a percentage in (0, 100], got {q!r}")
 
@@ -62,14 +65,14 @@ def prototype_map(maps: np.ndarray | Tensor) -> np.ndarray:
 
 def region_pixel_count(num_pixels: int, q: float) -> int:
     """Pixels in "the top q%": ceil(q / 100 * num_pixels), at least 1."""
-    _check_q(q)
+    check_q(q)
     return max(1, math.ceil(q / 100.0 * num_pixels - 1e-9))
 
 
 def top_region(prototype: np.ndarray | Tensor, q: float, height: int, width: int) -> Tensor:
     """bool [height, width]: the top q% pixels of the prototype upsampled bilinearly to the input size
     (ties in row-major order, as the faithfulness metrics order pixels)."""
-    _check_q(q)
+    check_q(q)
     prototype = torch.as_tensor(np.asarray(prototype, dtype=np.float32))
     if prototype.dim() != 2:
         raise ValueError(f"the prototype must be a 2-D map [h, w], got shape {tuple(prototype.shape)}")
@@ -115,7 +118,7 @@ def blur_regions(images: Tensor, regions: Tensor, blur_sigma: float = DEFAULT_BL
     return torch.where(regions, gaussian_blur(images, blur_sigma), images)
 
 
-def _probabilities(model: nn.Module, images: Tensor, forward_batch: int) -> Tensor:
+def model_probabilities(model: nn.Module, images: Tensor, forward_batch: int) -> Tensor:
     """float32 [N, classes] softmax outputs, on the CPU."""
     check_eval_mode(model)
     device, dtype = model_device_dtype(model, images)
@@ -154,15 +157,15 @@ def shortcut_test(model: nn.Module, images: Tensor, labels: Tensor | None, proto
         raise ValueError(f"images must be [N, C, H, W] with N >= 1, got shape {tuple(images.shape)}")
     if labels is not None and torch.as_tensor(labels).shape != (len(images),):
         raise ValueError(f"labels must be a vector of {len(images)} class indices")
-    _check_q(q)
+    check_q(q)
     if not isinstance(forward_batch, int) or forward_batch < 1:
         raise ValueError(f"forward_batch must be a positive integer, got {forward_batch!r}")
     n, _, height, width = images.shape
     region = top_region(prototype, q, height, width)
     controls = control_regions(region, n, seed=seed)
-    before = _probabilities(model, images, forward_batch)
-    prototype_blurred = _probabilities(model, blur_regions(images, region, blur_sigma), forward_batch)
-    random_blurred = _probabilities(model, blur_regions(images, controls, blur_sigma), forward_batch)
+    before = model_probabilities(model, images, forward_batch)
+    prototype_blurred = model_probabilities(model, blur_regions(images, region, blur_sigma), forward_batch)
+    random_blurred = model_probabilities(model, blur_regions(images, controls, blur_sigma), forward_batch)
     pred = before.argmax(1)
     take = lambda probs: probs.gather(1, pred[:, None])[:, 0].numpy()  # noqa: E731 -- p(original prediction)
     frame = pd.DataFrame({
@@ -222,9 +225,9 @@ def foreground_test(model: nn.Module, images: Tensor, labels: Tensor | None, for
     if len(rows) == 0:
         return pd.DataFrame({name: pd.Series(dtype=float) for name in columns})
     images, mask = images[rows], foreground[rows]
-    full = _probabilities(model, images, forward_batch)
-    object_only = _probabilities(model, blur_regions(images, ~mask, blur_sigma), forward_batch)
-    background_only = _probabilities(model, blur_regions(images, mask, blur_sigma), forward_batch)
+    full = model_probabilities(model, images, forward_batch)
+    object_only = model_probabilities(model, blur_regions(images, ~mask, blur_sigma), forward_batch)
+    background_only = model_probabilities(model, blur_regions(images, mask, blur_sigma), forward_batch)
     pred = full.argmax(1)
     take = lambda probs: probs.gather(1, pred[:, None])[:, 0].numpy()  # noqa: E731
     label = (torch.as_tensor(labels).long().cpu()[rows].numpy() if labels is not None
@@ -255,35 +258,6 @@ def per_class_foreground(frame: pd.DataFrame, class_names: Sequence[str]) -> pd.
         })
     return pd.DataFrame(rows, columns=["class", "n", "accuracy_full", "accuracy_object_only",
                                        "accuracy_background_only", "kept_object_only", "kept_background_only"])
-
-
-def model_from_manifest(manifest: dict[str, Any]) -> Any:
-    """The model a cache was made with (`analysis.pipeline.models.LoadedModel`, eval mode, CPU), built from the
-    manifest's spec, checkpoint and preprocessing options.
-
-    Raises `analysis.pipeline.models.ModelSpecError` with one line saying why it cannot be loaded here (not
-    importable, file or weights missing, or weights that differ from those the cache was made with).
-    """
-    from analysis.pipeline.models import ModelSpecError, load_model
-
-    model_info = manifest.get("model") or {}
-    options = manifest.get("options") or {}
-    spec = model_info.get("spec")
-    if not spec:
-        raise ModelSpecError("the cache's manifest names no model")
-    checkpoint = model_info.get("checkpoint")
-    num_classes = model_info.get("num_classes") if str(spec).startswith("torchvision:") else None
-    try:
-        loaded = load_model(spec, weights=options.get("weights"), checkpoint=Path(checkpoint) if checkpoint else None,
-                            num_classes=num_classes, image_size=options.get("image_size"),
-                            mean=options.get("mean"), std=options.get("std"))
-    except ModelSpecError as error:
-        raise ModelSpecError(f"cannot load the cache's model here: {error}") from None
-    expected = model_info.get("weights_sha256")
-    if expected and loaded.weights_sha256 != expected:
-        raise ModelSpecError(f"the model {spec} now has other weights than the cache was made with "
-                             "(checkpoint or weights file changed); re-run the explain job or restore them")
-    return loaded
 
 
 def load_inputs(paths: Sequence[Path], transform: Any,
@@ -340,7 +314,7 @@ def shortcut_test_on_cache(cache: Any, ids: Sequence[int] | np.ndarray, q: float
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         raise ValueError("the selection is empty")
-    _check_q(q)
+    check_q(q)
     known = set(cache.ids.tolist())
     missing = [int(i) for i in ids if int(i) not in known]
     if missing:

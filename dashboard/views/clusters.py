@@ -17,6 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.cache import Cache
+from analysis.cache.derived import CLUSTERINGS, MissingResult, missing
 from analysis.explore import charts, cluster_display as display, cluster_offline
 from analysis.explore.cluster_data import LIVE_MAX, LIVE_MIN, cluster_label, prototype_tile, recluster_selection
 from analysis.review import Review, tag_views
@@ -31,14 +32,13 @@ VERDICT_ICONS = {"shortcut": ":red[**shortcut**]", "uses the object": ":green[us
                  "not tested": "not tested"}
 
 
-def missing_results(cache: Cache) -> str:
-    """One line: why there is nothing to show, and the command that makes it."""
+def missing_results(cache: Cache) -> MissingResult:
+    """Why there is nothing to show, and the command that makes it."""
     stored_dir = cluster_offline.results_root(cache.root) / cluster_offline.CLUSTERING_DIR
-    command = common.analysis_command(cache, "cluster")
-    if stored_dir.is_dir() and any(stored_dir.glob(f"*/{cluster_offline.SCOPE_PREFIX}*")):
-        return (f"The offline clustering is stale (computed on an older state of this cache, or by an older version "
-                f"of the code): run `{command}` to redo it.")
-    return f"No offline clustering for this cache yet: run `{command}` (the explain job runs it at its end)."
+    stale = stored_dir.is_dir() and any(stored_dir.glob(f"*/{cluster_offline.SCOPE_PREFIX}*"))
+    return missing(CLUSTERINGS, cache.root, "stale" if stale else "missing",
+                   "computed on an older state of this cache, or by an older version of the code",
+                   note="The explain job runs it at its end.")
 
 
 @st.cache_resource(show_spinner="Reading the clustering ...", max_entries=8)
@@ -282,7 +282,7 @@ def main() -> None:
                "so a shortcut shows first.")
     scopes = cluster_offline.fresh_scopes(cache)
     if not scopes:
-        st.info(missing_results(cache), icon=":material/info:")
+        common.show_missing(missing_results(cache))
         st.stop()
     scope, stored = choose_clustering(cache, scopes)
     for message in stored.messages:      # e.g. every map of the scope alike: one cluster

@@ -13,6 +13,7 @@ import streamlit as st
 
 from analysis.explore import cluster_offline, statistics as explore, overlay, report
 from analysis.cache import Cache
+from analysis.cache.derived import CLASS_MAPS, missing
 from analysis.cache.classes import class_names
 from dashboard import common, tagging
 
@@ -132,9 +133,8 @@ def main() -> None:
     means = mean_maps(cache, class_maps_stamp(cache))
     if means is None:
         stale = (cluster_offline.results_root(cache.root) / cluster_offline.CLASS_MAPS_FILE).exists()
-        command = common.analysis_command(cache, "cluster")
-        st.info(f"The per-class mean maps {'are stale (computed on an older state of this cache)' if stale else 'have not been computed for this cache'}: "
-                f"run `{command}` (the explain job runs it at its end).", icon=":material/info:")
+        common.show_missing(missing(CLASS_MAPS, cache.root, "stale" if stale else "missing",
+                                    note="The explain job runs it at its end."))
         st.stop()
     classes = [int(c) for c in np.nonzero(means.n_correct + means.n_wrong)[0]]   # the true classes present
 

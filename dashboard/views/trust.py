@@ -19,8 +19,10 @@ import streamlit as st
 
 from analysis.cache import Cache, CacheError
 from analysis.cache.classes import class_names
+from analysis.cache.derived import COMPARISON, INSERTION_TESTS, SANITY_CHECKS, missing
 from analysis.explore import charts
 from analysis.trust import compare, page as trust_page, sanity
+from analysis.trust.methods import BASE_LABELS
 from dashboard import common
 
 if TYPE_CHECKING:   # the region test imports torch: the page loads it only when the test runs
@@ -38,20 +40,19 @@ def faithfulness_section(cache: Cache) -> bool:
     """Deletion / insertion from the stored comparison; True when it is shown (it belongs to this cache)."""
     st.header("Are the maps faithful?")
     directory = cache.root / compare.TRUST_DIR_NAME
+    problem = None
     try:
-        table, curves, meta = compare.trust_page_data(directory)
+        table, curves, meta = trust_page.trust_page_data(directory)
         stale = compare.made_for_another_cache(meta, cache.manifest)
+        if stale:
+            problem = missing(COMPARISON, cache.root, "stale", f"it does not belong to this cache: {stale}")
     except compare.ComparisonError as error:
         if (directory / compare.META_FILE).exists():
-            st.warning(f"The method comparison cannot be read: {error}. Make it again with:")
+            problem = missing(COMPARISON, cache.root, "unreadable", str(error))
         else:
-            st.info(f"No method comparison for this cache yet (nothing in `{directory}`). Make one with:")
-        stale = ""
-    if stale is not None:
-        if stale:
-            st.warning(f"The method comparison in `{directory}` does not belong to this cache: {stale}. It is not "
-                       "shown; make it again with:")
-        st.code(common.analysis_command(cache, "compare-methods"), language="bash")
+            problem = missing(COMPARISON, cache.root)
+    if problem is not None:
+        common.show_missing(problem)
         st.caption("It scores FG-CAM, FG-CAM denoised, the plain CAM, LRP and a random map on a sample of the "
                    "cache's images (--sample, default 100), runs the sanity checks, and writes them to "
                    "CACHE/trust/; reload this page when it has finished.")
@@ -60,7 +61,7 @@ def faithfulness_section(cache: Cache) -> bool:
             f"Deletion blurs an image's most relevant pixels first: a faithful map makes the class probability "
             f"fall fast (**lower area under the curve is better**). Insertion restores them into a blurred image: "
             f"it should rise fast (**higher is better**). {meta.get('n_images', '?')} images, "
-            f"{meta.get('steps', '?')} steps, FG-CAM on {compare.BASE_LABELS.get(meta.get('base'), meta.get('base'))} "
+            f"{meta.get('steps', '?')} steps, FG-CAM on {BASE_LABELS.get(meta.get('base'), meta.get('base'))} "
             f"(CAM layer `{meta.get('cam_layer', '?')}`); ± is the 95% confidence interval of the mean.")
         st.dataframe(trust_page.comparison_table(table, meta), hide_index=True, width="stretch")
         for layer in meta.get("layers") or table["layer"].unique().tolist():
@@ -86,7 +87,7 @@ def faithfulness_section(cache: Cache) -> bool:
                     charts.histogram_frame(values, bins=30, value_range=(0, 1)),
                     f"{metric} ({better} is better), median {np.nanmedian(values):.3f}", width=360, height=180),
                     width="content")
-    return stale is None
+    return problem is None
 
 
 # ------------------------------------------------------------------------------------------------ sanity checks
@@ -94,21 +95,21 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
     """The sanity checks stored with the comparison: curves against randomised depth, the class check, and
     what they mean in one sentence per layer."""
     st.header("Does the map depend on the model, and on the class?")
-    command = common.analysis_command(cache, "compare-methods")
     if not comparison_shown:
-        st.caption(f"No sanity checks for this cache: they are made with the method comparison (`{command}`).")
+        st.caption("No sanity checks for this cache: they are made with the method comparison (above).")
         return
     directory = cache.root / compare.TRUST_DIR_NAME
     variant = common.query_value("sn_variant", "abs", choices=list(sanity.VARIANTS))
     metric = common.query_value("sn_metric", "spearman", choices=list(trust_page.SANITY_METRICS))
     try:
-        found = compare.sanity_page_data(directory, variant, "spearman")
-        shown = compare.sanity_page_data(directory, variant, metric) if found is not None else None
+        found = trust_page.sanity_page_data(directory, variant, "spearman")
+        shown = trust_page.sanity_page_data(directory, variant, metric) if found is not None else None
     except compare.ComparisonError as error:
         st.warning(f"The sanity checks cannot be read: {error}")
         return
     if found is None:
-        st.caption(f"No sanity checks in this comparison (made without them): run `{command}` again.")
+        common.show_missing(missing(SANITY_CHECKS, cache.root, note="The comparison stored here was made without "
+                                    "them."))
         return
     curves, classes, meta = found
     st.markdown(
@@ -161,17 +162,17 @@ def insertion_section(cache: Cache) -> None:
                 "map points to is cut out of its images and pasted into images of other classes; we count the "
                 "predictions that flip to the selection's class, against pasting a random region of the same size. "
                 "A shortcut flips far more with the region.")
-    command = common.analysis_command(cache, "insertion-test", "--tag", "shortcut")
     saved = read_insertion_reports(cache.root)
+    note = ("Tag a suspicious cluster first (Clusters page), or select with `--pred CLASS`, `--class CLASS` or "
+            "`--ids FILE`; then reload this page.")
     if not saved:
-        st.caption(f"No insertion test saved for this cache. Tag a suspicious cluster (Clusters page), then run "
-                   f"`{command}` (or `--pred CLASS`, `--class CLASS`, `--ids FILE`), and reload this page.")
+        common.show_missing(missing(INSERTION_TESTS, cache.root, note=note, options=("--tag", "shortcut")))
         return
     old = [run.name for run in saved if trust_page.made_before_cache(run.modified, cache.manifest)]
     saved = [run for run in saved if run.name not in old]
     if old:
-        st.warning(f"{len(old)} saved insertion test(s) are older than this cache and are not shown (their ids may "
-                   "name other images now): run them again.")
+        common.show_missing(missing(INSERTION_TESTS, cache.root, "stale", f"{len(old)} saved test(s) are older than "
+                                    "this cache, their ids may name other images now", note, ("--tag", "shortcut")))
     if not saved:
         return
     table = trust_page.insertion_table(saved)
@@ -189,13 +190,14 @@ def insertion_section(cache: Cache) -> None:
                        width=INSERTION_TILE,
                        caption=f"{run.description} → {run.into_name}: the pasted region (red) on the selection's "
                                "mean image")
-    st.caption(f"Run another: `{command}` (see --help for --into, --q, --targets).")
+    st.caption(f"Run another: `{INSERTION_TESTS.command_line(cache.root, '--tag', 'shortcut')}` (see --help for "
+               "--into, --q, --targets).")
 
 
 # ------------------------------------------------------------------------------------------------ shortcut test
 @st.cache_resource(show_spinner="Loading the cache's model ...", max_entries=2)
 def cached_model(_cache: Cache, key: str):  # -> analysis.models.LoadedModel; errors are not cached
-    from analysis.trust.region_test import model_from_manifest
+    from analysis.pipeline.models import model_from_manifest
 
     return model_from_manifest(_cache.manifest)
 

@@ -3,8 +3,6 @@ CACHE/analysis/class_maps.parquet."""
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,9 +14,10 @@ from scipy import sparse
 
 from analysis.explore import statistics as explore
 from analysis.explore.clustering import SPATIAL_DESCRIPTOR_KINDS
-from analysis.explore.cluster_offline.settings import (CLASS_MAPS_FILE, FORMAT_VERSION, TMP_PREFIX, cache_fingerprint,
+from analysis.explore.cluster_offline.settings import (CLASS_MAPS_FILE, FORMAT_VERSION, cache_fingerprint,
                                                        class_names_of)
-from analysis.explore.cluster_offline.store import _now, results_root
+from analysis.cache.files import now_iso
+from analysis.explore.cluster_offline.store import results_root
 
 
 @dataclass
@@ -103,7 +102,7 @@ def compute_class_aggregates(cache: Any, chunk_rows: int = 4096,
 
 def write_class_aggregates(cache_root: Path | str, aggregates: ClassAggregates, fingerprint: str) -> Path:
     """CACHE/analysis/class_maps.parquet: one row per (group, class) with its count and flattened mean."""
-    from analysis.cache.files import _save_parquet
+    from analysis.cache.files import file_replaced_atomically, save_parquet
 
     maps = aggregates.maps
     records = {"group": [], "class": [], "n": [], "values": []}
@@ -125,16 +124,10 @@ def write_class_aggregates(cache_root: Path | str, aggregates: ClassAggregates, 
                       "values": pa.array(records["values"], pa.list_(pa.float32()))})
     table = table.replace_schema_metadata({b"fgcam_class_maps": json.dumps(
         {"format_version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "map_size": int(maps.correct.shape[-1]),
-         "created": _now()}).encode()})
-    root = results_root(cache_root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / CLASS_MAPS_FILE
-    tmp = root / f"{TMP_PREFIX}{CLASS_MAPS_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        _save_parquet(tmp, table)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+         "created": now_iso()}).encode()})
+    final = results_root(cache_root) / CLASS_MAPS_FILE
+    with file_replaced_atomically(final) as tmp:
+        save_parquet(tmp, table)
     return final
 
 

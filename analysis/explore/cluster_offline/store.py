@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.cache.files import now_iso
 from analysis.explore.clustering import ClusteringSettings
 from analysis.explore.cluster_offline.settings import (CLUSTERING_DIR, DEFAULT_SCOPES, DENSITY_BINS, FORMAT_VERSION,
                                                        RESULTS_DIR, SCOPE_PREFIX, TMP_PREFIX,
@@ -27,10 +27,6 @@ def results_root(cache_root: Path | str) -> Path:
 
 def run_dir(cache_root: Path | str, settings: ClusteringSettings) -> Path:
     return results_root(cache_root) / CLUSTERING_DIR / settings.key()
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _density(coords: np.ndarray, bins: int = DENSITY_BINS) -> tuple[np.ndarray, list[float], list[float]]:
@@ -48,7 +44,7 @@ def _density(coords: np.ndarray, bins: int = DENSITY_BINS) -> tuple[np.ndarray, 
 def write_scope_result(target_dir: Path, result: ScopeResult, settings: ClusteringSettings, fingerprint: str) -> Path:
     """Write a scope's result as one folder, atomically (temporary folder, fsync, rename); an older result of
     the same scope (a stale one) is replaced."""
-    from analysis.cache.files import _save_npy, _save_parquet, folder_replaced_atomically
+    from analysis.cache.files import save_npy, save_parquet, folder_replaced_atomically
 
     final = target_dir / scope_folder(result.scope)
     with folder_replaced_atomically(final) as tmp:
@@ -63,14 +59,14 @@ def write_scope_result(target_dir: Path, result: ScopeResult, settings: Clusteri
                    "sample_rank": pa.array(sample_rank[order], pa.int32())}
         for name, labels in result.labels.items():
             columns[name] = pa.array(np.asarray(labels, np.int32)[order], pa.int32())
-        _save_parquet(tmp / "assignments.parquet", pa.table(columns))
-        _save_parquet(tmp / "summary.parquet", pa.Table.from_pandas(result.summary, preserve_index=False))
-        _save_npy(tmp / "prototypes.npy", result.prototypes.astype(np.float32))
+        save_parquet(tmp / "assignments.parquet", pa.table(columns))
+        save_parquet(tmp / "summary.parquet", pa.Table.from_pandas(result.summary, preserve_index=False))
+        save_npy(tmp / "prototypes.npy", result.prototypes.astype(np.float32))
         counts, x_range, y_range = _density(result.coords)
-        _save_npy(tmp / "density.npy", counts)
+        save_npy(tmp / "density.npy", counts)
         meta = {
             "format_version": FORMAT_VERSION, "scope": result.scope, "run": settings.key(),
-            "settings": settings.as_dict(), "cache_fingerprint": fingerprint, "created": _now(), "n": int(n),
+            "settings": settings.as_dict(), "cache_fingerprint": fingerprint, "created": now_iso(), "n": int(n),
             "eigenvalues": [float(v) for v in result.eigenvalues], "suggested_k": int(result.suggested_k),
             "clusterings": result.clusterings, "messages": result.messages,
             "embedding": asdict(result.embedding), "knn": result.knn_method, "components": result.n_components,

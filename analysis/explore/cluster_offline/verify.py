@@ -3,8 +3,6 @@ prototype region and the verdict rule documented at `verdict`."""
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,8 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.explore.clustering import Progress
-from analysis.explore.cluster_offline.settings import TMP_PREFIX, TOP_TO_VERIFY
-from analysis.explore.cluster_offline.store import StoredScope, _now
+from analysis.explore.cluster_offline.settings import TOP_TO_VERIFY
+from analysis.cache.files import now_iso
+from analysis.explore.cluster_offline.store import StoredScope
 
 
 @dataclass(frozen=True)
@@ -132,19 +131,15 @@ def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, proto
 def _write_verification(cache: Any, stored: StoredScope, frame: pd.DataFrame, options: VerifyOptions,
                         alpha: float) -> None:
     """verification.parquet next to the scope's result (atomic rename), with what it was made with."""
-    from analysis.cache.files import _save_parquet
+    from analysis.cache.files import file_replaced_atomically, save_parquet
 
-    meta = {"options": options.as_dict(), "alpha": alpha, "created": _now(),
+    meta = {"options": options.as_dict(), "alpha": alpha, "created": now_iso(),
             "model_sha256": (cache.manifest.get("model") or {}).get("weights_sha256"),
             "cache_fingerprint": stored.meta.get("cache_fingerprint")}
     table_out = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(
         {b"fgcam_verification": json.dumps(meta).encode()})
-    tmp = stored.path / f"{TMP_PREFIX}verification.{os.getpid()}.{uuid.uuid4().hex[:8]}.parquet"
-    try:
-        _save_parquet(tmp, table_out)
-        os.replace(tmp, stored.path / "verification.parquet")
-    finally:
-        tmp.unlink(missing_ok=True)
+    with file_replaced_atomically(stored.path / "verification.parquet") as tmp:
+        save_parquet(tmp, table_out)
 
 
 def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyOptions, alpha: float,

@@ -123,7 +123,8 @@ def _block_seed(seed: int, block: Block) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
+def own_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """A module's own parameters and buffers by name (not its children's): what re-initialising it replaces."""
     return dict([*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)])
 
 
@@ -143,7 +144,7 @@ def randomised_tensors(model: nn.Module, block: Block, seed: int
                 with torch.no_grad():
                     twin.reset_parameters()
                 how[name] = "reset_parameters"
-                values[name] = {key: value.detach().clone() for key, value in _own_tensors(twin).items()}
+                values[name] = {key: value.detach().clone() for key, value in own_tensors(twin).items()}
             else:
                 values[name] = {key: value.detach().flatten()[torch.randperm(value.numel(), generator=generator)]
                                 .view_as(value).clone() for key, value in twin.named_parameters(recurse=False)}
@@ -155,7 +156,7 @@ def load_tensors(model: nn.Module, values: dict[str, dict[str, Tensor]]) -> None
     """Copy {module name: {tensor name: value}} into the model's own tensors, in place."""
     with torch.no_grad():
         for name, tensors in values.items():
-            own = _own_tensors(model.get_submodule(name))
+            own = own_tensors(model.get_submodule(name))
             for key, value in tensors.items():
                 own[key].copy_(value)
 

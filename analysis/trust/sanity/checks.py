@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from analysis.trust.compare import BASE_LABELS, METHODS, Explainers, method_label, method_maps
-from analysis.trust.sanity.blocks import (CHECKS, DEFAULT_POOLED_SIZE, VARIANTS, VARIANT_LABELS, _own_tensors,
+from analysis.trust.methods import BASE_LABELS, METHODS, Explainers, method_label, method_maps
+from analysis.trust.sanity.blocks import (CHECKS, DEFAULT_POOLED_SIZE, VARIANTS, VARIANT_LABELS, own_tensors,
                                           blocks_below_head, default_depths, load_tensors, model_blocks,
                                           randomised_tensors, resolve_depths, step_label)
 from analysis.trust.sanity.similarity import map_variants, rank_rows, spearman_rows, ssim_rows
@@ -106,7 +106,7 @@ def sanity_checks(model: nn.Module, images: Tensor, layers: Sequence[str] = ("in
         values, block_how = randomised_tensors(twin, block, seed)
         randomised[block.name] = values
         how.update(block_how)
-    original = {name: {key: value.detach().clone() for key, value in _own_tensors(twin.get_submodule(name)).items()}
+    original = {name: {key: value.detach().clone() for key, value in own_tensors(twin.get_submodule(name)).items()}
                 for block in needed for name in block.modules}
     parameter = next(twin.parameters(), None)
     device = parameter.device if parameter is not None else images.device

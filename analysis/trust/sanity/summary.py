@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.trust.compare import BASE_LABELS
+from analysis.trust.methods import BASE_LABELS
 from analysis.trust.sanity.blocks import METRICS, short_step_label
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 # Reading the logits from a model output (a tensor, or the first tensor of a tuple such as GoogLeNet's) has one
 # home: the engine's (analysis/fgcam/explainer.py).
-from analysis.fgcam.explainer import _logits as logits_of  # noqa: F401 (also used by trust.region_test)
+from analysis.fgcam.explainer import logits_of
 
 
 DEFAULT_STEPS = 20
