@@ -168,3 +168,23 @@ def test_an_honest_weak_model_is_not_flagged_but_its_permutation_is() -> None:
         assert found is not None and len(found.mapping) >= 3 and found.remapped_accuracy - found.accuracy > 0.2
         inverse = np.argsort(permutation)
         assert all(inverse[a] == b for a, b in found.mapping.items()), found.mapping
+
+
+def test_check_model_warns_on_a_permuted_labelled_folder_only(tmp_path: Path, capsys) -> None:
+    """`check-model --images` on the renamed folder (in this process, the real command): the one warning line
+    with the mapping; on the ordered folder, and on a folder without class folders, none."""
+    from tests.helpers import TINY_MODEL_FILE, run_main
+
+    ordered, renamed, checkpoint = _permuted_folders(tmp_path)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(ordered / "cat" / "img_000.png", flat / "a.png")
+    model = ("--model", f"{TINY_MODEL_FILE}:tiny_cnn", "--checkpoint", str(checkpoint), "--device", "cpu")
+    code, out, err = run_main(capsys, "check-model", *model, "--images", str(renamed))
+    assert code == 0 and "conservation" in out, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: labels and model outputs")]
+    assert len(warnings) == 1 and "look permuted" in warnings[0], err
+    assert "ant -> output 1 (moose)" in warnings[0] and "(here likely: zebra, ant, moose)" in warnings[0]
+    for folder in (ordered, flat):
+        code, out, err = run_main(capsys, "check-model", *model, "--images", str(folder))
+        assert code == 0 and "conservation" in out and "warning: labels" not in err, err

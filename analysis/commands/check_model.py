@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from analysis.commands.check_labels import warn_about_labels
 from analysis.commands.cli_types import positive_int
 from analysis.pipeline.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
 from analysis.pipeline.datasets import IMAGE_EXTENSIONS, evenly_spaced, load_image, to_model_mode
@@ -494,4 +495,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {_first_line(error)}", file=sys.stderr)
         return 2
     print(to_json(check) if args.json else format_report(check))
+    warn_about_labels(args.images, loaded, device)
     return 0 if check.explainable else 1
