@@ -61,12 +61,18 @@ def make_imagenet_crop_cache(out_dir: Path | str, per_photo: int = CROPS_PER_PHO
         return cache
     write_crops(out_dir / "crops", per_photo)
     (out_dir / "imagenet_classes.txt").write_text("\n".join(imagenet_class_names()) + "\n", encoding="utf-8")
-    arguments = ["explain", "--data", str(out_dir / "crops"), "--model", f"{IMAGENET_MODEL_FILE}:efficientnet_lite0",
-                 "--classes", str(out_dir / "imagenet_classes.txt"), "--out", str(cache), "--device", "cpu",
-                 "--workers", "0", "--batch-size", "8", "--map-size", "28", "--descriptor-size", "4", "--quiet"]
-    done = subprocess.run([sys.executable, "-m", "analysis", *arguments], cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
-                          timeout=1200)
-    if done.returncode != 0:
-        raise RuntimeError(f"the explain job failed ({done.returncode}): {done.stderr[-2000:]}")
+    crops, model = str(out_dir / "crops"), f"{IMAGENET_MODEL_FILE}:efficientnet_lite0"
+    # The job without its offline analysis, then the clustering and small concepts (2 per class, 2 references):
+    # the concepts' defaults take the job's time again several times over, and the pages only need some.
+    steps = (["explain", "--data", crops, "--model", model, "--classes", str(out_dir / "imagenet_classes.txt"),
+              "--out", str(cache), "--device", "cpu", "--workers", "0", "--batch-size", "8", "--map-size", "28",
+              "--descriptor-size", "4", "--quiet", "--no-cluster"],
+             ["cluster", "--cache", str(cache), "--quiet"],
+             ["concepts", "--cache", str(cache), "--top", "2", "--references", "2", "--quiet"])
+    for arguments in steps:
+        done = subprocess.run([sys.executable, "-m", "analysis", *arguments], cwd=REPO_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                              timeout=1200)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{arguments[0]}` failed ({done.returncode}): {done.stderr[-2000:]}")
     return cache
