@@ -25,8 +25,10 @@ LABEL_ERROR_TOP = 24
 PAIRS_PER_PAGE = 8
 PAIR_TILE = 150
 MATRIX_CLASSES = 20        # classes drawn at first when more occur (a 1,000-output model)
-MAX_MATRIX_CLASSES = 40    # the most that stay readable in the matrix's column
+MAX_MATRIX_CLASSES = 30    # the most that stay readable in the matrix's column (11 px rows)
 TOP_CONFUSIONS = 10
+MATRIX_SIDE = 340          # px: the matrix, its class names and legend fit the left column beside the top confusions
+MIN_CELL = 11              # px: a row still fits its class name, a cell is still clickable
 NO_CLASS = -1              # "no class searched" in the find box (its options are ints, as the URL casts them)
 
 
@@ -198,7 +200,9 @@ def main() -> None:
     frame = explore.confusion_frame(matrix, names, shown)
     left, right = st.columns([3, 2])
     with left:
-        event = common.altair_chart(charts.confusion_chart(frame, value=value, selectable=True, selected=selected),
+        cell = max(MIN_CELL, min(28, MATRIX_SIDE // max(1, len(shown))))   # the matrix fits its column
+        event = common.altair_chart(charts.confusion_chart(frame, value=value, selectable=True, selected=selected,
+                                                           cell_size=cell),
                                     on_select="rerun", key="mk_matrix", width="content")
         common.chart_png_download("Confusion matrix (PNG)", charts.confusion_chart(frame, value=value,
                                                                                    selectable=False),
