@@ -16,7 +16,8 @@ from analysis.commands.cli_types import DefaultsHelpFormatter, OneLineParser
 COMMANDS: list[str] = ["analysis.commands.explain", "analysis.commands.check_model",
                        "analysis.commands.compare_methods", "analysis.commands.shortcut_test",
                        "analysis.commands.insertion_test", "analysis.commands.export", "analysis.commands.cluster",
-                       "analysis.commands.concepts"]
+                       "analysis.commands.concepts", "analysis.commands.findings",
+                       "analysis.commands.label_errors"]
 
 
 def _import_command(module_name: str) -> tuple[ModuleType | None, str | None]:

@@ -14,17 +14,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` 
 
 from dashboard import common, tagging  # noqa: E402
 
-PAGES = [  # (file, title, url path, icon); adding a page is one line here
-    ("overview.py", "Overview", "overview", ":material/dashboard:"),
-    ("clusters.py", "Clusters", "clusters", ":material/scatter_plot:"),
-    ("background.py", "Background attention", "background", ":material/filter_center_focus:"),
-    ("per_class.py", "Per-class maps", "per-class", ":material/grid_view:"),
-    ("mistakes.py", "Mistakes", "mistakes", ":material/rule:"),
-    ("image.py", "Image", "image", ":material/image:"),
-    ("trust.py", "Trust", "trust", ":material/verified:"),
-    ("review.py", "Find more like these", "review", ":material/sell:"),
-    ("concepts.py", "Concepts", "concepts", ":material/psychology:"),
-]
+PAGES = {  # sidebar section -> (file, title, url path, icon); adding a page is one line here. The sections follow
+    # the user's path: find what the model does, check it on single images and against other methods, fix it.
+    "Find": [
+        ("findings.py", "Findings", "findings", ":material/lightbulb:"),
+        ("overview.py", "Overview", "overview", ":material/dashboard:"),
+        ("clusters.py", "Clusters", "clusters", ":material/scatter_plot:"),
+        ("background.py", "Background attention", "background", ":material/filter_center_focus:"),
+        ("per_class.py", "Per-class maps", "per-class", ":material/grid_view:"),
+        ("concepts.py", "Concepts", "concepts", ":material/psychology:"),
+    ],
+    "Check": [
+        ("mistakes.py", "Mistakes", "mistakes", ":material/rule:"),
+        ("image.py", "Image", "image", ":material/image:"),
+        ("trust.py", "Trust", "trust", ":material/verified:"),
+    ],
+    "Fix": [
+        ("review.py", "Find more like these", "review", ":material/sell:"),
+    ],
+}
 
 st.set_page_config(page_title="FG-CAM explanations", page_icon=":material/center_focus_strong:", layout="wide")
 st.set_option("client.showErrorDetails", "none")  # behind common.run_guarded: no stack trace ever reaches a page
@@ -33,8 +41,11 @@ if cache is None:
     navigation = st.navigation([st.Page(common.no_cache_page, title="No cache", url_path="no-cache", default=True)])
 else:
     here = Path(__file__).resolve().parent / "views"
-    navigation = st.navigation([st.Page(here / file, title=title, url_path=url, icon=icon, default=i == 0)
-                                for i, (file, title, url, icon) in enumerate(PAGES) if (here / file).exists()])
+    first = next(iter(PAGES.values()))[0][0]
+    navigation = st.navigation({section: [st.Page(here / file, title=title, url_path=url, icon=icon,
+                                                  default=file == first)
+                                          for file, title, url, icon in pages if (here / file).exists()]
+                                for section, pages in PAGES.items()})
     common.sidebar_summary(cache)
     tagging.who_sidebar()
 common.run_guarded(navigation.run)

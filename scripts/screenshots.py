@@ -58,7 +58,8 @@ def pages_for(cache_dir: Path | None) -> list[PageShot]:
             if len(top):
                 mistakes = f"/mistakes?true={int(top['true'][0])}&pred={int(top['pred'][0])}"
     return [
-        PageShot("overview", "/", "overview.py", None),
+        PageShot("findings", "/", "findings.py", "Findings"),
+        PageShot("overview", "/overview", "overview.py", "Overview"),
         PageShot("clusters", "/clusters", "clusters.py", None),
         PageShot("background", "/background", "background.py", "Background attention"),
         PageShot("per_class", "/per-class", "per_class.py", "Per-class maps"),

@@ -37,8 +37,8 @@ def test_every_page_renders_in_a_browser(small_cache: Path, tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr
 
     shots = shots_module.pages_for(cache)
-    assert [s.name for s in shots] == ["overview", "clusters", "background", "per_class", "mistakes", "image",
-                                       "trust", "mistakes_label_errors", "review"]
+    assert [s.name for s in shots] == ["findings", "overview", "clusters", "background", "per_class", "mistakes",
+                                       "image", "trust", "mistakes_label_errors", "review"]
     missing = [s.page_file for s in shots if not (REPO / "dashboard" / "views" / s.page_file).exists()]
     assert not missing, f"pages not written: {missing}"
     out = tmp_path / "shots"
@@ -71,7 +71,7 @@ def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=shots_module.CHROMIUM_ARGS)
         context = browser.new_context(viewport=shots_module.VIEWPORT, accept_downloads=True)
         page = context.new_page()
-        page.goto(base + "/")
+        page.goto(base + "/overview")
         shots_module.wait_until_done(page, "Overview")
         for label in ("Download the table (CSV)", "Accuracy chart (PNG)", "Download HTML report"):
             with page.expect_download(timeout=180_000) as info:

@@ -21,6 +21,7 @@ SELECTION_VALUES = ["ids:nan", "ids:inf,2", "box:nan,0,0,1", "ids:1e999,-5", "bo
 EVERYWHERE = "box:-1e9,1e9,-1e9,1e9"   # a box around every point of any layout
 # Each page's query parameters; the "gates" must be valid for the rest of the page to run at all.
 PAGES = {
+    "findings": ({}, []),
     "overview": ({}, []),
     "clusters": ({}, ["c_scope", "c_clust", "c_sel", "c_focus", "c_gallery_page", "c_gallery_tag"]),
     "background": ({"threshold": "0"}, ["score", "threshold", "class", "view", "bg_page", "bg_tag"]),

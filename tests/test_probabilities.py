@@ -84,7 +84,7 @@ def test_a_cache_written_before_probabilities_existed(tmp_path: Path) -> None:
            compact=True)
     cache = load(tmp_path)
     assert cache.probabilities() is None and cache.row_array("probabilities", [1, 2]) is None
-    frame = label_issues(cache)
+    frame = label_issues(cache, method="self_confidence")
     assert frame.attrs["probabilities"] == "top-5" and len(frame) == 24
     table = cache.table.set_index("id").loc[frame["id"]]
     given = [dict(zip(c, p))[label] for c, p, label in zip(table["top5_classes"], table["top5_probs"], table["label"])]

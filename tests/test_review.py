@@ -300,7 +300,7 @@ def test_rank_like_uses_the_cache_and_reports_the_probe(cache_copy: Path) -> Non
 
 def test_label_issues_rank_the_mislabelled_images_first(small_cache: Path) -> None:
     cache = load(small_cache)
-    frame = label_issues(cache)
+    frame = label_issues(cache, method="self_confidence")
     assert list(frame.columns) == ["id", "label_quality"] and frame.attrs["probabilities"] == "stored"
     assert sorted(frame["id"].head(3)) == MISLABELLED and len(frame) == 24
     assert (np.diff(frame["label_quality"].to_numpy()) >= 0).all()

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from analysis.fgcam import LowRule
 
 T = TypeVar("T", int, float)
@@ -30,6 +32,14 @@ positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 percentage = _checked(float, lambda v: 0 < v <= 100, "a percentage in (0, 100]")
+
+
+def check_new_file(out: "Path", option: str = "--out") -> None:
+    """ValueError (one line) unless `out` can be created as a new file: outputs are never overwritten."""
+    if out.exists():
+        raise ValueError(f"{option} {out} exists: choose another name or remove it")
+    if not out.parent.is_dir():
+        raise ValueError(f"{option} {out}: the folder {out.parent} does not exist")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis.explore import cluster_offline as offline
+from analysis.commands.findings import store_findings
+from analysis.findings import findings_path
 from analysis.commands.cli_types import non_negative_int, percentage, positive_int
 
 COMMAND = "cluster"
@@ -215,7 +217,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_table(cache, outcomes, settings))
         print(f"results in {offline.run_dir(cache.root, settings)}")
-    return 0
+    # The findings read the clusterings (and their causal tests): brought up to date with them.
+    code = store_findings(cache.root, quiet=True)
+    if code == 0 and not args.quiet:
+        print(f"findings in {findings_path(cache.root)} (`python -m analysis findings --cache {args.cache}` prints "
+              "them)")
+    return code
 
 
 def cluster_after_explain(cache_dir: Path, quiet: bool = False) -> int:

@@ -1,5 +1,5 @@
 """`python -m analysis compare-methods`: the command line of the method comparison and the sanity checks
-(analysis/trust/compare.py, analysis/trust/sanity.py): which images (a dataset or a cache), which model, which
+(analysis/trust/compare.py, analysis/trust/sanity/): which images (a dataset or a cache), which model, which
 steps, and where the results go."""
 from __future__ import annotations
 

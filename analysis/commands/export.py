@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.commands.cli_types import check_new_file
 from analysis.review import DEFAULT_TAGS, Review, clean_tag, tagged_table
 
 COMMAND = "export"
@@ -93,10 +94,7 @@ def _check_output(args: argparse.Namespace) -> None:
         if not out.parent.is_dir():
             raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
     elif out is not None:
-        if out.exists():
-            raise ValueError(f"--out {out} exists: choose another name or remove it")
-        if not out.parent.is_dir():
-            raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+        check_new_file(out)
 
 
 def run(args: argparse.Namespace) -> int:

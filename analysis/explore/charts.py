@@ -46,7 +46,7 @@ def histogram_chart(frame: pd.DataFrame, title: str, threshold: float | None = N
 
 def accuracy_chart(per_class: pd.DataFrame, height_per_class: int = 16, max_height: int = 900
                    ) -> alt.Chart:
-    """Horizontal bars of per-class accuracy (frame from analysis.explore.per_class_accuracy), worst first."""
+    """Horizontal bars of per-class accuracy (frame from analysis.explore.statistics.per_class_accuracy), worst first."""
     height = int(min(max_height, max(120, height_per_class * len(per_class))))
     return alt.Chart(per_class, width=360, height=height, title="Accuracy per class").mark_bar().encode(
         x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="accuracy"),
@@ -88,7 +88,7 @@ def class_score_chart(frame: pd.DataFrame, score: str, group: str = "label_name"
 
 def confusion_chart(frame: pd.DataFrame, value: str = "count", selectable: bool = True,
                     selected: tuple[int, int] | None = None, cell_size: int = 28) -> alt.LayerChart:
-    """Heatmap of a confusion frame (analysis.explore.confusion_frame): rows true, columns predicted.
+    """Heatmap of a confusion frame (analysis.explore.statistics.confusion_frame): rows true, columns predicted.
 
     With `selectable`, a click selects a cell (selection name CONFUSION_CELL, fields true/pred). Numbers are
     printed in the cells when there are few classes; the `selected` cell gets an outline.

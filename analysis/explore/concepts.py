@@ -151,7 +151,7 @@ def region_box(concept_map: np.ndarray, side: float) -> tuple[float, float, floa
 # ----------------------------------------------------------------------------------------------------------
 
 def concept_explainer(cache: Any, loaded: Any = None) -> tuple[Any, Any]:
-    """(the cache's model as ``analysis.models.LoadedModel``, an FGCAM with the cache's base, CAM layer and
+    """(the cache's model as ``analysis.pipeline.models.LoadedModel``, an FGCAM with the cache's base, CAM layer and
     low-layer rule; no denoising: a concept is one component, and the stored relevance is taken before
     denoising). ``loaded``: the model already in memory (the job's), else it is loaded from the manifest
     (ModelSpecError when it cannot be loaded here)."""

@@ -1,12 +1,14 @@
 """Likely label errors: Cleanlab's label quality scores (Northcutt, Jiang, Chuang, "Confident learning",
-JAIR 2021) on the class probabilities the job stores."""
+JAIR 2021) on the class probabilities the job stores (or out-of-sample ones the user gives), with the wrong
+predictions that a verified shortcut explains set apart (analysis.review.shortcut_victims)."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
 from analysis.cache import Cache, full_probabilities
-from analysis.review.tags import LABEL_QUALITY_METHODS
+from analysis.review.shortcut_victims import shortcut_victims
+from analysis.review.tags import DEFAULT_LABEL_QUALITY_METHOD, LABEL_QUALITY_METHODS
 
 
 def label_probabilities(cache: Cache) -> tuple[np.ndarray, str]:
@@ -26,27 +28,38 @@ def label_probabilities(cache: Cache) -> tuple[np.ndarray, str]:
     return full_probabilities(top_probs, top_classes, num_classes), "top-5"
 
 
-def label_issues(cache: Cache, method: str = "self_confidence") -> pd.DataFrame:
+def label_issues(cache: Cache, method: str = DEFAULT_LABEL_QUALITY_METHOD, probabilities: np.ndarray | None = None,
+                 set_apart: bool = True) -> pd.DataFrame:
     """Every image ranked by how likely its label is wrong: DataFrame with columns id, label_quality (in
     [0, 1]; lowest = most likely mislabelled), sorted by label_quality then id.
 
-    Cleanlab's `get_label_quality_scores` on the model's class probabilities (`method`: "self_confidence",
-    the probability of the given label; "normalized_margin"; "confidence_weighted_entropy"). The probabilities
-    are the model's own predictions on images it may have been trained on (in-sample): a model that has fit
-    a wrong label gives it a high probability, so on training images this finds fewer errors than it would
-    with out-of-sample (cross-validated) probabilities -- a conservative list. `attrs["probabilities"]` says
-    where they came from ("stored" or "top-5", see `label_probabilities`).
+    Cleanlab's `get_label_quality_scores` on the class probabilities (`method`: "normalized_margin", the
+    default, chosen by measurement on planted flips -- bench/bench_label_errors.py; "self_confidence", the
+    probability of the given label; "confidence_weighted_entropy"). `probabilities`: float [n, K] in table
+    order, out-of-sample ones (cross-validation; `read_probability_file` reads them from a CSV); without them
+    the model's own, in-sample for images it was trained on: a model that has fit a wrong label gives it a high
+    probability, so on training images this finds fewer errors than out-of-sample probabilities would (a
+    conservative list). `set_apart`: leave out the shortcut victims (`shortcut_victims`: wrong predictions a
+    verified shortcut finding explains). attrs: "probabilities" ("given", "stored" or "top-5", see
+    `label_probabilities`), "victims" (how many were left out).
     """
     from cleanlab.rank import get_label_quality_scores
 
     if method not in LABEL_QUALITY_METHODS:
         raise ValueError(f"method must be one of {LABEL_QUALITY_METHODS}, not {method!r}")
-    probabilities, source = label_probabilities(cache)
-    table = cache.table
+    if probabilities is None:
+        probabilities, source = label_probabilities(cache)
+    else:
+        probabilities, source = np.asarray(probabilities), "given"
+        if probabilities.ndim != 2 or len(probabilities) != len(cache):
+            raise ValueError(f"probabilities must be [{len(cache)} images, classes], got {probabilities.shape}")
+    table = cache.columns(["id", "label"])
     labels = table["label"].to_numpy(np.int64)
-    if len(labels) == 0:
+    victims = shortcut_victims(cache)["id"].to_numpy(np.int64) if set_apart and len(labels) else np.zeros(0, np.int64)
+    keep = ~np.isin(table["id"].to_numpy(np.int64), victims)
+    if not keep.any():
         frame = pd.DataFrame({"id": np.zeros(0, np.int64), "label_quality": np.zeros(0, np.float64)})
-        frame.attrs["probabilities"] = source
+        frame.attrs.update(probabilities=source, victims=int(len(victims)))
         return frame
     if labels.min() < 0 or labels.max() >= probabilities.shape[1]:
         raise ValueError(f"labels outside the model's {probabilities.shape[1]} classes")
@@ -54,9 +67,10 @@ def label_issues(cache: Cache, method: str = "self_confidence") -> pd.DataFrame:
     probabilities = np.clip(probabilities.astype(np.float64), 0.0, None)
     sums = probabilities.sum(axis=1, keepdims=True)
     probabilities = np.where(sums > 0, probabilities / np.where(sums > 0, sums, 1.0), 1.0 / probabilities.shape[1])
-    scores = get_label_quality_scores(labels, probabilities, method=method)
-    ids = table["id"].to_numpy(np.int64)
+    # Scored on every image (normalized_margin and the entropy method look at the whole set), then filtered.
+    scores = np.asarray(get_label_quality_scores(labels, probabilities, method=method), np.float64)[keep]
+    ids = table["id"].to_numpy(np.int64)[keep]
     order = np.lexsort((ids, scores))
-    frame = pd.DataFrame({"id": ids[order], "label_quality": np.asarray(scores, np.float64)[order]})
-    frame.attrs["probabilities"] = source
+    frame = pd.DataFrame({"id": ids[order], "label_quality": scores[order]})
+    frame.attrs.update(probabilities=source, victims=int(len(victims)))
     return frame.reset_index(drop=True)

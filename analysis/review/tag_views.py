@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.cache import Cache
-from analysis.review import Review, clean_tag, label_issues
+from analysis.review import DEFAULT_LABEL_QUALITY_METHOD, Review, clean_tag, label_issues, shortcut_victims
 
 ALL = "all images"          # the tag filter's choices besides the tags themselves
 UNTAGGED = "untagged"
@@ -82,11 +82,13 @@ def find_more(review: Review, tag: str, top: int, seed: int = 0) -> pd.DataFrame
     return result
 
 
-def label_error_table(cache: Cache, method: str = "self_confidence") -> pd.DataFrame:
-    """Every image, most likely mislabelled first (Cleanlab, `analysis.review.label_issues`): columns rank (from
-    1), id, label_quality, label_name, pred_name, confidence, correct, path. `attrs["probabilities"]` says
-    where the probabilities came from."""
-    issues = label_issues(cache, method=method)
+def label_error_table(cache: Cache, method: str = DEFAULT_LABEL_QUALITY_METHOD,
+                      probabilities: np.ndarray | None = None) -> pd.DataFrame:
+    """Every image but the shortcut victims, most likely mislabelled first (Cleanlab,
+    `analysis.review.label_issues`): columns rank (from 1), id, label_quality, label_name, pred_name,
+    confidence, correct, path. attrs: "probabilities" (where they came from), "victims" (how many were left
+    out: `shortcut_victim_table`)."""
+    issues = label_issues(cache, method=method, probabilities=probabilities)
     rows = cache.table.set_index("id").loc[issues["id"].to_numpy(np.int64)]
     frame = pd.DataFrame({
         "rank": np.arange(1, len(issues) + 1), "id": issues["id"].to_numpy(np.int64),
@@ -94,6 +96,19 @@ def label_error_table(cache: Cache, method: str = "self_confidence") -> pd.DataF
         "label_name": rows["label_name"].to_numpy(), "pred_name": rows["pred_name"].to_numpy(),
         "confidence": rows["confidence"].to_numpy(np.float64), "correct": rows["correct"].to_numpy(bool),
         "path": rows["path"].to_numpy()})
-    frame.attrs["probabilities"] = issues.attrs.get("probabilities")
+    frame.attrs.update(probabilities=issues.attrs.get("probabilities"), victims=issues.attrs.get("victims", 0))
     return frame
+
+
+def shortcut_victim_table(cache: Cache) -> pd.DataFrame:
+    """The wrong predictions a verified shortcut explains (`analysis.review.shortcut_victims`), left out of the
+    label-error ranking: columns id, label_name, pred_name, confidence, region_share, finding, path; the
+    strongest evidence in the region first."""
+    victims = shortcut_victims(cache).sort_values(["region_share", "id"], ascending=[False, True], kind="stable")
+    rows = cache.table.set_index("id").loc[victims["id"].to_numpy(np.int64)]
+    return pd.DataFrame({
+        "id": victims["id"].to_numpy(np.int64), "label_name": rows["label_name"].to_numpy(),
+        "pred_name": rows["pred_name"].to_numpy(), "confidence": rows["confidence"].to_numpy(np.float64),
+        "region_share": victims["region_share"].to_numpy(np.float64), "finding": victims["finding"].to_numpy(),
+        "path": rows["path"].to_numpy()})
 

@@ -58,6 +58,8 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0        # SQLite waits this long for another writer before reporting "busy"
 WRITE_ATTEMPTS = 8           # ... and then the whole transaction is retried this many times
 LABEL_QUALITY_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+# Measured on planted flips with shortcut victims present (bench/bench_label_errors.py): the highest AP.
+DEFAULT_LABEL_QUALITY_METHOD = "normalized_margin"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 T = TypeVar("T")
 

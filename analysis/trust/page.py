@@ -8,7 +8,7 @@ The page (dashboard/views/trust.py) only loads, calls this module and draws. Thr
   stored by the same command): `sanity_curve_chart` (rank correlation or SSIM with the original map against
   how much of the model is re-initialised, per method, mean and 95% band), `class_check_chart`, and
   `sanity_verdict`, one plain sentence of what the numbers mean for this model.
-* **Region tests**: the causal shortcut test (`analysis.shortcut_test`, run on the page; `shortcut_verdict`,
+* **Region tests**: the causal shortcut test (`analysis.trust.region_test`, run on the page; `shortcut_verdict`,
   `region_tile`) and the artefact insertion test (`analysis.trust.insertion_test`, stored by `python -m analysis
   insertion-test`; `insertion_table`, `insertion_chart`).
 

@@ -2,9 +2,9 @@
 ranked by suspicion so a shortcut ("Clever Hans") strategy shows first.
 
 The page only reads what `python -m analysis cluster` stored for every image of every scope (all, mistakes,
-true:<class>, pred:<class>; analysis/cluster_offline.py): nothing is clustered here, so a million-image cache
+true:<class>, pred:<class>; analysis/explore/cluster_offline/): nothing is clustered here, so a million-image cache
 opens as fast as a small one. The embedding is drawn as a density of every point plus a subsample of marks
-(analysis/cluster_display.py); a box dragged on it selects every image inside, drawn or not. Settings and the
+(analysis/explore/cluster_display.py); a box dragged on it selects every image inside, drawn or not. Settings and the
 box live in the URL (c_scope, c_clust, c_focus, c_sel, c_gallery_page, c_gallery_tag). The gallery's images
 (a whole cluster or the box) can be tagged, and filtered by tag (dashboard/tagging.py).
 """

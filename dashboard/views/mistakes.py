@@ -15,7 +15,7 @@ import streamlit as st
 
 from analysis.cache.classes import class_names
 from analysis.explore import charts, statistics as explore
-from analysis.review import tag_views
+from analysis.review import tag_views, verifications_state
 from analysis.cache import Cache
 from dashboard import common, tagging
 
@@ -135,20 +135,49 @@ def show_top_confusions(matrix: np.ndarray, names: list[str], selected: tuple[in
                   type="primary" if selected == (row.true, row.pred) else "secondary", width="stretch")
 
 
+def label_errors_key(cache: Cache) -> str:
+    """The cache's state and the causal tests' results (a new `cluster --verify-top` changes the victims)."""
+    return f"{common.cache_key(cache)}|{verifications_state(cache)}"
+
+
 @st.cache_data(show_spinner="Ranking likely label errors ...", max_entries=2)
 def label_errors(_cache: Cache, state: str):
     return tag_views.label_error_table(_cache)
 
 
+@st.cache_data(show_spinner=False, max_entries=2)
+def shortcut_victims(_cache: Cache, state: str):
+    return tag_views.shortcut_victim_table(_cache)
+
+
+def show_shortcut_victims(cache: Cache) -> None:
+    """The wrong predictions a verified shortcut explains, apart from the ranking (a short section)."""
+    victims = shortcut_victims(cache, label_errors_key(cache))
+    st.subheader(f"Shortcut victims, set apart: {len(victims):,}")
+    if victims.empty:
+        st.caption("None: no cluster's causal test found a shortcut (run `python -m analysis cluster --cache "
+                   f"{cache.root} --verify-top 3` to test the most suspicious clusters).")
+        return
+    st.caption("Wrong predictions that a verified shortcut explains: the image belongs to a cluster whose region "
+               "the causal test found off the object and decisive, and most of its own evidence lies in that region "
+               "(region share). Fix the shortcut, not these labels.")
+    st.dataframe(victims, hide_index=True, height=min(320, 38 + 35 * len(victims)), key="mk_victims_table",
+                 column_config={"region_share": st.column_config.NumberColumn("region share", format="percent"),
+                                "confidence": st.column_config.NumberColumn("confidence", format="percent")})
+    common.csv_download("Download the shortcut victims (CSV)", victims, "shortcut_victims.csv", key="mk_victims_csv")
+
+
 def show_label_errors(cache: Cache) -> None:
     """Every image ranked by how likely its label is wrong (Cleanlab), as a sortable table and a gallery."""
-    frame = label_errors(cache, common.cache_key(cache))
-    st.markdown("Every image ranked by **label quality** (Cleanlab's self-confidence: the model's probability of "
-                "the given label; lowest first = most likely mislabelled). Click a column header to sort.")
+    frame = label_errors(cache, label_errors_key(cache))
+    st.markdown("Every image ranked by **label quality** (Cleanlab's normalized margin: the probability of the "
+                "given label minus the highest other one, rescaled; lowest first = most likely mislabelled), "
+                "except the shortcut victims (below). Click a column header to sort.")
     st.caption("The probabilities are the model's own, in-sample for images it was trained on: a model that "
-               "has learnt a wrong label believes it, so this list is conservative (it misses such errors). An "
-               "image the model gets confidently wrong for another reason (a shortcut) ranks high too: look "
-               "before relabelling.")
+               "has learnt a wrong label believes it, so this list is conservative (it misses such errors). "
+               "Out-of-sample probabilities (cross-validation) find more: `python -m analysis label-errors "
+               "--probabilities FILE`. A confidently wrong prediction of another origin than the ones set apart "
+               "ranks high too: look before relabelling.")
     if frame.attrs.get("probabilities") == "top-5":
         st.caption(":orange[This cache was made before the job stored every class probability: the ranking uses "
                    "each image's top-5 probabilities (the rest spread evenly).]")
@@ -173,6 +202,7 @@ def show_label_errors(cache: Cache) -> None:
         tagging.tag_controls(cache, shown, key="mk_le_tagging", default="label error",
                              what=f"the {len(shown):,} image{'s' if len(shown) != 1 else ''} of this gallery "
                                   "(every page)")
+    show_shortcut_victims(cache)
 
 
 def main() -> None:

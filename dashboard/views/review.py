@@ -1,5 +1,5 @@
 """Find more like these: pick a tag, rank every other image by how much its explanation resembles the tagged
-ones (a linear probe on the cached descriptors, `analysis.probe`, as Reveal-to-Revise does), accept or reject
+ones (a linear probe on the cached descriptors, `analysis.review.probe`, as Reveal-to-Revise does), accept or reject
 the top of the ranking, and the probe is fitted again on the next run. Also the tags in use with their counts,
 and the tagged list as a download (the same as `python -m analysis export`).
 

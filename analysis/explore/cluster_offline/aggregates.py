@@ -27,7 +27,7 @@ class ClassAggregates:
 
     maps: mean unit-mass positive map (at the cache's map size) of each true class, of the correct and of the
     wrong predictions (their predicted-class map), and the wrong ones' true-class map (`wrong_true`).
-    consensus: descriptor kind -> [C, D*D] consensus of each predicted class (analysis.explore.class_consensus:
+    consensus: descriptor kind -> [C, D*D] consensus of each predicted class (analysis.explore.statistics.class_consensus:
     the mean descriptor of the correct predictions of the class, or of all its predictions when none is
     correct), the suspicion's reference.
     """

@@ -161,7 +161,7 @@ def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.n
     """One row per cluster, most suspicious first, and the prototypes (mean descriptors) [n_clusters, P].
 
     rows: the table rows of the clustered images (same order as `labels` and `descriptors`).
-    consensus: [C, P] consensus map of each class (analysis.explore.class_consensus); a cluster's prototype is
+    consensus: [C, P] consensus map of each class (analysis.explore.statistics.class_consensus); a cluster's prototype is
     compared with the mean consensus of its members' predicted classes, so a cluster that looks elsewhere than
     its class usually does scores high.
     concept_shares: [n, K] the concepts descriptor of the same images (a clustering on concepts): adds the

@@ -1,0 +1,248 @@
+"""The kinds of finding, one function each (`KINDS`): each reads what the analysis stored or computes it from the
+cache, and returns its findings with their sentences. Adding a kind is one function and one entry in `KINDS`.
+
+Thresholds are ours and stated where they are used; a kind whose test was not run says "undecided" and names
+the command that would decide.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from analysis.findings.model import Finding
+
+# A class confused with another: at least this many images and this share of the true class (ours).
+CONFUSION_MIN_IMAGES = 5
+CONFUSION_MIN_SHARE = 0.05
+CONFUSIONS_SHOWN = 3
+# Background attention of a predicted class: its median off-object score at least this much above the median
+# of the other classes' images, and at least this high (ours).
+BACKGROUND_MIN_EXCESS = 0.15
+BACKGROUND_MIN_MEDIAN = 0.3
+# Two shortcut clusters of different scopes are one finding when their members overlap this much (Jaccard).
+SAME_CLUSTER_OVERLAP = 0.5
+EXAMPLES = 8
+
+
+def _names(cache: Any) -> list[str]:
+    names = list(cache.manifest.get("class_names") or [])
+    table = cache.columns(["label", "pred"])
+    top = int(max(table["label"].max(), table["pred"].max())) + 1 if len(table) else 0
+    return names + [str(i) for i in range(len(names), top)]
+
+
+def _examples(ids: np.ndarray, seed: int = 0) -> list[int]:
+    """Up to EXAMPLES ids, a seeded sample spread over the list."""
+    ids = np.asarray(ids, np.int64)
+    if len(ids) <= EXAMPLES:
+        return [int(i) for i in ids]
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(ids, EXAMPLES, replace=False))
+
+
+def region_words(region: np.ndarray) -> str:
+    """Where a boolean region [S, S] lies, in words: a corner, an edge or the centre, by its bounding box's
+    centre in thirds of the image."""
+    rows, cols = np.nonzero(region)
+    side = region.shape[0]
+    y, x = (rows.min() + rows.max() + 1) / 2 / side, (cols.min() + cols.max() + 1) / 2 / side
+    vertical = "top" if y < 1 / 3 else "bottom" if y > 2 / 3 else ""
+    horizontal = "left" if x < 1 / 3 else "right" if x > 2 / 3 else ""
+    if vertical and horizontal:
+        return f"in the {vertical}-{horizontal} corner"
+    if vertical or horizontal:
+        return f"at the {vertical or horizontal} edge"
+    return "in the centre"
+
+
+def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: list[str], table: pd.DataFrame
+                      ) -> Finding:
+    """One verified shortcut cluster; the region is the one the causal test blurred (the prototype's top q%)."""
+    from analysis.review.shortcut_victims import region_shares
+    from analysis.trust.region_test import top_region
+
+    members = clustering.members(int(row["cluster"]))
+    labels, preds = table.loc[members, "label"].to_numpy(), table.loc[members, "pred"].to_numpy()
+    target = int(np.bincount(preds).argmax())
+    victims = members[(preds == target) & (labels != target)]
+    summary = clustering.summary
+    position = int(np.nonzero(summary["cluster"].to_numpy() == int(row["cluster"]))[0][0])
+    prototype = np.asarray(clustering.prototypes[position], np.float32)
+    side = int(round(np.sqrt(prototype.size)))
+    region = top_region(prototype.reshape(side, side), q, side, side).numpy()
+    numbers = {"size": len(members), "scope": clustering.scope, "rank": int(row["rank"]),
+               "n_called": int((preds == target).sum()), "pred_name": names[target], "n_victims": len(victims),
+               "n_classes": int(len(np.unique(labels[(preds == target) & (labels != target)]))),
+               "evidence_share": float(region_shares(cache.descriptors(members, "positive"), prototype, q).mean()),
+               "where": region_words(region), "clustering": clustering.name,
+               "off_object": float(row["off_object_share"]), "location_rule": str(row["location_rule"]), "q": q,
+               "changed_region": float(row["changed_region"]), "tested": int(row["tested"]),
+               "changed_control": float(row["changed_control"]), "p_value": float(row["p_value"])}
+    view = ("clusters", {"c_scope": clustering.scope, "c_clust": f"{clustering.settings.key()}/{clustering.name}",
+                         "c_focus": str(int(row["cluster"]))})
+    return Finding(
+        kind="shortcut cluster", title=f"Shortcut: {len(members)} images the model calls \"{names[target]}\"",
+        sentences=["{size} images of scope {scope} form the cluster ranked {rank}: the model calls {n_called} of "
+                   "them \"{pred_name}\", {n_victims} of which are labelled as {n_classes} other classes.",
+                   "{evidence_share:.0%} of their evidence lies in the top {q:g}% of their mean map, a region {where}; "
+                   "{off_object:.0%} of that region lies {location_rule}.",
+                   "Blurring that region changes {changed_region:.0%} of {tested} predictions, against "
+                   "{changed_control:.0%} for a random region of the same size."],
+        numbers=numbers, ids=[int(i) for i in members],
+        strength=numbers["changed_region"] - numbers["changed_control"],
+        verdict="shortcut", page=view[0], query=view[1],
+        rests_on=f"the causal region test of `cluster --verify-top` (exact McNemar p = {numbers['p_value']:.2g}, "
+                 "the region's flips at least 10 points above the control's) and the region's place off the object",
+        links={k: view for k in ("n_called", "n_victims", "evidence_share", "changed_region")},
+        examples=_examples(victims if len(victims) else members))
+
+
+def _merge_same(findings: list[Finding]) -> list[Finding]:
+    """One finding per group of images: a shortcut found in several scopes (all, mistakes, pred:<c>) is kept
+    once, the strongest, naming the other scopes."""
+    kept: list[Finding] = []
+    for finding in sorted(findings, key=lambda f: -f.strength):
+        ids = set(finding.ids)
+        same = next((k for k in kept if len(ids & set(k.ids)) / max(1, len(ids | set(k.ids)))
+                     >= SAME_CLUSTER_OVERLAP), None)
+        if same is None:
+            kept.append(finding)
+        else:
+            same.rests_on += f"; also found in scope {finding.numbers['scope']}"
+    return kept
+
+
+def shortcut_clusters(cache: Any) -> list[Finding]:
+    """Clusters the causal test called "shortcut" (in every clustering computed on the cache as it is now, as
+    the shortcut victims of the label-error ranking); when no cluster was tested at all, one "undecided" finding
+    for the most suspicious cluster, naming the command that would decide."""
+    from analysis.explore import cluster_offline
+    from analysis.review.shortcut_victims import verified_shortcuts
+
+    names, table = _names(cache), cache.columns(["id", "label", "pred"]).set_index("id")
+    found = [_shortcut_finding(cache, clustering, row, q, names, table)
+             for clustering, row, q in verified_shortcuts(cache)]
+    if found:
+        return _merge_same(found)
+    untested = []
+    for scope in cluster_offline.fresh_scopes(cache):
+        try:
+            clustering = cluster_offline.read_clustering(cache, scope)
+        except cluster_offline.ClusteringNotFound:
+            continue
+        if clustering.verification is not None and not clustering.verification.empty:
+            return []     # tested, and nothing was called a shortcut: the Clusters page shows the verdicts
+        untested.append(clustering)
+    return [_untested_finding(cache, untested)] if untested else []
+
+
+def _untested_finding(cache: Any, untested: list[Any]) -> Finding:
+    best = max(untested, key=lambda c: float(c.calibration.get("z", float("-inf")) or float("-inf")))
+    top = best.summary.iloc[0]
+    members = best.members(int(top["cluster"]))
+    numbers = {"size": len(members), "scope": best.scope, "accuracy": float(top["accuracy"]),
+               "z": float(best.calibration.get("z", float("nan")))}
+    view = ("clusters", {"c_scope": best.scope, "c_focus": str(int(top["cluster"]))})
+    return Finding(
+        kind="shortcut cluster", title="Not tested: is the most suspicious cluster a shortcut?",
+        sentences=["The most suspicious cluster ({size} images of scope {scope}, accuracy {accuracy:.0%}, "
+                   "{z:.1f} standard deviations above random groups) was not tested causally, so whether the "
+                   "model depends on what it looks at there is undecided."],
+        numbers=numbers, ids=[int(i) for i in members], strength=0.0, verdict="undecided", page=view[0],
+        query=view[1], links={"size": view}, examples=_examples(members),
+        rests_on=f"no causal test was run: `python -m analysis cluster --cache {cache.root} --verify-top 3` "
+                 "decides (it needs the model)")
+
+
+def confused_classes(cache: Any) -> list[Finding]:
+    """The largest off-diagonal cells of the confusion matrix (at least CONFUSION_MIN_IMAGES images and
+    CONFUSION_MIN_SHARE of the true class)."""
+    names = _names(cache)
+    table = cache.columns(["id", "label", "pred"])
+    labels, preds = table["label"].to_numpy(np.int64), table["pred"].to_numpy(np.int64)
+    n = len(names)
+    matrix = np.bincount(labels * n + preds, minlength=n * n).reshape(n, n)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    totals = matrix.sum(1)
+    found = []
+    for cell in np.argsort(-off, axis=None, kind="stable")[:CONFUSIONS_SHOWN]:
+        true, pred = divmod(int(cell), n)
+        count = int(off[true, pred])
+        if count < CONFUSION_MIN_IMAGES or count / totals[true] < CONFUSION_MIN_SHARE:
+            break
+        ids = table["id"].to_numpy(np.int64)[(labels == true) & (preds == pred)]
+        view = ("mistakes", {"true": str(true), "pred": str(pred)})
+        found.append(Finding(
+            kind="confused classes", title=f"\"{names[true]}\" taken for \"{names[pred]}\"",
+            sentences=["The model calls {count} of the {total} images labelled \"{true_name}\" \"{pred_name}\" "
+                       "({share:.0%} of them)."],
+            numbers={"count": count, "total": int(totals[true]), "true_name": names[true], "pred_name": names[pred],
+                     "share": count / int(totals[true])},
+            ids=[int(i) for i in ids], strength=count / int(totals[true]), verdict="observation", page=view[0],
+            query=view[1], links={"count": view}, examples=_examples(ids),
+            rests_on="the confusion matrix (a count, not a cause: the Clusters page and the causal test say why)"))
+    return found
+
+
+def background_classes(cache: Any) -> list[Finding]:
+    """Predicted classes whose images put their strongest evidence off the object far more than the others'
+    (background_hotspot with a foreground; border_share without)."""
+    table = cache.table
+    score = "background_hotspot" if "background_hotspot" in table and table["background_hotspot"].notna().any() \
+        else "border_share"
+    if score not in table or table[score].notna().sum() == 0:
+        return []
+    names = _names(cache)
+    values, preds = table[score].to_numpy(np.float64), table["pred"].to_numpy(np.int64)
+    found = []
+    for c in np.unique(preds):
+        mine, rest = values[preds == c], values[preds != c]
+        mine, rest = mine[np.isfinite(mine)], rest[np.isfinite(rest)]
+        if len(mine) < 5 or len(rest) < 5:
+            continue
+        median, others = float(np.median(mine)), float(np.median(rest))
+        if median - others < BACKGROUND_MIN_EXCESS or median < BACKGROUND_MIN_MEDIAN:
+            continue
+        ids = table["id"].to_numpy(np.int64)[preds == c]
+        view = ("background", {"score": score})
+        where = "off the object" if score == "background_hotspot" else "in the border strip"
+        found.append(Finding(
+            kind="background attention", title=f"\"{names[c]}\" decided off the object",
+            sentences=["For the {n} images the model calls \"{name}\", a median {median:.0%} of the strongest "
+                       f"evidence lies {where}, against {{others:.0%}} for the other classes' images."],
+            numbers={"n": len(ids), "name": names[int(c)], "median": median, "others": others},
+            ids=[int(i) for i in ids], strength=median - others, verdict="undecided", page=view[0], query=view[1],
+            links={"median": view}, examples=_examples(ids[np.argsort(-values[preds == c])][:EXAMPLES * 4]),
+            rests_on=f"the {score} score of every image; where the model looks is not yet why it decides: the causal "
+                     f"test (`python -m analysis cluster --cache {cache.root} --verify-top 3`) decides"))
+    return found
+
+
+def tagged(cache: Any) -> list[Finding]:
+    """The user's tags, one finding per tag in use."""
+    import sqlite3
+
+    from analysis.review import Review
+    from analysis.review.tags import DB_NAME, ReviewError
+
+    if not (cache.root / DB_NAME).is_file():   # never create a database only to read that it is empty
+        return []
+    try:
+        tags = Review(cache.root, cache).tags()
+    except (ReviewError, OSError, sqlite3.Error):   # unreadable or of a replaced cache: findings without tags
+        return []
+    found = []
+    for tag, rows in tags.groupby("tag"):
+        ids = np.unique(rows["id"].to_numpy(np.int64))
+        view = ("review", {"fm_tag": str(tag)})
+        found.append(Finding(
+            kind="tag", title=f"Tagged \"{tag}\"", sentences=["{n} images are tagged \"{tag}\"."],
+            numbers={"n": len(ids), "tag": str(tag)}, ids=[int(i) for i in ids], strength=float(len(ids)),
+            verdict="your tag", page=view[0], query=view[1], links={"n": view}, examples=_examples(ids),
+            rests_on="the tags made on the dashboard or with the review library"))
+    return found
+
+
+KINDS: list[Callable[[Any], list[Finding]]] = [shortcut_clusters, confused_classes, background_classes, tagged]

@@ -1,0 +1,171 @@
+"""Findings (issue 22): every number a sentence quotes is checked against the cache by independent code, on the
+small demo with its causal test run, and on a cache without any test run (which must say "undecided")."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.findings import Finding, compute_findings, read_findings, render, url, write_findings
+from analysis.findings.kinds import region_words
+from tests.helpers import REPO_ROOT, open_page, page_texts
+
+
+def test_render_formats_every_field_and_links_only_the_linked_ones() -> None:
+    numbers = {"n": 213, "share": 0.504, "name": "bag"}
+    template = "the model calls {n} of them \"{name}\" ({share:.0%})"
+    assert render(template, numbers) == 'the model calls 213 of them "bag" (50%)'
+    linked = render(template, numbers, {"n": ("clusters", {"c_scope": "pred:bag", "c_focus": "3"})})
+    assert linked == 'the model calls [213](/clusters?c_scope=pred%3Abag&c_focus=3) of them "bag" (50%)'
+    assert url("overview", {}) == "/overview"
+    with pytest.raises(KeyError):
+        render("{missing}", numbers)
+
+
+def test_a_finding_round_trips_through_its_dict() -> None:
+    finding = Finding(kind="tag", title="t", sentences=["{n} images"], numbers={"n": 3}, ids=[1, 2, 3],
+                      strength=3.0, verdict="your tag", rests_on="tags", page="review", query={"fm_tag": "x"},
+                      links={"n": ("review", {"fm_tag": "x"})}, examples=[1])
+    again = Finding.from_dict(finding.as_dict())
+    assert again == finding and again.text() == "3 images" and finding.as_dict()["text"] == "3 images"
+
+
+@pytest.mark.parametrize("cells, words", [((0, 0), "in the top-left corner"), ((0, 13), "in the top-right corner"),
+                                          ((13, 6), "at the bottom edge"), ((6, 0), "at the left edge"),
+                                          ((6, 7), "in the centre")])
+def test_region_words_name_where_a_region_lies(cells, words) -> None:
+    region = np.zeros((14, 14), bool)
+    region[cells] = True
+    assert region_words(region) == words
+
+
+@pytest.fixture(scope="module")
+def verified_demo(small_demo):
+    """The small demo with the causal test run on the top 3 clusters of all, mistakes and pred:bag, then the
+    findings command."""
+    done = subprocess.run([sys.executable, "-m", "analysis", "cluster", "--cache", str(small_demo.cache),
+                           "--scopes", "all", "mistakes", "pred:bag", "--verify-top", "3", "--quiet"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-m", "analysis", "findings", "--cache", str(small_demo.cache)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return small_demo, done.stdout
+
+
+def test_on_the_demo_the_top_finding_is_the_tag_and_its_numbers_are_the_caches(verified_demo) -> None:
+    from analysis.explore import cluster_offline
+    from data import demo
+
+    paths, printed = verified_demo
+    cache, table = demo.marked_table(paths)
+    stored = read_findings(cache)
+    assert stored is not None and stored[1]          # written by the command, fresh
+    findings = stored[0]
+    top = findings[0]
+    assert top.verdict == "shortcut" and top.kind == "shortcut cluster"
+    assert f"[shortcut] {top.title}" in printed
+    rows = table.set_index("id").loc[top.ids]
+    assert rows["marked"].mean() >= 0.8              # the cluster is the tagged images
+    numbers = top.numbers
+    bag = demo.shortcut.SHORTCUT_CLASS
+    assert numbers["pred_name"] == bag
+    names = cache.manifest["class_names"]
+    called = rows["pred"].map(lambda p: names[p]) == bag
+    assert numbers["size"] == len(rows) and numbers["n_called"] == int(called.sum())
+    victims = called & (rows["label"].map(lambda p: names[p]) != bag)
+    assert numbers["n_victims"] == int(victims.sum())
+    assert numbers["n_classes"] == rows.loc[victims, "label"].nunique()
+    # The causal numbers are the stored test's, for this clustering and cluster.
+    from analysis.review.shortcut_victims import verified_shortcuts
+
+    clustering, tested, q = next((c, row, q) for c, row, q in verified_shortcuts(cache)
+                                 if c.scope == numbers["scope"] and c.name == numbers["clustering"]
+                                 and int(row["rank"]) == numbers["rank"])
+    assert numbers["changed_region"] == pytest.approx(tested["changed_region"])
+    assert numbers["changed_control"] == pytest.approx(tested["changed_control"])
+    assert numbers["tested"] == tested["tested"] and numbers["off_object"] == pytest.approx(tested["off_object_share"])
+    assert sorted(top.ids) == sorted(clustering.members(int(tested["cluster"])).tolist())
+    # The evidence share, recomputed: each member's positive descriptor mass in the prototype's top q% cells.
+    position = int(np.nonzero(clustering.summary["cluster"].to_numpy() == int(tested["cluster"]))[0][0])
+    prototype = np.asarray(clustering.prototypes[position])
+    cut = np.sort(prototype)[::-1][int(round(prototype.size * q / 100)) - 1]
+    descriptors = cache.descriptors(np.asarray(top.ids), "positive")
+    assert numbers["evidence_share"] == pytest.approx(descriptors[:, prototype >= cut].sum(1).mean(), abs=1e-6)
+    assert numbers["where"] == "in the top-left corner"   # the planted tag's corner
+    # The sentence says these numbers, formatted.
+    assert f"the model calls {numbers['n_called']} of them \"{bag}\"" in top.text()
+    assert f"changes {numbers['changed_region']:.0%} of {numbers['tested']} predictions" in top.text()
+
+
+def test_the_confusion_findings_quote_the_confusion_matrix(verified_demo) -> None:
+    from sklearn.metrics import confusion_matrix
+
+    from analysis.cache import load
+
+    paths, _ = verified_demo
+    cache = load(paths.cache)
+    findings = [f for f in compute_findings(cache) if f.kind == "confused classes"]
+    assert findings
+    table = cache.table
+    names = cache.manifest["class_names"]
+    matrix = confusion_matrix(table["label"], table["pred"], labels=range(len(names)))
+    for finding in findings:
+        true, pred = names.index(finding.numbers["true_name"]), names.index(finding.numbers["pred_name"])
+        assert finding.numbers["count"] == matrix[true, pred] == len(finding.ids)
+        assert finding.numbers["total"] == matrix[true].sum()
+        assert finding.query == {"true": str(true), "pred": str(pred)}
+
+
+def test_without_a_causal_test_the_cluster_finding_is_undecided_and_names_the_command(small_cache) -> None:
+    from analysis.cache import load
+
+    cache = load(small_cache)
+    clusters = [f for f in compute_findings(cache) if f.kind == "shortcut cluster"]
+    assert clusters and all(f.verdict == "undecided" for f in clusters)
+    assert "--verify-top" in clusters[0].rests_on and str(small_cache) in clusters[0].rests_on
+
+
+def test_a_tag_becomes_a_finding_and_the_stored_file_goes_stale_with_the_cache(small_cache, tmp_path) -> None:
+    import shutil
+
+    from analysis.cache import load
+    from analysis.review import Review
+
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    cache = load(copy)
+    path, findings = write_findings(cache)
+    assert path.is_file() and not [f for f in findings if f.kind == "tag"]
+    Review(copy).tag([0, 1], "watermark")
+    tags = [f for f in compute_findings(load(copy)) if f.kind == "tag"]
+    assert [(f.numbers["n"], f.numbers["tag"]) for f in tags] == [(2, "watermark")]
+
+
+def test_the_findings_page_shows_the_ranked_findings_with_their_numbers(verified_demo, monkeypatch) -> None:
+    paths, _ = verified_demo
+    at = open_page(monkeypatch, paths.cache, "findings")
+    assert not at.exception
+    texts = page_texts(at)
+    from analysis.cache import load
+
+    top = read_findings(load(paths.cache))[0][0]
+    assert top.title in texts and f"{top.numbers['n_called']}" in texts
+
+
+def test_the_command_refuses_a_folder_that_is_not_a_cache_in_one_line(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "analysis", "findings", "--cache", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_every_number_of_the_markdown_is_a_link_and_the_words_are_not() -> None:
+    finding = Finding(kind="confused classes", title="t", sentences=["{count} of {total} \"{name}\" ({share:.0%})"],
+                      numbers={"count": 5, "total": 50, "name": "shirt", "share": 0.1}, ids=[], strength=0.1,
+                      verdict="observation", rests_on="", page="mistakes", query={"true": "1", "pred": "2"},
+                      links={"count": ("image", {"id": "3"})})
+    assert finding.markdown() == ('[5](/image?id=3) of [50](/mistakes?true=1&pred=2) "shirt" '
+                                  '([10%](/mistakes?true=1&pred=2))')
