@@ -1,4 +1,6 @@
-"""The dashboard: `streamlit run dashboard/app.py -- --cache DIR` (or FGCAM_CACHE=DIR).
+"""The dashboard: `streamlit run dashboard/app.py -- --cache DIR` (or FGCAM_CACHE=DIR); add `--read-only` (or
+FGCAM_READ_ONLY=1) for a dashboard to share: tags shown, no tag form, nothing written. .streamlit/config.toml keeps
+it on localhost with a minimal toolbar when started in the repository (`--server.address 0.0.0.0` to share).
 
 A thin shell: find the cache, open it once, and hand over to the pages (dashboard/views/*.py), each of
 which loads what it needs through dashboard/common.py, calls `analysis`, and draws.

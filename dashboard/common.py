@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -24,18 +25,37 @@ from analysis.cache import Cache, CacheError, load
 from analysis.cache.identity import cache_state, files_state
 
 ENV_VAR = "FGCAM_CACHE"
+READ_ONLY_ENV_VAR = "FGCAM_READ_ONLY"   # "1": as --read-only
 TILE = 160          # pixels of one gallery tile
 PAGE_SIZE = 24      # tiles per gallery page
 
 
 # ------------------------------------------------------------------------------------------------ the cache
-def cache_dir() -> Path | None:
-    """--cache DIR after `--` on the streamlit command line, else $FGCAM_CACHE, else None."""
+def _app_arguments() -> argparse.Namespace:
+    """The app's own options: after `--` on the streamlit command line."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--cache", default=None)
+    parser.add_argument("--read-only", action="store_true")
     args, _ = parser.parse_known_args(sys.argv[1:])
-    value = args.cache or os.environ.get(ENV_VAR)
+    return args
+
+
+def cache_dir() -> Path | None:
+    """--cache DIR after `--` on the streamlit command line, else $FGCAM_CACHE, else None."""
+    value = _app_arguments().cache or os.environ.get(ENV_VAR)
     return Path(value).expanduser().resolve() if value else None
+
+
+def read_only() -> bool:
+    """--read-only after `--` (or FGCAM_READ_ONLY=1): a dashboard to share, which shows the tags but has no tag
+    form and writes nothing (the tags database is opened read-only; the report's clustering is not saved)."""
+    return _app_arguments().read_only or os.environ.get(READ_ONLY_ENV_VAR, "").strip() == "1"
+
+
+def analysis_command(cache: Cache, command: str, *options: str) -> str:
+    """`python -m analysis COMMAND --cache <this cache> OPTIONS`, for a message that says what to run: it names the
+    cache the page opened (shell-quoted, as are the options), never a placeholder."""
+    return " ".join(["python -m analysis", command, "--cache", *map(shlex.quote, (str(cache.root), *options))])
 
 
 @st.cache_resource(show_spinner="Opening the cache ...", max_entries=4)
@@ -91,7 +111,8 @@ def no_cache_page() -> None:
 def sidebar_summary(cache: Cache) -> None:
     manifest = cache.manifest
     with st.sidebar:
-        st.caption(f"**Cache** `{cache_dir()}`")
+        st.caption(f"**Cache** `{cache_dir()}`" + (" · **read-only**: tags are shown, not changed" if read_only()
+                                                   else ""))
         counts = manifest.get("counts", {})
         st.caption(f"{len(cache):,} images explained, {counts.get('errors', 0):,} skipped · "
                    f"model `{manifest.get('model', {}).get('spec', '?')}`")
@@ -188,12 +209,14 @@ def _url_choice(widget: Callable[..., Any], label: str, options: list, key: str,
 # ------------------------------------------------------------------------------------------------ images
 def tiles_for(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred",
               opacity: float = 0.6, colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE,
-              letterbox: bool = True) -> list[np.ndarray]:
+              letterbox: bool = True, maps: Sequence[np.ndarray] | None = None,
+              style: overlay.OverlayStyle = overlay.OverlayStyle()) -> list[np.ndarray]:
     """Rendered tiles for ``ids`` (report.image_tiles): "image", "map" or "overlay", each image with its own
     aspect ratio and the map on the region the model saw, letterboxed into size x size squares unless
-    ``letterbox`` is False. Reads only these images' maps."""
+    ``letterbox`` is False. Reads only these images' maps, unless ``maps`` gives them (one per id). ``style``:
+    overlay.OverlayStyle (the Image page's: overlay.PHOTO_STYLE)."""
     return report.image_tiles(cache, ids, kind=kind, which=which, opacity=opacity, colormap=colormap, size=size,
-                              letterbox=letterbox)
+                              letterbox=letterbox, maps=maps, style=style)
 
 
 def placement_notice(cache: Cache, ids: Sequence[int]) -> None:

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from analysis.explore import overlay
 from analysis.cache import Cache, CacheError
 from analysis.explore.concepts import Concepts, ConceptsError, read_concepts
+from dashboard.common import analysis_command, cache_key
 
 TILE = 150
 CROP_MIN = 0.5   # a crop covers at least half of the map's side, centred on the concept's region
@@ -36,13 +37,13 @@ def concepts_or_message(cache: Cache) -> Concepts | None:
     if concepts is None:
         has_relevance = cache.channel_relevance([int(cache.ids[0])]) is not None
         st.info("No concepts were computed for this cache yet. Run\n\n"
-                "```bash\npython -m analysis concepts --cache CACHE_DIR\n```\n\n"
+                f"```bash\n{analysis_command(cache, 'concepts')}\n```\n\n"
                 + ("" if has_relevance else "This cache was made before the job stored each channel's relevance: "
                    "re-run `python -m analysis explain` with `--overwrite` first."))
         return None
     if concepts.stale:
         st.warning("These concepts were computed for an earlier state of the cache (it was resumed or overwritten "
-                   "since): run `python -m analysis concepts --cache CACHE_DIR` again.")
+                   f"since): run `{analysis_command(cache, 'concepts')}` again.")
     return concepts
 
 
@@ -140,7 +141,8 @@ def image_concepts(cache: Cache, image_id: int, which: str = "pred", top: int = 
         st.caption("No channel holds positive evidence for this class on this image.")
         return
     try:
-        maps = live_concept_maps(cache, cache.identity, image_id, tuple(chosen), class_index)
+        # keyed by the cache's folder and state: a copy with another manifest (another model path) loads its own
+        maps = live_concept_maps(cache, cache_key(cache), image_id, tuple(chosen), class_index)
     except Exception as error:   # the model cannot be loaded here: the shares alone, and why
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         st.caption(f"Concept maps need the cache's model ({type(error).__name__}: "

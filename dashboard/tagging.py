@@ -15,6 +15,9 @@ frame = tagging.with_tags_column(cache, frame)                 # a CSV export's 
 tagging.image_tags(cache, image_id, key="img")                 # one image: its tags (remove each) + controls
 ```
 
+On a read-only dashboard (`--read-only`, `common.read_only`) the tags are shown and there is no form, no remove
+button and no name field; the database is opened read-only, so a write that got through would be refused.
+
 The tags live in the cache's review database (`analysis.review.Review`, DIR/review.sqlite, opened once per
 cache state with st.cache_resource and created by the first tag: looking at pages writes nothing); who tagged
 is the name in the sidebar (`who_sidebar`, called by dashboard/app.py), which the browser remembers in a
@@ -45,8 +48,8 @@ COOKIE_DAYS = 365
 
 # ------------------------------------------------------------------------------------------------ the database
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _open_review(key: str, _cache: Cache) -> Review:   # key: common.cache_key, which cache in which state
-    return Review(str(_cache.root), cache=_cache)
+def _open_review(key: str, _cache: Cache, read_only: bool) -> Review:   # key: common.cache_key (cache and state)
+    return Review(str(_cache.root), cache=_cache, read_only=read_only)
 
 
 def get_review(cache: Cache) -> Review | None:
@@ -56,15 +59,16 @@ def get_review(cache: Cache) -> Review | None:
     if not (Path(cache.root) / DB_NAME).exists():
         return None
     try:
-        return _open_review(common.cache_key(cache), cache)
+        return _open_review(common.cache_key(cache), cache, common.read_only())
     except (ReviewError, OSError) as error:
         st.warning("Tags are not available: " + _one_line(error), icon=":material/sell:")
         return None
 
 
 def _writable_review(cache: Cache) -> Review:
-    """The database, created on the first tag (for callbacks: ReviewError / OSError when it cannot be)."""
-    return _open_review(common.cache_key(cache), cache)
+    """The database, created on the first tag (for callbacks: ReviewError / OSError when it cannot be, and on a
+    read-only dashboard, whose Review refuses every write)."""
+    return _open_review(common.cache_key(cache), cache, common.read_only())
 
 
 def _one_line(error: BaseException) -> str:
@@ -81,7 +85,10 @@ def who() -> str | None:
 
 def who_sidebar() -> None:
     """The sidebar's "Your name" field. A new session starts with the name this browser last used (a cookie,
-    read from the request); a changed name is written back to the cookie by a line of JavaScript."""
+    read from the request); a changed name is written back to the cookie by a line of JavaScript. None on a
+    read-only dashboard (nothing is signed there)."""
+    if common.read_only():
+        return
     try:
         raw = st.context.cookies.get(WHO_COOKIE)
     except Exception:  # no request behind this session (Streamlit's AppTest)
@@ -128,7 +135,11 @@ def tag_controls(cache: Cache, ids: Sequence[int], key: str, what: str | None = 
                  default: str | None = None) -> None:
     """A small form: a tag (the defaults "shortcut", "label error", "ambiguous", "fine" and every tag in use,
     or free text), an optional note, and Tag / Untag buttons acting on every image of `ids`. `what` names
-    the images in the form's heading (default: "these N images"); `default` is the tag chosen at first."""
+    the images in the form's heading (default: "these N images"); `default` is the tag chosen at first. On a
+    read-only dashboard, no form: one line saying so."""
+    if common.read_only():
+        st.caption("Read-only dashboard: tags are shown, not changed.")
+        return
     review = get_review(cache)
     names = review.tag_names() if review is not None else list(DEFAULT_TAGS)
     if default in names and f"{key}_choice" not in st.session_state:
@@ -176,8 +187,9 @@ def image_tags(cache: Cache, image_id: int, key: str) -> None:
         text.markdown(f":violet-badge[:material/sell: {row.tag}] "
                       + (f"{_markdown_text(row.note)} " if isinstance(row.note, str) and row.note else "")
                       + f":gray[{_markdown_text(signed)}]")
-        button.button("Remove", key=f"{key}_remove_{row.tag}", on_click=_untag_one,
-                      args=(review, int(image_id), row.tag, f"{key}_tag"), icon=":material/close:")
+        if not common.read_only():
+            button.button("Remove", key=f"{key}_remove_{row.tag}", on_click=_untag_one,
+                          args=(review, int(image_id), row.tag, f"{key}_tag"), icon=":material/close:")
     tag_controls(cache, [int(image_id)], key=f"{key}_tag")
 
 

@@ -10,7 +10,9 @@ Steps, each skipped when its output exists and was made with the same settings:
   5. model     A small CNN (data/demo_model.py) trained on the 60,000 training images -> OUT/model.pt,
                OUT/train_report.json (accuracy, training time, what the shortcut does to predictions).
   6. explain   The offline job, FG-CAM at the input layer, on the test split -> OUT/cache.
-  7. dashboard `streamlit run dashboard/app.py -- --cache OUT/cache`, URL printed (skip with --no-dashboard).
+  7. dashboard `streamlit run dashboard/app.py -- --cache OUT/cache` on localhost only (--address to share it,
+               --read-only for a dashboard without tag forms that writes nothing), URL printed (skip with
+               --no-dashboard).
 
 --small runs a quick version (12,000 training images, 2 epochs, 1,000 test images) into demo_out/small.
 A failing step stops with one line saying what to do; a rerun continues from the first missing output.
@@ -23,7 +25,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import signal
 import socket
@@ -46,7 +47,7 @@ MARKER = ".fgcam-demo"             # marks a folder as the demo's own: only such
 MASK_THRESHOLD = shortcut.FREE_CORNER_THRESHOLD   # the object stands on black: above this is object
 MAP_SIZE = 28                      # the images' own resolution: input-level maps stored without resampling
 DESCRIPTOR_SIZE = 14               # 2x2 pooling of the 28x28 maps for clustering
-MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:load_demo_model"
+MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:demo_cnn"   # the architecture; --checkpoint: the weights
 
 
 class DemoError(Exception):
@@ -341,8 +342,14 @@ def step_model(paths: DemoPaths, settings: DemoSettings, train: Split, test: Spl
 # Step 6: the offline job
 # ----------------------------------------------------------------------------------------------------------
 
+def model_arguments(paths: DemoPaths) -> list[str]:
+    """The job's options that load the demo's trained model; the manifest records the checkpoint's absolute path,
+    so the pages that run the model load it for a demo made with any --out."""
+    return ["--model", MODEL_SPEC, "--checkpoint", str(paths.model.resolve())]
+
+
 def explain_command(paths: DemoPaths, overwrite: bool, batch_size: int, workers: int | None) -> list[str]:
-    command = [sys.executable, "-m", "analysis", "explain", "--data", str(paths.test), "--model", MODEL_SPEC,
+    command = [sys.executable, "-m", "analysis", "explain", "--data", str(paths.test), *model_arguments(paths),
                "--out", str(paths.cache), "--masks", str(paths.masks), "--target-layer", "input",
                "--map-size", str(MAP_SIZE), "--descriptor-size", str(DESCRIPTOR_SIZE),
                "--batch-size", str(batch_size)]
@@ -365,7 +372,7 @@ def cache_is_complete(cache_dir: Path) -> bool:
 def step_explain(paths: DemoPaths, batch_size: int = 64, workers: int | None = None,
                  quiet: bool = False) -> None:
     stamp = {"model_sha256": file_sha256(paths.model), "testset": read_stamp(paths, "testset"),
-             "map_size": MAP_SIZE, "descriptor_size": DESCRIPTOR_SIZE}
+             "map_size": MAP_SIZE, "descriptor_size": DESCRIPTOR_SIZE, "model": model_arguments(paths)}
     same_inputs = read_stamp(paths, "explain") == stamp
     if same_inputs and cache_is_complete(paths.cache):
         say(f"[6/7] explanations: already in {paths.cache} (skipped)")
@@ -378,9 +385,8 @@ def step_explain(paths: DemoPaths, batch_size: int = 64, workers: int | None = N
     if quiet:
         command.append("--quiet")
     say(f"[6/7] explaining the test split with FG-CAM at the input layer into {paths.cache} ...")
-    env = {**os.environ, "DEMO_MODEL_WEIGHTS": str(paths.model)}
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env)
+    done = subprocess.run(command, cwd=REPO_ROOT)
     if done.returncode != 0:
         raise DemoError(f"the explanation job failed (exit code {done.returncode}, its message is above); fix "
                         "that and rerun `python -m data.demo`: it resumes where the job stopped")
@@ -500,24 +506,29 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def dashboard_command(paths: DemoPaths, port: int) -> list[str]:
+def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False) -> list[str]:
+    """`streamlit run dashboard/app.py`: on `address` only (localhost: nobody else on the network reaches it), no
+    "Deploy" button (a minimal toolbar), read-only when asked (no tag forms, nothing written)."""
     return [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
-            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--", "--cache", str(paths.cache)]
+            "--server.port", str(port), "--server.address", address, "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else [])]
 
 
-def step_dashboard(paths: DemoPaths, port: int) -> int:
+def step_dashboard(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False) -> int:
     app = REPO_ROOT / "dashboard" / "app.py"
     if not app.is_file():
         raise DemoError(f"{app} is missing: the checkout is incomplete (git status / git pull)")
     if not port_is_free(port):
         raise DemoError(f"port {port} is in use (another dashboard?): stop it, or rerun with --port N")
-    say(f"[7/7] dashboard: open http://localhost:{port}  (Ctrl-C stops it; the cache stays in {paths.cache})")
+    shared = address not in ("localhost", "127.0.0.1", "::1")
+    host = address if shared and address not in ("0.0.0.0", "::") else "localhost"
+    say(f"[7/7] dashboard: open http://{host}:{port}  (Ctrl-C stops it; the cache stays in {paths.cache})"
+        + (f"; it listens on {address}: others on the network can open it" if shared else "")
+        + ("; read-only" if read_only else ""))
     say("        What is this model really looking at? Start with the clusters ranked most suspicious.")
-    # The pages that run the model (concept maps of an image, the sanity views) load it through the demo
-    # model's loader, which reads this variable: any --out works, not only demo_out/.
-    process = subprocess.Popen(dashboard_command(paths, port), cwd=REPO_ROOT,
-                               env={**os.environ, "DEMO_MODEL_WEIGHTS": str(paths.model)})
+    # The pages that run the model load it from the cache's manifest (its spec and --checkpoint): no variable.
+    process = subprocess.Popen(dashboard_command(paths, port, address, read_only), cwd=REPO_ROOT)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM to the demo must not leave the dashboard running on its own
@@ -558,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quick version: 12,000 training images, 2 epochs, 1,000 test images")
     parser.add_argument("--no-dashboard", action="store_true", help="stop after the explanations (step 6)")
     parser.add_argument("--port", type=_port, default=8501, help="dashboard port (default 8501)")
+    parser.add_argument("--address", default="localhost",
+                        help="the dashboard's address (default localhost: this machine only; 0.0.0.0: every "
+                             "network interface, for sharing, best with --read-only)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="a dashboard to share: tags are shown, no tag form, nothing written in the cache")
     parser.add_argument("--offline", action="store_true",
                         help="never download or apt-get (use local Fashion-MNIST files only)")
     parser.add_argument("--threads", type=_positive_int, default=None,
@@ -604,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_dashboard:
             say(f"dashboard: streamlit run dashboard/app.py -- --cache {paths.cache}")
             return 0
-        return step_dashboard(paths, args.port)
+        return step_dashboard(paths, args.port, args.address, args.read_only)
     except DemoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

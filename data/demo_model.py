@@ -1,10 +1,12 @@
 """The demo's classifier: a small CNN for 28x28 grayscale Fashion-MNIST images, its training loop, and the
-loader the offline job calls:
+loaders the offline job calls:
 
-    python -m analysis explain --model data/demo_model.py:load_demo_model ...
+    python -m analysis explain --model data/demo_model.py:demo_cnn --checkpoint OUT/model.pt ...
 
-`load_demo_model()` reads the weights from $DEMO_MODEL_WEIGHTS, else demo_out/model.pt (written by
-`python -m data.demo`). Output i of the model is class CLASS_NAMES[i]: the class folder names sorted, which is
+`demo_cnn()` is the architecture and transform; --checkpoint gives the weights (what `python -m data.demo` runs: the
+cache's manifest then records where the weights are, and every page that runs the model finds them, whatever
+--out was). `load_demo_model()` is the same model with the weights read from $DEMO_MODEL_WEIGHTS, else
+demo_out/model.pt: for commands typed by hand. Output i of the model is class CLASS_NAMES[i]: the class folder names sorted, which is
 the job's default class order for an ImageFolder, so no --classes file is needed.
 """
 from __future__ import annotations
@@ -101,6 +103,12 @@ def load_weights(path: Path) -> tuple[DemoCNN, dict[str, Any]]:
                          "rerun `python -m data.demo` to train it again") from None
     model.eval()
     return model, dict(payload.get("info", {}))
+
+
+def demo_cnn() -> tuple[nn.Module, Callable[[Any], Tensor]]:
+    """For the job's --model data/demo_model.py:demo_cnn --checkpoint OUT/model.pt: (an untrained DemoCNN,
+    transform); the checkpoint (save_weights' file: its state dict is taken from it) holds the weights."""
+    return DemoCNN(), demo_transform()
 
 
 def load_demo_model() -> tuple[nn.Module, Callable[[Any], Tensor]]:

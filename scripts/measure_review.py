@@ -83,7 +83,7 @@ def main() -> int:
         for source, target in PAIRS:
             root = work / f"{source}-{target}"
             moved = write_moved_split(root / "images", source, target, count=100)
-            code = analysis_main(["explain", "--data", str(root / "images"), "--model", demo.MODEL_SPEC,
+            code = analysis_main(["explain", "--data", str(root / "images"), *demo.model_arguments(paths),
                                   "--out", str(root / "cache"), "--map-size", "28", "--descriptor-size", "14",
                                   "--batch-size", "100", "--device", "cpu", "--workers", "0", "--quiet"])
             if code != 0:

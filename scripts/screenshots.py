@@ -7,8 +7,9 @@
 Each page is opened by its URL, left to finish running, checked (no Streamlit exception box, no "Traceback" or
 "Error" text) and saved as PNG: the README's small viewport shots (1400 x 900, palette PNG), or with --full-page
 whole pages (the browser test, tests/test_browser.py, uses the same functions). --photos shoots the Image page
-and a gallery of the coffee photo instead, on the cache of real photos that tests/helpers.py: make_photo_cache
-builds (docs/screenshots/photo_image.png, photo_gallery.png). Exit status 1 when a page shows a problem.
+and a gallery of the coffee photo instead (and the Image page of the cat), on the cache of real photos that
+tests/helpers.py: make_photo_cache builds (docs/screenshots/photo_image.png, photo_image_cat.png,
+photo_gallery.png). Exit status 1 when a page shows a problem.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,15 +73,19 @@ def pages_for(cache_dir: Path | None) -> list[PageShot]:
 
 
 def photo_pages(cache_dir: Path) -> list[PageShot]:
-    """The Image page of the coffee photo and a gallery holding it (Background attention with every image
-    flagged), on the photo cache (tests/helpers.py: make_photo_cache)."""
+    """The Image page of the coffee photo and of the cat (chelsea), and a gallery holding them (Background
+    attention with every image flagged), on the photo cache (tests/helpers.py: make_photo_cache)."""
     sys.path.insert(0, str(REPO))
     from analysis.cache import load
 
     table = load(cache_dir).table
-    coffee = table.loc[table["path"].str.endswith("coffee.png"), "id"]
-    image_id = int(coffee.iloc[0]) if len(coffee) else int(table["id"].iloc[0])
-    return [PageShot("photo_image", f"/image?id={image_id}", "image.py", "Image"),
+
+    def photo_id(name: str) -> int:
+        found = table.loc[table["path"].str.endswith(name), "id"]
+        return int(found.iloc[0]) if len(found) else int(table["id"].iloc[0])
+
+    return [PageShot("photo_image", f"/image?id={photo_id('coffee.png')}", "image.py", "Image"),
+            PageShot("photo_image_cat", f"/image?id={photo_id('chelsea.png')}", "image.py", "Image"),
             PageShot("photo_gallery", "/background?threshold=0.00", "background.py", "Background attention",
                      scroll_to="Flagged images, highest")]
 
@@ -92,12 +97,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0) -> Iterator[str]:
-    """`streamlit run dashboard/app.py -- --cache DIR` on a free local port; yields its base URL and stops it."""
+def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0, app_options: Sequence[str] = (),
+                address: str | None = "127.0.0.1") -> Iterator[str]:
+    """`streamlit run dashboard/app.py -- --cache DIR APP_OPTIONS` on a free local port; yields its base URL and
+    stops it. `address` None: the one .streamlit/config.toml sets."""
     port = free_port()
     command = [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"),
-               "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-               "--browser.gatherUsageStats", "false", "--", "--cache", str(cache_dir)]
+               "--server.headless", "true", "--server.port", str(port),
+               *(["--server.address", address] if address else []),
+               "--browser.gatherUsageStats", "false", "--", "--cache", str(cache_dir), *app_options]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
@@ -223,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="base URL of a dashboard already running")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     parser.add_argument("--photos", action="store_true",
-                        help="the Image page and a gallery of the coffee photo (needs a photo cache, see above)")
+                        help="the Image pages of the coffee and cat photos and a gallery (needs a photo cache, see "
+                             "above)")
     parser.add_argument("--full-page", action="store_true",
                         help=f"1400 x {FULL_PAGE_HEIGHT} (most of a page), not the 1400 x 900 viewport")
     args = parser.parse_args(argv)

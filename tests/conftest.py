@@ -18,7 +18,17 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 import pytest
 
-from tests.helpers import REPO_ROOT, make_photo_cache, make_small_cache
+from tests.helpers import REPO_ROOT, make_photo_cache, make_small_cache, seed_offset
+
+
+# Fixtures that take minutes on 2 cores: a test that uses one is `slow` (left out by `make test-quick`).
+SLOW_FIXTURES = {"small_demo", "photo_cache"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +52,15 @@ def photo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory: pytest.TempPathFactory):
     """`python -m data.demo --small --no-dashboard`, for real: 12,000 training images (2 epochs), the first
-    1,000 test images, the real job on them (and its clustering). About 40 s on 2 free cores."""
+    1,000 test images, the real job on them (and its clustering). About 40 s on 2 free cores. Its training seed
+    is FGCAM_TEST_SEED (default 0, the demo's own default)."""
     from data import demo, fashion_mnist
 
     if not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR):
         pytest.skip(f"Fashion-MNIST is not installed in {fashion_mnist.DEBIAN_DIR}")
     out = tmp_path_factory.mktemp("demo") / "out"
     done = subprocess.run([sys.executable, "-m", "data.demo", "--small", "--no-dashboard", "--offline",
-                           "--threads", "1", "--out", str(out)],
+                           "--threads", "1", "--seed", str(seed_offset()), "--out", str(out)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return demo.DemoPaths(out)

@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.browser   # a real Chromium: `make test-quick` leaves these out
 
 
 def screenshots_module():
@@ -99,7 +100,7 @@ def test_photos_keep_their_aspect_ratio_in_a_browser(photo_cache: Path, tmp_path
 
     shots_module = screenshots_module()
     shots = shots_module.photo_pages(photo_cache)
-    assert [s.name for s in shots] == ["photo_image", "photo_gallery"]
+    assert [s.name for s in shots] == ["photo_image", "photo_image_cat", "photo_gallery"]
     sizes: dict[str, list[tuple[int, int]]] = {}
     with shots_module.running_app(photo_cache, tmp_path / "streamlit.log") as base:
         found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False)
@@ -122,6 +123,8 @@ def test_photos_keep_their_aspect_ratio_in_a_browser(photo_cache: Path, tmp_path
     # Image page: original, overlay and map of the 600 x 400 coffee at 480 x 320, then square neighbour tiles.
     assert sizes["photo_image"][:3] == [(480, 320)] * 3, sizes["photo_image"]
     assert all(w == h for w, h in sizes["photo_image"][3:])
+    # the cat (451 x 300, predicted wrong): original, then the prediction's and the true class's overlay and map
+    assert sizes["photo_image_cat"][:5] == [(480, 319)] * 5, sizes["photo_image_cat"]
     # Gallery: one tile per photo, all the same square size whatever the photo's shape.
     assert len(sizes["photo_gallery"]) == 3 and set(sizes["photo_gallery"]) == {(160, 160)}, sizes["photo_gallery"]
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests.test_browser import CHROMIUM, REPO, screenshots_module
 
+pytestmark = pytest.mark.browser
 TAG = "odd corner"
 
 

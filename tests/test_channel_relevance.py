@@ -39,7 +39,7 @@ def job_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_image_folder(root / "images", per_class=5, size=16)
     code = run_main_plain("explain", "--data", str(root / "images"), "--model", TINY, "--out", str(root / "cache"),
                           "--device", "cpu", "--workers", "0", "--batch-size", "4", "--shard-size", "4",
-                          "--map-size", "8", "--descriptor-size", "2", "--quiet")
+                          "--map-size", "8", "--descriptor-size", "2", "--quiet", "--no-cluster")
     assert code == 0
     return root / "cache"
 

@@ -314,6 +314,7 @@ def test_results_are_tied_to_the_cache_and_stale_ones_are_not_shown(tmp_path: Pa
     assert load(out).clustering_scopes() == []
 
 
+@pytest.mark.slow
 def test_a_killed_run_keeps_its_finished_scopes_and_the_rerun_continues(tmp_path: Path):
     out = tmp_path / "cache"
     writer = CacheWriter(out)

@@ -149,8 +149,16 @@ def test_the_clusters_page_names_each_clusters_concepts(monkeypatch, concept_clu
 
 
 def test_on_the_demo_concepts_split_the_tagged_images_by_the_channels_they_use(small_demo, capsys):
-    """Measured (README, "Concepts"): in pred:bag the clustering on concepts puts the tagged shoes the model
-    calls "bag" in a cluster of their own (their evidence in other channels than the tagged clothes')."""
+    """In pred:bag the clustering on concepts gathers the tagged shoes the model calls "bag" (their evidence in
+    other channels than the tagged clothes') into its top clusters, far above their share of the scope.
+
+    Restated as a property with a margin (issue 23): a trained model's exact clusters differ across CPUs (float
+    sums in another order), and the test once asked for one cluster of >= 80% tagged images, which failed on
+    another machine (64%). Measured here (pred:bag: 122 images, 28 tagged non-bags, base rate 0.23):
+    FGCAM_TEST_SEED 0: best top-3 cluster 9 images, 100% tagged; the top 3 (42 images, 67% tagged) hold all 28.
+    FGCAM_TEST_SEED 2 (126 images, 31 tagged non-bags, base rate 0.25): best top-3 cluster 13 images, 85% tagged;
+    the top 3 (46 images, 50% tagged) hold 74% of them. Asserted: 2x the base rate for the best cluster (the other
+    machine's 64% passes), 1.5x for the top 3 together, and half of the tagged non-bags held."""
     from data import shortcut
 
     cache_dir = small_demo.cache
@@ -162,9 +170,18 @@ def test_on_the_demo_concepts_split_the_tagged_images_by_the_channels_they_use(s
     table = cache.table.set_index("id")
     tagged_other = table["path"].map(marked).fillna(False).to_numpy(bool) & (table["label"] != bag).to_numpy()
     stored = cache.clustering(f"pred:{shortcut.SHORTCUT_CLASS}", descriptor="concepts")
-    found = []
+    in_scope = tagged_other[table.index.get_indexer(stored.assignments["id"].to_numpy())]
+    assert in_scope.sum() >= 15, "too few tagged non-bags are called bag to test anything"
+    base_rate = in_scope.mean()
+    found, top_members = [], []
     for row in stored.summary.head(3).itertuples():
         members = stored.members(int(row.cluster))
+        top_members.append(members)
         share = float(tagged_other[table.index.get_indexer(members)].mean())
-        found.append((int(row.rank), len(members), share, row.concept_mix))
-    assert any(size >= 6 and share >= 0.8 for _, size, share, _ in found), found
+        found.append((int(row.rank), len(members), round(share, 2), row.concept_mix))
+    # One top-3 cluster of at least 6 images at twice the base rate or more (chance: about the base rate) ...
+    assert any(size >= 6 and share >= 2 * base_rate for _, size, share, _ in found), (base_rate, found)
+    # ... and the top 3 together hold at least half of the tagged non-bags, at 1.5 times the base rate or more.
+    together = tagged_other[table.index.get_indexer(np.concatenate(top_members))]
+    held = together.sum() / in_scope.sum()
+    assert held >= 0.5 and together.mean() >= 1.5 * base_rate, (held, together.mean(), base_rate, found)

@@ -192,6 +192,7 @@ def flat_cache(small_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
+@pytest.mark.slow
 def test_every_page_and_the_report_survive_a_cache_without_relevance(flat_cache: Path) -> None:
     """Every page and the HTML report on the flat cache, in a child process (scikit-learn's t-SNE crashed with
     SIGSEGV on such a cache, taking the whole Streamlit server down): no exception, and the Clusters page shows

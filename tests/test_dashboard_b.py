@@ -145,6 +145,7 @@ def test_trust_without_comparison_says_which_command(monkeypatch: pytest.MonkeyP
     assert not at.dataframe
 
 
+@pytest.mark.slow
 def test_trust_with_comparison_and_shortcut_test(monkeypatch: pytest.MonkeyPatch, cache_copy: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "analysis", "compare-methods", "--cache", str(cache_copy),
                            "--sample", "6", "--steps", "4", "--device", "cpu", "--quiet"],
@@ -190,6 +191,7 @@ def test_trust_shortcut_test_without_the_model_warns(monkeypatch: pytest.MonkeyP
     assert any("cannot be loaded here" in w for w in warnings), warnings
 
 
+@pytest.mark.slow
 def test_trust_does_not_show_another_caches_comparison(monkeypatch: pytest.MonkeyPatch, cache_copy: Path,
                                                        small_cache: Path, tmp_path: Path) -> None:
     """A comparison left beside a cache it was not made for (a directory synced over an old one, or an --overwrite

@@ -53,7 +53,9 @@ def large_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("large")
     make_image_folder(root / "images", per_class=30, size=20, mislabelled=10)
     make_mask_folder(root / "images", root / "masks", size=20)
-    train_tiny_cnn(root / "images", root / "tiny_cnn.pth", steps=120)
+    # lr 0.005: at 0.02 (120 steps) a class went unpredicted with FGCAM_TEST_SEED 0, 2 and 3 (an empty mistakes
+    # cell 0 -> 1 with seed 2). Measured with seeds 0 to 3, 1 and 2 threads: 10 images in each off-diagonal cell.
+    train_tiny_cnn(root / "images", root / "tiny_cnn.pth", steps=200, lr=0.005)
     out = root / "cache"
     assert main(["explain", "--data", str(root / "images"), "--model", f"{TINY_MODEL_FILE}:tiny_cnn",
                  "--checkpoint", str(root / "tiny_cnn.pth"), "--out", str(out), "--masks", str(root / "masks"),
@@ -129,6 +131,7 @@ def test_st_run_in_a_link_starts_nothing(monkeypatch, large_cache):
 
 
 # ------------------------------------------------------------------------------------------------ fuzz
+@pytest.mark.slow
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_query_parameter_with_bad_values_gives_a_sane_page(monkeypatch, large_cache, page):
     """Each bad value in every parameter of the page at once (with the gates valid, so the whole page runs), then
@@ -141,6 +144,7 @@ def test_every_query_parameter_with_bad_values_gives_a_sane_page(monkeypatch, la
             assert_sane(open_page(monkeypatch, large_cache, page, query), page, query)
 
 
+@pytest.mark.slow
 def test_bad_values_with_tags_in_use(monkeypatch, large_cache, tmp_path):
     """The tag filters, the Find-more page and the label-error gallery with tags in the database: every bad value
     gives a page; a link naming a tag that exists opens its filter, one naming no tag shows every image."""

@@ -18,6 +18,7 @@ from PIL import Image
 
 from data import demo, demo_model, fashion_mnist, shortcut
 from data.fashion_mnist import DEBIAN_DIR, FashionMNISTUnavailable, IdxFormatError
+from tests.helpers import seed_offset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 needs_debian_files = pytest.mark.skipif(
@@ -264,7 +265,8 @@ def test_small_demo_writes_every_output(small_demo):
 def test_rerunning_the_demo_skips_every_finished_step(small_demo, capsys):
     before = {p: p.stat().st_mtime_ns for p in (small_demo.model, small_demo.shortcut_csv,
                                                  small_demo.cache / "manifest.json")}
-    assert demo.main(["--small", "--no-dashboard", "--offline", "--out", str(small_demo.out)]) == 0
+    assert demo.main(["--small", "--no-dashboard", "--offline", "--seed", str(seed_offset()),   # the fixture's seed
+                      "--out", str(small_demo.out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("(skipped)") == 3, printed
     assert before == {p: p.stat().st_mtime_ns for p in before}
@@ -344,7 +346,7 @@ def test_demo_starts_the_dashboard_on_its_cache_and_prints_the_url(small_demo):
         probe.bind(("", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "data.demo", "--small", "--offline", "--port", str(port),
-                                "--out", str(small_demo.out)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                "--seed", str(seed_offset()), "--out", str(small_demo.out)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline, healthy = time.monotonic() + 90, False

@@ -326,11 +326,14 @@ def trained(fashion):
     return models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_trained_families_conserve(trained, fashion, name):
     # before the fallbacks the MobileNet-like network kept 59% to 80% of the components' sum
     model, accuracy = trained[name]
-    assert accuracy > 0.6, accuracy  # it did learn (chance is 0.1; measured 0.70 to 0.74)
+    # it did learn (chance is 0.1). Measured: 0.70 to 0.74 (FGCAM_TEST_SEED 0,
+    # 1 and 2 threads), 0.67 to 0.74 (FGCAM_TEST_SEED 2)
+    assert accuracy > 0.6, accuracy
     model = model.double()
     images = fashion[1][0][:8].double()
     explainer = FGCAM(model)

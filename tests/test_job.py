@@ -36,7 +36,8 @@ def run_inprocess(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
 
 def explain_args(data: Path, out: Path, *extra: str, model: str = TINY) -> list[str]:
     return ["explain", "--data", str(data), "--model", model, "--out", str(out), "--device", "cpu",
-            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet", *extra]
+            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet",
+            "--no-cluster", *extra]   # the clustering is tested on the session cache (about 15 s a run here)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,8 @@ def test_small_cache_matches_a_direct_computation(small_cache: Path) -> None:
                 "counts", "software"):
         assert key in cache.manifest
     assert cache.manifest["options"]["cam_layer"] == "features.3"
-    assert not (table["correct"]).all() and table["correct"].sum() >= 12  # trained, with mislabelled images
+    # trained, with mislabelled images: 21 of 24 correct measured with FGCAM_TEST_SEED 0 and 2 (the 3 mislabelled)
+    assert not (table["correct"]).all() and table["correct"].sum() >= 12
     assert [p.name for p in small_cache.glob("compact-*")] == ["compact-000001"]
     assert not list((small_cache / "shards").iterdir())
 
@@ -147,11 +149,13 @@ def test_small_cache_matches_a_direct_computation(small_cache: Path) -> None:
 # Crash and resume, concurrent readers, ranks
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
     checkpoint = ["--checkpoint", str(small_cache.parent / "tiny_cnn.pth")]
-    command = job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", *checkpoint)  # 12 shards
+    command = job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", "--no-cluster",
+                          *checkpoint)  # 12 shards
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(EXPLAIN_TEST_SLEEP="0.12"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -169,8 +173,8 @@ def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tm
     assert len(ids) == 2 * committed  # whole shards only
     assert set(ids) == {i for s in ids // 2 for i in (2 * s, 2 * s + 1)}
 
-    rerun = subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", *checkpoint), cwd=REPO_ROOT,
-                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--no-cluster", *checkpoint),
+                           cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming: {committed} of 12 shards already committed" in rerun.stderr
     cache = load(out)
@@ -182,10 +186,11 @@ def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tm
     assert_same_predictions(cache.table, load(small_cache).table)
 
 
+@pytest.mark.slow
 def test_readers_see_only_committed_shards_while_the_job_writes(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
-    command = job_command(data, out, "--batch-size", "3", "--map-size", "8", "--quiet")  # 8 shards of 3
+    command = job_command(data, out, "--batch-size", "3", "--map-size", "8", "--quiet", "--no-cluster")  # 8 shards of 3
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(EXPLAIN_TEST_SLEEP="0.05"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sizes = set()
@@ -211,11 +216,13 @@ def test_readers_see_only_committed_shards_while_the_job_writes(small_cache: Pat
     assert final.complete and final.table["id"].tolist() == list(range(24))
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_share_the_dataset(small_cache: Path, tmp_path: Path) -> None:
     data = small_cache.parent / "images"
     out = tmp_path / "cache"
-    explain = job_command(data, out, "--batch-size", "2", "--shard-size", "4", "--map-size", "8", "--checkpoint",
-                          str(small_cache.parent / "tiny_cnn.pth"))[3:]  # `explain ...` (no --quiet: rank lines)
+    # `explain ...` (no --quiet: rank lines)
+    explain = job_command(data, out, "--batch-size", "2", "--shard-size", "4", "--map-size", "8", "--no-cluster",
+                          "--checkpoint", str(small_cache.parent / "tiny_cnn.pth"))[3:]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "analysis", *explain]
     result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
@@ -253,6 +260,7 @@ def test_a_model_trained_with_image_folder_on_numeric_folders_gets_its_classes(t
     assert {name: i for i, name in enumerate(cache.manifest["class_names"])} == ImageFolder(str(data)).class_to_idx
     table = cache.table
     assert (table["label_name"] == table["path"].str.split("/").str[0]).all()
+    # measured 1.0 with FGCAM_TEST_SEED 0 and 2, 1 and 2 threads
     assert table["correct"].mean() >= 0.9, table[["path", "label_name", "pred_name"]]
 
 
@@ -398,7 +406,7 @@ def test_option_mismatch_is_refused_same_options_resume_overwrite_replaces(
     assert cache.manifest["created"] == json.loads(before)["created"]
     assert cache.manifest["options"]["shard_size"] == 8  # kept from the existing cache
 
-    code, err = run_inprocess(capsys, *changed, "--overwrite")
+    code, err = run_inprocess(capsys, *changed, "--overwrite", "--no-cluster")   # the clustering: ~15 s, not read
     assert code == 0, err
     cache = load(copy)
     assert cache.maps([0]).shape == (1, 32, 32) and cache.table["id"].tolist() == list(range(24))

@@ -27,7 +27,8 @@ TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
 
 def explain_args(data: Path, out: Path, *extra: str, model: str = TINY) -> list[str]:
     return ["explain", "--data", str(data), "--model", model, "--out", str(out), "--device", "cpu",
-            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet", *extra]
+            "--workers", "0", "--batch-size", "4", "--map-size", "10", "--descriptor-size", "2", "--quiet",
+            "--no-cluster", *extra]   # the clustering is tested on the session cache (about 15 s a run here)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -43,8 +44,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_job(data: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
             model: str = TINY) -> subprocess.CompletedProcess:
-    return subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", *extra,
-                                      model=model),
+    return subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", "--no-cluster",
+                                      *extra, model=model),
                           cwd=REPO_ROOT, env=subprocess_env(**(env or {})), capture_output=True, text=True,
                           timeout=300)
 
@@ -67,6 +68,7 @@ def one_line(text: str) -> bool:
 # One writer per cache
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_job_on_a_cache_being_written_is_refused_and_a_killed_one_blocks_nothing(
         images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
@@ -101,6 +103,7 @@ def test_a_second_job_on_a_cache_being_written_is_refused_and_a_killed_one_block
     assert cache.table["id"].tolist() == list(range(12))
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_agree_when_the_cache_is_taken(images: Path, tmp_path: Path) -> None:
     """Another process holds --out: rank 0 is refused the lock and no rank starts (one message, from rank 0);
     nothing is written. (tests/test_job.py runs torchrun on a free --out: rank 1 writes under rank 0's lock.)"""
@@ -160,7 +163,7 @@ def test_shards_without_a_manifest_are_refused_and_overwrite_removes_them(small_
     assert code == 2 and one_line(err), err
     assert "holds explanation shards but no manifest.json" in err and "--overwrite" in err
     assert sorted(p.name for p in copy.rglob("*")) == before
-    code, _, err = run_main(capsys, *argv, "--overwrite")
+    code, _, err = run_main(capsys, *argv, "--overwrite", "--no-cluster")   # the clustering: ~15 s, not read
     assert code == 0, err
     cache = load(copy)
     assert cache.map_size == 8 and cache.table["id"].tolist() == list(range(24)) and cache.complete
@@ -179,6 +182,7 @@ def build():
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, named", [
     ("T.Normalize([0.4] * 3, [0.5] * 3)", "Normalize(mean=[0.5, 0.5, 0.5]"),   # the description changes
     ("T.Lambda(lambda x: x * 3 - 1)", "same description"),                      # only the output changes
@@ -211,6 +215,7 @@ def test_a_resume_with_an_edited_transform_is_refused(images: Path, tmp_path: Pa
 # Damaged committed parts
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_damaged_shard_is_moved_aside_and_redone_at_the_start(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     committed = killed_half_way(images, out)
@@ -230,6 +235,7 @@ def test_a_damaged_shard_is_moved_aside_and_redone_at_the_start(images: Path, tm
     assert committed >= 1
 
 
+@pytest.mark.slow
 def test_a_damaged_compaction_is_moved_aside_and_its_images_redone(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     assert run_job(images, out).returncode == 0

@@ -28,7 +28,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def explain(images: Path, out: Path, *extra: str) -> list[str]:
     return ["explain", "--data", str(images), "--model", TINY, "--out", str(out), "--device", "cpu", "--workers",
-            "0", "--batch-size", "3", "--map-size", "8", "--descriptor-size", "2", "--quiet", *extra]
+            "0", "--batch-size", "3", "--map-size", "8", "--descriptor-size", "2", "--quiet", "--no-cluster", *extra]
 
 
 def test_the_option_text_round_trips():

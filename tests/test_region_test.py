@@ -34,7 +34,13 @@ def planted_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def shortcut_model() -> TinyCNN:
-    """TinyCNN trained for a few seconds on the planted data (nothing but the mark separates the classes)."""
+    """TinyCNN trained for a few seconds on the planted data (nothing but the mark separates the classes).
+
+    Margins measured with FGCAM_TEST_SEED 0 and 2 (1 and 2 threads): held-out accuracy 1.0; region on the mark
+    9 of 13 pixels (>= 7 asserted); blurring it changes 1.0 of the marked images (>= 0.9), a random region 0.0
+    (<= 0.1); probability after the prototype blur 0.002 / 0.157 (< 0.5), after the random one 0.999; object
+    only / background only right on 8 of 8; pasting (test_insertion_test.py) flips 1.0 vs 0.0, probabilities
+    1.0 / 0.999 vs 0.001 / 0.146."""
     torch.manual_seed(0)
     model = TinyCNN(num_classes=2, width=8)
     images, labels = planted_images(64, seed=0)

@@ -21,7 +21,9 @@ from analysis.review import (DB_NAME, DEFAULT_TAGS, MAX_TAG_LENGTH, Review, Revi
                              tagged_table)
 from tests.helpers import REPO_ROOT, run_main, small_cache_arguments
 
-MISLABELLED = [7, 15, 23]   # the small cache's last image of each class shows the next class's colour
+# The small cache's last image of each class shows the next class's colour. Measured with FGCAM_TEST_SEED 0 and 2:
+# they are the 3 lowest in label quality, 0.19 / 0.23 at most against 0.56 / 0.58 for the next image.
+MISLABELLED = [7, 15, 23]
 
 
 @pytest.fixture
@@ -187,7 +189,7 @@ def test_overwrite_keeps_the_tags_aside_and_a_stale_review_cannot_write(
     created = load(cache_copy).manifest["created"]
     argv = small_cache_arguments(small_cache.parent)
     argv[argv.index("--out") + 1] = str(cache_copy)
-    code, _, err = run_main(capsys, *argv, "--overwrite")
+    code, _, err = run_main(capsys, *argv, "--overwrite", "--no-cluster")   # the clustering: ~15 s, not read
     assert code == 0, err
     aside = sorted(cache_copy.glob("review-*.sqlite"))
     assert len(aside) == 1 and created.replace(":", "-") in aside[0].name

@@ -60,9 +60,9 @@ def moved_cache(small_demo: demo.DemoPaths, tmp_path_factory: pytest.TempPathFac
     previous = os.environ.get(WEIGHTS_ENV)
     os.environ[WEIGHTS_ENV] = str(small_demo.model)
     try:
-        code = main(["explain", "--data", str(root / "images"), "--model", demo.MODEL_SPEC, "--out", str(root / "cache"),
+        code = main(["explain", "--data", str(root / "images"), *demo.model_arguments(small_demo), "--out", str(root / "cache"),
                      "--map-size", "28", "--descriptor-size", "14", "--batch-size", "100", "--device", "cpu",
-                     "--workers", "0", "--quiet"])
+                     "--workers", "0", "--quiet", "--no-cluster"])   # the ranking reads no clustering
     finally:
         if previous is None:
             os.environ.pop(WEIGHTS_ENV, None)

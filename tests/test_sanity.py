@@ -62,7 +62,9 @@ def mark_model() -> tuple[MarkCNN, torch.Tensor]:
     fit(model, images, labels, steps=150, lr=0.01, seed=0)
     test_images, test_labels = mark_images(24, seed=5)
     with torch.no_grad():
-        assert (model(test_images).argmax(1) == test_labels).float().mean() == 1.0  # it learnt the mark
+        # it learnt the mark. Measured (FGCAM_TEST_SEED 0 and 2, 1 and 2 threads): accuracy 1.0, the true
+        # class's logit ahead by at least 2.04 (seed 0) and 2.07 (seed 2) on every held-out image.
+        assert (model(test_images).argmax(1) == test_labels).float().mean() == 1.0
     return model, test_images
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from tests.test_browser import CHROMIUM, REPO, screenshots_module
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")]
 
 
 def analysis_command(*argv: str) -> None:

@@ -7,6 +7,8 @@ to run for the (N+1)-th time: a job stopped half-way, at once and without a timi
 EXPLAIN_TEST_SHARDS=DIR/shards only the calls made once that folder exists count (the job's set-up runs the
 transform too, more often for a transform whose geometry it measures), and the kill first waits for a committed
 shard there (the writer thread's speed on a loaded machine then does not matter).
+EXPLAIN_TEST_STALL_AFTER=N makes the transform stall (sleep STALL_SECONDS) from its (N+1)-th call in a process on,
+counted as for EXPLAIN_TEST_DIE_AFTER: a DataLoader worker stuck in a slow read, which outlives its killed parent.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ class TinyCNN(nn.Module):
         return self.fc(self.flatten(self.pool(self.features(x))))
 
 
+STALL_SECONDS = 120.0
+
+
 class SlowToTensor(T.ToTensor):
     """ToTensor that sleeps EXPLAIN_TEST_SLEEP seconds per image (0 when unset); still a value-only step, so
     the job can place masks through this transform."""
@@ -45,12 +50,15 @@ class SlowToTensor(T.ToTensor):
         if delay:
             time.sleep(delay)
         die_after = os.environ.get("EXPLAIN_TEST_DIE_AFTER")
+        stall_after = os.environ.get("EXPLAIN_TEST_STALL_AFTER")
         shards_dir = os.environ.get("EXPLAIN_TEST_SHARDS")
-        if die_after and (not shards_dir or os.path.isdir(shards_dir)):  # the job's set-up calls do not count
+        if (die_after or stall_after) and (not shards_dir or os.path.isdir(shards_dir)):  # set-up calls do not count
             SlowToTensor.calls += 1
-            if SlowToTensor.calls > int(die_after):
+            if die_after and SlowToTensor.calls > int(die_after):
                 _wait_for_a_commit(shards_dir)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if stall_after and SlowToTensor.calls > int(stall_after):
+                time.sleep(STALL_SECONDS)
         return super().__call__(image)
 
 
@@ -174,3 +182,13 @@ def brightness_own_function():
 def brightness_crop30():
     """CenterCrop(30): a 60 x 30 image loses 15 columns on each side."""
     return BrightnessCNN(), T.Compose([T.CenterCrop(30), T.ToTensor()])
+
+
+def tiny_vit():
+    """A one-layer torchvision VisionTransformer on 20 px images: its CAM layer outputs tokens [N, 17, 8], not a
+    feature map (check-model and explain must refuse it in one line)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=20, patch_size=5, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                             num_classes=3).eval()

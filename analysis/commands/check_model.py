@@ -102,9 +102,9 @@ class ModelCheck:
 
 def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: str, base: str = "gradcam",
                 cam_layer: str | None = None, target_layer: str = "input", device: torch.device | None = None,
-                batch_size: int = 8, estimate_for: int = 10_000) -> ModelCheck:
-    """Everything the report says; raises OptionError for a layer name the model does not have."""
-    from analysis.fgcam import FGCAM, UnsupportedOperation
+                batch_size: int = 8, estimate_for: int = 10_000, timing: bool = True) -> ModelCheck:
+    """Everything the report says (``timing`` False: no time and memory); OptionError for an unknown layer."""
+    from analysis.fgcam import FGCAM, UnsupportedOperation, require_feature_map
     from analysis.fgcam.propagate import node_kinds
 
     device = device or torch.device("cpu")
@@ -136,6 +136,7 @@ def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: st
     kinds = node_kinds(explainer.graph)
     _tabulate_ops(check, explainer.graph, _path_ops(explainer.graph, shapes, target, cam), kinds)
     try:
+        require_feature_map(shapes.get(cam), explainer.cam_layer)  # before a real forward pass: a ViT's tokens
         flow = _measure_conservation(check, explainer, images, target_layer)
     except UnsupportedOperation as error:
         check.error = _first_line(error)
@@ -147,7 +148,8 @@ def check_model(loaded: LoadedModel, images: Tensor, image_source: str, spec: st
         return check
     _tabulate_ops(check, explainer.graph, [step.node for step in flow], kinds)  # where relevance really went
     try:
-        _measure_speed(check, explainer, model, images, target_layer)
+        if timing:
+            _measure_speed(check, explainer, model, images, target_layer)
     except RuntimeError as error:  # out of memory at --batch-size
         check.notes.append(f"timing a batch of {batch_size} failed ({type(error).__name__}: {_first_line(error)}); "
                            "try a smaller --batch-size")

@@ -150,11 +150,11 @@ def region_box(concept_map: np.ndarray, side: float) -> tuple[float, float, floa
 # The concept maps: FG-CAM of one channel, with the cache's model
 # ----------------------------------------------------------------------------------------------------------
 
-def concept_explainer(cache: Any, loaded: Any = None) -> tuple[Any, Any]:
-    """(the cache's model as ``analysis.pipeline.models.LoadedModel``, an FGCAM with the cache's base, CAM layer and
-    low-layer rule; no denoising: a concept is one component, and the stored relevance is taken before
-    denoising). ``loaded``: the model already in memory (the job's), else it is loaded from the manifest
-    (ModelSpecError when it cannot be loaded here)."""
+def concept_explainer(cache: Any, loaded: Any = None, denoise: bool = False) -> tuple[Any, Any]:
+    """(the cache's model as ``analysis.pipeline.models.LoadedModel``, an FGCAM with the cache's base, CAM layer
+    and low-layer rule; no denoising unless ``denoise``: a concept is one component, and the stored relevance is
+    taken before denoising; a whole map as the job made it needs the cache's own). ``loaded``: the model already
+    in memory (the job's), else it is loaded from the manifest (ModelSpecError when it cannot be loaded here)."""
     from analysis.commands.cli_types import low_rule
     from analysis.fgcam import FGCAM
     from analysis.trust.region_test import model_from_manifest
@@ -163,7 +163,7 @@ def concept_explainer(cache: Any, loaded: Any = None) -> tuple[Any, Any]:
     loaded = loaded if loaded is not None else model_from_manifest(cache.manifest)
     rule = low_rule(options["low_rule"]) if options.get("low_rule") else None
     explainer = FGCAM(loaded.model, base=options.get("base", "gradcam"), cam_layer=options.get("cam_layer"),
-                      low_rule=rule)
+                      low_rule=rule, denoise=denoise)
     return loaded, explainer
 
 

@@ -8,6 +8,7 @@ are inline SVG rendered by vl-convert, so the file opens anywhere without a netw
 from __future__ import annotations
 
 import html
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,10 +34,14 @@ REPORT_MATRIX_CLASSES = 30            # the confusion matrix's classes at most (
 # ----------------------------------------------------------------------------------------------------------
 
 def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred", opacity: float = 0.6,
-                colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE, letterbox: bool = True) -> list[np.ndarray]:
+                colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE, letterbox: bool = True,
+                maps: Sequence[np.ndarray] | None = None, style: overlay.OverlayStyle = overlay.OverlayStyle()
+                ) -> list[np.ndarray]:
     """Images of `ids` with their own aspect ratio (long side `size`), the map on the region the model saw:
     kind "image", "overlay" or "map" (see overlay.view_tile), with the foreground outline when the cache knows
-    it; letterboxed into size x size squares for grids. Reads only these images' maps and files.
+    it; letterboxed into size x size squares for grids. Reads only these images' maps and files; `maps` (one per
+    id, any resolution) are drawn instead of the cached ones (the Image page's full-resolution maps); `style`: how
+    (overlay.OverlayStyle).
 
     A placement the cache does not know (an older cache, a transform whose geometry could not be measured,
     or an image file whose size changed since the job) is drawn over the whole image and labelled so.
@@ -44,7 +49,8 @@ def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: 
     ids = [int(i) for i in ids]
     if not ids:
         return []
-    maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
+    if maps is None:
+        maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
     masks = cache.foreground(ids)
     tiles = []
     for k, image_id in enumerate(ids):
@@ -63,7 +69,7 @@ def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: 
         box = geometry["crop_box"] if geometry["known"] and tuple(original) == recorded else None
         mask = None if masks is None or not masks[k].any() else masks[k]
         tiles.append(overlay.view_tile(image, original, box, maps[k], kind=kind, opacity=opacity,
-                                       colormap=colormap, mask=mask, tile=size if letterbox else None))
+                                       colormap=colormap, mask=mask, tile=size if letterbox else None, style=style))
     return tiles
 
 
@@ -160,13 +166,14 @@ def default_settings(cache: Cache) -> clustering.ClusteringSettings:
     return clustering.ClusteringSettings()
 
 
-def default_clustering(cache: Cache) -> clustering.ClusteringResult:
+def default_clustering(cache: Cache, save: bool = True) -> clustering.ClusteringResult:
     """The Clusters page's default clustering when it was saved before; otherwise the same clustering with the
-    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding)."""
+    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding), saved in the
+    cache unless `save` is False (a read-only dashboard)."""
     saved = clustering.load_result(result_path(cache, default_settings(cache)))
     if saved is not None:
         return saved
-    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"))
+    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"), save=save)
 
 
 def _summary_section(cache: Cache) -> str:
@@ -318,8 +325,9 @@ def _tags_section(cache: Cache, options: ReportOptions) -> str:
                    for t, i, label, pred in zip(tiles, examples, frame["label"], frame["prediction"])]
         shown = frame[["id", "label", "prediction", "tags", "note", "who", "when"]].head(options.rows_per_tag)
         shown = shown.fillna("")
-        more = (f"<p>… and {len(frame) - len(shown):,} more (the whole list: <code>python -m analysis export "
-                f"--cache DIR --tag {html.escape(repr(row.tag))}</code>).</p>") if len(frame) > len(shown) else ""
+        command = f"python -m analysis export --cache {shlex.quote(str(cache.root))} --tag {shlex.quote(row.tag)}"
+        more = (f"<p>… and {len(frame) - len(shown):,} more (the whole list: <code>{html.escape(command)}</code>)."
+                "</p>") if len(frame) > len(shown) else ""
         who = f", by {html.escape(row.who)}" if row.who else ""
         rejected = f", {row.rejected:,} rejected" if row.rejected else ""
         blocks.append(f'<div class="cluster" id="tag-{number}"><h3>{html.escape(row.tag)}</h3>'

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .bases import BASES, NEEDS_GRADIENTS, CamInputs
-from .graph import ModelGraph
+from .graph import ModelGraph, UnsupportedOperation
 from .ops import LowRule
 from .propagate import NodeFlow, RelevanceWalk, walk_plan
 
@@ -174,6 +174,7 @@ class FGCAM:
         if classes.shape != (len(images),) or not ((classes >= 0) & (classes < logits.shape[1])).all():
             raise ValueError(f"classes must be a long tensor [N] with values in [0, {logits.shape[1]})")
         activations = values[cam]
+        require_feature_map(activations, self.cam_layer)
         gradients = None
         if gradients_needed:
             score = logits.gather(1, classes[:, None]).sum()  # images are independent: one backward for all
@@ -187,6 +188,17 @@ class FGCAM:
             if self.denoise:
                 components = denoise(components)
         return _Run(values, components, channel_relevance, classes, logits.detach(), target)
+
+
+def require_feature_map(activations: object, cam_layer: str) -> None:
+    """Raises UnsupportedOperation unless the CAM layer's output (a value or a shape-only stand-in) is a feature
+    map [N, C, H, W]: a CAM weighs channels over positions. A transformer's tokens [N, tokens, D] (ViT) are
+    refused here, in one line, before any rule runs."""
+    if not isinstance(activations, Tensor) or activations.dim() != 4:
+        shape = list(activations.shape) if isinstance(activations, Tensor) else type(activations).__name__
+        raise UnsupportedOperation(f"the CAM layer {cam_layer!r} outputs {shape}, not a spatial feature map "
+                                   "[N, C, H, W] (a transformer's tokens?): FG-CAM explains convolutional "
+                                   "feature maps; pass a CAM layer that outputs one")
 
 
 @dataclass

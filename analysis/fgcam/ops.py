@@ -97,10 +97,11 @@ PADS = ops([nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.Const
 MOVES = PADS | ops(  # ops that only move, copy or select entries
     [nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle],
     [torch.flatten, torch.reshape, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.permute,
-     torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim,
-     torch.channel_shuffle, F.pixel_shuffle, operator.getitem],
-    ["view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "chunk", "split",
-     "narrow", "view_as", "reshape_as", "expand", "expand_as", "repeat", "movedim", "__getitem__"])
+     torch.transpose, torch.swapaxes, torch.swapdims, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
+     torch.narrow, torch.movedim, torch.channel_shuffle, F.pixel_shuffle, operator.getitem],
+    ["view", "reshape", "flatten", "permute", "transpose", "swapaxes", "swapdims", "contiguous", "squeeze",
+     "unsqueeze", "chunk", "split", "narrow", "view_as", "reshape_as", "expand", "expand_as", "repeat", "movedim",
+     "__getitem__"])
 ADDS = ops(functions=[operator.add, operator.iadd, torch.add], methods=["add", "add_", "__add__", "__radd__"])
 SUBS = ops(functions=[operator.sub, operator.isub, torch.sub], methods=["sub", "sub_"])
 MULS = ops(functions=[operator.mul, operator.imul, torch.mul], methods=["mul", "mul_"])

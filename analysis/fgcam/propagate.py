@@ -182,9 +182,13 @@ def _image_sums(relevance: Any) -> Tensor:
 
 
 def _accumulate(total: Any, part: Any) -> Any:
-    """Relevance from two consumers of one value, added into the first (a tensor of the walk's own)."""
+    """Relevance from two consumers of one value, added into the first (a tensor of the walk's own). A
+    multi-output op (chunk, split) holds a dict by output index: each consumer fills its own outputs (a
+    channel shuffle's two halves go to two getitems)."""
     if total is None:
         return part
+    if part is None:
+        return total
     if isinstance(total, dict):
         return {k: _accumulate(total.get(k), part.get(k)) for k in total.keys() | part.keys()}
     return total.add_(part) if total.shape == part.shape else total + part

@@ -3,6 +3,7 @@
 ```python
 from analysis.review import Review, label_issues
 review = Review("cache/")                     # opens or creates cache/review.sqlite
+Review("cache/", read_only=True)              # reads it only (SQLite mode=ro); every write raises ReviewError
 review.tag(ids, "shortcut", note=None, who=None)
 review.untag(ids, "shortcut")
 review.ids("shortcut")                        # np.int64 array of tagged ids
@@ -138,13 +139,16 @@ class Review:
     `Review(root)` opens or creates ROOT/review.sqlite; `cache` (an already loaded `analysis.cache.Cache` of
     the same directory) saves loading it again for id checks and rankings. `set_aside` is where the tags of
     a replaced cache were moved when this object opened the database (None: nothing was moved).
+    `read_only=True` (a dashboard shared with `--read-only`) opens an existing database for reading only (SQLite's
+    mode=ro: the database itself is never written) and refuses every write with ReviewError.
     Thread-safe: every call opens its own connection. ReviewError (one line) when the database cannot be
     used; ValueError for bad arguments.
     """
 
-    def __init__(self, root: Path | str, cache: Cache | None = None):
+    def __init__(self, root: Path | str, cache: Cache | None = None, read_only: bool = False):
         self.root = Path(root)
         self.path = self.root / DB_NAME
+        self.read_only = read_only
         manifest = _disk_manifest(self.root)
         self.identity = identity_record(manifest)
         if cache is not None and identity_record(cache.manifest) != self.identity:
@@ -155,13 +159,19 @@ class Review:
     # -- connections and transactions ----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         try:
-            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            if self.read_only:
+                connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                             timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            else:
+                connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         except sqlite3.Error as error:
             raise ReviewError(f"cannot open {self.path}: {_one_line(error)}") from None
         return connection
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T], check_identity: bool = True) -> T:
         """Run `work` in one write transaction (BEGIN IMMEDIATE), retrying when the database is busy."""
+        if self.read_only:
+            raise ReviewError("this dashboard is read-only: tags are shown here, not changed")
         for attempt in range(WRITE_ATTEMPTS):
             with closing(self._connect()) as connection:
                 try:
@@ -211,6 +221,11 @@ class Review:
     def _open(self) -> Path | None:
         if not self.root.is_dir():
             raise ReviewError(f"cache directory not found: {self.root}")
+        if self.read_only:  # nothing to create, switch or set aside: the tags as they are, if they are this cache's
+            if not self._identity_matches():
+                raise ReviewError(f"no tags of this cache in {self.path} (none made yet, or made on a cache it "
+                                  "replaced)")
+            return None
         for attempt in range(WRITE_ATTEMPTS):  # switching to WAL needs a moment without other writers
             with closing(self._connect()) as connection:
                 try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -326,8 +327,9 @@ def read_comparison(directory: Path) -> MethodComparison:
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
+        cache = shlex.quote(str(directory.parent)) if directory.name == TRUST_DIR else "CACHE"
         raise ComparisonError(f"no method comparison in {directory} (run `python -m analysis compare-methods "
-                              f"--cache CACHE` to make one)")
+                              f"--cache {cache}` to make one)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format_version") not in READABLE_VERSIONS:

@@ -26,7 +26,6 @@ PROTOTYPE_TILE = 120
 PROTOTYPES_PER_ROW = 6
 CARDS = 12                   # clusters shown as cards (all of them are in the table below)
 DRAWN_POINTS = 10_000        # marks sent to the browser; the density shows every point
-COMMAND = "python -m analysis cluster --cache DIR"
 VERDICT_ICONS = {"shortcut": ":red[**shortcut**]", "uses the object": ":green[uses the object]",
                  "off the object, not used": "off the object, not used", "not used": "not used",
                  "not tested": "not tested"}
@@ -35,7 +34,7 @@ VERDICT_ICONS = {"shortcut": ":red[**shortcut**]", "uses the object": ":green[us
 def missing_results(cache: Cache) -> str:
     """One line: why there is nothing to show, and the command that makes it."""
     stored_dir = cluster_offline.results_root(cache.root) / cluster_offline.CLUSTERING_DIR
-    command = COMMAND.replace("DIR", str(common.cache_dir() or "DIR"))
+    command = common.analysis_command(cache, "cluster")
     if stored_dir.is_dir() and any(stored_dir.glob(f"*/{cluster_offline.SCOPE_PREFIX}*")):
         return (f"The offline clustering is stale (computed on an older state of this cache, or by an older version "
                 f"of the code): run `{command}` to redo it.")
@@ -94,7 +93,7 @@ def choose_clustering(cache: Cache, scopes: list[str]) -> tuple[str, cluster_off
     return scope, _stored(found, name, choices, (str(found.path), found.meta.get("created"), name))
 
 
-def show_metrics(stored: cluster_offline.StoredClustering, verdicts: dict[int, str]) -> None:
+def show_metrics(cache: Cache, stored: cluster_offline.StoredClustering, verdicts: dict[int, str]) -> None:
     """The headline numbers, and how unusual the top cluster is against random partitions."""
     summary, calibration, verification = stored.summary, stored.calibration, stored.verification
     top = summary.iloc[0]
@@ -116,7 +115,7 @@ def show_metrics(stored: cluster_offline.StoredClustering, verdicts: dict[int, s
                    f"the same sizes (z = {_number(calibration['z'], 1)}, p = {_number(calibration['p'], 3)}). "
                    "Comparable across scopes and caches; any clustering beats chance, so the verdict is the causal "
                    "test's" + ("." if verification is not None else
-                               f" (not run here: `{COMMAND} --verify-top 3`)."))
+                               f" (not run here: `{common.analysis_command(cache, 'cluster', '--verify-top', '3')}`)."))
 
 
 def show_embedding(stored: cluster_offline.StoredClustering, images: pd.DataFrame, focus: int) -> np.ndarray | None:
@@ -297,7 +296,7 @@ def main() -> None:
         st.caption("This clustering groups images by **which channels** of the CAM layer hold their evidence (the "
                    "concepts descriptor), not by where the maps put it; each cluster is still drawn and scored by "
                    "its maps, and names its strongest channels (see the Concepts page).")
-    show_metrics(stored, verdicts)
+    show_metrics(cache, stored, verdicts)
     cluster_order = stored.summary["cluster"].astype(int).tolist()
     focus = common.query_value("c_focus", cluster_order[0], int, cluster_order)
     images = _image_columns(cache, common.cache_key(cache))

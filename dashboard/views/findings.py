@@ -40,6 +40,8 @@ def show_finding(cache: Cache, number: int, finding: Finding) -> None:
             for column, image_id, tile in zip(st.columns(TILES), finding.examples[:TILES], tiles):
                 row = names.loc[image_id]
                 column.image(tile, caption=f"#{image_id} {row['label_name']}→{row['pred_name']}", width="stretch")
+        if common.read_only():
+            return
         with st.expander(f"Tag these {len(finding.ids):,} images"):
             tagging.tag_controls(cache, finding.ids, key=f"finding_{number}",
                                  default="shortcut" if finding.verdict == "shortcut" else None)
@@ -51,12 +53,13 @@ def main() -> None:
     records, source = findings_of(cache, common.cache_key(cache))
     findings = [Finding.from_dict(r) for r in records]
     if source != "stored":
-        st.caption(f"Computed now from what the cache holds; `python -m analysis findings --cache {cache.root}` "
+        st.caption(f"Computed now from what the cache holds; `{common.analysis_command(cache, 'findings')}` "
                    "stores them (the explain and cluster commands do it at their end).")
     if not findings:
         st.info("Nothing to report: no shortcut was verified, no class is confused with another in more than "
                 "5% of its images, and no class is decided off the object. This is not proof that the model is "
-                "fine: run the causal test (`python -m analysis cluster --verify-top 3`) and look at the Trust page.")
+                f"fine: run the causal test (`{common.analysis_command(cache, 'cluster', '--verify-top', '3')}`) and "
+                "look at the Trust page.")
         return
     st.markdown(f"**{len(findings)} findings**, shortcuts first, then by strength. Every number links to the view "
                 "that shows it.")

@@ -4,6 +4,8 @@ the model saw); its scores; and its nearest neighbours in explanation space.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -11,9 +13,11 @@ import streamlit as st
 from analysis.cache import Cache
 from analysis.cache.classes import class_names
 from analysis.explore import statistics as explore, overlay
+from analysis.explore.concepts import concept_explainer
+from analysis.explore.full_maps import full_resolution_maps
 from analysis.pipeline.geometry import covers_image
 from dashboard import common, tagging
-from dashboard.concept_widgets import image_concepts
+from dashboard.concept_widgets import cached_explainer, image_concepts
 
 VIEW_SIZE = 480    # long side of the big panels (the image keeps its aspect ratio)
 NEIGHBOURS = 8
@@ -52,22 +56,63 @@ def choose_view(ids: np.ndarray) -> tuple[int, float, str]:
     return image_id, opacity, colormap
 
 
+@st.cache_resource(show_spinner="Loading the cache's model ...", max_entries=2)
+def _map_explainer(_cache: Cache, key: str) -> tuple[Any, Any]:
+    """The cache's model and an explainer that makes its maps as the job did (errors are not cached). The model
+    is the one the concept maps load (concept_widgets.cached_explainer): one copy in memory for both."""
+    loaded, explainer = cached_explainer(_cache, key)
+    if not (_cache.manifest.get("options") or {}).get("denoise"):
+        return loaded, explainer
+    return concept_explainer(_cache, loaded, denoise=True)
+
+
+@st.cache_data(show_spinner="Explaining the image at the model's input resolution ...", max_entries=32)
+def _full_maps(_cache: Cache, key: str, image_id: int, classes: tuple[int, ...]) -> np.ndarray:
+    loaded, explainer = _map_explainer(_cache, key)
+    return full_resolution_maps(_cache, loaded, explainer, image_id, classes)
+
+
+def shown_maps(cache: Cache, row: pd.Series, image_id: int) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The maps the panels draw ({"pred": map, "true": map}; None: the cached ones) and the line that says which:
+    the image explained again at the model's input resolution when the cache's model loads here, else the
+    cache's maps (--map-size) and why."""
+    stored = f"{cache.map_size} x {cache.map_size}"
+    classes = (int(row["pred"]),) if row["correct"] else (int(row["pred"]), int(row["label"]))
+    try:
+        maps = _full_maps(cache, common.cache_key(cache), int(image_id), classes)
+    except Exception as error:  # the model cannot be loaded or run here: the cached maps, and why
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, (f":orange[Showing the cache's {stored} maps: the model could not explain the image again "
+                      f"here ({type(error).__name__}: {first.replace(str(cache.root), 'the cache')}).]")
+    height, width = maps.shape[1:]
+    target = (cache.manifest.get("options") or {}).get("target_layer", "input")
+    where = "the model's input resolution" if target == "input" else f"the resolution of layer {target}"
+    return dict(zip(("pred", "true"), maps)), (f"Maps at {where}, {height} x {width}: the image explained again "
+                                               f"with the cache's model (the cache stores them at {stored}).")
+
+
 def show_panels(cache: Cache, row: pd.Series, image_id: int, opacity: float, colormap: str) -> None:
     """The original, the prediction's overlay and map, and the true class's when the prediction is wrong."""
-    render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE, letterbox=False)
+    maps, which_maps = shown_maps(cache, row, image_id)
+    render = dict(opacity=opacity, colormap=colormap, size=VIEW_SIZE, letterbox=False, style=overlay.PHOTO_STYLE)
+
+    def tile(kind: str, which: str) -> np.ndarray:
+        return common.tiles_for(cache, [image_id], kind, which, maps=None if maps is None else [maps[which]],
+                                **render)[0]
+
     panels = [("original", common.tiles_for(cache, [image_id], "image", size=VIEW_SIZE, letterbox=False)[0]),
-              (f"FG-CAM for the prediction ({row['pred_name']})",
-               common.tiles_for(cache, [image_id], "overlay", "pred", **render)[0]),
-              ("map (prediction)", common.tiles_for(cache, [image_id], "map", "pred", **render)[0])]
+              (f"FG-CAM for the prediction ({row['pred_name']})", tile("overlay", "pred")),
+              ("map (prediction)", tile("map", "pred"))]
     if not row["correct"]:
-        panels += [(f"FG-CAM for the true class ({row['label_name']})",
-                    common.tiles_for(cache, [image_id], "overlay", "true", **render)[0]),
-                   ("map (true class)", common.tiles_for(cache, [image_id], "map", "true", **render)[0])]
-    for column, (caption, tile) in zip(st.columns(len(panels)), panels):
+        panels += [(f"FG-CAM for the true class ({row['label_name']})", tile("overlay", "true")),
+                   ("map (true class)", tile("map", "true"))]
+    for column, (caption, image) in zip(st.columns(len(panels)), panels):
         with column:
-            st.image(tile, caption=caption, width="stretch")
-    st.caption("Red: evidence for the class, blue: against it (symmetric scale per map). A green line outlines the "
-               "object when the cache knows its mask or box.")
+            st.image(image, caption=caption, width="stretch")
+    st.caption(which_maps)
+    st.caption(f"Red: evidence for the class, blue: against it, on the photo in grey (symmetric scale per map, full "
+               f"colour from the {overlay.PHOTO_STYLE.percentile:g}th percentile of |relevance| up). A green line "
+               "outlines the object when the cache knows its mask or box.")
     show_placement(cache, image_id)
 
 

@@ -155,8 +155,9 @@ def show_shortcut_victims(cache: Cache) -> None:
     victims = shortcut_victims(cache, label_errors_key(cache))
     st.subheader(f"Shortcut victims, set apart: {len(victims):,}")
     if victims.empty:
-        st.caption("None: no cluster's causal test found a shortcut (run `python -m analysis cluster --cache "
-                   f"{cache.root} --verify-top 3` to test the most suspicious clusters).")
+        st.caption("None: no cluster's causal test found a shortcut (run "
+                   f"`{common.analysis_command(cache, 'cluster', '--verify-top', '3')}` to test the most suspicious "
+                   "clusters).")
         return
     st.caption("Wrong predictions that a verified shortcut explains: the image belongs to a cluster whose region "
                "the causal test found off the object and decisive, and most of its own evidence lies in that region "

@@ -132,7 +132,7 @@ def main() -> None:
     means = mean_maps(cache, class_maps_stamp(cache))
     if means is None:
         stale = (cluster_offline.results_root(cache.root) / cluster_offline.CLASS_MAPS_FILE).exists()
-        command = f"python -m analysis cluster --cache {common.cache_dir()}"
+        command = common.analysis_command(cache, "cluster")
         st.info(f"The per-class mean maps {'are stale (computed on an older state of this cache)' if stale else 'have not been computed for this cache'}: "
                 f"run `{command}` (the explain job runs it at its end).", icon=":material/info:")
         st.stop()

@@ -65,7 +65,7 @@ def show_tags(cache: Cache, review: Review) -> list[str]:
                           (json.dumps(frame.to_dict("records"), indent=1, ensure_ascii=False, default=str) + "\n")
                           .encode(), file_name=f"tagged_{name}.json", mime="application/json",
                           icon=":material/download:", key="fm_export_json")
-    st.caption(f"The same list as `python -m analysis export --cache DIR --tag '{export_tag}'` "
+    st.caption(f"The same list as `{common.analysis_command(cache, 'export', '--tag', export_tag)}` "
                "(add `--format folder --out DIR` for an ImageFolder of links, ready for relabelling).")
     return tags
 
@@ -116,11 +116,13 @@ def show_probe(candidates: pd.DataFrame, tag: str) -> None:
 def show_candidates(cache: Cache, review: Review, candidates: pd.DataFrame, tag: str) -> None:
     """The top of the ranking, each with accept / reject buttons, and buttons for all of them."""
     ids = candidates["id"].tolist()
+    decide = not common.read_only()      # a read-only dashboard shows the ranking without its buttons
     everyone = st.columns(4)
-    everyone[0].button(f"Accept all {len(ids)}", key="fm_accept_all", on_click=_decide,
-                       args=(review, ids, tag, True), icon=":material/done_all:", width="stretch")
-    everyone[1].button(f"Reject all {len(ids)}", key="fm_reject_all", on_click=_decide,
-                       args=(review, ids, tag, False), icon=":material/block:", width="stretch")
+    if decide:
+        everyone[0].button(f"Accept all {len(ids)}", key="fm_accept_all", on_click=_decide,
+                           args=(review, ids, tag, True), icon=":material/done_all:", width="stretch")
+        everyone[1].button(f"Reject all {len(ids)}", key="fm_reject_all", on_click=_decide,
+                           args=(review, ids, tag, False), icon=":material/block:", width="stretch")
     tiles = common.tiles_for(cache, ids, kind="overlay")
     common.placement_notice(cache, ids)
     rows = candidates.set_index("id")
@@ -131,6 +133,8 @@ def show_candidates(cache: Cache, review: Review, candidates: pd.DataFrame, tag:
             with column, st.container(border=True):
                 st.image(tile, width="stretch", caption=f"{int(row['rank'])}. #{image_id} "
                          f"{row['label_name']}→{row['pred_name']} · score {row['score']:.2f}")
+                if not decide:
+                    continue
                 yes, no = st.columns(2)
                 yes.button("✓", key=f"fm_yes_{image_id}", on_click=_decide, args=(review, [image_id], tag, True),
                            help=f"Accept into “{tag}”", width="stretch")

@@ -51,7 +51,7 @@ def faithfulness_section(cache: Cache) -> bool:
         if stale:
             st.warning(f"The method comparison in `{directory}` does not belong to this cache: {stale}. It is not "
                        "shown; make it again with:")
-        st.code(f"python -m analysis compare-methods --cache {cache.root}", language="bash")
+        st.code(common.analysis_command(cache, "compare-methods"), language="bash")
         st.caption("It scores FG-CAM, FG-CAM denoised, the plain CAM, LRP and a random map on a sample of the "
                    "cache's images (--sample, default 100), runs the sanity checks, and writes them to "
                    "CACHE/trust/; reload this page when it has finished.")
@@ -94,7 +94,7 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
     """The sanity checks stored with the comparison: curves against randomised depth, the class check, and
     what they mean in one sentence per layer."""
     st.header("Does the map depend on the model, and on the class?")
-    command = f"python -m analysis compare-methods --cache {cache.root}"
+    command = common.analysis_command(cache, "compare-methods")
     if not comparison_shown:
         st.caption(f"No sanity checks for this cache: they are made with the method comparison (`{command}`).")
         return
@@ -161,7 +161,7 @@ def insertion_section(cache: Cache) -> None:
                 "map points to is cut out of its images and pasted into images of other classes; we count the "
                 "predictions that flip to the selection's class, against pasting a random region of the same size. "
                 "A shortcut flips far more with the region.")
-    command = f"python -m analysis insertion-test --cache {cache.root} --tag shortcut"
+    command = common.analysis_command(cache, "insertion-test", "--tag", "shortcut")
     saved = read_insertion_reports(cache.root)
     if not saved:
         st.caption(f"No insertion test saved for this cache. Tag a suspicious cluster (Clusters page), then run "
