@@ -20,6 +20,8 @@ import pytest
 
 from tests.test_browser import CHROMIUM, screenshots_module
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]   # a real Chromium, and a real 1,000-class job first
+
 RENDER_LIMIT_S = 3.0
 FIRST_VISIT_CPU_S = 20.0    # measured up to 9.5 (the Image page loading Lite0) on a machine with load 18 on 2 cores
 QUIET_S = 1.5

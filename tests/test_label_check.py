@@ -86,6 +86,7 @@ def _permuted_folders(tmp_path: Path) -> tuple[Path, Path, Path]:
     return ordered, renamed, train_tiny_cnn(ordered, tmp_path / "tiny.pth")
 
 
+@pytest.mark.slow   # three real jobs and a training
 def test_the_job_and_the_overview_warn_about_a_permuted_class_order_not_the_right_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ordered, renamed, checkpoint = _permuted_folders(tmp_path)
@@ -171,6 +172,7 @@ def test_an_honest_weak_model_is_not_flagged_but_its_permutation_is() -> None:
         assert all(inverse[a] == b for a, b in found.mapping.items()), found.mapping
 
 
+@pytest.mark.slow   # a training and three check-model runs
 def test_check_model_warns_on_a_permuted_labelled_folder_only(tmp_path: Path, capsys) -> None:
     """`check-model --images` on the renamed folder (in this process, the real command): the one warning line
     with the mapping; on the ordered folder, and on a folder without class folders, none."""

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from analysis.commands.check_labels import warn_about_labels
 from analysis.commands.cli_types import positive_int
+from analysis.pipeline.devices import pick_device
 from analysis.pipeline.models import LoadedModel, ModelSpecError, add_model_arguments, load_model
 from analysis.pipeline.datasets import IMAGE_EXTENSIONS, evenly_spaced, load_image, to_model_mode
 
@@ -480,8 +481,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `check-model` subcommand: 0 explainable, 1 not explainable, 2 an option that cannot be used."""
-    from analysis.pipeline.devices import pick_device
-
     try:
         device = pick_device(args.device)
         with contextlib.redirect_stdout(sys.stderr):  # what a model factory prints must not spoil --json
