@@ -34,7 +34,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analysis.explore import cluster_offline as offline  # noqa: E402
+from analysis.explore import cluster_offline as offline, clustering  # noqa: E402
 from analysis.cache import CacheWriter, ShardRecords, load  # noqa: E402
 
 OTHER_FRACTION = 0.003       # the tag on 0.3% of the images of other classes (as in issue 13's measurement)
@@ -196,7 +196,7 @@ import sys, time
 started = time.perf_counter()
 from analysis.cache import load
 cache = load(sys.argv[1])
-stored = cache.clustering("all")
+stored = offline.read_clustering(cache, "all")
 summary = stored.summary
 points = stored.display_points(20000)
 density = stored.density()
@@ -211,7 +211,7 @@ def first_read_seconds(cache_dir: Path) -> str:
     return done.stdout.split()[0] if done.returncode == 0 else f"failed: {done.stderr.strip()[-200:]}"
 
 
-def stage_seconds(cache_dir: Path, settings: offline.OfflineSettings) -> dict[str, float]:
+def stage_seconds(cache_dir: Path, settings: clustering.ClusteringSettings) -> dict[str, float]:
     """Seconds per step, summed over the run's scopes (from each scope's stored timings)."""
     totals: dict[str, float] = {}
     for stored in offline.stored_scopes(cache_dir, None):
@@ -242,8 +242,8 @@ def shortcut_report(cache_dir: Path, csv: Path, group_file: Path | None = None) 
     by_id = pd.Series(np.arange(len(table)), index=table["id"].to_numpy())
     lines = []
     for scope in scopes:
-        for algorithm in offline.ALGORITHMS:
-            stored = cache.clustering(scope, algorithm=algorithm)
+        for algorithm in clustering.ALGORITHMS:
+            stored = offline.read_clustering(cache, scope, algorithm=algorithm)
             frame = stored.assignments
             rows = by_id.loc[frame["id"].to_numpy()].to_numpy()
             in_scope = target[rows]
@@ -258,7 +258,7 @@ def shortcut_report(cache_dir: Path, csv: Path, group_file: Path | None = None) 
 
 
 def measure(name: str, cache_dir: Path, scopes: list[str], threads: int, extra: list[str]) -> dict:
-    settings = offline.OfflineSettings()
+    settings = clustering.ClusteringSettings()
     shutil.rmtree(cache_dir / offline.RESULTS_DIR, ignore_errors=True)
     command = [sys.executable, "-m", "analysis", "cluster", "--cache", str(cache_dir), "--scopes", *scopes,
                "--threads", str(threads), "--quiet", *extra]
@@ -266,7 +266,7 @@ def measure(name: str, cache_dir: Path, scopes: list[str], threads: int, extra: 
     seconds, peak, code = run_measured(command)
     after = load_average()
     cache = load(cache_dir)
-    n_scopes = len(cache.clustering_scopes())
+    n_scopes = len(offline.fresh_scopes(cache))
     return {"name": name, "images": len(cache), "scopes": n_scopes, "seconds": seconds, "peak_gib": peak,
             "exit": code, "load": f"{before} -> {after}", "stages": stage_seconds(cache_dir, settings),
             "first_read": first_read_seconds(cache_dir)}
@@ -280,8 +280,8 @@ def fidelity(cache_dir: Path, threads: int, share: float = 0.25, sample: int = 5
     from sklearn.neighbors import NearestNeighbors
 
     cache = load(cache_dir)
-    points = offline.geometry(cache.descriptors(None, "positive"), "cosine")
-    graph = offline.knn_graph(points, 15, threads=threads)
+    points = clustering.geometry(cache.descriptors(None, "positive"), "cosine")
+    graph = clustering.knn_graph(points, 15, threads=threads)
     rng = np.random.default_rng(0)
     probe = rng.choice(len(points), min(sample, len(points)), replace=False)
 
@@ -307,7 +307,7 @@ def fidelity(cache_dir: Path, threads: int, share: float = 0.25, sample: int = 5
                                                                            "polish_iterations": 0}),
                           ("subsample + placement + 100 iterations", {"embed_max": embed_max})):
         started = time.perf_counter()
-        coords, _ = offline.tsne_layout(points, graph, threads=threads, **kwargs)
+        coords, _ = clustering.tsne_layout(points, graph, threads=threads, **kwargs)
         lines.append(f"  {label}: {kept(coords):.1%} of the 15 nearest neighbours kept, "
                      f"{time.perf_counter() - started:.0f} s")
     return lines

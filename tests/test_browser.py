@@ -163,9 +163,10 @@ def test_a_box_dragged_on_the_clusters_chart_selects_every_image_inside(small_ca
     from playwright.sync_api import sync_playwright
 
     from analysis.cache import load
+    from analysis.explore import cluster_offline
 
     shots_module = screenshots_module()
-    stored = load(small_cache).clustering("all")
+    stored = cluster_offline.read_clustering(load(small_cache), "all")
     layout = pd.read_parquet(stored.path / "assignments.parquet", columns=["id", "x", "y"])
     with shots_module.running_app(small_cache, tmp_path / "streamlit.log") as base, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=shots_module.CHROMIUM_ARGS)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.explore import cluster_offline as offline
+from analysis.explore import cluster_offline as offline, clustering
 from analysis.cache import Cache, load
 from data import demo, demo_model, fashion_mnist, shortcut
 from tests.helpers import REPO_ROOT, seed_offset
@@ -26,7 +26,7 @@ TEST_IMAGES = 6000           # the first 6,000 test images: about 27 tagged imag
 OTHER_FRACTION = 0.005
 SCOPES = ("pred:bag", "all")
 # The 2-D layout plays no part in clusters or verdicts: the cheap spectral one keeps the test quick.
-SETTINGS = offline.OfflineSettings(embedding="spectral")
+SETTINGS = clustering.ClusteringSettings(embedding="spectral")
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _clusters(explained: Explained, scope: str):
     """(stored clustering, per cluster: members' share that carries the tag, share of the scope's targets it
     holds) for every stored clustering of the scope."""
     for algorithm in SETTINGS.algorithms:
-        stored = explained.cache.clustering(scope, algorithm=algorithm)
+        stored = offline.read_clustering(explained.cache, scope, algorithm=algorithm)
         frame = stored.assignments
         rows = explained.table.loc[frame["id"].to_numpy()]
         target, marked = rows["target"].to_numpy(bool), rows["marked"].to_numpy(bool)

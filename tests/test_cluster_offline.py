@@ -48,7 +48,7 @@ def test_exact_knn_matches_scikit_learn_and_excludes_each_point_itself():
     from sklearn.neighbors import NearestNeighbors
 
     x = np.random.default_rng(0).random((500, 12)).astype(np.float32)
-    graph = offline.knn_graph(x, 7)
+    graph = clustering.knn_graph(x, 7)
     assert graph.method == "exact" and graph.indices.shape == (500, 7)
     distances, indices = NearestNeighbors(n_neighbors=8).fit(x.astype(np.float64)).kneighbors(x.astype(np.float64))
     np.testing.assert_allclose(graph.distances, distances[:, 1:], rtol=1e-5, atol=1e-6)
@@ -61,7 +61,7 @@ def test_exact_knn_matches_scikit_learn_and_excludes_each_point_itself():
 
 def test_exact_knn_with_duplicates_never_returns_the_point_itself():
     x = np.zeros((40, 4), np.float32)                       # all identical: every distance is 0
-    graph = offline.knn_graph(x, 5)
+    graph = clustering.knn_graph(x, 5)
     assert not (graph.indices == np.arange(40)[:, None]).any() and (graph.distances == 0).all()
 
 
@@ -71,7 +71,7 @@ def test_approximate_neighbour_lists_drop_the_point_itself_and_fill_gaps():
     recall against the exact graph (its just-in-time compilation costs about a minute per process)."""
     found = np.array([[0, 1, 2], [2, 1, 0], [1, 2, -1]])   # point 1 behind a duplicate; point 2 not found
     distances = np.array([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0], [0.5, 0.7, np.inf]], np.float32)
-    indices, kept = offline._without_self(found, distances)
+    indices, kept = clustering.without_self(found, distances)
     np.testing.assert_array_equal(indices, [[1, 2], [2, 0], [1, 1]])
     np.testing.assert_allclose(kept, [[1.0, 2.0], [0.0, 3.0], [0.5, 0.5]])
 
@@ -80,25 +80,25 @@ def test_cluster_qr_is_scikit_learns():
     from sklearn.cluster._spectral import cluster_qr as reference
 
     vectors = np.random.default_rng(3).standard_normal((300, 4))
-    np.testing.assert_array_equal(offline.cluster_qr(vectors), reference(vectors))
+    np.testing.assert_array_equal(clustering.cluster_qr(vectors), reference(vectors))
 
 
 @pytest.mark.parametrize("centres", [2, 3, 5])
 def test_spectrum_eigengap_and_both_algorithms_recover_separated_groups(centres):
     x, truth = blobs(centres, per=40, dim=20)
-    graph = offline.knn_graph(x, 10)
+    graph = clustering.knn_graph(x, 10)
     values, vectors = clustering.graph_spectrum(graph.adjacency(), 13, with_vectors=True)
     assert clustering.suggest_k(values, 12, len(x)) == centres
     assert np.all(values[:centres] < 1e-8)
     degree = np.asarray(graph.adjacency().sum(axis=1)).ravel()
-    for labels in (offline.spectral_labels(vectors, degree, centres), offline.kmeans_labels(x, centres, 0)):
+    for labels in (clustering.spectral_labels(vectors, degree, centres), clustering.kmeans_labels(x, centres, 0)):
         assert adjusted_rand_score(truth, labels) == pytest.approx(1.0)
         assert np.bincount(labels).tolist() == [40] * centres     # relabelled by size, 0 first
 
 
 def test_more_separate_groups_than_max_k_suggest_max_k_and_need_no_solver():
     x, truth = blobs(16, per=20, dim=32, spread=0.01)
-    adjacency = offline.knn_graph(x, 8).adjacency()
+    adjacency = clustering.knn_graph(x, 8).adjacency()
     values, vectors = clustering.graph_spectrum(adjacency, 13, with_vectors=True)
     assert np.all(values == 0) and clustering.suggest_k(values, 12, len(x)) == 12
     # Each vector is its component's D^1/2 1, normalised: constant within one group, zero elsewhere.
@@ -106,7 +106,7 @@ def test_more_separate_groups_than_max_k_suggest_max_k_and_need_no_solver():
         support = np.unique(truth[np.abs(vectors[:, column]) > 0])
         assert len(support) == 1
         np.testing.assert_allclose(np.linalg.norm(vectors[:, column]), 1.0)
-    labels = offline.spectral_labels(vectors, np.asarray(adjacency.sum(axis=1)).ravel(), 12)
+    labels = clustering.spectral_labels(vectors, np.asarray(adjacency.sum(axis=1)).ravel(), 12)
     assert len(set(labels)) == 12
 
 
@@ -114,7 +114,7 @@ def test_graph_spectrum_matches_a_dense_solver_on_a_connected_graph():
     from scipy.sparse.csgraph import laplacian
 
     x, _ = blobs(2, per=400, dim=16, spread=0.3)              # one connected graph above the dense size
-    adjacency = offline.knn_graph(x, 10).adjacency()
+    adjacency = clustering.knn_graph(x, 10).adjacency()
     values, vectors = clustering.graph_spectrum(adjacency, 6, with_vectors=True)
     lap = laplacian(adjacency.astype(float), normed=True).toarray()
     np.testing.assert_allclose(values, np.linalg.eigvalsh(lap)[:6], atol=1e-5)
@@ -123,18 +123,18 @@ def test_graph_spectrum_matches_a_dense_solver_on_a_connected_graph():
 
 def test_tsne_separates_groups_and_the_subsample_path_places_every_point():
     x, truth = blobs(3, per=400, dim=16, spread=0.04)
-    graph = offline.knn_graph(x, 15)
-    full, info = offline.tsne_layout(x, graph, seed=0, threads=1)
+    graph = clustering.knn_graph(x, 15)
+    full, info = clustering.tsne_layout(x, graph, seed=0, threads=1)
     assert full.shape == (1200, 2) and np.isfinite(full).all() and info.placed == 0
     assert neighbour_purity(full, truth) > 0.99
-    sampled, info = offline.tsne_layout(x, graph, seed=0, threads=1, embed_max=500, polish_iterations=50)
+    sampled, info = clustering.tsne_layout(x, graph, seed=0, threads=1, embed_max=500, polish_iterations=50)
     assert info.embedded == 500 and info.placed == 700 and np.isfinite(sampled).all()
     assert neighbour_purity(sampled, truth) > 0.98
     # Starting from a given layout keeps its orientation: the groups stay where they were.
     start = np.repeat(np.array([[-30.0, 0.0], [0.0, 30.0], [30.0, 0.0]]), 400, axis=0) + \
         np.random.default_rng(0).normal(0, 1, (1200, 2))
-    refined, info = offline.tsne_layout(x, graph, seed=0, threads=1, init=start)
-    assert info.iterations == offline.REFINE_ITERATIONS
+    refined, info = clustering.tsne_layout(x, graph, seed=0, threads=1, init=start)
+    assert info.iterations == clustering.REFINE_ITERATIONS
     centres = np.stack([refined[truth == c].mean(axis=0) for c in range(3)])
     assert centres[0, 0] < centres[1, 0] < centres[2, 0] and centres[1, 1] > max(centres[0, 1], centres[2, 1])
 
@@ -143,7 +143,7 @@ def test_placement_from_neighbours_by_hand():
     coords = np.array([[0.0, 0.0], [2.0, 0.0], [9.0, 9.0], [9.0, 9.0]])
     placed = np.array([True, True, False, False])
     # Point 2's neighbours (0 and 1) are placed; point 3's only neighbour is 2, so it is placed through it.
-    out = offline._place_from_neighbours(coords, placed, np.array([[1, 1], [0, 0], [0, 1], [2, 2]]))
+    out = clustering.place_from_neighbours(coords, placed, np.array([[1, 1], [0, 0], [0, 1], [2, 2]]))
     np.testing.assert_allclose(out[2], [1.0, 0.0])
     np.testing.assert_allclose(out[3], [1.0, 0.0])
     np.testing.assert_allclose(out[:2], coords[:2])
@@ -156,7 +156,7 @@ def test_placement_from_neighbours_by_hand():
 def test_degenerate_scopes_give_one_cluster_and_a_message(x, expected):
     rows = table_rows(len(x))
     result = offline.cluster_scope("all", rows["id"].to_numpy(), x, rows, np.full((3, 9), 1 / 9),
-                                   ["a", "b", "c"], offline.OfflineSettings(null_partitions=10))
+                                   ["a", "b", "c"], clustering.ClusteringSettings(null_partitions=10))
     assert any(expected in m and "one cluster" in m for m in result.messages)
     for labels in result.labels.values():
         assert (labels == 0).all()
@@ -168,11 +168,13 @@ def test_non_finite_descriptors_are_zeroed_with_a_message_and_tiny_scopes_work()
     x[3] = np.nan
     rows = table_rows(len(x))
     result = offline.cluster_scope("all", rows["id"].to_numpy(), x, rows, np.full((3, 16), 1 / 16),
-                                   ["a", "b", "c"], offline.OfflineSettings(null_partitions=10, embedding="spectral"))
+                                   ["a", "b", "c"],
+                                   clustering.ClusteringSettings(null_partitions=10, embedding="spectral"))
     assert any("NaN or infinite" in m for m in result.messages)
     for n in (1, 2):
-        small = offline.cluster_scope("all", np.arange(n), x[:n] * 0 + 1 / 16, rows.iloc[:n], np.full((3, 16), 1 / 16),
-                                      ["a", "b", "c"], offline.OfflineSettings(null_partitions=5))
+        small = offline.cluster_scope("all", np.arange(n), x[:n] * 0 + 1 / 16, rows.iloc[:n],
+                                      np.full((3, 16), 1 / 16), ["a", "b", "c"],
+                                      clustering.ClusteringSettings(null_partitions=5))
         assert small.coords.shape == (n, 2) and small.summary["size"].sum() == n * len(small.labels)
 
 
@@ -222,10 +224,10 @@ def test_explain_clusters_every_scope_at_its_end(clustered: Path):
     cache = load(clustered)
     names = cache.manifest["class_names"]
     expected = ["all", "mistakes"] + [f"true:{c}" for c in names] + [f"pred:{c}" for c in names]
-    assert cache.clustering_scopes() == [s for s in expected if s in cache.clustering_scopes()]
-    assert {"all", "mistakes", *[f"true:{c}" for c in names]} <= set(cache.clustering_scopes())
-    for scope in cache.clustering_scopes():
-        stored = cache.clustering(scope)
+    assert offline.fresh_scopes(cache) == [s for s in expected if s in offline.fresh_scopes(cache)]
+    assert {"all", "mistakes", *[f"true:{c}" for c in names]} <= set(offline.fresh_scopes(cache))
+    for scope in offline.fresh_scopes(cache):
+        stored = offline.read_clustering(cache, scope)
         mask = offline.scope_mask(cache.table, scope, names)
         assert sorted(stored.assignments["id"]) == sorted(cache.table["id"][mask])     # every image, once
         assert stored.summary["size"].sum() == mask.sum()
@@ -238,9 +240,9 @@ def test_explain_clusters_every_scope_at_its_end(clustered: Path):
 
 def test_reading_api_switches_settings_and_serves_the_page(clustered: Path):
     cache = load(clustered)
-    default = cache.clustering("all")
+    default = offline.read_clustering(cache, "all")
     assert default.algorithm == "kmeans" and default.k_from == "eigengap" and default.k == default.suggested_k
-    other = cache.clustering("all", algorithm="spectral")
+    other = offline.read_clustering(cache, "all", algorithm="spectral")
     assert other.name == f"spectral_k{default.suggested_k}"
     assert set(default.choices["name"]) == {default.name, other.name}
     assert {"suspicion", "suspicion_z", "suspicion_p", "accuracy", "majority_name", "class_mix", "rank"} <= \
@@ -262,14 +264,14 @@ def test_reading_api_switches_settings_and_serves_the_page(clustered: Path):
     top = int(default.summary["cluster"].iloc[0])
     assert sorted(default.members(top)) == sorted(frame.loc[frame["cluster"] == top, "id"])
     with pytest.raises(offline.ClusteringNotFound, match="available"):
-        cache.clustering("all", k=99)
+        offline.read_clustering(cache, "all", k=99)
     with pytest.raises(offline.ClusteringNotFound, match="python -m analysis cluster"):
-        cache.clustering("pred:nothing")
+        offline.read_clustering(cache, "pred:nothing")
 
 
 def test_class_aggregates_stream_to_the_full_computation(clustered: Path):
     cache = load(clustered)
-    stored = cache.class_maps()
+    stored = offline.read_class_aggregates(cache)
     table = cache.table
     streamed = offline.compute_class_aggregates(cache, chunk_rows=5)      # several chunks
     maps = explore.unit_mass(cache.maps(table["id"]), "positive")
@@ -295,23 +297,23 @@ def test_results_are_tied_to_the_cache_and_stale_ones_are_not_shown(tmp_path: Pa
                             "--embedding", "spectral", "--null-partitions", "10")
     assert code == 0, err
     cache = load(out)
-    assert cache.clustering_scopes() == ["all", "pred:dog", "pred:fox"]   # nothing is predicted "cat"
-    assert cache.class_maps() is not None
+    assert offline.fresh_scopes(cache) == ["all", "pred:dog", "pred:fox"]   # nothing is predicted "cat"
+    assert offline.read_class_aggregates(cache) is not None
     # A resume that adds a shard changes what the cache holds: the results are stale, not shown.
     writer.write_shard(3, synthetic_records(np.arange(90, 120)))
     grown = load(out)
-    assert len(grown) == 120 and grown.clustering_scopes() == [] and grown.class_maps() is None
+    assert len(grown) == 120 and offline.fresh_scopes(grown) == [] and offline.read_class_aggregates(grown) is None
     with pytest.raises(offline.ClusteringNotFound):
-        grown.clustering("all")
+        offline.read_clustering(grown, "all")
     code, _, err = run_main(capsys, "cluster", "--cache", str(out), "--scopes", "all", "--quiet",
                             "--embedding", "spectral", "--null-partitions", "10")
     assert code == 0, err
-    assert len(load(out).clustering("all").assignments) == 120
+    assert len(offline.read_clustering(load(out), "all").assignments) == 120
     # --overwrite (a new generation of the cache) makes them stale too, even with the same images.
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["created"] = "2030-01-01T00:00:00"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert load(out).clustering_scopes() == []
+    assert offline.fresh_scopes(load(out)) == []
 
 
 @pytest.mark.slow
@@ -325,7 +327,7 @@ def test_a_killed_run_keeps_its_finished_scopes_and_the_rerun_continues(tmp_path
     writer.compact()
     command = [sys.executable, "-m", "analysis", "cluster", "--cache", str(out), "--quiet", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    run_folder = offline.run_dir(out, offline.OfflineSettings())
+    run_folder = offline.run_dir(out, clustering.ClusteringSettings())
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     finished = []
@@ -342,14 +344,14 @@ def test_a_killed_run_keeps_its_finished_scopes_and_the_rerun_continues(tmp_path
             for p in run_folder.glob(f"{offline.SCOPE_PREFIX}*")}
     assert 1 <= len(kept) < 7          # 7 scopes: all, mistakes, true:x3, pred:dog, pred:fox (no "cat" predicted)
     cache = load(out)
-    assert set(cache.clustering_scopes()) == {json.loads((run_folder / n / "meta.json").read_text())["scope"]
+    assert set(offline.fresh_scopes(cache)) == {json.loads((run_folder / n / "meta.json").read_text())["scope"]
                                               for n in kept}
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stdout == ""
     for name, created in kept.items():   # finished scopes were kept, not recomputed
         assert json.loads((run_folder / name / "meta.json").read_text())["created"] == created
-    assert len(load(out).clustering_scopes()) == 7
+    assert len(offline.fresh_scopes(load(out))) == 7
     assert not list(run_folder.glob(".tmp-*"))
 
 
@@ -452,8 +454,8 @@ def test_verify_top_on_a_real_model_stores_flip_rates_and_verdicts(clustered: Pa
     assert code == 0, err
     cache = load(clustered)
     for scope in ("all", "true:cat"):
-        for algorithm in offline.ALGORITHMS:
-            checked = cache.clustering(scope, algorithm=algorithm).verification
+        for algorithm in clustering.ALGORITHMS:
+            checked = offline.read_clustering(cache, scope, algorithm=algorithm).verification
             assert checked is not None and set(checked["rank"]) <= {1, 2} and len(checked)
             tested = checked[checked["tested"] > 0]
             assert ((tested["changed_region"] >= 0) & (tested["changed_region"] <= 1)).all()

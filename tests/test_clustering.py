@@ -1,4 +1,7 @@
-"""Unit tests of analysis.explore.clustering on descriptors with a known cluster structure."""
+"""Unit tests of the clustering engine (analysis.explore.clustering) on descriptors with a known cluster
+structure. The engine's kNN graph, spectrum, labels and t-SNE are tested on their own in test_cluster_offline.py;
+here: what one call of `cluster_points` gives (the eigengap, both algorithms, both layouts, degenerate and damaged
+input) and the suspicion summaries."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +10,19 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from analysis.explore import clustering, statistics as explore
+from analysis.explore.cluster_offline import scope_mask
 from tests.helpers import blobs
 
 
-def test_knn_affinity_is_symmetric_binary_without_self_loops():
+def _settings(**changes) -> clustering.ClusteringSettings:
+    """Euclidean, 8 neighbours, the spectral layout (cheap): the settings these small blobs are tested with."""
+    return clustering.ClusteringSettings(**{"metric": "euclidean", "n_neighbors": 8, "embedding": "spectral",
+                                            "algorithms": ("kmeans",), **changes})
+
+
+def test_knn_adjacency_is_symmetric_binary_without_self_loops():
     x = np.array([[0.0], [1.0], [2.0], [10.0]])
-    graph = clustering.knn_affinity(x, n_neighbors=1).toarray()
+    graph = clustering.knn_graph(x, n_neighbors=1).adjacency().toarray()
     np.testing.assert_array_equal(graph, graph.T)
     assert set(np.unique(graph)) <= {0.0, 1.0} and np.all(np.diag(graph) == 0)
     assert graph[3, 2] == 1 and graph[0, 1] == 1   # 10's nearest is 2; made symmetric
@@ -21,29 +31,31 @@ def test_knn_affinity_is_symmetric_binary_without_self_loops():
 @pytest.mark.parametrize("centres", [2, 3, 5])
 def test_eigengap_suggests_the_number_of_separated_groups(centres):
     x, _ = blobs(centres, per=30, dim=20)
-    gap = clustering.eigengap(x, n_neighbors=8)
-    assert gap.suggested_k == centres
-    assert np.all(gap.eigenvalues[:centres] < 1e-8) and gap.eigenvalues[centres] > 0.05
+    found = clustering.cluster_points(x, _settings())
+    assert found.suggested_k == centres and found.chosen == [("kmeans", centres, "eigengap")]
+    assert np.all(found.eigenvalues[:centres] < 1e-8) and found.eigenvalues[centres] > 0.05
 
 
 def test_eigengap_large_components_use_lanczos_and_agree_with_dense():
     # Two groups of 700 points: each component is above the dense-solver size, so Lanczos runs on each.
     x, _ = blobs(2, per=700, dim=16, spread=0.05)
-    gap = clustering.eigengap(x, n_neighbors=10)
-    assert gap.suggested_k == 2
+    assert clustering.cluster_points(x, _settings(n_neighbors=10)).suggested_k == 2
     from scipy.sparse.csgraph import laplacian
-    component = clustering.knn_affinity(x[:700], 10)
-    sparse_values = clustering._smallest_laplacian_eigenvalues(component, 6)
+    component = clustering.knn_graph(x[:700], 10).adjacency()
+    sparse_values = clustering.laplacian_eigenpairs(component, 6)[0]
     dense_values = np.linalg.eigvalsh(laplacian(component.astype(float), normed=True).toarray())[:6]
     np.testing.assert_allclose(sparse_values, dense_values, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", clustering.METRICS)
 @pytest.mark.parametrize("algorithm", clustering.ALGORITHMS)
-def test_every_algorithm_recovers_separated_groups(algorithm):
+def test_every_algorithm_recovers_separated_groups(algorithm, metric):
     x, truth = blobs(3, per=40)
-    labels = clustering.cluster_labels(x, algorithm, n_clusters=3, n_neighbors=8)
+    found = clustering.cluster_points(x, _settings(algorithms=(algorithm,), ks=(3,), metric=metric))
+    labels = found.labels[clustering.clustering_name(algorithm, 3)]
     assert adjusted_rand_score(truth, labels) == pytest.approx(1.0)
     assert set(labels.tolist()) == {0, 1, 2}
+    np.testing.assert_allclose(found.descriptors, x, rtol=1e-6)   # the cosine scaling is undone
 
 
 def test_relabel_by_size_orders_clusters_and_keeps_noise():
@@ -53,7 +65,7 @@ def test_relabel_by_size_orders_clusters_and_keeps_noise():
 @pytest.mark.parametrize("method", clustering.EMBEDDINGS)
 def test_embedding_separates_groups(method):
     x, truth = blobs(2, per=30)
-    coords = clustering.embed_2d(x, method, n_neighbors=8)
+    coords = clustering.cluster_points(x, _settings(embedding=method)).coords
     assert coords.shape == (60, 2) and np.isfinite(coords).all()
     # Every point's 5 nearest neighbours in the plane belong to its own group (the groups do not mix).
     from sklearn.neighbors import NearestNeighbors
@@ -63,18 +75,22 @@ def test_embedding_separates_groups(method):
 
 def test_tiny_inputs_do_not_crash():
     x = np.ones((2, 4), np.float32) / 4
-    assert clustering.cluster_labels(x, "kmeans", 3).tolist() == [0, 0]
-    assert clustering.embed_2d(x, "tsne").shape == (2, 2)
-    assert clustering.eigengap(x).suggested_k >= 1
+    found = clustering.cluster_points(x, _settings(ks=(3,), embedding="tsne"))
+    assert found.labels["kmeans_k1"].tolist() == [0, 0]
+    assert found.coords.shape == (2, 2) and found.suggested_k >= 1
 
 
-def test_scope_ids():
-    table = pd.DataFrame({"id": [3, 4, 5, 6], "label": [0, 1, 1, 2], "correct": [True, False, True, False]})
-    assert clustering.scope_ids(table, "class", 1).tolist() == [4, 5]
-    assert clustering.scope_ids(table, "all").tolist() == [3, 4, 5, 6]
-    assert clustering.scope_ids(table, "mistakes").tolist() == [4, 6]
-    with pytest.raises(ValueError):
-        clustering.scope_ids(table, "class")
+def test_scope_mask():
+    table = pd.DataFrame({"id": [3, 4, 5, 6], "label": [0, 1, 1, 2], "pred": [0, 0, 1, 1],
+                          "correct": [True, False, True, False]})
+    names = ["a", "b", "c"]
+    ids = table["id"].to_numpy()
+    assert ids[scope_mask(table, "true:b", names)].tolist() == [4, 5]
+    assert ids[scope_mask(table, "pred:a", names)].tolist() == [3, 4]
+    assert ids[scope_mask(table, "all", names)].tolist() == [3, 4, 5, 6]
+    assert ids[scope_mask(table, "mistakes", names)].tolist() == [4, 6]
+    with pytest.raises(clustering.ClusteringInputError):
+        scope_mask(table, "true:zebra", names)
 
 
 def test_suspicion_score_is_mean_of_available_components():
@@ -123,42 +139,13 @@ def test_noise_cluster_is_ranked_last():
     assert np.isnan(summary.iloc[0]["background_hotspot"])
 
 
-def test_run_save_load_roundtrip(tmp_path):
-    x, _ = blobs(3, per=20)
-    ids = np.arange(100, 160)
-    settings = clustering.ClusteringSettings(scope="all", algorithm="kmeans", embedding="spectral",
-                                             n_neighbors=6)
-    result = clustering.run_clustering(ids, x, settings, scope_size=600)
-    assert result.suggested_k == 3 and result.n_clusters == 3 and result.scope_size == 600
-    path = tmp_path / "dashboard" / f"clusters-{settings.digest('state')}.parquet"
-    clustering.save_result(path, result)
-    loaded = clustering.load_result(path)
-    np.testing.assert_array_equal(loaded.ids, ids)
-    np.testing.assert_array_equal(loaded.labels, result.labels)
-    np.testing.assert_allclose(loaded.embedding, result.embedding)
-    assert loaded.settings == settings and loaded.suggested_k == 3
-    assert settings.digest("state") != settings.digest("other state")
-    path.write_bytes(b"garbage")
-    assert clustering.load_result(path) is None
-
-
 def test_settings_validation():
     with pytest.raises(ValueError):
-        clustering.ClusteringSettings(algorithm="dbscan").validate()
+        clustering.ClusteringSettings(algorithms=("dbscan",)).validate()
     with pytest.raises(ValueError):
         clustering.ClusteringSettings(embedding="umap").validate()
-
-
-def test_connect_components_adds_one_weak_edge_per_extra_component():
-    from scipy.sparse.csgraph import connected_components
-    x, _ = blobs(3, per=10)
-    graph = clustering.knn_affinity(x, 3)
-    assert connected_components(graph, directed=False)[0] == 3
-    joined = clustering.connect_components(x, graph, weight=0.01)
-    assert connected_components(joined, directed=False)[0] == 1
-    added = (joined - graph).toarray()
-    np.testing.assert_array_equal(added, added.T)
-    assert np.count_nonzero(added) == 4 and set(np.unique(added)) == {0.0, 0.01}
+    with pytest.raises(ValueError, match="agglomerative and HDBSCAN"):
+        clustering.ClusteringSettings(algorithms=("hdbscan",)).validate()
 
 
 # ---------------------------------------------------------------------------------------- degenerate input
@@ -174,13 +161,13 @@ jitter = uniform + np.float32(1e-9) * np.random.default_rng(0).standard_normal(u
 for name, x in {"uniform": uniform, "zeros": zeros, "float32_jitter": jitter}.items():
     for algorithm in clustering.ALGORITHMS:
         for embedding in clustering.EMBEDDINGS:
-            settings = clustering.ClusteringSettings(algorithm=algorithm, embedding=embedding, n_clusters=4)
-            r = clustering.run_clustering(np.arange(40), x, settings)
-            out[f"{name}/{algorithm}/{embedding}"] = [r.n_clusters, sorted(set(r.labels.tolist())), r.identical,
-                                                     r.note, float(np.abs(r.embedding).max())]
-    out[f"{name}/embed_2d"] = float(np.abs(clustering.embed_2d(x, "tsne")).max())
-    out[f"{name}/cluster_labels"] = sorted(set(clustering.cluster_labels(x, "kmeans", 4).tolist()))
-    out[f"{name}/eigengap"] = clustering.eigengap(x).suggested_k
+            for k in (0, 4):
+                settings = clustering.ClusteringSettings(algorithms=(algorithm,), embedding=embedding, ks=(k,))
+                r = clustering.cluster_points(x, settings)
+                (_, found_k, _), = r.chosen
+                labels = r.labels[clustering.clustering_name(algorithm, found_k)]
+                out[f"{name}/{algorithm}/{embedding}/k{k}"] = [found_k, sorted(set(labels.tolist())), r.suggested_k,
+                                                               r.messages, float(np.abs(r.coords).max())]
 print(json.dumps(out))
 '''
 
@@ -198,30 +185,27 @@ def test_identical_or_zero_descriptors_give_one_cluster_and_a_message_never_a_cr
                           timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     results = json.loads(done.stdout)
+    assert len(results) == 3 * 2 * 2 * 2
     for key, value in results.items():
-        if key.endswith("/embed_2d"):
-            assert value == 0.0, key                       # every point at the origin
-        elif key.endswith("/cluster_labels"):
-            assert value == [0], key
-        elif key.endswith("/eigengap"):
-            assert value == 1, key
-        else:
-            n_clusters, labels, identical, note, spread = value
-            assert n_clusters == 1 and labels == [0] and identical and spread == 0.0, (key, value)
-            assert note.startswith("All 40 maps of this scope give the same descriptor"), (key, note)
+        n_clusters, labels, suggested_k, messages, spread = value
+        assert n_clusters == 1 and labels == [0] and suggested_k == 1 and spread == 0.0, (key, value)  # at the origin
+        what = "zero (no positive relevance)" if key.startswith("zeros") else "identical"
+        assert messages == [f"all 40 descriptors are {what}: nothing to tell apart, one cluster"], (key, messages)
 
 
-def test_non_finite_descriptors_are_left_out_or_refused_and_k_is_capped_by_distinct_maps():
-    x, _ = blobs(3, per=10)
+def test_non_finite_descriptors_are_zeroed_or_refused_and_k_is_capped_by_distinct_maps():
+    x, truth = blobs(3, per=10)
     x[[2, 5]] = np.nan
-    result = clustering.run_clustering(np.arange(30), x, clustering.ClusteringSettings(n_clusters=3))
-    assert len(result.ids) == 28 and 2 not in result.ids and 5 not in result.ids and result.scope_size == 30
-    assert result.note.startswith("2 image(s) left out: their maps hold NaN or inf.")
-    for call in (lambda: clustering.embed_2d(x), lambda: clustering.cluster_labels(x, "kmeans", 3),
-                 lambda: clustering.eigengap(x), lambda: clustering.knn_affinity(x)):
+    found = clustering.cluster_points(x, _settings(ks=(3,)))
+    assert found.messages == ["2 descriptor(s) held NaN or infinite values and were set to zero"]
+    assert np.isfinite(found.descriptors).all() and not found.descriptors[[2, 5]].any()
+    kept = np.setdiff1d(np.arange(30), [2, 5])   # the damaged rows say nothing; the others still cluster
+    assert adjusted_rand_score(truth[kept], found.labels["kmeans_k3"][kept]) == pytest.approx(1.0)
+    for call in (lambda: clustering.knn_graph(x, 5), lambda: clustering.checked_descriptors(x)):
         with pytest.raises(ValueError, match="descriptors hold NaN or inf"):
             call()
     three = np.repeat(np.eye(16, dtype=np.float32)[:3], 8, axis=0)  # 24 maps, 3 different ones
-    result = clustering.run_clustering(np.arange(24), three, clustering.ClusteringSettings(n_clusters=6))
-    assert result.n_clusters == 3 and sorted(set(result.labels.tolist())) == [0, 1, 2]
-    assert result.note == "Only 3 different maps: 3 clusters instead of 6."
+    for algorithm in clustering.ALGORITHMS:
+        found = clustering.cluster_points(three, _settings(ks=(6,), algorithms=(algorithm,)))
+        assert found.chosen == [(algorithm, 3, "given")] and sorted(set(found.labels[f"{algorithm}_k3"])) == [0, 1, 2]
+        assert found.messages == ["only 3 different descriptors: 3 clusters instead of 6"]

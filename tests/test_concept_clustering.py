@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from analysis.cache import CacheError, load
-from analysis.explore import cluster_offline as offline
+from analysis.explore import cluster_offline as offline, clustering
 from analysis.explore.cluster_data import recluster_selection
 from analysis.explore.cluster_offline.scope import cluster_scope
 from analysis.pipeline.channel_relevance import concept_descriptors
@@ -67,11 +67,11 @@ def test_a_scope_clustered_on_concepts_follows_the_channels_and_is_summarised_by
                          "background_share": np.zeros(n), "background_hotspot": np.full(n, np.nan),
                          "border_share": np.zeros(n)})
     consensus = np.stack([maps[by_place == p].mean(axis=0) for p in (0, 1)])
-    settings = offline.OfflineSettings(descriptor="concepts", ks=(2,), null_partitions=5)
+    settings = clustering.ClusteringSettings(descriptor="concepts", ks=(2,), null_partitions=5)
     result = cluster_scope("all", np.arange(n), shares.copy(), rows, consensus, ["a", "b"], settings,
                            summary_descriptors=maps)
     on_maps = cluster_scope("all", np.arange(n), maps.copy(), rows, consensus, ["a", "b"],
-                            offline.OfflineSettings(ks=(2,), null_partitions=5))
+                            clustering.ClusteringSettings(ks=(2,), null_partitions=5))
     for name, labels in result.labels.items():
         assert adjusted_rand_score(by_channels, labels) == pytest.approx(1.0), name      # the channels' groups
         assert abs(adjusted_rand_score(by_place, labels)) < 0.05, name                    # not the places'
@@ -101,7 +101,7 @@ def test_the_command_clusters_on_concepts_next_to_the_maps(concept_clustered: Pa
                               "--scopes", "all", "mistakes", "--quiet")
     assert code == 0, err
     cache = load(concept_clustered)
-    stored = cache.clustering("all", descriptor="concepts")
+    stored = offline.read_clustering(cache, "all", descriptor="concepts")
     assert stored.settings.descriptor == "concepts"
     assert sorted(stored.assignments["id"]) == sorted(cache.table["id"])
     assert stored.prototypes.shape == (len(stored.summary), 16)                 # maps, not channel shares
@@ -111,8 +111,9 @@ def test_the_command_clusters_on_concepts_next_to_the_maps(concept_clustered: Pa
     mean = cache.descriptors(members, "concepts").mean(axis=0)
     assert top["concept_mix"].startswith(f"#{int(np.argmax(mean))} {mean.max():.0%}")
     np.testing.assert_allclose(stored.prototypes[0], cache.descriptors(members, "positive").mean(axis=0), atol=1e-5)
-    assert set(cache.clustering("all").choices["descriptor"]) == {"positive", "concepts"}   # explain's run stays
-    assert "concept_mix" not in cache.clustering("all", descriptor="positive").summary
+    # explain's run stays
+    assert set(offline.read_clustering(cache, "all").choices["descriptor"]) == {"positive", "concepts"}
+    assert "concept_mix" not in offline.read_clustering(cache, "all", descriptor="positive").summary
 
 
 def test_a_cache_without_channel_relevance_fails_before_any_work(tmp_path: Path, capsys):
@@ -136,10 +137,10 @@ def test_a_selection_is_reclustered_live_on_the_offline_clusterings_descriptor(s
 
 
 def test_the_clusters_page_names_each_clusters_concepts(monkeypatch, concept_clustered: Path, capsys):
-    if not any(load(concept_clustered).clustering("all").choices["descriptor"] == "concepts"):
+    if not any(offline.read_clustering(load(concept_clustered), "all").choices["descriptor"] == "concepts"):
         assert run_main(capsys, "cluster", "--cache", str(concept_clustered), "--descriptor", "concepts",
                         "--scopes", "all", "--quiet")[0] == 0
-    stored = load(concept_clustered).clustering("all", descriptor="concepts")
+    stored = offline.read_clustering(load(concept_clustered), "all", descriptor="concepts")
     at = open_page(monkeypatch, concept_clustered, "clusters",
                    {"c_scope": "all", "c_clust": f"{stored.settings.key()}/{stored.name}"})
     assert not at.exception
@@ -169,7 +170,7 @@ def test_on_the_demo_concepts_split_the_tagged_images_by_the_channels_they_use(s
     marked = pd.read_csv(small_demo.shortcut_csv).set_index("path")["marked"].astype(bool)
     table = cache.table.set_index("id")
     tagged_other = table["path"].map(marked).fillna(False).to_numpy(bool) & (table["label"] != bag).to_numpy()
-    stored = cache.clustering(f"pred:{shortcut.SHORTCUT_CLASS}", descriptor="concepts")
+    stored = offline.read_clustering(cache, f"pred:{shortcut.SHORTCUT_CLASS}", descriptor="concepts")
     in_scope = tagged_other[table.index.get_indexer(stored.assignments["id"].to_numpy())]
     assert in_scope.sum() >= 15, "too few tagged non-bags are called bag to test anything"
     base_rate = in_scope.mean()

@@ -16,6 +16,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis.cache import load
+from analysis.explore import cluster_offline
 from analysis.explore.concepts import ConceptSettings, class_concepts, read_concepts, region_box
 from analysis.fgcam import FGCAM
 from analysis.pipeline.models import load_model
@@ -162,7 +163,7 @@ def test_explain_finds_the_concepts_after_the_clustering(small_cache: Path) -> N
     cache = load(small_cache)                 # made by `explain` without --no-cluster (tests/helpers.py)
     concepts = read_concepts(cache)
     assert concepts is not None and not concepts.stale and concepts.meta["n_images"] == len(cache)
-    assert cache.clustering_scopes()          # the clustering ran first
+    assert cluster_offline.fresh_scopes(cache)    # the clustering ran first
     predicted = sorted(set(cache.table["pred"]))
     assert sorted(concepts.classes.loc[concepts.classes["kind"] == "top", "class"].unique()) == predicted
     assert len(concepts.references) and np.isfinite(concepts.maps.astype(np.float32)).all()

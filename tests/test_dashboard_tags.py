@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.cache import load
+from analysis.explore import cluster_offline
 from analysis.review import DB_NAME, Review, label_issues
 from tests import helpers
 
@@ -123,7 +124,7 @@ def test_label_error_view_follows_cleanlab(monkeypatch, cache_dir):
 def test_clusters_page_tags_a_whole_cluster_and_filters_by_it(monkeypatch, cache_dir):
     """The Clusters gallery's form tags every member of the focused cluster (not only the gallery's page); the
     tiles then end in the tag, the filter keeps them, and a box selection is tagged the same way."""
-    stored = load(cache_dir).clustering("all")
+    stored = cluster_offline.read_clustering(load(cache_dir), "all")
     focus = int(stored.summary["cluster"].iloc[0])
     members = sorted(int(i) for i in stored.members(focus))
     at = open_page(monkeypatch, cache_dir, "clusters", {})
@@ -170,7 +171,7 @@ def test_clusters_csv_carries_the_tags(cache_dir):
     from dashboard.views.clusters import members_table
 
     cache = load(cache_dir)
-    stored = cache.clustering("all")
+    stored = cluster_offline.read_clustering(cache, "all")
     by_cluster = stored.assignments.set_index("id")["cluster"]
     ids = [int(i) for i in stored.members(int(stored.summary["cluster"].iloc[0]))]
     before = pd.read_csv(io.BytesIO(table_csv(members_table(cache, ids, by_cluster, None))), keep_default_na=False)

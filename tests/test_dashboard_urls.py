@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.cache import load
+from analysis.explore import cluster_offline
 from tests.helpers import (TINY_MODEL_FILE, make_image_folder, make_mask_folder, open_page, page_texts,
                            train_tiny_cnn)
 
@@ -201,7 +202,7 @@ def metric(at: AppTest, label: str) -> str:
 def stored_tables(cache_dir: Path, scope: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The stored assignments (id, x, y, cluster) and summary of a scope's default clustering, read from the
     files themselves (not through the reading API the page uses)."""
-    stored = load(cache_dir).clustering(scope)
+    stored = cluster_offline.read_clustering(load(cache_dir), scope)
     frame = pd.read_parquet(stored.path / "assignments.parquet", columns=["id", "x", "y", stored.name])
     summary = pd.read_parquet(stored.path / "summary.parquet")
     summary = summary[summary["clustering"] == stored.name].sort_values("rank")
@@ -213,7 +214,7 @@ def test_clusters_page_shows_every_image_of_each_scope(monkeypatch, large_cache)
     the cards follow the stored ranking and the gallery opens on the most suspicious cluster."""
     cache = load(large_cache)
     table, names = cache.table, list(cache.manifest["class_names"])
-    scopes = cache.clustering_scopes()
+    scopes = cluster_offline.fresh_scopes(cache)
     predicted = table["pred"].value_counts().index     # a class nothing is predicted as has no scope
     assert scopes[:2] == ["all", "mistakes"] and {f"pred:{names[p]}" for p in predicted} <= set(scopes)
     at = open_page(monkeypatch, large_cache, "clusters", {})

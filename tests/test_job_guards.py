@@ -346,9 +346,8 @@ def test_a_read_only_out_fails_before_the_model_loads(images: Path, tmp_path: Pa
 
 def test_overwrite_removes_the_old_caches_derived_results(small_cache: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
+    from analysis.cache import DASHBOARD_DIR
     from analysis.cache.identity import cache_state
-    from analysis.explore import cluster_data
-    from analysis.explore.clustering import ClusteringSettings
     from tests.helpers import small_cache_arguments
 
     copy = tmp_path / "cache"
@@ -357,7 +356,9 @@ def test_overwrite_removes_the_old_caches_derived_results(small_cache: Path, tmp
                             "--device", "cpu", "--quiet")
     assert code == 0, err
     old = load(copy)
-    cluster_data.cluster_cache(old, ClusteringSettings(embedding="spectral"))
+    # What older versions saved in CACHE/dashboard/ (the Clusters page's own clusterings) goes too.
+    (copy / DASHBOARD_DIR).mkdir()
+    (copy / DASHBOARD_DIR / "clustering-0123456789abcdef.parquet").write_bytes(b"an older version's result")
     assert list((copy / "trust").iterdir()) and list((copy / "dashboard").iterdir())
     assert list((copy / "analysis").iterdir())  # the offline clustering the job ran when it finished
     argv = small_cache_arguments(small_cache.parent)

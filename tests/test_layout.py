@@ -17,14 +17,6 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS: dict[str, str] = {
     "analysis/commands/compare_methods.py:run":
         "the command's steps in order (inputs, model, comparison, sanity checks, files, table)",
-    "analysis/explore/cluster_offline/run.py:cluster_cache":
-        "the run's steps over every scope, with its progress and resume bookkeeping",
-    "analysis/explore/cluster_offline/scope.py:cluster_scope":
-        "the six steps of one scope (graph, spectrum, clusterings, layout, summaries, calibration)",
-    "analysis/explore/cluster_offline/tsne.py:tsne_layout":
-        "openTSNE's set-up, the subsample embedding and the placement of the rest, one method",
-    "analysis/explore/cluster_offline/verify.py:verify_clusters":
-        "the causal test of each top cluster and its verdict, one loop",
     "analysis/pipeline/plan.py:prepare":
         "every check before any work, in the order the user's options are read",
     "analysis/review/probe.py:rank_by_probe":

@@ -145,7 +145,7 @@ def test_a_read_only_server_in_a_browser_has_no_tag_form_and_writes_nothing(smal
             page.goto(f"{base}/image?id={image_id}")
             shots.wait_until_done(page, "Image")
             expect(page.get_by_text("odd corner", exact=False).first).to_be_visible()   # the tags are shown
-            # The report download builds a clustering, which a read-write dashboard saves in the cache.
+            # The report download reads the stored clustering: it writes nothing in the cache either.
             page.goto(f"{base}/overview")
             shots.wait_until_done(page, "Overview")
             with page.expect_download(timeout=180_000) as info:

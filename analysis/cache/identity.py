@@ -5,7 +5,7 @@
   stores to the same end;
 - state, which content: `cache_fingerprint(cache)` (the generation and the committed ids; the offline
   clustering's results record it) and `cache_state(cache)` (the identity and the manifest's progress stamps;
-  the dashboard's saved clusterings and cached computations are keyed by it), and `files_state(root)`, the same
+  the dashboard's cached computations are keyed by it), and `files_state(root)`, the same
   question asked of the files before the cache is opened (the dashboard reopens a cache when it changes). A
   derived result made on another state is stale.
 """

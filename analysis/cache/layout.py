@@ -16,10 +16,10 @@ DAMAGED_DIR = "damaged"   # committed parts a resumed job found unreadable, move
 LOCK_NAME = ".lock"       # the writer's lock (WriterLock); never deleted, see there
 
 
-# Results derived from a cache and kept in its directory (compare-methods, the dashboard's saved clusterings):
-# --overwrite removes them with the cache, and each records the cache_identity it was made from.
+# Results derived from a cache and kept in its directory (compare-methods, the offline clustering): --overwrite
+# removes them with the cache, and each records the cache_identity it was made from.
 TRUST_DIR = "trust"
-DASHBOARD_DIR = "dashboard"
+DASHBOARD_DIR = "dashboard"  # the Clusters page's own clusterings, saved by older versions: removed with the cache
 ANALYSIS_DIR = "analysis"   # the offline clustering's results (python -m analysis cluster)
 DERIVED_DIRS = (TRUST_DIR, DASHBOARD_DIR, ANALYSIS_DIR)
 

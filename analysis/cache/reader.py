@@ -459,30 +459,6 @@ class Cache:
             raise CacheError(f"image path {relative!r} escapes the dataset root {root}")
         return path
 
-    # -- offline analysis results (written by `python -m analysis cluster`: analysis/explore/cluster_offline/) ---
-    def clustering_scopes(self) -> list[str]:
-        """Scopes with an offline clustering computed on the cache as it is now: all, mistakes, true:<class>,
-        pred:<class> (results of an older state of the cache are not listed)."""
-        from analysis.explore import cluster_offline
-
-        return cluster_offline.fresh_scopes(self)
-
-    def clustering(self, scope: str, **settings: Any) -> Any:
-        """The stored clustering of a scope (analysis.explore.cluster_offline.StoredClustering); `settings` choose among
-        the stored ones: descriptor, metric, n_neighbors, embedding, seed, algorithm, k, run. Raises
-        cluster_offline.ClusteringNotFound (a LookupError) when none matches."""
-        from analysis.explore import cluster_offline
-
-        return cluster_offline.read_clustering(self, scope, **settings)
-
-    def class_maps(self) -> Any:
-        """Per-class mean maps and consensus maps over the whole cache
-        (analysis.explore.cluster_offline.ClassAggregates),
-        or None when the cluster command has not stored them for the cache as it is now."""
-        from analysis.explore import cluster_offline
-
-        return cluster_offline.read_class_aggregates(self)
-
 
 def load(root: Path | str) -> Cache:
     """Open a cache directory (fast: parquet tables are read, arrays are memory-mapped)."""

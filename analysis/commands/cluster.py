@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analysis.explore import cluster_offline as offline
+from analysis.explore import cluster_offline as offline, clustering
 from analysis.commands.findings import store_findings
 from analysis.findings import findings_path
 from analysis.commands.cli_types import non_negative_int, percentage, positive_int
@@ -22,21 +22,21 @@ HELP = ("cluster every image of a cache offline, per scope (all, mistakes, each 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `cluster` options."""
-    defaults = offline.OfflineSettings()
+    defaults = clustering.ClusteringSettings()
     parser.add_argument("--cache", required=True, type=Path, help="a cache directory made by `explain`")
     parser.add_argument("--scopes", nargs="+", default=list(offline.DEFAULT_SCOPES), metavar="SCOPE",
                         help="all, mistakes, true (one scope per true class), pred (one per predicted class), "
                              "true:CLASS or pred:CLASS (default: all mistakes true pred)")
     method = parser.add_argument_group("clustering")
-    method.add_argument("--descriptor", choices=offline.DESCRIPTOR_KINDS, default=defaults.descriptor,
+    method.add_argument("--descriptor", choices=clustering.DESCRIPTOR_KINDS, default=defaults.descriptor,
                         help="what to cluster on: where the maps put positive relevance (positive), or |relevance| "
                              "(absolute), or which CAM-layer channels hold the evidence (concepts: each image's "
                              "channel relevance at unit mass; the clusters are still summarised with the positive "
                              "maps)")
-    method.add_argument("--metric", choices=offline.METRICS, default=defaults.metric,
+    method.add_argument("--metric", choices=clustering.METRICS, default=defaults.metric,
                         help="geometry of the kNN graph, k-means and t-SNE: cosine (descriptors scaled to unit "
                              "length: where the relevance concentrates) or euclidean (the unit-mass descriptors)")
-    method.add_argument("--algorithm", nargs="+", choices=offline.ALGORITHMS, default=list(defaults.algorithms),
+    method.add_argument("--algorithm", nargs="+", choices=clustering.ALGORITHMS, default=list(defaults.algorithms),
                         help="one or more; all are computed on the same kNN graph and kept side by side")
     method.add_argument("--k", nargs="+", type=non_negative_int, default=list(defaults.ks), metavar="K",
                         help="numbers of clusters, one or more; 0 = the eigengap's suggestion (default: 0)")
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the eigengap looks for k in 2..MAX_K")
     method.add_argument("--neighbours", type=positive_int, default=defaults.n_neighbors,
                         help="k of the kNN graph (shared by the eigengap, spectral clustering and t-SNE)")
-    method.add_argument("--embedding", choices=offline.EMBEDDINGS, default=defaults.embedding,
+    method.add_argument("--embedding", choices=clustering.EMBEDDINGS, default=defaults.embedding,
                         help="2-D layout: tsne (openTSNE, FFT-accelerated) or spectral (the graph's two leading "
                              "non-trivial Laplacian eigenvectors; no extra cost)")
     method.add_argument("--embed-max", type=positive_int, default=defaults.embed_max,
@@ -116,8 +116,8 @@ class _Bar(offline.RunProgress):
             self.bar.close()
 
 
-def settings_from(args: argparse.Namespace) -> offline.OfflineSettings:
-    return offline.OfflineSettings(descriptor=args.descriptor, metric=args.metric,
+def settings_from(args: argparse.Namespace) -> clustering.ClusteringSettings:
+    return clustering.ClusteringSettings(descriptor=args.descriptor, metric=args.metric,
                                    algorithms=tuple(dict.fromkeys(args.algorithm)),
                                    ks=tuple(dict.fromkeys(args.k)), n_neighbors=args.neighbours,
                                    embedding=args.embedding, seed=args.seed, max_k=args.max_k,
@@ -131,7 +131,8 @@ def _number(value: Any, spec: str) -> str:
         return str(value)
 
 
-def format_table(cache: Any, outcomes: list[offline.ScopeOutcome], settings: offline.OfflineSettings) -> str:
+def format_table(cache: Any, outcomes: list[offline.ScopeOutcome],
+                 settings: clustering.ClusteringSettings) -> str:
     """One line per scope: its size, what happened, the eigengap's k, and the top cluster of the run's first
     clustering (size, accuracy, suspicion, how unusual against chance, the causal test's verdict)."""
     lines = [f"{'scope':28}{'images':>9}  {'status':9}{'k':>4}  {'top cluster':>11}{'acc.':>6}{'susp.':>7}"
@@ -142,7 +143,7 @@ def format_table(cache: Any, outcomes: list[offline.ScopeOutcome], settings: off
             lines.append(head + "   -  no image")
             continue
         try:
-            stored = cache.clustering(outcome.scope, run=settings.key())
+            stored = offline.read_clustering(cache, outcome.scope, run=settings.key())
         except offline.ClusteringNotFound:
             lines.append(head)
             continue
@@ -159,7 +160,7 @@ def format_table(cache: Any, outcomes: list[offline.ScopeOutcome], settings: off
     return "\n".join(lines)
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Any, offline.OfflineSettings, list[str], Any, Any]:
+def _prepare(args: argparse.Namespace) -> tuple[Any, clustering.ClusteringSettings, list[str], Any, Any]:
     """Everything checked before any work: (cache, settings, scopes, loaded model or None, device)."""
     from analysis.cache import load
 

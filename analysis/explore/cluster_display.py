@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.explore.charts import CLUSTER_BOX
-from analysis.explore.clustering import DESCRIPTOR_LABELS
+from analysis.explore.clustering import ALGORITHM_LABELS, DESCRIPTOR_LABELS
 
 DENSITY_CELLS = 64          # cells a side of the drawn density (the stored histogram is summed down to this)
 
@@ -37,9 +37,6 @@ def scope_label(scope: str) -> str:
         return "mistakes only"
     kind, _, name = scope.partition(":")
     return {"true": f"true class: {name}", "pred": f"predicted: {name}"}.get(kind, scope)
-
-
-ALGORITHM_LABELS = {"kmeans": "k-means", "spectral": "spectral"}
 
 
 def choice_key(run: str, name: str) -> str:

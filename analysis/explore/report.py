@@ -1,5 +1,5 @@
-"""A self-contained offline HTML report of a cache. The cache-level clustering it shows is the Clusters page's
-(analysis/explore/cluster_data.py).
+"""A self-contained offline HTML report of a cache. The clustering it shows is the stored one the Clusters page
+opens with (analysis.explore.cluster_offline.default_clustering): the report clusters nothing itself.
 
 `build_report(cache)` returns one HTML string: a summary, per-class mean maps, the most suspicious clusters
 with example overlays, the confusion matrix and the score distributions. Images are base64 data URIs and charts
@@ -20,8 +20,9 @@ import pandas as pd
 from analysis.explore import charts, clustering, statistics as explore, overlay
 from analysis.cache import Cache, CacheError
 from analysis.cache.classes import class_names, num_classes
-from analysis.explore.cluster_data import (cluster_cache, cluster_label, members_by_suspicion, prototype_tile,
-                                           result_path, summarize)
+from analysis.explore.cluster_data import cluster_label, members_by_suspicion, prototype_tile
+from analysis.explore.cluster_display import scope_label
+from analysis.explore.cluster_offline import StoredClustering, default_clustering
 
 SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration",
                  "deletion_auc", "insertion_auc")
@@ -161,21 +162,6 @@ class ReportOptions:
     tile: int = TILE
 
 
-def default_settings(cache: Cache) -> clustering.ClusteringSettings:
-    """All images, positive descriptors, k-means with the eigengap's k, t-SNE (as the Clusters page opens)."""
-    return clustering.ClusteringSettings()
-
-
-def default_clustering(cache: Cache, save: bool = True) -> clustering.ClusteringResult:
-    """The Clusters page's default clustering when it was saved before; otherwise the same clustering with the
-    spectral embedding, which is much cheaper than t-SNE (the report does not draw the embedding), saved in the
-    cache unless `save` is False (a read-only dashboard)."""
-    saved = clustering.load_result(result_path(cache, default_settings(cache)))
-    if saved is not None:
-        return saved
-    return cluster_cache(cache, clustering.ClusteringSettings(embedding="spectral"), save=save)
-
-
 def _summary_section(cache: Cache) -> str:
     table = cache.table
     manifest = cache.manifest
@@ -239,41 +225,55 @@ def _class_maps_section(cache: Cache, tile: int) -> str:
             f'red: most).</p><div class="tiles">{"".join(figures)}</div></section>')
 
 
-def _clusters_section(cache: Cache, result: clustering.ClusteringResult, options: ReportOptions) -> str:
-    summary, prototypes = summarize(cache, result)
-    settings = result.settings
-    scope = clustering.SCOPE_LABELS.get(settings.scope, settings.scope)
-    intro = (f'<p class="meta">{len(result.ids):,} of {result.scope_size:,} images ({html.escape(scope)}), '
-             f'{html.escape(clustering.ALGORITHM_LABELS.get(settings.algorithm, settings.algorithm))}, '
-             f'k = {result.n_clusters} (eigengap suggests {result.suggested_k}), {html.escape(settings.descriptor)}'
-             ' descriptors. Clusters are ranked by suspicion: the mean of the share of relevance off the object, '
-             'on the border, the error rate and how unlike its class\'s consensus the prototype is.</p>')
-    if result.note:
-        intro += f'<p class="meta">{html.escape(result.note)}</p>'
+def _clusters_intro(stored: StoredClustering) -> str:
+    settings = stored.settings
+    algorithm = clustering.ALGORITHM_LABELS.get(stored.algorithm, stored.algorithm)
+    intro = (f'<p class="meta">Every one of the {stored.n:,} images of the scope '
+             f'{html.escape(scope_label(stored.scope))}, {html.escape(algorithm)}, k = {stored.k} '
+             f'(eigengap suggests {stored.suggested_k}), {html.escape(settings.descriptor)} descriptors, '
+             f'{html.escape(settings.metric)} kNN graph: the clustering the Clusters page opens with. Clusters are '
+             'ranked by suspicion: the mean of the share of relevance off the object, on the border, the error rate '
+             'and how unlike its class\'s consensus the prototype is.</p>')
+    return intro + "".join(f'<p class="meta">{html.escape(message)}.</p>' for message in stored.messages)
+
+
+def _cluster_block(cache: Cache, stored: StoredClustering, position: int, options: ReportOptions) -> str:
+    """One of the most suspicious clusters: its prototype, its most telling members and its numbers."""
+    record = stored.summary.iloc[position]
+    cluster = int(record["cluster"])
+    examples = members_by_suspicion(cache, stored.members(cluster), options.examples_per_cluster)
+    rows = cache.table.set_index("id").loc[examples]
+    tiles = image_tiles(cache, examples, "overlay", size=options.tile)
+    figures = [_img(prototype_tile(stored.prototypes[position], options.tile), f"prototype of {cluster_label(cluster)}",
+                    "prototype")]
+    figures += [_img(t, f"image {i}", f"#{i} {r.label_name}→{r.pred_name}")
+                for t, i, r in zip(tiles, examples, rows.itertuples())]
+    facts = (f"{int(record['size'])} images, accuracy {record['accuracy']:.0%}, classes: "
+             f"{record['class_mix']}, background share "
+             f"{'–' if pd.isna(record['background_share']) else format(record['background_share'], '.2f')}, "
+             f"border share {'–' if pd.isna(record['border_share']) else format(record['border_share'], '.2f')}")
+    return (f'<div class="cluster"><h3>#{int(record["rank"])} {cluster_label(cluster)} '
+            f'(suspicion {record["suspicion"]:.2f})</h3><p>{html.escape(facts)}</p>'
+            f'<div class="tiles">{"".join(figures)}</div></div>')
+
+
+def _clusters_section(cache: Cache, stored: StoredClustering | None, options: ReportOptions) -> str:
+    if stored is None:
+        command = f"python -m analysis cluster --cache {shlex.quote(str(cache.root))}"
+        return ('<section id="clusters"><h2>Most suspicious clusters</h2><p>No clustering is stored for this cache '
+                f'as it is now: run <code>{html.escape(command)}</code> '
+                '(the explain job runs it at its end) and make the report again.</p></section>')
+    summary = stored.summary
     table = summary[["rank", "cluster", "size", "accuracy", "majority_name", "class_mix", "background_share",
                      "border_share", "suspicion"]].assign(cluster=summary["cluster"].map(cluster_label))
-    blocks = []
-    for position in range(min(options.clusters, len(summary))):
-        record = summary.iloc[position]
-        cluster = int(record["cluster"])
-        examples = members_by_suspicion(cache, result, cluster, options.examples_per_cluster)
-        rows = cache.table.set_index("id").loc[examples]
-        tiles = image_tiles(cache, examples, "overlay", size=options.tile)
-        figures = [_img(prototype_tile(prototypes[position], options.tile), f"prototype of {cluster_label(cluster)}",
-                        "prototype")]
-        figures += [_img(t, f"image {i}", f"#{i} {r.label_name}→{r.pred_name}")
-                    for t, i, r in zip(tiles, examples, rows.itertuples())]
-        facts = (f"{int(record['size'])} images, accuracy {record['accuracy']:.0%}, classes: "
-                 f"{record['class_mix']}, background share "
-                 f"{'–' if pd.isna(record['background_share']) else format(record['background_share'], '.2f')}, "
-                 f"border share {'–' if pd.isna(record['border_share']) else format(record['border_share'], '.2f')}")
-        blocks.append(f'<div class="cluster"><h3>#{int(record["rank"])} {cluster_label(cluster)} '
-                      f'(suspicion {record["suspicion"]:.2f})</h3><p>{html.escape(facts)}</p>'
-                      f'<div class="tiles">{"".join(figures)}</div></div>')
-    eigen = _svg(charts.eigenvalue_chart(result.eigenvalues, result.suggested_k)) if len(result.eigenvalues) else ""
+    blocks = [_cluster_block(cache, stored, position, options) for position in range(min(options.clusters,
+                                                                                          len(summary)))]
+    eigen = _svg(charts.eigenvalue_chart(stored.eigenvalues, stored.suggested_k)) if len(stored.eigenvalues) > 1 \
+        else ""
     formats = {"accuracy": ".0%", "background_share": ".2f", "border_share": ".2f", "suspicion": ".2f"}
-    return (f'<section id="clusters"><h2>Most suspicious clusters</h2>{intro}<div class="charts">{eigen}</div>'
-            f'{"".join(blocks)}<h3>All clusters</h3>{_table_html(table, formats)}</section>')
+    return (f'<section id="clusters"><h2>Most suspicious clusters</h2>{_clusters_intro(stored)}'
+            f'<div class="charts">{eigen}</div>{"".join(blocks)}<h3>All clusters</h3>{_table_html(table, formats)}'
+            '</section>')
 
 
 def _confusion_section(cache: Cache) -> str:
@@ -338,18 +338,18 @@ def _tags_section(cache: Cache, options: ReportOptions) -> str:
             'tag (most images first).</p>' + "".join(blocks) + "</section>")
 
 
-def build_report(cache: Cache, clustering_result: clustering.ClusteringResult | None = None,
-                 options: ReportOptions = ReportOptions(), title: str = "FG-CAM explanation report") -> str:
+def build_report(cache: Cache, stored: StoredClustering | None = None, options: ReportOptions = ReportOptions(),
+                 title: str = "FG-CAM explanation report") -> str:
     """The whole report as one self-contained HTML document (nothing is fetched when it is opened).
 
-    Without `clustering_result` the default clustering (as the Clusters page first shows it) is used, read from
-    CACHE/dashboard/ when it was computed before.
+    Its clusters are `stored`, by default the stored clustering the Clusters page opens with
+    (cluster_offline.default_clustering); without one the section names the command that makes it.
     """
-    if clustering_result is None:
-        clustering_result = default_clustering(cache)
+    if stored is None:
+        stored = default_clustering(cache)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [_summary_section(cache), _class_maps_section(cache, options.tile),
-                _clusters_section(cache, clustering_result, options), _tags_section(cache, options),
+                _clusters_section(cache, stored, options), _tags_section(cache, options),
                 _confusion_section(cache), _errors_section(cache)]
     partial = "" if cache.complete else "<p><strong>The job had not finished: this covers a partial cache.</strong></p>"
     unknown = unknown_placements(cache)

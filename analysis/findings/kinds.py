@@ -21,7 +21,8 @@ CONFUSIONS_SHOWN = 3
 # of the other classes' images, and at least this high (ours).
 BACKGROUND_MIN_EXCESS = 0.15
 BACKGROUND_MIN_MEDIAN = 0.3
-# Two shortcut clusters of different scopes are one finding when their members overlap this much (Jaccard).
+# A shortcut cluster joins an earlier (stronger) finding when half of its images lie in that finding's group,
+# or half of the group in it (the mistakes' cluster of a shortcut is usually a part of the all-images one).
 SAME_CLUSTER_OVERLAP = 0.5
 EXAMPLES = 8
 
@@ -31,6 +32,10 @@ def _names(cache: Any) -> list[str]:
     table = cache.columns(["label", "pred"])
     top = int(max(table["label"].max(), table["pred"].max())) + 1 if len(table) else 0
     return names + [str(i) for i in range(len(names), top)]
+
+
+def plural(count: int, one: str, many: str) -> str:
+    return one if count == 1 else many
 
 
 def _examples(ids: np.ndarray, seed: int = 0) -> list[int]:
@@ -74,6 +79,9 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
     numbers = {"size": len(members), "scope": clustering.scope, "rank": int(row["rank"]),
                "n_called": int((preds == target).sum()), "pred_name": names[target], "n_victims": len(victims),
                "n_classes": int(len(np.unique(labels[(preds == target) & (labels != target)]))),
+               "which": plural(len(victims), "which is", "which are"),
+               "classes": plural(int(len(np.unique(labels[(preds == target) & (labels != target)]))), "class",
+                                 "classes"),
                "evidence_share": float(region_shares(cache.descriptors(members, "positive"), prototype, q).mean()),
                "where": region_words(region), "clustering": clustering.name,
                "off_object": float(row["off_object_share"]), "location_rule": str(row["location_rule"]), "q": q,
@@ -84,7 +92,7 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
     return Finding(
         kind="shortcut cluster", title=f"Shortcut: {len(members)} images the model calls \"{names[target]}\"",
         sentences=["{size} images of scope {scope} form the cluster ranked {rank}: the model calls {n_called} of "
-                   "them \"{pred_name}\", {n_victims} of which are labelled as {n_classes} other classes.",
+                   "them \"{pred_name}\", {n_victims} of {which} labelled as {n_classes} other {classes}.",
                    "{evidence_share:.0%} of their evidence lies in the top {q:g}% of their mean map, a region {where}; "
                    "{off_object:.0%} of that region lies {location_rule}.",
                    "Blurring that region changes {changed_region:.0%} of {tested} predictions, against "
@@ -99,18 +107,24 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
 
 
 def _merge_same(findings: list[Finding]) -> list[Finding]:
-    """One finding per group of images: a shortcut found in several scopes (all, mistakes, pred:<c>) is kept
-    once, the strongest, naming the other scopes."""
-    kept: list[Finding] = []
+    """One finding per group of images: a shortcut found in several scopes (all, mistakes, pred:<c>) or
+    clusterings is kept once, the strongest effect, naming how often and where else it was found; a group's
+    images are the union of its clusters'."""
+    groups: list[tuple[Finding, set[int], list[str]]] = []
     for finding in sorted(findings, key=lambda f: -f.strength):
         ids = set(finding.ids)
-        same = next((k for k in kept if len(ids & set(k.ids)) / max(1, len(ids | set(k.ids)))
-                     >= SAME_CLUSTER_OVERLAP), None)
+        same = next((group for group in groups
+                     if len(ids & group[1]) / max(1, min(len(ids), len(group[1]))) >= SAME_CLUSTER_OVERLAP), None)
         if same is None:
-            kept.append(finding)
+            groups.append((finding, ids, []))
         else:
-            same.rests_on += f"; also found in scope {finding.numbers['scope']}"
-    return kept
+            same[1].update(ids)
+            same[2].append(finding.numbers["scope"])
+    for finding, _, scopes in groups:
+        if scopes:
+            finding.rests_on += (f"; {len(scopes)} more verified {plural(len(scopes), 'cluster', 'clusters')} hold "
+                                 f"the same images (scopes {', '.join(sorted(set(scopes)))})")
+    return [finding for finding, _, _ in groups]
 
 
 def shortcut_clusters(cache: Any) -> list[Finding]:

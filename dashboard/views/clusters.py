@@ -2,9 +2,9 @@
 ranked by suspicion so a shortcut ("Clever Hans") strategy shows first.
 
 The page only reads what `python -m analysis cluster` stored for every image of every scope (all, mistakes,
-true:<class>, pred:<class>; analysis/explore/cluster_offline/): nothing is clustered here, so a million-image cache
+true:<class>, pred:<class>; analysis.explore.cluster_offline): nothing is clustered here, so a million-image cache
 opens as fast as a small one. The embedding is drawn as a density of every point plus a subsample of marks
-(analysis/explore/cluster_display.py); a box dragged on it selects every image inside, drawn or not. Settings and the
+(analysis.explore.cluster_display); a box dragged on it selects every image inside, drawn or not. Settings and the
 box live in the URL (c_scope, c_clust, c_focus, c_sel, c_gallery_page, c_gallery_tag). The gallery's images
 (a whole cluster or the box) can be tagged, and filtered by tag (dashboard/tagging.py).
 """
@@ -81,7 +81,7 @@ def choose_clustering(cache: Cache, scopes: list[str]) -> tuple[str, cluster_off
             st.session_state.pop(key, None)
         common.set_query(c_clust=None, c_focus=None, c_gallery_page=None, c_sel=None)
     st.session_state["c_last_scope"] = scope
-    default = cache.clustering(scope)                  # newest run, its first algorithm, the eigengap's k
+    default = cluster_offline.read_clustering(cache, scope)   # newest run, its first algorithm, the eigengap's k
     choices = default.choices
     labels = display.choice_labels(choices)
     with row[1]:
@@ -280,7 +280,7 @@ def main() -> None:
     st.caption("Every image of the chosen scope, clustered offline by how its explanation looks; clusters ranked by "
                "suspicion (relevance off the object or on the border, errors, a map unlike its class's usual one), "
                "so a shortcut shows first.")
-    scopes = cache.clustering_scopes()
+    scopes = cluster_offline.fresh_scopes(cache)
     if not scopes:
         st.info(missing_results(cache), icon=":material/info:")
         st.stop()

@@ -59,11 +59,9 @@ def show_tags_and_downloads(cache: Cache) -> None:
 
     left, right = st.columns(2)
     with left:
-        # Deferred: the report runs a clustering (not saved in the cache by a read-only dashboard) and renders a
-        # few charts.
-        save = not common.read_only()
-        common.deferred_download("Download HTML report", lambda: report.build_report(
-                                     cache, report.default_clustering(cache, save=save)).encode(),
+        # Deferred: the report renders a few charts and image tiles. It reads the stored clustering and writes
+        # nothing in the cache (so a read-only dashboard offers it too).
+        common.deferred_download("Download HTML report", lambda: report.build_report(cache).encode(),
                                  "fgcam_report.html", "text/html", "report", icon=":material/description:",
                                  help="One self-contained file (images and charts inlined, works offline): summary, "
                                       "per-class maps, the most suspicious clusters, one section per tag, confusion "

@@ -34,7 +34,7 @@ def class_maps_stamp(cache: Cache) -> tuple:
 def mean_maps(_cache: Cache, key: tuple) -> explore.ClassMeanMaps | None:
     """The stored per-class mean maps (None when the cluster command has not stored them for the cache as it is
     now)."""
-    aggregates = _cache.class_maps()
+    aggregates = cluster_offline.read_class_aggregates(_cache)
     return None if aggregates is None else aggregates.maps
 
 

@@ -6,11 +6,14 @@ side by side for a viewer that only reads. This module does that for every scope
 mistakes, each true class (`true:<class>`) and each predicted class (`pred:<class>`: what did the model look at
 when it said "bag"?) -- over every image, no sampling:
 
+Steps 1-4 are the clustering engine's (analysis.explore.clustering.cluster_points), which also re-clusters a
+selection on the Clusters page:
+
 1. kNN graph of the descriptors (Euclidean): exact blocked search for small scopes, pynndescent's approximate
    search (Dong et al. 2011) above `EXACT_KNN_MAX` points. Its symmetrised 0/1 adjacency is shared by the steps
    below.
-2. Spectrum of the graph's normalised Laplacian, solved per connected component (analysis.explore.clustering's
-   `graph_spectrum`): the eigengap suggests k; the eigenvectors are the spectral embedding.
+2. Spectrum of the graph's normalised Laplacian, solved per connected component (`graph_spectrum`): the
+   eigengap suggests k; the eigenvectors are the spectral embedding.
 3. Clusters for every requested algorithm and k together: `spectral` = cluster_qr (Damle et al. 2019, as
    scikit-learn's spectral clustering with assign_labels="cluster_qr") on the shared eigenvectors, `kmeans` on
    the descriptors.
@@ -20,33 +23,28 @@ when it said "bag"?) -- over every image, no sampling:
    Linderman 2021). Above `embed_max` points (ours): t-SNE of a seeded uniform subsample, every other point
    placed at the mean position of its embedded nearest neighbours, then a few iterations of t-SNE on all
    points from there.
-5. Per-cluster summaries and prototypes (analysis.explore.clustering.summarize_clusters) and the suspicion calibrated
+5. Per-cluster summaries and prototypes (`summarize_clusters`) and the suspicion calibrated
    against random partitions of the scope into groups of the same sizes (analysis.explore.clustering's
    `calibrate_suspicion`, ours). A clustering on the concepts descriptor (channel relevance at unit mass, ours)
    is summarised with the positive maps, and each cluster names its strongest channels (`concept_mix`).
-6. Optionally (`verify_scope`), the causal shortcut test (analysis.trust.region_test) on the top clusters, with the
-   verdict rule documented at `verdict`.
+6. Optionally (`verify_clusters`), the causal shortcut test (analysis.trust.region_test) on the top clusters,
+   with the verdict rule documented at `verdict`.
 
 Each scope is written atomically under CACHE/analysis/clustering/<run>/<scope>/ (Parquet tables, NumPy arrays,
 JSON metadata holding the cache's content fingerprint), so a killed run keeps its finished scopes and a result
-computed on an older state of the cache is detected and ignored. `class_aggregates` streams the cache once for
-the per-class mean maps. The reading side is `StoredClustering` (through `Cache.clustering`).
+computed on an older state of the cache is detected and ignored. `compute_class_aggregates` streams the cache once
+for the per-class mean maps. The reading side takes a Cache: `fresh_scopes`, `read_clustering` (a
+`StoredClustering`), `default_clustering` (what the Clusters page opens with and the report shows) and
+`read_class_aggregates` (the per-class maps).
 """
-from analysis.explore.cluster_offline.settings import (ALGORITHMS, BH_MAX, CLASS_MAPS_FILE, CLUSTERING_DIR,
-                                                       ClusteringInputError, DEFAULT_SCOPES, DENSITY_BINS,
-                                                       DESCRIPTOR_KINDS, EMBEDDINGS, EXACT_KNN_MAX, FORMAT_VERSION,
-                                                       MAX_K, METRICS, OPENTSNE_MIN, OfflineSettings, Progress,
-                                                       REFINE_ITERATIONS, RESULTS_DIR, RUNTIME_OPTIONS, SCOPE_GROUPS,
-                                                       SCOPE_PREFIX, THREADED_MIN, TMP_PREFIX, TOP_TO_VERIFY,
-                                                       cache_fingerprint, class_names_of, expand_scopes, scope_folder,
-                                                       scope_mask)
-from analysis.explore.cluster_offline.graph import (KnnGraph, _without_self, check_descriptors, cluster_qr, geometry,
-                                                    kmeans_labels, knn_graph, spectral_labels)
-from analysis.explore.cluster_offline.tsne import EmbeddingInfo, _place_from_neighbours, tsne_layout
-from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, ScopeResult, cluster_scope, clustering_name
+from analysis.explore.cluster_offline.settings import (CLASS_MAPS_FILE, CLUSTERING_DIR, DEFAULT_SCOPES, DENSITY_BINS,
+                                                       FORMAT_VERSION, RESULTS_DIR, RUNTIME_OPTIONS, SCOPE_GROUPS,
+                                                       SCOPE_PREFIX, TMP_PREFIX, TOP_TO_VERIFY, cache_fingerprint,
+                                                       class_names_of, expand_scopes, scope_folder, scope_mask)
+from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, ScopeResult, cluster_scope, summarize_points
 from analysis.explore.cluster_offline.store import (ClusteringNotFound, StoredClustering, StoredScope, choices_of,
-                                                    fresh_scopes, read_clustering, results_root, run_dir,
-                                                    stored_scopes, write_scope_result)
+                                                    default_clustering, fresh_scopes, read_clustering, results_root,
+                                                    run_dir, stored_all_layout, stored_scopes, write_scope_result)
 from analysis.explore.cluster_offline.aggregates import (ClassAggregates, compute_class_aggregates,
                                                          read_class_aggregates, write_class_aggregates)
 from analysis.explore.cluster_offline.verify import (VERDICTS, VerifyOptions, mcnemar_greater, region_off_object,
@@ -54,15 +52,12 @@ from analysis.explore.cluster_offline.verify import (VERDICTS, VerifyOptions, mc
 from analysis.explore.cluster_offline.run import RunProgress, ScopeOutcome, cluster_cache, load_cache, read_descriptors
 
 
-__all__ = ["ALGORITHMS", "BH_MAX", "CLASS_MAPS_FILE", "CLUSTERING_DIR", "ClassAggregates", "ClusteringInputError",
-           "ClusteringNotFound", "DEFAULT_SCOPES", "DENSITY_BINS", "DESCRIPTOR_KINDS", "EMBEDDINGS", "EXACT_KNN_MAX",
-           "EmbeddingInfo", "FORMAT_VERSION", "KnnGraph", "MAX_K", "METRICS", "OPENTSNE_MIN", "OfflineSettings",
-           "Progress", "REFINE_ITERATIONS", "RESULTS_DIR", "RUNTIME_OPTIONS", "RunProgress", "SCOPE_GROUPS",
+__all__ = ["CLASS_MAPS_FILE", "CLUSTERING_DIR", "ClassAggregates", "ClusteringNotFound", "DEFAULT_SCOPES",
+           "DENSITY_BINS", "FORMAT_VERSION", "RESULTS_DIR", "RUNTIME_OPTIONS", "RunProgress", "SCOPE_GROUPS",
            "SCOPE_PREFIX", "SUMMARY_ROW_COLUMNS", "ScopeOutcome", "ScopeResult", "StoredClustering", "StoredScope",
-           "THREADED_MIN", "TMP_PREFIX", "TOP_TO_VERIFY", "VERDICTS", "VerifyOptions", "_place_from_neighbours",
-           "_without_self", "cache_fingerprint", "check_descriptors", "choices_of", "class_names_of", "cluster_cache",
-           "cluster_qr", "cluster_scope", "clustering_name", "compute_class_aggregates", "expand_scopes",
-           "fresh_scopes", "geometry", "kmeans_labels", "knn_graph", "load_cache", "mcnemar_greater",
-           "read_class_aggregates", "read_clustering", "read_descriptors", "region_off_object", "results_root",
-           "run_dir", "scope_folder", "scope_mask", "spectral_labels", "stored_scopes", "stored_verification_options",
-           "tsne_layout", "verdict", "verify_clusters", "write_class_aggregates", "write_scope_result"]
+           "TMP_PREFIX", "TOP_TO_VERIFY", "VERDICTS", "VerifyOptions", "cache_fingerprint", "choices_of",
+           "class_names_of", "cluster_cache", "cluster_scope", "compute_class_aggregates", "default_clustering",
+           "expand_scopes", "fresh_scopes", "load_cache", "mcnemar_greater", "read_class_aggregates",
+           "read_clustering", "read_descriptors", "region_off_object", "results_root", "run_dir", "scope_folder",
+           "scope_mask", "stored_all_layout", "stored_scopes", "stored_verification_options", "summarize_points",
+           "verdict", "verify_clusters", "write_class_aggregates", "write_scope_result"]

@@ -10,10 +10,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.explore import clustering
-from analysis.explore.cluster_offline.settings import (DEFAULT_SCOPES, OfflineSettings, TMP_PREFIX, cache_fingerprint,
+from analysis.explore.clustering import ClusteringSettings
+from analysis.explore.cluster_offline.settings import (DEFAULT_SCOPES, TMP_PREFIX, cache_fingerprint,
                                                        class_names_of, expand_scopes, scope_folder, scope_mask)
 from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, cluster_scope
-from analysis.explore.cluster_offline.store import _all_layout, run_dir, stored_scopes, write_scope_result
+from analysis.explore.cluster_offline.store import stored_all_layout, run_dir, stored_scopes, write_scope_result
 from analysis.explore.cluster_offline.aggregates import (compute_class_aggregates, read_class_aggregates,
                                                          write_class_aggregates)
 from analysis.explore.cluster_offline.verify import VerifyOptions, stored_verification_options, verify_clusters
@@ -56,7 +57,47 @@ class ScopeOutcome:
     seconds: float = 0.0
 
 
-def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] = DEFAULT_SCOPES,
+def _prepare_target(cache: Any, settings: ClusteringSettings, fingerprint: str, progress: RunProgress) -> Path:
+    """The run's folder, emptied of a killed run's leftovers, with its settings written; the per-class
+    aggregates stored first when they are missing."""
+    from analysis.cache import write_json_atomic
+
+    if read_class_aggregates(cache) is None:
+        progress.stage("per-class mean maps")
+        # Through a cache opened for this pass only: the file pages it maps leave the process with it.
+        write_class_aggregates(cache.root, compute_class_aggregates(load_cache(cache.root)), fingerprint)
+    target = run_dir(cache.root, settings)
+    target.mkdir(parents=True, exist_ok=True)
+    for leftover in target.glob(f"{TMP_PREFIX}*"):   # of a killed run (one run of a setting at a time)
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    write_json_atomic(target / "settings.json", {"settings": settings.as_dict(), "key": settings.key()})
+    return target
+
+
+def _start_layout(target: Path, fingerprint: str, ids: np.ndarray) -> np.ndarray | None:
+    """A scope's points in the run's stored all-images t-SNE layout (its t-SNE starts there), or None."""
+    layout = stored_all_layout(target / scope_folder("all"), fingerprint)
+    init = None if layout is None else layout.reindex(ids).to_numpy(np.float64)
+    return None if init is None or not np.isfinite(init).all() else init
+
+
+def _verify_scopes(cache: Any, target: Path, fingerprint: str, scope_list: list[str], verify: VerifyOptions,
+                   loaded: Any, device: Any, progress: RunProgress) -> None:
+    """The causal test of the top clusters of every stored scope of the run not yet tested with these options."""
+    if loaded is None:
+        raise ValueError("verifying needs the cache's model (loaded)")
+    stored = {s.scope: s for s in stored_scopes(cache.root, fingerprint) if s.fresh and s.path.parent == target}
+    # Bonferroni over every cluster the run may test: top x clusterings x scopes.
+    tested = sum(verify.top * len(s.meta.get("clusterings", [])) for s in stored.values() if s.scope in scope_list)
+    alpha = verify.alpha / max(tested, 1)
+    for scope in scope_list:
+        if scope not in stored or stored_verification_options(stored[scope]) == verify.as_dict():
+            continue
+        progress.stage(f"{scope}: causal test of the top {verify.top} clusters")
+        verify_clusters(cache, stored[scope], loaded, verify, alpha, device, progress.stage)
+
+
+def cluster_cache(cache: Any, settings: ClusteringSettings, scopes: Sequence[str] = DEFAULT_SCOPES,
                   threads: int | None = None, verify: VerifyOptions | None = None, loaded: Any = None,
                   device: Any = "cpu", progress: RunProgress | None = None) -> list[ScopeOutcome]:
     """Cluster every requested scope of a cache (skipping scopes already stored for these settings and this
@@ -69,47 +110,25 @@ def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] =
     scope_list.sort(key=lambda scope: scope != "all")   # first: the other scopes' t-SNE starts from its layout
     fingerprint = cache_fingerprint(cache)
     table = cache.columns(SUMMARY_ROW_COLUMNS)
-    if read_class_aggregates(cache) is None:
-        progress.stage("per-class mean maps")
-        # Through a cache opened for this pass only: the file pages it maps leave the process with it.
-        write_class_aggregates(cache.root, compute_class_aggregates(load_cache(cache.root)), fingerprint)
+    target = _prepare_target(cache, settings, fingerprint, progress)
     summary_kind = clustering.summary_descriptor_kind(settings.descriptor)
     consensus = read_class_aggregates(cache).consensus[summary_kind]
-    target = run_dir(cache.root, settings)
-    target.mkdir(parents=True, exist_ok=True)
-    for leftover in target.glob(f"{TMP_PREFIX}*"):   # of a killed run (one run of a setting at a time)
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-    from analysis.cache import write_json_atomic
-
-    write_json_atomic(target / "settings.json", {"settings": settings.as_dict(), "key": settings.key()})
-    existing = {s.scope: s for s in stored_scopes(cache.root, fingerprint)
-                if s.fresh and s.path.parent == target}
+    existing = {s.scope: s for s in stored_scopes(cache.root, fingerprint) if s.fresh and s.path.parent == target}
     masks = {scope: scope_mask(table, scope, names) for scope in scope_list}
     progress.start([(scope, int(masks[scope].sum())) for scope in scope_list])
     outcomes = []
-    layout = None    # the all-images layout (id -> x, y), read when a scope needs it
     for scope in scope_list:
         mask = masks[scope]
         n = int(mask.sum())
-        if n == 0:
-            progress.scope(scope, 0, "empty")
-            outcomes.append(ScopeOutcome(scope, 0, "empty"))
-            progress.scope_done(scope, 0)
-            continue
-        if scope in existing:
-            progress.scope(scope, n, "kept")
-            outcomes.append(ScopeOutcome(scope, n, "kept", existing[scope].path))
+        status = "empty" if n == 0 else "kept" if scope in existing else "computing"
+        progress.scope(scope, n, status)
+        if status != "computing":
+            outcomes.append(ScopeOutcome(scope, n, status, existing[scope].path if n else None))
             progress.scope_done(scope, n)
             continue
-        progress.scope(scope, n, "computing")
         started = time.perf_counter()
         ids = table["id"].to_numpy(np.int64)[mask]
-        init = None
-        if scope != "all" and settings.embedding == "tsne":
-            if layout is None:
-                layout = _all_layout(target / scope_folder("all"), fingerprint)
-            init = None if layout is None else layout.reindex(ids).to_numpy(np.float64)
-            init = None if init is None or not np.isfinite(init).all() else init
+        init = _start_layout(target, fingerprint, ids) if scope != "all" and settings.embedding == "tsne" else None
         # A clustering on concepts: the graph on channel shares, the summaries on the positive maps.
         maps = None if summary_kind == settings.descriptor else read_descriptors(cache.root, ids, summary_kind)
         result = cluster_scope(scope, ids, read_descriptors(cache.root, ids, settings.descriptor), table[mask],
@@ -121,19 +140,5 @@ def cluster_cache(cache: Any, settings: OfflineSettings, scopes: Sequence[str] =
         outcomes.append(ScopeOutcome(scope, n, "computed", path, time.perf_counter() - started))
         progress.scope_done(scope, n)
     if verify is not None and verify.top > 0:
-        if loaded is None:
-            raise ValueError("verifying needs the cache's model (loaded)")
-        stored = {s.scope: s for s in stored_scopes(cache.root, fingerprint) if s.fresh and s.path.parent == target}
-        # Bonferroni over every cluster the run may test: top x clusterings x scopes.
-        tested = sum(verify.top * len(s.meta.get("clusterings", [])) for s in stored.values()
-                     if s.scope in scope_list)
-        alpha = verify.alpha / max(tested, 1)
-        for scope in scope_list:
-            if scope not in stored:
-                continue
-            done = stored_verification_options(stored[scope])
-            if done == verify.as_dict():
-                continue
-            progress.stage(f"{scope}: causal test of the top {verify.top} clusters")
-            verify_clusters(cache, stored[scope], loaded, verify, alpha, device, progress.stage)
+        _verify_scopes(cache, target, fingerprint, scope_list, verify, loaded, device, progress)
     return outcomes

@@ -14,8 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.explore.clustering import ClusteringSettings
 from analysis.explore.cluster_offline.settings import (CLUSTERING_DIR, DEFAULT_SCOPES, DENSITY_BINS, FORMAT_VERSION,
-                                                       OfflineSettings, RESULTS_DIR, SCOPE_PREFIX, TMP_PREFIX,
+                                                       RESULTS_DIR, SCOPE_PREFIX, TMP_PREFIX,
                                                        cache_fingerprint, expand_scopes, scope_folder)
 from analysis.explore.cluster_offline.scope import ScopeResult
 
@@ -24,7 +25,7 @@ def results_root(cache_root: Path | str) -> Path:
     return Path(cache_root) / RESULTS_DIR
 
 
-def run_dir(cache_root: Path | str, settings: OfflineSettings) -> Path:
+def run_dir(cache_root: Path | str, settings: ClusteringSettings) -> Path:
     return results_root(cache_root) / CLUSTERING_DIR / settings.key()
 
 
@@ -44,7 +45,7 @@ def _density(coords: np.ndarray, bins: int = DENSITY_BINS) -> tuple[np.ndarray, 
     return counts.astype(np.int32), [float(lo[0]), float(hi[0])], [float(lo[1]), float(hi[1])]
 
 
-def write_scope_result(target_dir: Path, result: ScopeResult, settings: OfflineSettings, fingerprint: str) -> Path:
+def write_scope_result(target_dir: Path, result: ScopeResult, settings: ClusteringSettings, fingerprint: str) -> Path:
     """Write a scope's result as one folder, atomically (temporary folder, fsync, rename); an older result of
     the same scope (a stale one) is replaced."""
     from analysis.cache.files import _save_npy, _save_parquet, folder_replaced_atomically
@@ -117,8 +118,8 @@ class StoredScope:
         return str(self.meta["scope"])
 
     @property
-    def settings(self) -> OfflineSettings:
-        return OfflineSettings.from_dict(self.meta.get("settings", {}))
+    def settings(self) -> ClusteringSettings:
+        return ClusteringSettings.from_dict(self.meta.get("settings", {}))
 
 
 def stored_scopes(cache_root: Path | str, fingerprint: str | None) -> list[StoredScope]:
@@ -150,7 +151,7 @@ class StoredClustering:
     images: the tables are read column by column when first used).
 
     Attributes: scope, name ("spectral_k7"), algorithm, k, k_from ("eigengap" or "given"), settings (the run's
-    OfflineSettings), eigenvalues, suggested_k, calibration (how unusual the top cluster is: suspicion,
+    ClusteringSettings), eigenvalues, suggested_k, calibration (how unusual the top cluster is: suspicion,
     null_max_mean, null_max_sd, z, p, partitions), messages, n (images), created.
     """
 
@@ -319,7 +320,14 @@ def read_clustering(cache: Any, scope: str, descriptor: str | None = None, metri
                              f"{available}")
 
 
-def _all_layout(folder: Path, fingerprint: str) -> pd.DataFrame | None:
+def default_clustering(cache: Any) -> StoredClustering | None:
+    """What the Clusters page opens with and the HTML report shows: the first scope of `fresh_scopes` (all images
+    when stored), its newest run, the run's first algorithm and the eigengap's k; None when nothing is stored for
+    the cache as it is now."""
+    scopes = fresh_scopes(cache)
+    return read_clustering(cache, scopes[0]) if scopes else None
+
+def stored_all_layout(folder: Path, fingerprint: str) -> pd.DataFrame | None:
     """The stored all-images layout (x, y indexed by id) of a run, when fresh."""
     meta = _read_meta(folder)
     if meta is None or meta.get("cache_fingerprint") != fingerprint or \

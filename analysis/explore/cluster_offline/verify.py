@@ -13,7 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.explore.cluster_offline.settings import Progress, TMP_PREFIX, TOP_TO_VERIFY
+from analysis.explore.clustering import Progress
+from analysis.explore.cluster_offline.settings import TMP_PREFIX, TOP_TO_VERIFY
 from analysis.explore.cluster_offline.store import StoredScope, _now
 
 
@@ -90,73 +91,49 @@ def region_off_object(region: np.ndarray, foreground: np.ndarray | None) -> tupl
     return float((region_t & frame).sum()) / max(total, 1.0), "in the border strip (no mask or box)"
 
 
-def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyOptions, alpha: float,
-                    device: Any = "cpu", progress: Progress | None = None) -> pd.DataFrame:
-    """Run the causal test on the top `options.top` clusters of every clustering of a stored scope; returns one
-    row per tested cluster (see docs/contracts.md) and writes it next to the scope's result."""
+VERIFICATION_COLUMNS = ["clustering", "rank", "cluster", "size", "tested", "skipped", "q", "changed_region",
+                        "changed_control", "p_value", "alpha", "off_object_share", "location_rule", "accuracy_before",
+                        "accuracy_region", "verdict", "reason"]
+
+
+def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, prototype: np.ndarray,
+                  labels_by_id: pd.Series, options: VerifyOptions, alpha: float) -> dict[str, Any]:
+    """The causal test of one cluster on its sampled members: the record's test fields (tested, skipped, the
+    changed shares, p-value, location, accuracies, verdict and reason)."""
     import torch
 
-    from analysis.cache.files import _save_parquet
     from analysis.trust.region_test import load_inputs, shortcut_test
 
-    summary_all = pq.read_table(stored.path / "summary.parquet").to_pandas()
-    prototypes_all = np.load(stored.path / "prototypes.npy")
-    names = [r["name"] for r in stored.meta.get("clusterings", [])]
-    assignments = pq.read_table(stored.path / "assignments.parquet", columns=["id", *names]).to_pandas()
-    table = cache.columns(["id", "label"]).set_index("id")
-    model = loaded.model.to(device)
-    records = []
-    for name in names:
-        rows = np.nonzero(summary_all["clustering"].to_numpy() == name)[0]
-        summary = summary_all.iloc[rows]
-        for position, (row_index, record) in enumerate(zip(rows, summary.itertuples())):
-            if record.rank > options.top or record.cluster < 0:
-                continue
-            members = assignments["id"].to_numpy(np.int64)[assignments[name].to_numpy() == record.cluster]
-            rng = np.random.default_rng([options.seed, int(record.cluster)])
-            sample = np.sort(rng.choice(members, options.images, replace=False)) if len(members) > options.images \
-                else members
-            if progress:
-                progress(f"verifying {name} #{record.rank} ({len(sample)} images)")
-            images, positions, errors = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
-                                                    loaded.in_channels)
-            base = {"clustering": name, "rank": int(record.rank), "cluster": int(record.cluster),
-                    "size": int(record.size), "q": float(options.q), "alpha": float(alpha),
-                    "skipped": len(errors)}
-            if not positions:
-                records.append({**base, "tested": 0, "verdict": "not tested",
-                                "reason": f"no image could be loaded ({errors[0][1] if errors else 'none'})"})
-                continue
-            tested = sample[positions]
-            side = int(round(np.sqrt(prototypes_all.shape[1])))
-            prototype = prototypes_all[row_index].reshape(side, side)
-            if not np.isfinite(prototype).all() or prototype.max() <= 0:
-                records.append({**base, "tested": 0, "verdict": "not tested",
-                                "reason": "the prototype has no positive relevance: no region to test"})
-                continue
-            labels = torch.from_numpy(table.loc[tested, "label"].to_numpy(np.int64).copy())
-            try:
-                result = shortcut_test(model, images, labels, prototype, q=options.q, seed=options.seed,
-                                       forward_batch=options.batch_size)
-            except ValueError as error:   # e.g. a prototype without positive relevance
-                records.append({**base, "tested": 0, "verdict": "not tested", "reason": str(error).splitlines()[0]})
-                continue
-            frame = result.per_image
-            p_value = mcnemar_greater(frame["changed_prototype"].to_numpy(), frame["changed_random"].to_numpy())
-            off_share, judged = region_off_object(result.region, cache.foreground(tested))
-            changed_region, changed_control = float(frame["changed_prototype"].mean()), \
-                float(frame["changed_random"].mean())
-            records.append({**base, "tested": int(len(tested)), "changed_region": changed_region,
-                            "changed_control": changed_control, "p_value": p_value,
-                            "off_object_share": off_share, "location_rule": judged,
-                            "accuracy_before": float(result.summary["accuracy_before"]),
-                            "accuracy_region": float(result.summary["accuracy_prototype"]),
-                            "verdict": verdict(off_share, changed_region, changed_control, p_value, alpha, options),
-                            "reason": ""})
-    columns = ["clustering", "rank", "cluster", "size", "tested", "skipped", "q", "changed_region",
-               "changed_control", "p_value", "alpha", "off_object_share", "location_rule", "accuracy_before",
-               "accuracy_region", "verdict", "reason"]
-    frame = pd.DataFrame.from_records(records, columns=columns)
+    images, positions, errors = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
+                                            loaded.in_channels)
+    skipped = {"skipped": len(errors), "tested": 0, "verdict": "not tested"}
+    if not positions:
+        return {**skipped, "reason": f"no image could be loaded ({errors[0][1] if errors else 'none'})"}
+    if not np.isfinite(prototype).all() or prototype.max() <= 0:
+        return {**skipped, "reason": "the prototype has no positive relevance: no region to test"}
+    tested = sample[positions]
+    labels = torch.from_numpy(labels_by_id.loc[tested].to_numpy(np.int64).copy())
+    try:
+        result = shortcut_test(model, images, labels, prototype, q=options.q, seed=options.seed,
+                               forward_batch=options.batch_size)
+    except ValueError as error:   # e.g. a prototype without positive relevance
+        return {**skipped, "reason": str(error).splitlines()[0]}
+    frame = result.per_image
+    p_value = mcnemar_greater(frame["changed_prototype"].to_numpy(), frame["changed_random"].to_numpy())
+    off_share, judged = region_off_object(result.region, cache.foreground(tested))
+    changed_region, changed_control = float(frame["changed_prototype"].mean()), float(frame["changed_random"].mean())
+    return {"skipped": len(errors), "tested": int(len(tested)), "changed_region": changed_region,
+            "changed_control": changed_control, "p_value": p_value, "off_object_share": off_share,
+            "location_rule": judged, "accuracy_before": float(result.summary["accuracy_before"]),
+            "accuracy_region": float(result.summary["accuracy_prototype"]),
+            "verdict": verdict(off_share, changed_region, changed_control, p_value, alpha, options), "reason": ""}
+
+
+def _write_verification(cache: Any, stored: StoredScope, frame: pd.DataFrame, options: VerifyOptions,
+                        alpha: float) -> None:
+    """verification.parquet next to the scope's result (atomic rename), with what it was made with."""
+    from analysis.cache.files import _save_parquet
+
     meta = {"options": options.as_dict(), "alpha": alpha, "created": _now(),
             "model_sha256": (cache.manifest.get("model") or {}).get("weights_sha256"),
             "cache_fingerprint": stored.meta.get("cache_fingerprint")}
@@ -168,6 +145,38 @@ def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: Verif
         os.replace(tmp, stored.path / "verification.parquet")
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def verify_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyOptions, alpha: float,
+                    device: Any = "cpu", progress: Progress | None = None) -> pd.DataFrame:
+    """Run the causal test on the top `options.top` clusters of every clustering of a stored scope; returns one
+    row per tested cluster (see docs/contracts.md) and writes it next to the scope's result."""
+    summary_all = pq.read_table(stored.path / "summary.parquet").to_pandas()
+    prototypes_all = np.load(stored.path / "prototypes.npy")
+    side = int(round(np.sqrt(prototypes_all.shape[1])))
+    names = [r["name"] for r in stored.meta.get("clusterings", [])]
+    assignments = pq.read_table(stored.path / "assignments.parquet", columns=["id", *names]).to_pandas()
+    labels_by_id = cache.columns(["id", "label"]).set_index("id")["label"]
+    model = loaded.model.to(device)
+    records = []
+    for name in names:
+        rows = np.nonzero(summary_all["clustering"].to_numpy() == name)[0]
+        for row_index, record in zip(rows, summary_all.iloc[rows].itertuples()):
+            if record.rank > options.top or record.cluster < 0:
+                continue
+            members = assignments["id"].to_numpy(np.int64)[assignments[name].to_numpy() == record.cluster]
+            rng = np.random.default_rng([options.seed, int(record.cluster)])
+            sample = np.sort(rng.choice(members, options.images, replace=False)) if len(members) > options.images \
+                else members
+            if progress:
+                progress(f"verifying {name} #{record.rank} ({len(sample)} images)")
+            base = {"clustering": name, "rank": int(record.rank), "cluster": int(record.cluster),
+                    "size": int(record.size), "q": float(options.q), "alpha": float(alpha)}
+            records.append({**base, **_test_cluster(cache, loaded, model, sample,
+                                                    prototypes_all[row_index].reshape(side, side), labels_by_id,
+                                                    options, alpha)})
+    frame = pd.DataFrame.from_records(records, columns=VERIFICATION_COLUMNS)
+    _write_verification(cache, stored, frame, options, alpha)
     return frame
 
 

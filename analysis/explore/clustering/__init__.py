@@ -1,29 +1,39 @@
-"""Clustering of explanations (the SpRAy idea): kNN graph, eigengap, four algorithms, 2-D embeddings,
-per-cluster summaries and a suspicion ranking that puts shortcut-like clusters first.
+"""The clustering engine (the SpRAy idea): one kNN graph, its spectrum and eigengap, k-means and spectral
+clustering, one t-SNE / spectral layout, per-cluster summaries and a suspicion ranking that puts shortcut-like
+clusters first; one settings class and one label table.
 
-Pure numpy / scikit-learn; never imports streamlit. Inputs are descriptors (unit-mass downsampled maps, or
-unit-mass channel relevance -- the "concepts" descriptor --, one row per image) and the matching rows of the
-cache table; the summaries always read a spatial descriptor (`summary_descriptor_kind`).
+Two drivers use it: the offline run over every image of every scope (analysis.explore.cluster_offline, stored
+under CACHE/analysis/) and the Clusters page's live re-clustering of a selection
+(analysis.explore.cluster_data.recluster_selection). Pure numpy / scipy / scikit-learn / openTSNE; never imports
+streamlit. Inputs are descriptors (unit-mass downsampled maps, or unit-mass channel relevance -- the "concepts"
+descriptor --, one row per image) and the matching rows of the cache table; the summaries always read a spatial
+descriptor (`summary_descriptor_kind`).
 """
 from analysis.explore.clustering.options import (ALGORITHMS, ALGORITHM_LABELS, DESCRIPTOR_KINDS, DESCRIPTOR_LABELS,
-                                                 EMBEDDINGS, EMBEDDING_LABELS, SCOPES, SCOPE_LABELS,
-                                                 SPATIAL_DESCRIPTOR_KINDS, summary_descriptor_kind)
-from analysis.explore.clustering.graph import (Eigengap, _smallest_laplacian_eigenvalues, all_identical,
-                                               checked_descriptors, cluster_labels, connect_components, distinct_rows,
-                                               effective_neighbours, eigengap, embed_2d, graph_spectrum, knn_affinity,
-                                               laplacian_eigenpairs, relabel_by_size, scope_ids, suggest_k)
+                                                 EMBEDDINGS, METRICS, SPATIAL_DESCRIPTOR_KINDS,
+                                                 summary_descriptor_kind)
+from analysis.explore.clustering.settings import (BH_MAX, EXACT_KNN_MAX, MAX_K, OPENTSNE_MIN, REFINE_ITERATIONS,
+                                                  THREADED_MIN, ClusteringInputError, ClusteringSettings, Progress)
+from analysis.explore.clustering.graph import (KnnGraph, all_identical, check_descriptors, checked_descriptors,
+                                               distinct_rows, effective_neighbours, geometry, knn_graph, without_self)
+from analysis.explore.clustering.spectrum import graph_spectrum, laplacian_eigenpairs, suggest_k
+from analysis.explore.clustering.labels import (cluster_qr, clustering_name, kmeans_labels, relabel_by_size,
+                                                spectral_labels)
+from analysis.explore.clustering.layout import (EmbeddingInfo, line_layout, place_from_neighbours, spectral_layout,
+                                                tsne_layout)
+from analysis.explore.clustering.engine import PointsClustering, chosen_ks, cluster_points
 from analysis.explore.clustering.suspicion import (SUMMARY_SCORES, SUSPICION_COMPONENTS, SuspicionCalibration,
                                                    SuspicionInputs, calibrate_suspicion, concept_mix,
                                                    summarize_clusters, suspicion_score)
-from analysis.explore.clustering.runs import (ClusteringResult, ClusteringSettings, load_result, run_clustering,
-                                              save_result)
 
 
-__all__ = ["ALGORITHMS", "ALGORITHM_LABELS", "ClusteringResult", "ClusteringSettings", "DESCRIPTOR_KINDS",
-           "DESCRIPTOR_LABELS", "EMBEDDINGS", "EMBEDDING_LABELS", "Eigengap", "SCOPES", "SCOPE_LABELS",
+__all__ = ["ALGORITHMS", "ALGORITHM_LABELS", "BH_MAX", "ClusteringInputError", "ClusteringSettings",
+           "DESCRIPTOR_KINDS", "DESCRIPTOR_LABELS", "EMBEDDINGS", "EXACT_KNN_MAX", "EmbeddingInfo", "KnnGraph",
+           "MAX_K", "METRICS", "OPENTSNE_MIN", "PointsClustering", "Progress", "REFINE_ITERATIONS",
            "SPATIAL_DESCRIPTOR_KINDS", "SUMMARY_SCORES", "SUSPICION_COMPONENTS", "SuspicionCalibration",
-           "SuspicionInputs", "_smallest_laplacian_eigenvalues", "all_identical", "calibrate_suspicion",
-           "checked_descriptors", "cluster_labels", "concept_mix", "connect_components", "distinct_rows",
-           "effective_neighbours", "eigengap", "embed_2d", "graph_spectrum", "knn_affinity", "laplacian_eigenpairs",
-           "load_result", "relabel_by_size", "run_clustering", "save_result", "scope_ids", "suggest_k",
-           "summarize_clusters", "summary_descriptor_kind", "suspicion_score"]
+           "SuspicionInputs", "THREADED_MIN", "all_identical", "calibrate_suspicion", "check_descriptors",
+           "checked_descriptors", "chosen_ks", "cluster_points", "cluster_qr", "clustering_name", "concept_mix",
+           "distinct_rows", "effective_neighbours", "geometry", "graph_spectrum", "kmeans_labels", "knn_graph",
+           "laplacian_eigenpairs", "line_layout", "place_from_neighbours", "relabel_by_size", "spectral_labels",
+           "spectral_layout", "suggest_k", "summarize_clusters", "summary_descriptor_kind", "suspicion_score",
+           "tsne_layout", "without_self"]

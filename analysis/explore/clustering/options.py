@@ -1,18 +1,12 @@
-"""The choices a clustering offers (algorithms, embeddings, scopes, descriptor kinds) and their labels."""
+"""The choices a clustering offers (algorithms, embeddings, metrics, descriptor kinds) and their labels: the one
+table the Clusters page's menus and the report name them by."""
 from __future__ import annotations
 
 
-ALGORITHMS = ("kmeans", "spectral", "agglomerative", "hdbscan")
-ALGORITHM_LABELS = {
-    "kmeans": "k-means",
-    "spectral": "spectral (kNN graph)",
-    "agglomerative": "agglomerative (Ward)",
-    "hdbscan": "HDBSCAN (finds k itself)",
-}
+ALGORITHMS = ("kmeans", "spectral")        # both read the one kNN graph / its spectrum (see engine.cluster_points)
+ALGORITHM_LABELS = {"kmeans": "k-means", "spectral": "spectral"}
 EMBEDDINGS = ("tsne", "spectral")
-EMBEDDING_LABELS = {"tsne": "t-SNE", "spectral": "spectral axes (kNN graph)"}
-SCOPES = ("class", "all", "mistakes")
-SCOPE_LABELS = {"class": "one class", "all": "all classes", "mistakes": "only mistakes"}
+METRICS = ("cosine", "euclidean")
 SPATIAL_DESCRIPTOR_KINDS = ("positive", "absolute")     # unit-mass pooled maps: where the evidence lies
 DESCRIPTOR_KINDS = (*SPATIAL_DESCRIPTOR_KINDS, "concepts")   # concepts: which channels hold it (unit-mass shares)
 DESCRIPTOR_LABELS = {"positive": "where: positive relevance", "absolute": "where: |relevance|",

@@ -166,7 +166,8 @@ def summarize_clusters(labels: np.ndarray, rows: pd.DataFrame, descriptors: np.n
     its class usually does scores high.
     concept_shares: [n, K] the concepts descriptor of the same images (a clustering on concepts): adds the
     column concept_mix (`concept_mix`).
-    Noise (-1, HDBSCAN) is summarised too, as cluster -1, but always ranked last.
+    Label -1 (noise: images a clustering left unassigned) is summarised too, as cluster -1, but always ranked
+    last.
     """
     labels = np.asarray(labels, dtype=np.int64)
     descriptors = np.asarray(descriptors, dtype=np.float32)
