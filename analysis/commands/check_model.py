@@ -29,7 +29,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from analysis.commands.check_labels import warn_about_labels
 from analysis.commands.cli_types import add_model_arguments, positive_int
+from analysis.pipeline.devices import pick_device
 from analysis.pipeline.models import LoadedModel, ModelSpecError, load_model
 from analysis.pipeline.datasets import IMAGE_EXTENSIONS, evenly_spaced, load_image, to_model_mode
 
@@ -479,8 +481,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `check-model` subcommand: 0 explainable, 1 not explainable, 2 an option that cannot be used."""
-    from analysis.pipeline.devices import pick_device
-
     try:
         device = pick_device(args.device)
         with contextlib.redirect_stdout(sys.stderr):  # what a model factory prints must not spoil --json
@@ -496,4 +496,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {_first_line(error)}", file=sys.stderr)
         return 2
     print(to_json(check) if args.json else format_report(check))
+    warn_about_labels(args.images, loaded, device)
     return 0 if check.explainable else 1

@@ -10,6 +10,7 @@ import pandas as pd
 
 CLUSTER_BOX = "box"        # interval (drag) selection on the cluster scatter
 CLUSTER_PICK = "pick"      # point (click / shift-click) selection on the cluster scatter
+LABEL_LIMIT = 120           # px of a class name on an axis (ImageNet's are long), the rest ellipsed
 CONFUSION_CELL = "cell"    # point selection of a confusion-matrix cell
 
 ACCENT = "#b2182b"
@@ -97,8 +98,9 @@ def confusion_chart(frame: pd.DataFrame, value: str = "count", selectable: bool 
     order = frame.drop_duplicates("true").sort_values("true")["true_name"].tolist()
     base = alt.Chart(frame, width=side, height=side, title="Confusion matrix (rows: true, columns: predicted)")
     encoding = dict(
-        x=alt.X("pred_name:N", sort=order, title="predicted", axis=alt.Axis(labelAngle=-45, labelOverlap=False)),
-        y=alt.Y("true_name:N", sort=order, title="true", axis=alt.Axis(labelOverlap=False)),
+        x=alt.X("pred_name:N", sort=order, title="predicted",
+                axis=alt.Axis(labelAngle=-45, labelOverlap=False, labelLimit=LABEL_LIMIT)),
+        y=alt.Y("true_name:N", sort=order, title="true", axis=alt.Axis(labelOverlap=False, labelLimit=LABEL_LIMIT)),
     )
     fmt = ".0%" if value == "row_share" else "d"
     rect = base.mark_rect(stroke="white", strokeWidth=0.5).encode(

@@ -27,6 +27,7 @@ from analysis.explore.cluster_offline import StoredClustering, default_clusterin
 SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration",
                  "deletion_auc", "insertion_auc")
 TILE = 112                            # pixels of one image tile in the report
+REPORT_MATRIX_CLASSES = 30            # the confusion matrix's classes at most (a 1,000-output model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,10 +281,14 @@ def _confusion_section(cache: Cache) -> str:
     names = class_names(cache)
     matrix = explore.confusion_matrix(table["label"].to_numpy(np.int64), table["pred"].to_numpy(np.int64),
                                       num_classes(cache))
-    chart = charts.confusion_chart(explore.confusion_frame(matrix, names), selectable=False)
+    shown = explore.matrix_classes(matrix, REPORT_MATRIX_CLASSES)
+    chart = charts.confusion_chart(explore.confusion_frame(matrix, names, shown), selectable=False)
     top = explore.top_confusions(matrix, names, k=10)[["true_name", "pred_name", "count", "row_share"]]
     top_html = _table_html(top, {"row_share": ".1%"}) if len(top) else "<p>No misclassification.</p>"
-    return (f'<section id="confusion"><h2>Confusion matrix</h2><div class="charts">{_svg(chart)}</div>'
+    occurring = len(explore.occurring_classes(matrix))
+    note = (f"<p>The {len(shown)} classes with the most mistakes, of the {occurring:,} that occur (true or "
+            f"predicted).</p>" if len(shown) < occurring else "")
+    return (f'<section id="confusion"><h2>Confusion matrix</h2>{note}<div class="charts">{_svg(chart)}</div>'
             f'<h3>Most frequent confusions</h3>{top_html}</section>')
 
 

@@ -136,34 +136,65 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> n
     return matrix
 
 
-def confusion_frame(matrix: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+def confusion_frame(matrix: np.ndarray, class_names: list[str], classes: list[int] | None = None) -> pd.DataFrame:
     """Long form of a confusion matrix for charts: one row per (true, pred) cell with a count or share.
 
-    row_share is the count divided by the number of images of the true class (the row), so a 50-image class and
-    a 5,000-image class are comparable.
+    row_share is the count divided by the number of images of the true class (the whole row, shown or not), so a
+    50-image class and a 5,000-image class are comparable. ``classes`` (class indices) keeps only their rows and
+    columns, with their own indices: a 1,000-output model's matrix is drawn for the classes a person can read.
     """
-    n = matrix.shape[0]
-    true_idx, pred_idx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    index = np.arange(matrix.shape[0]) if classes is None else np.asarray(classes, dtype=np.int64)
+    true_idx, pred_idx = np.meshgrid(index, index, indexing="ij")
     row_totals = matrix.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(row_totals[:, None] > 0, matrix / np.maximum(row_totals[:, None], 1), 0.0)
+    counts = matrix[true_idx, pred_idx]
+    share = counts / np.maximum(row_totals[true_idx], 1)
     names = np.asarray(class_names, dtype=object)
     return pd.DataFrame({
         "true": true_idx.ravel(),
         "pred": pred_idx.ravel(),
         "true_name": names[true_idx.ravel()],
         "pred_name": names[pred_idx.ravel()],
-        "count": matrix.ravel(),
+        "count": counts.ravel(),
         "row_share": share.ravel().astype(np.float64),
     })
 
 
-def top_confusions(matrix: np.ndarray, class_names: list[str], k: int = 10) -> pd.DataFrame:
-    """The k largest off-diagonal cells (ties broken by true then predicted class), with their row share."""
-    frame = confusion_frame(matrix, class_names)
-    frame = frame[(frame["true"] != frame["pred"]) & (frame["count"] > 0)]
-    frame = frame.sort_values(["count", "true", "pred"], ascending=[False, True, True], kind="stable")
-    return frame.head(k).reset_index(drop=True)
+def top_confusions(matrix: np.ndarray, class_names: list[str], k: int = 10,
+                   involving: int | None = None) -> pd.DataFrame:
+    """The k largest off-diagonal cells (ties broken by true then predicted class), with their row share; only
+    those whose true or predicted class is ``involving`` when given. Reads the non-zero cells only."""
+    true, pred = np.nonzero(matrix)
+    keep = true != pred
+    if involving is not None:
+        keep &= (true == involving) | (pred == involving)
+    true, pred = true[keep], pred[keep]
+    count = matrix[true, pred].astype(np.int64)
+    order = np.lexsort((pred, true, -count))[:k]
+    true, pred, count = true[order].astype(np.int64), pred[order].astype(np.int64), count[order]
+    names = np.asarray(class_names, dtype=object)
+    return pd.DataFrame({"true": true, "pred": pred, "true_name": names[true], "pred_name": names[pred],
+                         "count": count,
+                         "row_share": (count / np.maximum(matrix.sum(axis=1)[true], 1)).astype(np.float64)})
+
+
+def occurring_classes(matrix: np.ndarray) -> np.ndarray:
+    """Indices of the classes that occur in a confusion matrix, as true or as predicted class (ascending)."""
+    return np.flatnonzero((matrix.sum(axis=1) + matrix.sum(axis=0)) > 0)
+
+
+def matrix_classes(matrix: np.ndarray, limit: int, keep: tuple[int, ...] = ()) -> list[int]:
+    """The classes (ascending) a readable confusion matrix shows: every class that occurs (as true or predicted
+    class) when at most ``limit`` do, else the ``limit`` with the most mistakes (as true plus as predicted class;
+    ties: more images, then lower index), and always the occurring classes of ``keep``."""
+    rows, columns = matrix.sum(axis=1), matrix.sum(axis=0)
+    occurring = occurring_classes(matrix)
+    if len(occurring) <= limit:
+        return occurring.tolist()
+    diagonal = np.diagonal(matrix)
+    mistakes = (rows - diagonal) + (columns - diagonal)
+    ranked = occurring[np.lexsort((occurring, -(rows + columns)[occurring], -mistakes[occurring]))]
+    chosen = set(ranked[:limit].tolist()) | {int(c) for c in keep if c in set(occurring.tolist())}
+    return sorted(chosen)
 
 
 def per_class_accuracy(table: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:

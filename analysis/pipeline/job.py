@@ -28,6 +28,7 @@ from analysis.cache import (BOX_COLUMNS, SIZE_COLUMNS, CacheLocked, CacheWriter,
                             now_iso, probability_arrays)
 from analysis.pipeline.faithfulness import faithfulness_scores
 from analysis.pipeline.channel_relevance import channel_relevance_arrays
+from analysis.pipeline.label_check import label_mismatch
 from analysis.pipeline.scores import all_scores, descriptors, resize_maps
 from analysis.pipeline.datasets import Batch, ExplainDataset, collate_items
 from analysis.pipeline.plan import ExplainOptions, JobPlan, Ranks, SetupError, out_snapshot, prepare
@@ -222,7 +223,8 @@ def explain_shards(plan: JobPlan, writer: CacheWriter, shards: list[int], show_p
 
 
 def _finish(plan: JobPlan, writer: CacheWriter) -> dict[str, Any]:
-    """Rank 0, after every rank is done: compact, count, stamp the manifest as finished."""
+    """Rank 0, after every rank is done: compact, count, stamp the manifest as finished, and warn (one line)
+    when the labels and the model's outputs look permuted."""
     committed = writer.committed_shards()
     complete = committed >= set(range(plan.n_shards))
     if complete:
@@ -236,6 +238,10 @@ def _finish(plan: JobPlan, writer: CacheWriter) -> dict[str, Any]:
     if complete and not manifest.get("finished"):
         manifest["finished"] = now_iso()
     writer.write_manifest(manifest)
+    mismatch = label_mismatch(table["label"].to_numpy(), table["pred"].to_numpy(), plan.class_names,
+                              table["confidence"].to_numpy())
+    if mismatch is not None:
+        print(f"warning: {mismatch.message}", file=sys.stderr)
     return manifest
 
 

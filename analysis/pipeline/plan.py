@@ -178,7 +178,9 @@ def _pick_device(requested: str | None, ranks: Ranks) -> torch.device:
         raise SetupError(str(error)) from None
 
 
-def _class_mapping(listing: DatasetListing, loaded: LoadedModel, classes_file: Path | None) -> list[str]:
+def class_mapping(listing: DatasetListing, loaded: LoadedModel, classes_file: Path | None) -> list[str]:
+    """The class names in model output order: --classes FILE, else the weights' categories when the labels are
+    among them, else the sorted label names (raises SetupError for a FILE that cannot be used)."""
     if classes_file is not None:
         if not classes_file.is_file():
             raise SetupError(f"--classes {classes_file}: no such file")
@@ -407,7 +409,7 @@ def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
         raise SetupError(f"foreground masks/boxes cannot be placed: {geometry['transform']}; give the model a "
                          "transform that only resizes and crops (or use --image-size/--mean/--std)")
 
-    class_names = _class_mapping(listing, loaded, options.classes)
+    class_names = class_mapping(listing, loaded, options.classes)
     if outputs != len(class_names):
         source = f"--classes {options.classes} lists" if options.classes else "the dataset has"
         raise SetupError(f"the model has {outputs} outputs but {source} {len(class_names)} classes; "

@@ -2,9 +2,12 @@
 map of the true class (what made the model say X, and what it saw of Y).
 
 A click on a cell, or on a row of the top confusions, opens the cell. View state in the URL: true, pred,
-value, mk_page.
+value, mk_page, find (a class searched by name), classes (how many the matrix draws when more occur). Only
+the classes that occur are drawn, at most MAX_MATRIX_CLASSES of them: a 1,000 x 1,000 matrix froze the browser.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +24,12 @@ VIEWS = {"confusions": "Confusion matrix", "label_errors": "Likely label errors"
 LABEL_ERROR_TOP = 24
 PAIRS_PER_PAGE = 8
 PAIR_TILE = 150
+MATRIX_CLASSES = 20        # classes drawn at first when more occur (a 1,000-output model)
+MAX_MATRIX_CLASSES = 30    # the most that stay readable in the matrix's column (11 px rows)
+TOP_CONFUSIONS = 10
+MATRIX_SIDE = 340          # px: the matrix, its class names and legend fit the left column beside the top confusions
+MIN_CELL = 11              # px: a row still fits its class name, a cell is still clickable
+NO_CLASS = -1              # "no class searched" in the find box (its options are ints, as the URL casts them)
 
 
 def open_cell(true: int, pred: int) -> None:
@@ -85,6 +94,45 @@ def show_cell(cache: Cache, rows: pd.DataFrame, names: list[str], true: int, pre
                 a.image(images[k], caption="image", width="stretch")
                 b.image(pred_maps[k], caption=f"map for {names[pred]} (predicted)", width="stretch")
                 c.image(true_maps[k], caption=f"map for {names[true]} (true)", width="stretch")
+
+
+def find_class(matrix: np.ndarray, names: list[str], where: Any) -> int | None:
+    """A class chosen by name (the selectbox filters as one types) among those that occur; URL: find."""
+    options = [NO_CLASS] + sorted(explore.occurring_classes(matrix).tolist(), key=lambda c: names[c].lower())
+    chosen = common.url_selectbox("Find a class (type its name)", options, "mk_find", NO_CLASS, param="find",
+                                  format_func=lambda c: "—" if c == NO_CLASS else names[c], where=where)
+    return None if chosen == NO_CLASS else int(chosen)
+
+
+def choose_matrix_classes(matrix: np.ndarray, names: list[str], selected: tuple[int, int] | None,
+                          found: int | None, where: Any) -> list[int]:
+    """Only the classes that occur, and of those at most what a person can read (a model with 1,000 outputs):
+    the ones with the most mistakes, the open cell's and the found class always among them; URL: classes."""
+    occurring = len(explore.occurring_classes(matrix))
+    limit = occurring
+    if occurring > MATRIX_CLASSES:
+        most = min(occurring, MAX_MATRIX_CLASSES)
+        limit = int(where.number_input(
+            f"Classes in the matrix ({occurring:,} of {len(names):,} occur)", 2, most, key="mk_classes",
+            value=common.query_value("classes", MATRIX_CLASSES, int, low=2, high=most),
+            help="The classes with the most mistakes (as true or as predicted class); the open cell's classes and "
+                 "the class found by name are always drawn."))
+        common.set_query(classes=limit if limit != MATRIX_CLASSES else None)
+    keep = (*(selected or ()), *(() if found is None else (found,)))
+    return explore.matrix_classes(matrix, limit, keep)
+
+
+def show_top_confusions(matrix: np.ndarray, names: list[str], selected: tuple[int, int] | None,
+                        found: int | None) -> None:
+    """The largest off-diagonal cells as buttons that open them (those of the found class when one is)."""
+    st.markdown("**Top confusions**" + ("" if found is None else f" of **{names[found]}**"))
+    top = explore.top_confusions(matrix, names, k=TOP_CONFUSIONS, involving=found)
+    if top.empty:
+        st.info("No image is misclassified." if found is None else f"No mistake involves {names[found]}.")
+    for row in top.itertuples(index=False):
+        label = f"{row.true_name} → {row.pred_name}: {row.count:,} ({row.row_share:.0%} of {row.true_name})"
+        st.button(label, key=f"mk_top_{row.true}_{row.pred}", on_click=open_cell, args=(int(row.true), int(row.pred)),
+                  type="primary" if selected == (row.true, row.pred) else "secondary", width="stretch")
 
 
 def label_errors_key(cache: Cache) -> str:
@@ -174,15 +222,19 @@ def main() -> None:
                 f"({wrong / max(1, int(matrix.sum())):.1%}). Click a cell of the matrix, or a row of the top "
                 "confusions, to see its images.")
 
+    controls = st.columns([2, 2, 2])
     value = common.url_radio("Colour cells by", list(VALUES), "mk_value", "count", VALUES.get, param="value",
-                             horizontal=True)
-
-    frame = explore.confusion_frame(matrix, names)
+                             horizontal=True, where=controls[0])
     selected = selected_cell(n)
+    found = find_class(matrix, names, controls[1])
+    shown = choose_matrix_classes(matrix, names, selected, found, controls[2])
+    frame = explore.confusion_frame(matrix, names, shown)
     left, right = st.columns([3, 2])
     with left:
-        event = common.altair_chart(charts.confusion_chart(frame, value=value, selectable=True, selected=selected),
-                                on_select="rerun", key="mk_matrix", width="content")
+        cell = max(MIN_CELL, min(28, MATRIX_SIDE // max(1, len(shown))))   # the matrix fits its column
+        event = common.altair_chart(charts.confusion_chart(frame, value=value, selectable=True, selected=selected,
+                                                           cell_size=cell),
+                                    on_select="rerun", key="mk_matrix", width="content")
         common.chart_png_download("Confusion matrix (PNG)", charts.confusion_chart(frame, value=value,
                                                                                    selectable=False),
                                   "confusion_matrix.png", "mk_matrix_png")
@@ -190,16 +242,8 @@ def main() -> None:
     if common.new_selection(clicked, "mk_last_click") and clicked is not None and clicked != selected:
         open_cell(*clicked)
         st.rerun()
-
     with right:
-        st.markdown("**Top confusions**")
-        top = explore.top_confusions(matrix, names, k=10)
-        if top.empty:
-            st.info("No image is misclassified.")
-        for row in top.itertuples(index=False):
-            label = f"{row.true_name} → {row.pred_name}: {row.count:,} ({row.row_share:.0%} of {row.true_name})"
-            st.button(label, key=f"mk_top_{row.true}_{row.pred}", on_click=open_cell, args=(int(row.true), int(row.pred)),
-                      type="primary" if selected == (row.true, row.pred) else "secondary", width="stretch")
+        show_top_confusions(matrix, names, selected, found)
 
     if selected is None:
         st.info("No cell selected yet.")

@@ -10,6 +10,7 @@ import streamlit as st
 from analysis.cache import Cache
 from analysis.cache.classes import class_names
 from analysis.explore import charts, report, statistics as explore
+from analysis.pipeline.label_check import label_mismatch
 from analysis.review import tag_views
 from dashboard import common, tagging
 
@@ -41,6 +42,10 @@ def show_summary(cache: Cache, names: list[str]) -> None:
     columns[4].metric("Misclassified", f"{int((~table['correct']).sum()):,}")
     if not cache.complete:
         st.warning("The job has not finished: these numbers cover the shards committed so far.")
+    mismatch = label_mismatch(table["label"].to_numpy(), table["pred"].to_numpy(), names,
+                              table["confidence"].to_numpy())
+    if mismatch is not None:
+        st.warning(mismatch.message.replace("->", "→"), icon=":material/swap_horiz:")
 
 
 def show_tags_and_downloads(cache: Cache) -> None:

