@@ -14,8 +14,8 @@ from typing import Sequence
 from analysis.commands.cli_types import DefaultsHelpFormatter, OneLineParser
 
 COMMANDS: list[str] = ["analysis.commands.explain", "analysis.commands.check_model",
-                       "analysis.commands.compare_methods", "analysis.commands.shortcut_test",
-                       "analysis.commands.insertion_test", "analysis.commands.export", "analysis.commands.cluster",
+                       "analysis.commands.compare_methods", "analysis.commands.region_removal",
+                       "analysis.commands.region_insertion", "analysis.commands.export", "analysis.commands.cluster",
                        "analysis.commands.concepts", "analysis.commands.findings",
                        "analysis.commands.label_errors"]
 

@@ -134,7 +134,7 @@ def demo_inputs(cache_dir: Path, sample: int) -> tuple[object, "torch.Tensor"]:
     from analysis.cache import load
     from analysis.explore.statistics import sample_rows as sample_positions
     from analysis.pipeline.models import model_from_manifest
-    from analysis.trust.region_test import load_inputs
+    from analysis.trust.region_removal import load_inputs
 
     cache = load(cache_dir)
     loaded = model_from_manifest(cache.manifest)

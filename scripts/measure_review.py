@@ -38,7 +38,7 @@ def main() -> int:
 
     from analysis.__main__ import main as analysis_main
     from analysis.cache import load
-    from analysis.trust.insertion_test import insertion_test_on_cache
+    from analysis.trust.region_insertion import insertion_test_on_cache
     from analysis.review.probe import rank_by_probe
     from analysis.review import label_issues
     from data import demo, shortcut

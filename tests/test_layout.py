@@ -23,7 +23,7 @@ LONG_FUNCTIONS: dict[str, str] = {
         "the probe's folds, training and ranking, one method",
     "analysis/trust/compare.py:compare_methods":
         "the comparison loop over layers and methods",
-    "analysis/trust/insertion_test.py:insertion_test_on_cache":
+    "analysis/trust/region_insertion.py:insertion_test_on_cache":
         "reading the cache, the regions and the test, one method",
     "analysis/trust/sanity/checks.py:sanity_checks":
         "the cascade and the class check over one batch, one method",

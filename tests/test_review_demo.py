@@ -86,7 +86,7 @@ def test_images_filed_in_another_class_come_first_in_the_label_error_ranking(mov
 
 def test_pasting_the_clusters_region_flips_predictions_to_bag(small_demo: demo.DemoPaths, suspicious: tuple,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from analysis.trust.insertion_test import insertion_test_on_cache
+    from analysis.trust.region_insertion import insertion_test_on_cache
 
     monkeypatch.setenv(WEIGHTS_ENV, str(small_demo.model))
     _, members = suspicious

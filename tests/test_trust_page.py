@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis.trust import page as trust_page
-from analysis.trust.insertion_test import (INSERTION_DIR, CacheInsertionReport, InsertionTestResult, read_insertion_reports,
+from analysis.trust.region_insertion import (INSERTION_DIR, CacheInsertionReport, InsertionTestResult, read_insertion_reports,
                                      save_insertion_report)
 from analysis.trust.sanity import sanity_curves, summarise_sanity
 

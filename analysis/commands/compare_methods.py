@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.cache import CacheError
     from analysis.fgcam import UnsupportedOperation
     from analysis.pipeline.models import ModelSpecError
-    from analysis.trust.region_test import load_inputs
+    from analysis.trust.region_removal import load_inputs
     from analysis.pipeline.devices import pick_device
     from analysis.pipeline.datasets import DatasetError
 

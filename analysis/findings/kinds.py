@@ -65,7 +65,7 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
                       ) -> Finding:
     """One verified shortcut cluster; the region is the one the causal test blurred (the prototype's top q%)."""
     from analysis.review.shortcut_victims import region_shares
-    from analysis.trust.region_test import top_region
+    from analysis.trust.region_removal import top_region
 
     members = clustering.members(int(row["cluster"]))
     labels, preds = table.loc[members, "label"].to_numpy(), table.loc[members, "pred"].to_numpy()

@@ -70,7 +70,7 @@ def verified_shortcuts(cache: Cache) -> list[tuple[StoredClustering, pd.Series, 
 def region_shares(descriptors: np.ndarray, prototype: np.ndarray, q: float) -> np.ndarray:
     """Share of each unit-mass descriptor [n, D*D] on the top q% cells of `prototype` [D*D] (the region the
     causal test blurred, on the descriptor grid)."""
-    from analysis.trust.region_test import top_region
+    from analysis.trust.region_removal import top_region
 
     side = int(round(np.sqrt(prototype.size)))
     region = top_region(np.asarray(prototype, np.float32).reshape(side, side), q, side, side).numpy().reshape(-1)

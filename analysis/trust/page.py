@@ -8,8 +8,8 @@ The page (dashboard/views/trust.py) only loads, calls this module and draws. Thr
   stored by the same command): `sanity_curve_chart` (rank correlation or SSIM with the original map against
   how much of the model is re-initialised, per method, mean and 95% band), `class_check_chart`, and
   `sanity_verdict`, one plain sentence of what the numbers mean for this model.
-* **Region tests**: the causal shortcut test (`analysis.trust.region_test`, run on the page; `shortcut_verdict`,
-  `region_tile`) and the artefact insertion test (`analysis.trust.insertion_test`, stored by `python -m analysis
+* **Region tests**: the causal shortcut test (`analysis.trust.region_removal`, run on the page; `shortcut_verdict`,
+  `region_tile`) and the artefact insertion test (`analysis.trust.region_insertion`, stored by `python -m analysis
   insertion-test`; `insertion_table`, `insertion_chart`).
 
 Ours: the verdict thresholds. A rank correlation of at least `SIMILAR` (0.5) with the original map counts as
@@ -285,10 +285,10 @@ def tint_region(tile: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 def insertion_table(saved: Sequence[Any]) -> pd.DataFrame:
-    """One row per saved insertion test (`analysis.trust.insertion_test.read_insertion_reports`, newest first): the
+    """One row per saved insertion test (`analysis.trust.region_insertion.read_insertion_reports`, newest first): the
     selection, the class counted, the region, the targets, flips with the region and with a random region of
     the same size, mean probabilities and the verdict. A run whose summary lacks a number is left out."""
-    from analysis.trust.insertion_test import SUMMARY_KEYS, verdict
+    from analysis.trust.region_insertion import SUMMARY_KEYS, verdict
 
     rows = []
     for run in saved:

@@ -26,7 +26,7 @@ from analysis.trust.methods import BASE_LABELS
 from dashboard import common
 
 if TYPE_CHECKING:   # the region test imports torch: the page loads it only when the test runs
-    from analysis.trust.region_test import CacheShortcutReport
+    from analysis.trust.region_removal import CacheShortcutReport
 
 SELECT_BY = {"label": "true class", "pred": "predicted class"}
 DEFAULT_MAX_IMAGES = 200     # images tested per run: 3 forward passes each (plus 2 with masks), on the CPU
@@ -155,7 +155,7 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
 # ------------------------------------------------------------------------------------------------ insertion test
 def insertion_section(cache: Cache) -> None:
     """The stored artefact insertion tests (`python -m analysis insertion-test`), one row per tested selection."""
-    from analysis.trust.insertion_test import read_insertion_reports
+    from analysis.trust.region_insertion import read_insertion_reports
 
     st.header("Does pasting the region make other images look like the class?")
     st.markdown("The artefact insertion test (Reveal-to-Revise, Pahde et al. 2023): the region a selection's mean "
@@ -204,7 +204,7 @@ def cached_model(_cache: Cache, key: str):  # -> analysis.models.LoadedModel; er
 
 @st.cache_data(show_spinner="Blurring the region and running the model ...", max_entries=16)
 def cached_test(_cache: Cache, key: str, ids: tuple[int, ...], q: float):
-    from analysis.trust.region_test import shortcut_test_on_cache
+    from analysis.trust.region_removal import shortcut_test_on_cache
 
     return shortcut_test_on_cache(_cache, list(ids), q=q, loaded=cached_model(_cache, key))
 

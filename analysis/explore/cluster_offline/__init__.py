@@ -27,7 +27,7 @@ selection on the Clusters page:
    against random partitions of the scope into groups of the same sizes (analysis.explore.clustering's
    `calibrate_suspicion`, ours). A clustering on the concepts descriptor (channel relevance at unit mass, ours)
    is summarised with the positive maps, and each cluster names its strongest channels (`concept_mix`).
-6. Optionally (`verify_clusters`), the causal shortcut test (analysis.trust.region_test) on the top clusters,
+6. Optionally (`verify_clusters`), the causal shortcut test (analysis.trust.region_removal) on the top clusters,
    with the verdict rule documented at `verdict`.
 
 Each scope is written atomically under CACHE/analysis/clustering/<run>/<scope>/ (Parquet tables, NumPy arrays,

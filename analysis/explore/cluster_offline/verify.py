@@ -19,7 +19,7 @@ from analysis.explore.cluster_offline.store import StoredScope
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """The causal test of the top clusters (analysis.trust.region_test) and the verdict rule's thresholds."""
+    """The causal test of the top clusters (analysis.trust.region_removal) and the verdict rule's thresholds."""
 
     top: int = TOP_TO_VERIFY          # clusters of each clustering, by suspicion rank
     q: float = 5.0                    # the region: top q% of the prototype
@@ -76,7 +76,7 @@ def region_off_object(region: np.ndarray, foreground: np.ndarray | None) -> tupl
     import torch
 
     from analysis.pipeline.scores import dilate, frame_mask
-    from analysis.trust.region_test import foreground_to_input
+    from analysis.trust.region_removal import foreground_to_input
 
     region_t = torch.as_tensor(np.asarray(region, bool))
     total = float(region_t.sum())
@@ -101,7 +101,7 @@ def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, proto
     changed shares, p-value, location, accuracies, verdict and reason)."""
     import torch
 
-    from analysis.trust.region_test import load_inputs, shortcut_test
+    from analysis.trust.region_removal import load_inputs, shortcut_test
 
     images, positions, errors = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
                                             loaded.in_channels)

@@ -15,7 +15,7 @@ from analysis.cache import load
 from analysis.fgcam import FGCAM
 from analysis.pipeline.models import ModelSpecError
 from analysis.pipeline.models import model_from_manifest
-from analysis.trust.region_test import (control_regions, foreground_test, per_class_foreground, prototype_map,
+from analysis.trust.region_removal import (control_regions, foreground_test, per_class_foreground, prototype_map,
                                         region_pixel_count, shortcut_test, top_region)
 from tests.helpers import fit, run_main
 from tests.tiny_models import TinyCNN
@@ -40,7 +40,7 @@ def shortcut_model() -> TinyCNN:
     Margins measured with FGCAM_TEST_SEED 0 and 2 (1 and 2 threads): held-out accuracy 1.0; region on the mark
     9 of 13 pixels (>= 7 asserted); blurring it changes 1.0 of the marked images (>= 0.9), a random region 0.0
     (<= 0.1); probability after the prototype blur 0.002 / 0.157 (< 0.5), after the random one 0.999; object
-    only / background only right on 8 of 8; pasting (test_insertion_test.py) flips 1.0 vs 0.0, probabilities
+    only / background only right on 8 of 8; pasting (test_region_insertion.py) flips 1.0 vs 0.0, probabilities
     1.0 / 0.999 vs 0.001 / 0.146."""
     torch.manual_seed(0)
     model = TinyCNN(num_classes=2, width=8)

@@ -1,4 +1,4 @@
-"""`python -m analysis shortcut-test`: the command line of the blur region test (analysis/trust/region_test.py):
+"""`python -m analysis shortcut-test`: the command line of the blur region test (analysis/trust/region_removal.py):
 which images (--ids, --class, --pred), the report as text, and the per-image CSV."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from analysis.commands.cli_types import (percentage as _percentage, positive_flo
                                          positive_int as _positive_int)
 from analysis.pipeline.devices import pick_device
 from analysis.pipeline.faithfulness import DEFAULT_BLUR_SIGMA
-from analysis.trust.region_test import CacheShortcutReport, DEFAULT_Q, shortcut_test_on_cache
+from analysis.trust.region_removal import CacheShortcutReport, DEFAULT_Q, shortcut_test_on_cache
 
 
 COMMAND = "shortcut-test"

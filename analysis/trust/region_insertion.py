@@ -4,7 +4,7 @@ Reveal-to-Revise (Pahde, Dreyer, Samek, Lapuschkin, "Reveal to Revise: An Explai
 Iterative Bias Correction of Deep Models", MICCAI 2023, arXiv 2303.12641) checks a suspected artefact by
 inserting it into clean images and counting how often the prediction follows it. Here: the region the
 selection's prototype map points to -- the top q% of its mean map, as in the causal shortcut test
-(`analysis.trust.region_test.top_region`) -- is cut out of the selection's own images (each source image's
+(`analysis.trust.region_removal.top_region`) -- is cut out of the selection's own images (each source image's
 pixels under that mask) and pasted at the same place into images of other classes; we count the
 predictions that flip to the selection's class. The control pastes a region of the same size and shape at
 a random place (`control_regions`) from the same source image into the same target. A shortcut flips far
@@ -17,7 +17,7 @@ paste happens on the model's input (after its preprocessing), so that it lands e
 
 Method: `paste_regions`, `insertion_test`. Machinery: `insertion_test_on_cache` (the dashboard and the
 command line), `save_insertion_report` / `read_insertion_reports` (CACHE/trust/insertion/, read by the Trust
-page). The command line is `analysis/commands/insertion_test.py`.
+page). The command line is `analysis/commands/region_insertion.py`.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from analysis.cache.derived import INSERTION_TESTS
 from analysis.pipeline.faithfulness import DEFAULT_FORWARD_BATCH
 from analysis.pipeline.models import model_from_manifest
-from analysis.trust.region_test import (DEFAULT_Q, check_q, control_regions, load_inputs, model_probabilities,
+from analysis.trust.region_removal import (DEFAULT_Q, check_q, control_regions, load_inputs, model_probabilities,
                                         prototype_map, top_region)
 
 DEFAULT_TARGETS = 200          # images of other classes the region is pasted into

@@ -16,7 +16,7 @@ faithfulness metrics (Petsiuk et al. 2018), so that no new sharp edges appear.
 Method: `prototype_map`, `top_region`, `control_regions`, `blur_regions`, `shortcut_test`,
 `foreground_test`, `per_class_foreground`. Machinery: loading the cache's model and images
 (`analysis.pipeline.models.model_from_manifest`, `load_inputs`), `shortcut_test_on_cache` for the dashboard. The command line
-(`python -m analysis shortcut-test`) is analysis/commands/shortcut_test.py.
+(`python -m analysis shortcut-test`) is analysis/commands/region_removal.py.
 """
 from __future__ import annotations
 

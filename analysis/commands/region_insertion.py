@@ -1,4 +1,4 @@
-"""`python -m analysis insertion-test`: the artefact insertion test (`analysis.trust.insertion_test`) on a cache."""
+"""`python -m analysis insertion-test`: the artefact insertion test (`analysis.trust.region_insertion`) on a cache."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.commands.cli_types import percentage as _percentage, positive_int as _positive_int, skipped_lines
-from analysis.trust.insertion_test import (DEFAULT_TARGETS, INSERTION_DIR, CacheInsertionReport, DEFAULT_Q,
+from analysis.trust.region_insertion import (DEFAULT_TARGETS, INSERTION_DIR, CacheInsertionReport, DEFAULT_Q,
                                      insertion_test_on_cache, report_name, save_insertion_report, verdict)
 
 COMMAND = "insertion-test"
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _selection(cache, args: argparse.Namespace) -> tuple[np.ndarray, str]:
     from analysis.review import Review
-    from analysis.commands.shortcut_test import select
+    from analysis.commands.region_removal import select
 
     if args.tag is None:
         return select(cache, args)

@@ -1,5 +1,5 @@
-"""The artefact insertion test (analysis/trust/insertion_test.py) on a model trained with a planted shortcut (the
-one tests/test_region_test.py trains: class 1 = noise + a bright 3 x 3 corner mark), then on a real cache
+"""The artefact insertion test (analysis/trust/region_insertion.py) on a model trained with a planted shortcut (the
+one tests/test_region_removal.py trains: class 1 = noise + a bright 3 x 3 corner mark), then on a real cache
 through the command line."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 
 from analysis.cache import load
 from analysis.fgcam import FGCAM
-from analysis.trust.insertion_test import (INSERTION_DIR, insertion_test, insertion_test_on_cache, paste_regions,
+from analysis.trust.region_insertion import (INSERTION_DIR, insertion_test, insertion_test_on_cache, paste_regions,
                                      read_insertion_reports)
 from analysis.review import Review
-from analysis.trust.region_test import prototype_map, top_region
+from analysis.trust.region_removal import prototype_map, top_region
 from tests.helpers import run_main
-from tests.test_region_test import MARK, SIDE, planted_images, shortcut_model  # noqa: F401 (a fixture)
+from tests.test_region_removal import MARK, SIDE, planted_images, shortcut_model  # noqa: F401 (a fixture)
 
 
 def test_paste_regions_copies_exactly_the_region() -> None:
