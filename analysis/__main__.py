@@ -16,7 +16,7 @@ from analysis.commands.cli_types import DefaultsHelpFormatter, OneLineParser
 COMMANDS: list[str] = ["analysis.commands.explain", "analysis.commands.check_model",
                        "analysis.commands.compare_methods", "analysis.commands.region_removal",
                        "analysis.commands.region_insertion", "analysis.commands.export", "analysis.commands.cluster",
-                       "analysis.commands.concepts", "analysis.commands.findings",
+                       "analysis.commands.concepts", "analysis.commands.findings", "analysis.commands.report",
                        "analysis.commands.label_errors"]
 
 

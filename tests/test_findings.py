@@ -169,3 +169,33 @@ def test_every_number_of_the_markdown_is_a_link_and_the_words_are_not() -> None:
                       links={"count": ("image", {"id": "3"})})
     assert finding.markdown() == ('[5](/image?id=3) of [50](/mistakes?true=1&pred=2) "shirt" '
                                   '([10%](/mistakes?true=1&pred=2))')
+
+
+def test_the_report_command_writes_the_findings_as_html_and_as_a_pdf_with_pages(small_cache, tmp_path) -> None:
+    import re
+
+    from analysis.cache import load
+    from analysis.findings import current_findings
+
+    findings, _ = current_findings(load(small_cache))
+    assert findings
+    html_out, pdf_out = tmp_path / "report.html", tmp_path / "report.pdf"
+    for out in (html_out, pdf_out):
+        done = subprocess.run([sys.executable, "-m", "analysis", "report", "--cache", str(small_cache), "--out",
+                               str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    text = html_out.read_text()
+    assert '<section id="findings">' in text
+    import html as html_module
+
+    for finding in findings:
+        assert html_module.escape(finding.text()) in text
+    pdf = pdf_out.read_bytes()
+    assert pdf.startswith(b"%PDF-")
+    pages = [int(n) for n in re.findall(rb"/Type\s*/Pages\b[^>]*?/Count\s+(\d+)", pdf)]
+    assert pages and max(pages) >= 2          # the report spans pages, all printed
+    # Never over an existing file, and a wrong suffix: one line, before any work.
+    for out, words in ((html_out, "exists"), (tmp_path / "report.txt", ".html or .pdf")):
+        done = subprocess.run([sys.executable, "-m", "analysis", "report", "--cache", str(small_cache), "--out",
+                               str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -112,6 +112,13 @@ def test_the_job_and_the_overview_warn_about_a_permuted_class_order_not_the_righ
     fixed = run_job_subprocess(renamed, tmp_path / "fixed", *arguments, "--classes", str(classes))
     assert fixed.returncode == 0 and "permuted" not in fixed.stderr, fixed.stderr
     assert load(tmp_path / "fixed").table["correct"].mean() == load(tmp_path / "right").table["correct"].mean()
+    # The findings put it first, for the permuted cache only.
+    from analysis.findings import compute_findings
+
+    first = compute_findings(load(tmp_path / "wrong"))[0]
+    assert first.verdict == "labels and outputs mismatched" and "look permuted" in first.text()
+    assert f"accuracy {found.accuracy:.0%}, {found.remapped_accuracy:.0%} if" in first.text()
+    assert not [f for f in compute_findings(load(tmp_path / "right")) if f.kind == "labels and outputs"]
     # The Overview page (the real app through AppTest) says it in a warning box, only for the permuted cache.
     for cache, expected in (("wrong", 1), ("right", 0)):
         at = open_page(monkeypatch, tmp_path / cache, "overview")

@@ -1,8 +1,8 @@
 """A self-contained offline HTML report of a cache. The clustering it shows is the stored one the Clusters page
 opens with (analysis.explore.cluster_offline.default_clustering): the report clusters nothing itself.
 
-`build_report(cache)` returns one HTML string: a summary, per-class mean maps, the most suspicious clusters
-with example overlays, the confusion matrix and the score distributions. Images are base64 data URIs and charts
+`build_report(cache)` returns one HTML string: a summary, the findings, per-class mean maps, the most suspicious
+clusters with example overlays, the confusion matrix and the score distributions. Images are base64 data URIs and charts
 are inline SVG rendered by vl-convert, so the file opens anywhere without a network. No streamlit here.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import html
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -338,17 +339,45 @@ def _tags_section(cache: Cache, options: ReportOptions) -> str:
             'tag (most images first).</p>' + "".join(blocks) + "</section>")
 
 
+def _findings_section(cache: Cache, findings: Sequence[Any], options: ReportOptions) -> str:
+    """The findings (analysis.findings: each with title, verdict, text(), rests_on, examples), ranked, each with
+    its sentences, what it rests on and example overlays."""
+    if not findings:
+        return ('<section id="findings"><h2>Findings</h2><p>No finding: no shortcut was verified, no class is '
+                'confused with another in more than 5% of its images, none is decided off the object. This is not '
+                'proof that the model is fine (see the method below).</p></section>')
+    blocks = []
+    names = cache.columns(["id", "label", "pred"]).set_index("id")
+    labels = class_names(cache)
+    for number, finding in enumerate(findings, 1):
+        examples = [int(i) for i in finding.examples[:options.examples_per_cluster]]
+        tiles = image_tiles(cache, examples, "overlay", size=options.tile) if examples else []
+        figures = [_img(tile, f"image {i}", f"#{i} {labels[int(names.at[i, 'label'])]}→"
+                                             f"{labels[int(names.at[i, 'pred'])]}") for tile, i in zip(tiles, examples)]
+        blocks.append(f'<div class="cluster"><h3>{number}. {html.escape(finding.title)} '
+                      f'<span class="meta">[{html.escape(finding.verdict)}]</span></h3>'
+                      f'<p>{html.escape(finding.text())}</p><p class="meta">Rests on: {html.escape(finding.rests_on)}'
+                      f'</p><div class="tiles">{"".join(figures)}</div></div>')
+    return ('<section id="findings"><h2>Findings</h2><p class="meta">What was found, in words computed from the '
+            'measured numbers, ranked: verified shortcuts first. "Shortcut" means: the region the model uses lies '
+            'off the object, and blurring it changes far more predictions than blurring a random region of the '
+            'same size; "undecided" means that the test that would decide was not run or cannot tell.</p>'
+            + "".join(blocks) + "</section>")
+
+
 def build_report(cache: Cache, stored: StoredClustering | None = None, options: ReportOptions = ReportOptions(),
-                 title: str = "FG-CAM explanation report") -> str:
+                 title: str = "FG-CAM explanation report", findings: Sequence[Any] = ()) -> str:
     """The whole report as one self-contained HTML document (nothing is fetched when it is opened).
 
     Its clusters are `stored`, by default the stored clustering the Clusters page opens with
-    (cluster_offline.default_clustering); without one the section names the command that makes it.
+    (cluster_offline.default_clustering); without one the section names the command that makes it. `findings`
+    (analysis.findings, given by the caller: the findings sit above this module) come first after the summary.
     """
     if stored is None:
         stored = default_clustering(cache)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [_summary_section(cache), _class_maps_section(cache, options.tile),
+    sections = [_summary_section(cache), _findings_section(cache, findings, options),
+                _class_maps_section(cache, options.tile),
                 _clusters_section(cache, stored, options), _tags_section(cache, options),
                 _confusion_section(cache), _errors_section(cache)]
     partial = "" if cache.complete else "<p><strong>The job had not finished: this covers a partial cache.</strong></p>"

@@ -16,8 +16,8 @@ from analysis.findings.model import Finding, from_json, rank, read_json, render,
 
 FINDINGS_FILE = FINDINGS.parts[-1]      # CACHE/analysis/findings.json
 
-__all__ = ["FINDINGS_FILE", "Finding", "compute_findings", "findings_path", "read_findings", "render", "url",
-           "write_findings"]
+__all__ = ["FINDINGS_FILE", "Finding", "compute_findings", "current_findings", "findings_path", "read_findings",
+           "render", "url", "write_findings"]
 
 
 def findings_path(cache_root: Path | str) -> Path:
@@ -49,3 +49,12 @@ def read_findings(cache: Any) -> tuple[list[Finding], bool] | None:
         return None
     findings, _ = from_json(record)
     return findings, is_fresh(record, cache)
+
+
+def current_findings(cache: Any) -> tuple[list[Finding], str]:
+    """(the findings, where they come from): the stored ones when they were made on the cache as it is now
+    ("stored"), else computed from what the cache holds ("computed now"). Writes nothing."""
+    stored = read_findings(cache)
+    if stored is not None and stored[1]:
+        return stored[0], "stored"
+    return compute_findings(cache), "computed now"

@@ -259,4 +259,27 @@ def tagged(cache: Any) -> list[Finding]:
     return found
 
 
-KINDS: list[Callable[[Any], list[Finding]]] = [shortcut_clusters, confused_classes, background_classes, tagged]
+def labels_mismatched(cache: Any) -> list[Finding]:
+    """Labels and model outputs that look permuted (analysis.pipeline.label_check): everything else the cache
+    shows is read through the wrong class names until it is fixed."""
+    from analysis.pipeline.label_check import label_mismatch
+
+    table = cache.columns(["id", "label", "pred", "confidence"])
+    found = label_mismatch(table["label"].to_numpy(), table["pred"].to_numpy(), _names(cache),
+                           table["confidence"].to_numpy())
+    if found is None:
+        return []
+    mapped = np.isin(table["label"].to_numpy(), list(found.mapping))
+    return [Finding(
+        kind="labels and outputs", title="The labels and the model's outputs look permuted",
+        sentences=["{n_mapped} classes' images are mostly predicted as one other output each: accuracy "
+                   "{accuracy:.0%}, {remapped:.0%} if the outputs meant those classes.", found.message.replace("{", "{{")
+                   .replace("}", "}}")],
+        numbers={"n_mapped": len(found.mapping), "accuracy": found.accuracy, "remapped": found.remapped_accuracy},
+        ids=[int(i) for i in table["id"].to_numpy()[mapped]], strength=found.remapped_accuracy - found.accuracy,
+        verdict="labels and outputs mismatched", page="mistakes", query={}, examples=[],
+        rests_on="the confusion matrix: a one-to-one mapping off its diagonal (or confidence far above accuracy)")]
+
+
+KINDS: list[Callable[[Any], list[Finding]]] = [labels_mismatched, shortcut_clusters, confused_classes,
+                                               background_classes, tagged]

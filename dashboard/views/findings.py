@@ -10,7 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.cache import Cache
-from analysis.findings import Finding, compute_findings, read_findings, url
+from analysis.findings import Finding, current_findings, url
 from dashboard import common, tagging
 
 VERDICT_COLOURS = {"shortcut": "red", "labels and outputs mismatched": "red", "undecided": "orange",
@@ -21,10 +21,8 @@ TILES = 8
 @st.cache_data(show_spinner="Reading the findings ...", max_entries=4)
 def findings_of(_cache: Cache, key: str) -> tuple[list[dict], str]:
     """(findings as dicts, where they come from: "stored" or "computed now")."""
-    stored = read_findings(_cache)
-    if stored is not None and stored[1]:
-        return [f.as_dict() for f in stored[0]], "stored"
-    return [f.as_dict() for f in compute_findings(_cache)], "computed now"
+    findings, source = current_findings(_cache)
+    return [f.as_dict() for f in findings], source
 
 
 def show_finding(cache: Cache, number: int, finding: Finding) -> None:

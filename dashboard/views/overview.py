@@ -10,6 +10,7 @@ import streamlit as st
 from analysis.cache import Cache
 from analysis.cache.classes import class_names
 from analysis.explore import charts, report, statistics as explore
+from analysis.findings import current_findings
 from analysis.pipeline.label_check import label_mismatch
 from analysis.review import tag_views
 from dashboard import common, tagging
@@ -61,11 +62,12 @@ def show_tags_and_downloads(cache: Cache) -> None:
     with left:
         # Deferred: the report renders a few charts and image tiles. It reads the stored clustering and writes
         # nothing in the cache (so a read-only dashboard offers it too).
-        common.deferred_download("Download HTML report", lambda: report.build_report(cache).encode(),
+        common.deferred_download("Download HTML report",
+                                 lambda: report.build_report(cache, findings=current_findings(cache)[0]).encode(),
                                  "fgcam_report.html", "text/html", "report", icon=":material/description:",
                                  help="One self-contained file (images and charts inlined, works offline): summary, "
-                                      "per-class maps, the most suspicious clusters, one section per tag, confusion "
-                                      "matrix.")
+                                      "the findings, per-class maps, the most suspicious clusters, one section per "
+                                      "tag, confusion matrix. As PDF: `python -m analysis report --out FILE.pdf`.")
     with right:
         # Deferred: 100,000 rows take seconds to write, and the page must open in under 3 s.
         common.csv_download("Download the table (CSV)", lambda: cache.table, "fgcam_table.csv", key="table_csv")
