@@ -50,14 +50,14 @@ def test_trust_page_without_and_with_sanity_checks_in_a_browser(small_cache: Pat
             text = page_text(shots, page, base, "/trust")
             assert "No sanity checks for this cache" in text
             assert f"python -m analysis compare-methods --cache {bare}" in text
-            assert "No insertion test saved for this cache" in text
+            assert "No insertion test for this cache yet" in text   # the one missing-result record (cache.derived)
             assert f"python -m analysis insertion-test --cache {bare} --tag shortcut" in text
             # A comparison made without the sanity checks (the page reads trust/ on every run: a reload shows it).
             analysis_command("compare-methods", "--cache", str(bare), "--sample", "4", "--steps", "2",
                              "--device", "cpu", "--quiet", "--randomise", "none", "--no-class-check")
             text = page_text(shots, page, base, "/trust")
             assert "Deletion at input" in text
-            assert "No sanity checks in this comparison (made without them)" in text
+            assert "The comparison stored here was made without them" in text   # the one missing-result record
             assert "Model randomised from the top" not in text
         with shots.running_app(full, tmp_path / "full.log") as base:
             text = page_text(shots, page, base, "/trust")
