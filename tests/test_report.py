@@ -77,7 +77,7 @@ def test_report_is_self_contained_and_complete(cache):
     parsed = _parse(document)
     assert parsed.open_sections == 0
     ids = [attrs.get("id") for tag, attrs in parsed.tags if tag == "section"]
-    assert ids == ["summary", "class-maps", "clusters", "confusion", "skipped"]
+    assert ids == ["summary", "findings", "class-maps", "clusters", "confusion", "skipped"]
 
     images = [attrs for tag, attrs in parsed.tags if tag == "img"]
     assert len(images) == _expected_images(cache, stored, options)
@@ -125,7 +125,7 @@ def test_a_report_without_a_stored_clustering_names_the_command(cache):
     parsed = _parse(document)
     assert parsed.open_sections == 0
     assert [attrs.get("id") for tag, attrs in parsed.tags if tag == "section"] == \
-        ["summary", "class-maps", "clusters", "confusion", "skipped"]
+        ["summary", "findings", "class-maps", "clusters", "confusion", "skipped"]
     section = document[document.index('<section id="clusters">'):document.index('<section id="confusion">')]
     assert f"run <code>python -m analysis cluster --cache {cache.root}</code>" in section
     assert not (Path(cache.root) / cluster_offline.RESULTS_DIR).exists()    # the report stored nothing
@@ -163,7 +163,7 @@ def test_report_has_one_section_per_tag(cache):
     parsed = _parse(document)
     assert parsed.open_sections == 0
     assert [attrs.get("id") for tag, attrs in parsed.tags if tag == "section"] == \
-        ["summary", "class-maps", "clusters", "tags", "confusion", "skipped"]
+        ["summary", "findings", "class-maps", "clusters", "tags", "confusion", "skipped"]
     section = document[document.index('<section id="tags">'):document.index('<section id="confusion">')]
     blocks = re.findall(r'<div class="cluster" id="tag-\d+"><h3>(.*?)</h3><p>(.*?)</p>', section)
     assert [b[0] for b in blocks] == ["shortcut", "&lt;script&gt;x&lt;/script&gt;"]
