@@ -11,6 +11,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from analysis.cache.classes import class_names
+from analysis.explore.statistics import confusion_matrix
 from analysis.findings.model import Finding
 
 # A class confused with another: at least this many images and this share of the true class (ours).
@@ -25,13 +27,6 @@ BACKGROUND_MIN_MEDIAN = 0.3
 # or half of the group in it (the mistakes' cluster of a shortcut is usually a part of the all-images one).
 SAME_CLUSTER_OVERLAP = 0.5
 EXAMPLES = 8
-
-
-def _names(cache: Any) -> list[str]:
-    names = list(cache.manifest.get("class_names") or [])
-    table = cache.columns(["label", "pred"])
-    top = int(max(table["label"].max(), table["pred"].max())) + 1 if len(table) else 0
-    return names + [str(i) for i in range(len(names), top)]
 
 
 def plural(count: int, one: str, many: str) -> str:
@@ -134,7 +129,7 @@ def shortcut_clusters(cache: Any) -> list[Finding]:
     from analysis.explore import cluster_offline
     from analysis.review.shortcut_victims import verified_shortcuts
 
-    names, table = _names(cache), cache.columns(["id", "label", "pred"]).set_index("id")
+    names, table = class_names(cache), cache.columns(["id", "label", "pred"]).set_index("id")
     found = [_shortcut_finding(cache, clustering, row, q, names, table)
              for clustering, row, q in verified_shortcuts(cache)]
     if found:
@@ -172,11 +167,11 @@ def _untested_finding(cache: Any, untested: list[Any]) -> Finding:
 def confused_classes(cache: Any) -> list[Finding]:
     """The largest off-diagonal cells of the confusion matrix (at least CONFUSION_MIN_IMAGES images and
     CONFUSION_MIN_SHARE of the true class)."""
-    names = _names(cache)
+    names = class_names(cache)
     table = cache.columns(["id", "label", "pred"])
     labels, preds = table["label"].to_numpy(np.int64), table["pred"].to_numpy(np.int64)
     n = len(names)
-    matrix = np.bincount(labels * n + preds, minlength=n * n).reshape(n, n)
+    matrix = confusion_matrix(labels, preds, n)
     off = matrix.copy()
     np.fill_diagonal(off, 0)
     totals = matrix.sum(1)
@@ -208,7 +203,7 @@ def background_classes(cache: Any) -> list[Finding]:
         else "border_share"
     if score not in table or table[score].notna().sum() == 0:
         return []
-    names = _names(cache)
+    names = class_names(cache)
     values, preds = table[score].to_numpy(np.float64), table["pred"].to_numpy(np.int64)
     found = []
     for c in np.unique(preds):
@@ -265,7 +260,7 @@ def labels_mismatched(cache: Any) -> list[Finding]:
     from analysis.pipeline.label_check import label_mismatch
 
     table = cache.columns(["id", "label", "pred", "confidence"])
-    found = label_mismatch(table["label"].to_numpy(), table["pred"].to_numpy(), _names(cache),
+    found = label_mismatch(table["label"].to_numpy(), table["pred"].to_numpy(), class_names(cache),
                            table["confidence"].to_numpy())
     if found is None:
         return []
