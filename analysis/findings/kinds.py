@@ -66,6 +66,7 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
     labels, preds = table.loc[members, "label"].to_numpy(), table.loc[members, "pred"].to_numpy()
     target = int(np.bincount(preds).argmax())
     victims = members[(preds == target) & (labels != target)]
+    victim_classes = len(np.unique(labels[(preds == target) & (labels != target)]))
     summary = clustering.summary
     position = int(np.nonzero(summary["cluster"].to_numpy() == int(row["cluster"]))[0][0])
     prototype = np.asarray(clustering.prototypes[position], np.float32)
@@ -73,10 +74,9 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
     region = top_region(prototype.reshape(side, side), q, side, side).numpy()
     numbers = {"size": len(members), "scope": clustering.scope, "rank": int(row["rank"]),
                "n_called": int((preds == target).sum()), "pred_name": names[target], "n_victims": len(victims),
-               "n_classes": int(len(np.unique(labels[(preds == target) & (labels != target)]))),
+               "n_classes": victim_classes,
                "which": plural(len(victims), "which is", "which are"),
-               "classes": plural(int(len(np.unique(labels[(preds == target) & (labels != target)]))), "class",
-                                 "classes"),
+               "classes": plural(victim_classes, "class", "classes"),
                "evidence_share": float(region_shares(cache.descriptors(members, "positive"), prototype, q).mean()),
                "where": region_words(region), "clustering": clustering.name,
                "off_object": float(row["off_object_share"]), "location_rule": str(row["location_rule"]), "q": q,
