@@ -419,17 +419,51 @@ def test_mcnemar_by_hand():
     assert offline.mcnemar_greater(np.zeros(4, bool), np.zeros(4, bool)) == 1.0
 
 
-@pytest.mark.parametrize("off, region, control, p, expected", [
-    (0.9, 0.6, 0.05, 1e-6, "shortcut"),
-    (0.1, 0.6, 0.05, 1e-6, "uses the object"),
-    (0.9, 0.6, 0.05, 0.2, "off the object, not used"),          # not significant
-    (0.9, 0.12, 0.05, 1e-6, "off the object, not used"),        # significant but less than 10 points more
-    (0.1, 0.0, 0.0, 1.0, "not used"),
-    (float("nan"), 0.6, 0.0, 1e-6, "uses the object"),
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("off, region, control, p, mass, removal, inserted, expected", [
+    (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.20, 0.00, 1e-6), "shortcut"),               # a mark off the object
+    (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.02, 0.01, 0.5), "undecided"),               # off, but carries nothing
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.02, 0.01, 0.5), "uses the object"),         # pasted, it carries nothing
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.60, 0.02, 1e-9), "shortcut"),               # a stamp on the object
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (NAN, NAN, NAN), "undecided"),                 # the insertion could not run
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.17, 0.01, 1e-6), "undecided"),              # between an object part and a mark
+    (0.9, 0.6, 0.05, 0.2, 0.5, 0.5, (NAN, NAN, NAN), "off the object, not used"),    # not significant
+    (0.9, 0.12, 0.05, 1e-6, 0.5, 0.5, (NAN, NAN, NAN), "off the object, not used"),  # < 10 points more
+    (0.1, 0.0, 0.0, 1.0, 0.5, 0.5, (NAN, NAN, NAN), "not used"),
+    (0.1, 0.0, 0.0, 1.0, 0.15, 0.5, (NAN, NAN, NAN), "undecided"),                  # the evidence is spread
+    (0.9, 0.0, 0.0, 1.0, 0.5, 0.05, (NAN, NAN, NAN), "undecided"),                  # the blur changes nothing
+    (NAN, 0.6, 0.0, 1e-6, 0.5, 0.5, (0.0, 0.0, 1.0), "uses the object"),
 ])
-def test_verdict_needs_both_the_location_and_the_causal_effect(off, region, control, p, expected):
-    assert offline.verdict(off, region, control, p, alpha=0.001) == expected
+def test_verdict_reassures_only_where_the_test_could_have_shown_the_opposite(off, region, control, p, mass, removal,
+                                                                            inserted, expected):
+    evidence = offline.Evidence(region, control, p, off, mass, removal, *inserted)
+    found, reason = offline.verdict(evidence, alpha=0.001)
+    assert found == expected
     assert expected in offline.VERDICTS
+    assert f"{region:.0%}" in reason       # every verdict carries its numbers
+    if expected == "undecided":
+        assert "decide" in reason
+
+
+def test_benjamini_hochberg_by_hand():
+    # sorted p: 0.01, 0.02, 0.03, 0.5 (m = 4): p * m / rank = 0.04, 0.04, 0.04, 0.5; the running minimum from the top
+    adjusted = offline.benjamini_hochberg(np.array([0.03, 0.5, 0.01, float("nan"), 0.02]))
+    np.testing.assert_allclose(adjusted[[0, 1, 2, 4]], [0.04, 0.5, 0.04, 0.04])
+    assert np.isnan(adjusted[3])
+
+
+def test_region_grows_with_the_spread_of_the_prototype():
+    growing = offline.VerifyOptions(q=5.0, q_max=25.0)
+    compact = np.zeros((10, 10)); compact[0, :5] = 1.0            # all the mass in 5% of the cells
+    assert offline.region_for(compact, growing) == pytest.approx((5.0, 1.0))
+    spread = np.ones((10, 10))                                     # half the mass needs half the cells: capped
+    assert offline.region_for(spread, growing) == pytest.approx((25.0, 0.25))
+    text = np.zeros((10, 10)); text[4:6, :] = 1.0                  # a line of text: 20 cells, half in 10
+    assert offline.region_for(text, growing)[0] == pytest.approx(10.0)
+    # The default region stays the top 5% (q_max = q) and says how much of the evidence it holds.
+    assert offline.region_for(text, offline.VerifyOptions()) == pytest.approx((5.0, 0.25))
 
 
 def test_region_off_object_by_mask_and_by_border():
@@ -460,5 +494,6 @@ def test_verify_top_on_a_real_model_stores_flip_rates_and_verdicts(clustered: Pa
             tested = checked[checked["tested"] > 0]
             assert ((tested["changed_region"] >= 0) & (tested["changed_region"] <= 1)).all()
             assert tested["verdict"].isin(list(offline.VERDICTS)).all()
-            np.testing.assert_allclose(tested["alpha"], 0.01 / 8)    # 2 ranks x 2 clusterings x 2 scopes
+            np.testing.assert_allclose(tested["alpha"], 0.01)          # a false discovery rate over the run
+            assert (tested["p_value"] >= tested["p_raw"] - 1e-12).all()  # adjusted over 2 ranks x 2 clusterings x 2 scopes
     assert "verdict" in out

@@ -29,7 +29,7 @@ CARDS = 12                   # clusters shown as cards (all of them are in the t
 DRAWN_POINTS = 10_000        # marks sent to the browser; the density shows every point
 VERDICT_ICONS = {"shortcut": ":red[**shortcut**]", "uses the object": ":green[uses the object]",
                  "off the object, not used": "off the object, not used", "not used": "not used",
-                 "not tested": "not tested"}
+                 "undecided": ":orange[**undecided**]", "not tested": "not tested"}
 
 
 def missing_results(cache: Cache) -> MissingResult:
@@ -93,21 +93,25 @@ def choose_clustering(cache: Cache, scopes: list[str]) -> tuple[str, cluster_off
     return scope, _stored(found, name, choices, (str(found.path), found.meta.get("created"), name))
 
 
-def show_metrics(cache: Cache, stored: cluster_offline.StoredClustering, verdicts: dict[int, str]) -> None:
+def show_metrics(cache: Cache, stored: cluster_offline.StoredClustering,
+                 verdicts: dict[int, tuple[str, str]]) -> None:
     """The headline numbers, and how unusual the top cluster is against random partitions."""
     summary, calibration, verification = stored.summary, stored.calibration, stored.verification
     top = summary.iloc[0]
-    metrics = st.columns(5)
+    metrics = st.columns(4)
     metrics[0].metric("Images clustered", f"{stored.n:,}", help="Every image of the scope: no sample.")
     metrics[1].metric("Clusters", f"{len(summary)}", f"k from the {stored.k_from}", delta_color="off",
                       delta_arrow="off")
     metrics[2].metric("Eigengap suggests k", f"{stored.suggested_k}")
     metrics[3].metric("Most suspicious", f"{cluster_label(int(top['cluster']))}",
                       f"suspicion {_number(top['suspicion'])}", delta_color="off", delta_arrow="off")
-    metrics[4].metric("Its verdict", verdicts.get(int(top["cluster"]), "not verified"),
-                      help="The causal test (`cluster --verify-top N`, needs the model): blur the region its "
-                           "prototype points to and a random region of the same size. 'shortcut' needs the region "
-                           "off the object and far more changed predictions than the random region.")
+    # The verdict in full, with what it rests on (a metric box cuts "off the object, not used" to "off the o...").
+    verdict, reason = verdicts.get(int(top["cluster"]), ("not verified", ""))
+    st.markdown(f"**Its verdict:** {VERDICT_ICONS.get(verdict, verdict)}" + (f" — {reason}" if reason else ""),
+                help="The causal test (`cluster --verify-top N`, needs the model): blur the region its prototype "
+                     "points to and a random region of the same size; for a region on the object, paste it into "
+                     "other classes' images. 'undecided' where the test could not have shown the use (spread "
+                     "evidence, a region the blur does not change).")
     if np.isfinite(calibration.get("null_max_mean", np.nan)):
         st.caption(f"How unusual the top cluster is: suspicion {_number(calibration['suspicion'])} against "
                    f"{_number(calibration['null_max_mean'])} ± {_number(calibration['null_max_sd'])} for the most "
@@ -155,7 +159,7 @@ def show_embedding(stored: cluster_offline.StoredClustering, images: pd.DataFram
     return stored.ids_in_box(*box) if box else None
 
 
-def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, str]) -> None:
+def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, tuple[str, str]]) -> None:
     """The most suspicious clusters as cards (prototype, suspicion and its parts), then all of them as a table."""
     summary, verification = stored.summary, stored.verification
     st.subheader("Clusters, most suspicious first")
@@ -168,7 +172,7 @@ def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, 
             cluster = int(record["cluster"])
             with column:
                 st.image(tiles[position], caption=f"prototype {cluster_label(cluster)}", width=PROTOTYPE_TILE)
-                verdict = verdicts.get(cluster)
+                verdict = verdicts.get(cluster, ("", ""))[0]
                 st.markdown(
                     f"**#{record['rank']} {cluster_label(cluster)}** · suspicion "
                     f"**{_number(record['suspicion'])}**  \n{record['size']:,} images, accuracy "
@@ -180,10 +184,11 @@ def show_clusters(stored: cluster_offline.StoredClustering, verdicts: dict[int, 
                     + (f"  \nconcepts {record['concept_mix']}" if "concept_mix" in record else ""))
     table = summary.assign(cluster=summary["cluster"].map(cluster_label),
                            **{f"{key}": parts[key] for key in display.SUSPICION_PARTS if key != "border_share"})
-    table["verdict"] = [verdicts.get(int(c), "") for c in summary["cluster"]]
+    table["verdict"] = [verdicts.get(int(c), ("", ""))[0] for c in summary["cluster"]]
+    table["why"] = [verdicts.get(int(c), ("", ""))[1] for c in summary["cluster"]]
     concepts = ["concept_mix"] if "concept_mix" in table else []   # a clustering on concepts
     st.dataframe(table[["rank", "cluster", "size", "accuracy", "class_mix", *concepts, "off_object", "border_share",
-                        "error_rate", "unlike_class", "suspicion", "suspicion_z", "verdict"]],
+                        "error_rate", "unlike_class", "suspicion", "suspicion_z", "verdict", "why"]],
                  hide_index=True, width="stretch",
                  column_config={"accuracy": st.column_config.ProgressColumn("accuracy", format="percent",
                                                                             min_value=0, max_value=1),
@@ -291,7 +296,8 @@ def main() -> None:
         st.info(f"The scope {display.scope_label(scope)} holds no image.")
         st.stop()
     verification = stored.verification
-    verdicts = {} if verification is None else dict(zip(verification["cluster"].astype(int), verification["verdict"]))
+    verdicts = {} if verification is None else {
+        int(c): (v, r) for c, v, r in zip(verification["cluster"], verification["verdict"], verification["reason"])}
     if stored.settings.descriptor == "concepts":
         st.caption("This clustering groups images by **which channels** of the CAM layer hold their evidence (the "
                    "concepts descriptor), not by where the maps put it; each cluster is still drawn and scored by "

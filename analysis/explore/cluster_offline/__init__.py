@@ -47,7 +47,8 @@ from analysis.explore.cluster_offline.store import (ClusteringNotFound, StoredCl
                                                     run_dir, stored_all_layout, stored_scopes, write_scope_result)
 from analysis.explore.cluster_offline.aggregates import (ClassAggregates, compute_class_aggregates,
                                                          read_class_aggregates, write_class_aggregates)
-from analysis.explore.cluster_offline.verify import (VERDICTS, VerifyOptions, mcnemar_greater, region_off_object,
+from analysis.explore.cluster_offline.verify import (VERDICTS, Evidence, VerifyOptions, benjamini_hochberg,
+                                                     mcnemar_greater, region_for, region_off_object,
                                                      stored_verification_options, verdict, verify_clusters)
 from analysis.explore.cluster_offline.run import RunProgress, ScopeOutcome, cluster_cache, load_cache, read_descriptors
 

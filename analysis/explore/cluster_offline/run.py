@@ -17,7 +17,8 @@ from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, cluster_
 from analysis.explore.cluster_offline.store import stored_all_layout, run_dir, stored_scopes, write_scope_result
 from analysis.explore.cluster_offline.aggregates import (compute_class_aggregates, read_class_aggregates,
                                                          write_class_aggregates)
-from analysis.explore.cluster_offline.verify import VerifyOptions, stored_verification_options, verify_clusters
+from analysis.explore.cluster_offline.verify import (VerifyOptions, stored_verification_options, test_clusters,
+                                                     with_verdicts, write_verification)
 
 
 def load_cache(root: Path) -> Any:
@@ -83,18 +84,19 @@ def _start_layout(target: Path, fingerprint: str, ids: np.ndarray) -> np.ndarray
 
 def _verify_scopes(cache: Any, target: Path, fingerprint: str, scope_list: list[str], verify: VerifyOptions,
                    loaded: Any, device: Any, progress: RunProgress) -> None:
-    """The causal test of the top clusters of every stored scope of the run not yet tested with these options."""
+    """The causal tests of the top clusters of every stored scope of the run not yet tested with these options;
+    their p-values adjusted together (one family: the run), then each scope's verdicts written."""
     if loaded is None:
         raise ValueError("verifying needs the cache's model (loaded)")
     stored = {s.scope: s for s in stored_scopes(cache.root, fingerprint) if s.fresh and s.path.parent == target}
-    # Bonferroni over every cluster the run may test: top x clusterings x scopes.
-    tested = sum(verify.top * len(s.meta.get("clusterings", [])) for s in stored.values() if s.scope in scope_list)
-    alpha = verify.alpha / max(tested, 1)
-    for scope in scope_list:
-        if scope not in stored or stored_verification_options(stored[scope]) == verify.as_dict():
-            continue
-        progress.stage(f"{scope}: causal test of the top {verify.top} clusters")
-        verify_clusters(cache, stored[scope], loaded, verify, alpha, device, progress.stage)
+    todo = [stored[scope] for scope in scope_list
+            if scope in stored and stored_verification_options(stored[scope]) != verify.as_dict()]
+    frames = []
+    for scope in todo:
+        progress.stage(f"{scope.scope}: causal test of the top {verify.top} clusters")
+        frames.append(test_clusters(cache, scope, loaded, verify, device, progress.stage))
+    for scope, frame in zip(todo, with_verdicts(frames, verify)):
+        write_verification(cache, scope, frame, verify)
 
 
 def cluster_cache(cache: Any, settings: ClusteringSettings, scopes: Sequence[str] = DEFAULT_SCOPES,
