@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.cache import load  # noqa: E402
-from analysis.explore import overlay  # noqa: E402
+from analysis.present import overlay  # noqa: E402
 from analysis.explore.concepts import concept_explainer  # noqa: E402
 from analysis.explore.full_maps import full_resolution_maps  # noqa: E402
 from analysis.pipeline.geometry import place_map, scale_box  # noqa: E402

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import overlay, report
+from analysis.present import overlay
+from analysis.present.tiles import UNKNOWN_PLACEMENT_NOTE, image_tiles, unknown_placements
 from analysis.explore.statistics import table_csv
 from analysis.cache import Cache, CacheError, load
 from analysis.cache.derived import MissingResult, analysis_command as derived_command
@@ -217,19 +218,19 @@ def tiles_for(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: st
               opacity: float = 0.6, colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE,
               letterbox: bool = True, maps: Sequence[np.ndarray] | None = None,
               style: overlay.OverlayStyle = overlay.OverlayStyle()) -> list[np.ndarray]:
-    """Rendered tiles for ``ids`` (report.image_tiles): "image", "map" or "overlay", each image with its own
+    """Rendered tiles for ``ids`` (analysis.present.tiles.image_tiles): "image", "map" or "overlay", each image with its own
     aspect ratio and the map on the region the model saw, letterboxed into size x size squares unless
     ``letterbox`` is False. Reads only these images' maps, unless ``maps`` gives them (one per id). ``style``:
     overlay.OverlayStyle (the Image page's: overlay.PHOTO_STYLE)."""
-    return report.image_tiles(cache, ids, kind=kind, which=which, opacity=opacity, colormap=colormap, size=size,
-                              letterbox=letterbox, maps=maps, style=style)
+    return image_tiles(cache, ids, kind=kind, which=which, opacity=opacity, colormap=colormap, size=size,
+                       letterbox=letterbox, maps=maps, style=style)
 
 
 def placement_notice(cache: Cache, ids: Sequence[int]) -> None:
     """Say so on the page when some of ``ids`` have maps whose placement in the image is not known."""
-    unknown = report.unknown_placements(cache, [int(i) for i in ids])
+    unknown = unknown_placements(cache, [int(i) for i in ids])
     if unknown:
-        st.caption(":orange[" + report.UNKNOWN_PLACEMENT_NOTE.format(count=unknown) + "]")
+        st.caption(":orange[" + UNKNOWN_PLACEMENT_NOTE.format(count=unknown) + "]")
 
 
 def paginate(items: Sequence, per_page: int, key: str, label: str = "Page (of {pages})") -> list:
@@ -314,7 +315,7 @@ def deferred_download(label: str, make: Callable[[], bytes | str], file_name: st
 def chart_png_download(label: str, chart: Any, file_name: str, key: str) -> None:
     """A PNG download of an Altair chart, rendered offline by vl-convert only when clicked (about a second per
     chart)."""
-    from analysis.explore import charts
+    from analysis.present import charts
 
     deferred_download(label, lambda: charts.chart_png(chart), file_name, "image/png", key,
                       icon=":material/download:")

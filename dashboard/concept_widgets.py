@@ -1,5 +1,6 @@
 """Concept tiles and an image's top concepts (issue 15): shared by the Concepts page and, for "an image's top
-concepts with their maps", the Image page (`image_concepts(cache, image_id)`).
+concepts with their maps", the Image page (`image_concepts(cache, image_id)`). The tiles are drawn by
+analysis.present.tiles (`model_frame`, `concept_tile`); this module loads and lays them out.
 
 A concept is a CAM-layer channel (analysis/explore/concepts.py). Its map on an image is FG-CAM carrying that channel's
 component alone down to the cache's target layer: read from CACHE/analysis/concepts/ for the reference images,
@@ -11,16 +12,14 @@ from typing import Any
 
 import numpy as np
 import streamlit as st
-from PIL import Image, ImageDraw
 
-from analysis.explore import overlay
-from analysis.cache import Cache, CacheError
+from analysis.cache import Cache
 from analysis.cache.derived import CONCEPTS, missing
 from analysis.explore.concepts import Concepts, ConceptsError, read_concepts
+from analysis.present.tiles import CONCEPT_TILE, concept_tile, model_frame
 from dashboard import common
 
-TILE = 150
-CROP_MIN = 0.5   # a crop covers at least half of the map's side, centred on the concept's region
+TILE = CONCEPT_TILE
 
 
 @st.cache_resource(show_spinner="Reading the concepts ...", max_entries=2)
@@ -53,45 +52,6 @@ def _folder_token(cache: Cache) -> str:
 
     meta = concepts_dir(cache.root) / "meta.json"
     return str(meta.stat().st_mtime_ns) if meta.exists() else "none"
-
-
-def model_frame(cache: Cache, image_id: int, size: int) -> np.ndarray:
-    """RGB uint8 [size, size, 3]: what the model saw of the image (its crop box stretched to the maps' square),
-    a grey placeholder when the file cannot be read."""
-    try:
-        path = cache.image_path(int(image_id))
-    except (CacheError, KeyError):
-        path = None
-    geometry = cache.geometry(int(image_id))
-    box = geometry["crop_box"]
-    if box is None and path is not None:
-        try:
-            with Image.open(path) as img:
-                box = (0.0, 0.0, float(img.width), float(img.height))
-        except OSError:
-            path = None
-    view = overlay.model_view(path, box, size) if path is not None and box is not None else None
-    return view if view is not None else overlay.placeholder(size, "image missing")
-
-
-def concept_tile(frame: np.ndarray, concept_map: np.ndarray, box: tuple[float, float, float, float] | None,
-                 size: int = TILE, crop: bool = True, opacity: float = 0.7) -> np.ndarray:
-    """The concept's map over the model's view of the image, its region outlined; with ``crop``, cut to the
-    region (widened to at least CROP_MIN of the side, kept square) and scaled to ``size``."""
-    side = frame.shape[0]
-    values = overlay.normalise_signed(overlay.resize_map(np.nan_to_num(concept_map), side))
-    colors = overlay.colorize(values, limit=1.0).astype(np.float32)
-    alpha = (opacity * np.abs(values))[..., None]
-    out = Image.fromarray(np.clip(frame * (1 - alpha) + colors * alpha, 0, 255).astype(np.uint8))
-    if box is not None:
-        x0, y0, x1, y1 = (v * side for v in box)
-        ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 200, 90), width=max(1, side // 64))
-        if crop:
-            half = max(x1 - x0, y1 - y0, CROP_MIN * side) / 2
-            cx = min(max((x0 + x1) / 2, half), side - half)
-            cy = min(max((y0 + y1) / 2, half), side - half)
-            out = out.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
-    return np.asarray(out.resize((size, size), Image.NEAREST if out.width < size else Image.BILINEAR))
 
 
 def reference_tiles(cache: Cache, concepts: Concepts, rows: Any, crop: bool = True, size: int = TILE

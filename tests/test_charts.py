@@ -1,4 +1,4 @@
-"""analysis.explore.charts: the pre-aggregated chart data, the selections the dashboard reads back, and the offline
+"""analysis.present.charts: the pre-aggregated chart data, the selections the dashboard reads back, and the offline
 SVG / PNG export through vl-convert."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from analysis.explore import charts, statistics as explore
+from analysis.explore import statistics as explore
+from analysis.present import charts
 
 
 def _params(spec: dict) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""What the Clusters page draws from a stored clustering (analysis/cluster_display.py): the coarsened density
+"""What the Clusters page draws from a stored clustering (analysis/explore/cluster_display.py): the coarsened density
 against a histogram computed here, the box's URL encoding against bad links, the chart's selection event."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis.explore import cluster_display as display
-from analysis.explore.charts import CLUSTER_BOX
+from analysis.present.charts import CLUSTER_BOX
 
 
 def test_coarse_density_keeps_every_point_in_the_right_cell():

@@ -161,7 +161,7 @@ def test_image_page_unknown_id(monkeypatch, small_cache):
 PAGES_SCRIPT = r'''
 import json, sys
 from streamlit.testing.v1 import AppTest
-from analysis.explore import report
+from analysis import report
 from analysis.cache import load
 
 app, pages, out = sys.argv[1], sys.argv[2].split(","), {}

@@ -1,5 +1,5 @@
 """Docstrings and docs name only what exists (issue 23): every repository path (`analysis/cache/files.py`,
-`dashboard/views/*.py`) and every dotted name of the product (`analysis.explore.overlay.view_tile`) that a
+`dashboard/views/*.py`) and every dotted name of the product (`analysis.present.overlay.view_tile`) that a
 docstring of analysis/, dashboard/, data/, bench/ or scripts/ mentions resolves; every relative link of the
 README and docs/ points to a file that is there; the README links every docs page and stays under 300 lines."""
 from __future__ import annotations
@@ -66,9 +66,9 @@ def _mentions() -> list[tuple[str, int, str, str]]:
 
 
 def test_the_patterns_find_what_they_should() -> None:
-    text = "see analysis/cache/files.py and analysis.explore.overlay.view_tile, not x/analysis/y.py or a.analysis.b"
+    text = "see analysis/cache/files.py and analysis.present.overlay.view_tile, not x/analysis/y.py or a.analysis.b"
     assert PATH.findall(text) == ["analysis/cache/files.py"]
-    assert DOTTED.findall(text) == ["analysis.explore.overlay.view_tile"]
+    assert DOTTED.findall(text) == ["analysis.present.overlay.view_tile"]
     assert _dotted_exists("analysis.cache.files") and not _dotted_exists("analysis.cache.no_such_thing")
     assert _path_exists("dashboard/views/*.py") and not _path_exists("analysis/cluster_offline.py")
 

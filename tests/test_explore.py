@@ -1,4 +1,4 @@
-"""Unit tests of analysis.explore and analysis.explore.overlay on inputs small enough to check by hand."""
+"""Unit tests of analysis.explore and analysis.present.overlay on inputs small enough to check by hand."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis.explore import statistics as explore, overlay
+from analysis.explore import statistics as explore
+from analysis.present import overlay
 
 
 def _table(labels, preds, **scores) -> pd.DataFrame:

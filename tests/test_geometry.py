@@ -344,7 +344,8 @@ def test_pages_and_report_say_when_the_placement_is_unknown(old_cache: Path, sma
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from streamlit.testing.v1 import AppTest
 
-    from analysis.explore import report
+    from analysis import report
+    from analysis.present import tiles
 
     app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
     for cache_dir, unknown in ((old_cache, True), (small_cache, False)):
@@ -359,8 +360,8 @@ def test_pages_and_report_say_when_the_placement_is_unknown(old_cache: Path, sma
             captions = " ".join(c.value for c in at.caption)
             assert ("is not recorded for" in captions) == unknown, (cache_dir, page, captions)
         cache = load(cache_dir)
-        assert report.unknown_placements(cache) == (24 if unknown else 0)
-        tile = report.image_tiles(cache, [3], "overlay", size=64)[0]
+        assert tiles.unknown_placements(cache) == (24 if unknown else 0)
+        tile = tiles.image_tiles(cache, [3], "overlay", size=64)[0]
         assert tile.shape == (64, 64, 3)
         band = (tile[-8:] == np.array([255, 244, 200])).all(axis=-1).any()  # the "placement unknown" label
         assert band == unknown
@@ -374,7 +375,7 @@ def test_tiles_of_missing_images_still_show_the_map_on_the_recorded_shape(photo_
     import json
     import shutil
 
-    from analysis.explore import overlay, report
+    from analysis.present import overlay, tiles
 
     moved = Path(shutil.copytree(photo_cache, tmp_path / "cache"))
     manifest = json.loads((moved / "manifest.json").read_text())
@@ -383,7 +384,7 @@ def test_tiles_of_missing_images_still_show_the_map_on_the_recorded_shape(photo_
     cache = load(moved)
     coffee = int(cache.table.loc[cache.table["path"].str.endswith("coffee.png"), "id"].iloc[0])
     for kind in ("image", "overlay", "map"):
-        tile = report.image_tiles(cache, [coffee], kind, size=300, letterbox=False)[0]
+        tile = tiles.image_tiles(cache, [coffee], kind, size=300, letterbox=False)[0]
         assert tile.shape == (200, 300, 3)  # the recorded 600 x 400, not a square
-    tile = report.image_tiles(cache, [coffee], "map", size=300, letterbox=False)[0]
+    tile = tiles.image_tiles(cache, [coffee], "map", size=300, letterbox=False)[0]
     assert (tile[100, 10] == overlay.OUTSIDE_MAP_COLOR).all() and not (tile[100, 150] == overlay.OUTSIDE_MAP_COLOR).all()

@@ -55,7 +55,7 @@ def test_the_image_page_falls_back_to_the_cached_maps_and_says_why(photo_cache: 
 
 
 def test_the_photo_style_saturates_at_its_percentile_and_greys_the_base() -> None:
-    from analysis.explore import overlay
+    from analysis.present import overlay
 
     spiky = np.zeros((10, 10), np.float32)
     spiky.flat[:100] = np.arange(1, 101)   # |values| 1 .. 100: the 95th percentile is 95.05
@@ -69,7 +69,7 @@ def test_the_photo_style_saturates_at_its_percentile_and_greys_the_base() -> Non
 def test_a_red_map_on_a_red_object_shows_on_the_photo_style() -> None:
     """The faint case of issue 24: a red object under a red map. Where the map is high the tile must differ from
     where it is 0 (both on the object) far more in PHOTO_STYLE than in the old drawing."""
-    from analysis.explore import overlay
+    from analysis.present import overlay
 
     rng = np.random.default_rng(0)
     cup = np.zeros((40, 40, 3), np.uint8)

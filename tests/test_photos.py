@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from analysis.explore import overlay, report
+from analysis.present import overlay
+from analysis.present.tiles import image_tiles
 from analysis.cache import load
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -83,7 +84,7 @@ def test_tiles_keep_the_aspect_ratio_and_dim_what_the_model_never_saw(photo_cach
     cache = load(photo_cache)
     coffee = _id(cache, "espresso/coffee.png")
     original = np.asarray(Image.open(cache.image_path(coffee)).convert("RGB").resize((300, 200), Image.BILINEAR))
-    tiles = {kind: report.image_tiles(cache, [coffee], kind, size=300, letterbox=False)[0]
+    tiles = {kind: image_tiles(cache, [coffee], kind, size=300, letterbox=False)[0]
              for kind in ("image", "overlay", "map")}
     assert all(tile.shape == (200, 300, 3) for tile in tiles.values())  # 600 x 400 drawn 300 x 200
     # The crop box at half size: x 62.5 .. 237.5, y 12.5 .. 187.5. Left of it the overlay is the image dimmed,
@@ -98,7 +99,7 @@ def test_tiles_keep_the_aspect_ratio_and_dim_what_the_model_never_saw(photo_cach
     assert not (inside == overlay.OUTSIDE_MAP_COLOR).all(axis=-1).any()
     assert tuple(tiles["image"][100, 62]) in overlay.BOX_COLORS and tuple(tiles["image"][100, 61]) in overlay.BOX_COLORS
     # A gallery tile: the same drawing letterboxed into a square, the image centred.
-    square = report.image_tiles(cache, [coffee], "overlay", size=300)[0]
+    square = image_tiles(cache, [coffee], "overlay", size=300)[0]
     assert square.shape == (300, 300, 3)
     assert (square[:50] == overlay.LETTERBOX_COLOR).all() and (square[250:] == overlay.LETTERBOX_COLOR).all()
     np.testing.assert_array_equal(square[50:250], tiles["overlay"])

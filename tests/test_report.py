@@ -1,4 +1,4 @@
-"""The offline HTML report (analysis/explore/report.py) on a real cache made by the real job (which stores the
+"""The offline HTML report (analysis/report.py) on a real cache made by the real job (which stores the
 offline clustering the report and the Clusters page read)."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.explore import cluster_data, cluster_offline, clustering, report
+from analysis import report
+from analysis.explore import cluster_data, cluster_offline, clustering
 from analysis.cache import load
 from tests.helpers import open_page
 

@@ -1,5 +1,6 @@
-"""analysis.trust.page: the Trust page's verdicts against hand-computed cases, its chart data, the region tint, and
-the insertion-test table from real saved runs."""
+"""analysis.trust.page and the Trust page's drawing (analysis.present.trust_charts, analysis.present.tiles): the
+verdicts against hand-computed cases, the charts' data, the region tint, and the insertion-test table from real
+saved runs."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.present import tiles, trust_charts
 from analysis.trust import page as trust_page
 from analysis.trust.region_insertion import (INSERTION_DIR, CacheInsertionReport, InsertionTestResult, read_insertion_reports,
                                      save_insertion_report)
@@ -100,12 +102,12 @@ def test_the_sentence_from_per_image_numbers_through_the_real_summary() -> None:
         "reflects the model's lower layers more than the top ones that make the decision, and follows the class "
         "asked about only in part.")
     # Two images: t(0.975, 1) = 12.7062; std of (0.8, 0.6) = 0.141421 -> half-width 1.27062.
-    data = trust_page.sanity_curve_chart(curves, "input").layer[0].data
+    data = trust_charts.sanity_curve_chart(curves, "input").layer[0].data
     head = data[data["step"] == 1].iloc[0]
     assert head["mean"] == pytest.approx(0.7)
     assert head["low"] == pytest.approx(0.7 - 12.7062 * 0.141421 / math.sqrt(2), abs=1e-4)
     assert head["high"] == 1.0   # 1.97 clipped
-    bars = trust_page.class_check_chart(classes, "input").data   # (both layers share it)
+    bars = trust_charts.class_check_chart(classes, "input").data   # (both layers share it)
     assert bars["mean"].tolist() == pytest.approx([0.4]) and bars["high"].tolist() == [1.0]
 
 
@@ -122,7 +124,7 @@ def test_tint_region_blends_red_inside_and_leaves_the_rest() -> None:
     tile = np.zeros((32, 32, 3), np.uint8)
     region = np.zeros((8, 8), bool)
     region[2:6, 2:6] = True            # -> pixels 8..23 of the 32-pixel tile
-    out = trust_page.tint_region(tile, region)
+    out = tiles.tint_region(tile, region)
     # 0.45 * 0 + 0.55 * (178, 24, 43), rounded; the centre is inside the outline's 2-pixel band.
     assert out[16, 16].tolist() == [98, 13, 24]
     assert out[0, 0].tolist() == [0, 0, 0] and out[30, 30].tolist() == [0, 0, 0] and out[16, 4].tolist() == [0, 0, 0]
@@ -155,7 +157,7 @@ def test_insertion_table_from_saved_runs(tmp_path) -> None:
     assert table["region"].tolist() == ["top 5%, 25.0% of the image"] * 2
     assert table["verdict"].iloc[1].startswith("Pasting the region flips far more")
     assert table["verdict"].iloc[0].startswith("Pasting the region flips about as many")
-    chart = trust_page.insertion_chart(table)
+    chart = trust_charts.insertion_chart(table)
     assert sorted(chart.data["flipped"].tolist()) == sorted([0.1, 0.9, 0.08, 0.02])
     assert trust_page.insertion_table([]).empty
 

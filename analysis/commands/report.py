@@ -1,5 +1,5 @@
 """`python -m analysis report`: the findings, the stored clusters and the rest as one self-contained HTML file
-(analysis/explore/report.py), or a PDF printed from it by headless Chromium."""
+(analysis/report.py), or a PDF printed from it by headless Chromium."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,7 @@ def _problem(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     """The `report` subcommand: 0, or 2 with one line on stderr before any work."""
     from analysis.cache import CacheError, load
-    from analysis.explore.report import build_report
+    from analysis.report import build_report
     from analysis.findings import current_findings
 
     problem = _problem(args)

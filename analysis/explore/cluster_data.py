@@ -11,7 +11,7 @@ import pandas as pd
 
 from analysis.cache import Cache
 from analysis.cache.classes import class_names, num_classes
-from analysis.explore import clustering, overlay, statistics as explore
+from analysis.explore import clustering, statistics as explore
 from analysis.explore.cluster_offline import SUMMARY_ROW_COLUMNS, read_class_aggregates, summarize_points
 
 LIVE_MAX = 5000     # a selection re-clustered on the page: the exact kNN graph and t-SNE take seconds up to this
@@ -45,11 +45,6 @@ def class_consensus_of(cache: Cache, kind: str = "positive") -> np.ndarray:
     table = cache.table
     return explore.class_consensus(cache.descriptors(None, kind), table["pred"].to_numpy(np.int64),
                                    table["correct"].to_numpy(bool), num_classes(cache))
-
-
-def prototype_tile(prototype: np.ndarray, size: int) -> np.ndarray:
-    side = int(round(np.sqrt(prototype.size)))
-    return overlay.heat(np.asarray(prototype).reshape(side, side), size)
 
 
 def cluster_label(cluster: int) -> str:

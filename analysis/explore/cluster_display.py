@@ -1,6 +1,7 @@
 """What the Clusters page draws from a stored offline clustering (analysis.explore.cluster_offline.StoredClustering),
-without Streamlit: the embedding as a density of every point plus a subsample of marks, the box selection's
-URL encoding, and the names of scopes, clusterings and the suspicion's parts.
+without Streamlit: the density of every point (drawn under a subsample of marks by
+analysis.present.charts.density_scatter), the box selection's URL encoding, and the names of scopes, clusterings
+and the suspicion's parts.
 
 A million points cannot go to the browser as marks: the page draws the stored 256 x 256 histogram of every
 point (coarsened to `DENSITY_CELLS` cells a side) under `StoredClustering.display_points` (a seeded random
@@ -11,11 +12,10 @@ from __future__ import annotations
 
 import math
 
-import altair as alt
 import numpy as np
 import pandas as pd
 
-from analysis.explore.charts import CLUSTER_BOX
+from analysis.present.charts import CLUSTER_BOX
 from analysis.explore.clustering import ALGORITHM_LABELS, DESCRIPTOR_LABELS
 
 DENSITY_CELLS = 64          # cells a side of the drawn density (the stored histogram is summed down to this)
@@ -133,36 +133,3 @@ def coarse_density(counts: np.ndarray, x_edges: np.ndarray, y_edges: np.ndarray,
     xe, ye = x_edges[::factor], y_edges[::factor]
     return pd.DataFrame({"x0": xe[xi], "x1": xe[xi + 1], "y0": ye[yi], "y1": ye[yi + 1],
                          "count": summed[xi, yi].astype(np.int64)})
-
-
-def density_scatter(density: pd.DataFrame, points: pd.DataFrame, highlight: int | None = None,
-                    selectable: bool = True, width: int = 560, height: int = 440) -> alt.LayerChart:
-    """Every point as a grey density (log scale) under the drawn subsample coloured by cluster; drag a box
-    (CLUSTER_BOX, x/y in the layout's coordinates) to select. points: id, x, y, cluster, label_name, pred_name,
-    correct."""
-    x_scale = alt.Scale(zero=False, nice=False, domain=[float(density["x0"].min()), float(density["x1"].max())]) \
-        if len(density) else alt.Scale(zero=False)
-    y_scale = alt.Scale(zero=False, nice=False, domain=[float(density["y0"].min()), float(density["y1"].max())]) \
-        if len(density) else alt.Scale(zero=False)
-    cells = alt.Chart(density).mark_rect(opacity=0.45).encode(
-        x=alt.X("x0:Q", axis=None, scale=x_scale), x2="x1:Q",
-        y=alt.Y("y0:Q", axis=None, scale=y_scale), y2="y1:Q",
-        color=alt.Color("count:Q", scale=alt.Scale(type="log", scheme="greys"), legend=None),
-        tooltip=[alt.Tooltip("count:Q", title="images in this cell")])
-    data = points.assign(cluster_name=np.where(points["cluster"] < 0, "noise",
-                                               "C" + points["cluster"].astype(str)))
-    scheme = "tableau10" if data["cluster"].nunique() <= 10 else "tableau20"
-    marks = alt.Chart(data).mark_point(size=36 if len(data) < 2000 else 12, opacity=0.85, filled=True).encode(
-        x=alt.X("x:Q", axis=None, scale=x_scale), y=alt.Y("y:Q", axis=None, scale=y_scale),
-        color=alt.Color("cluster_name:N", title="cluster", scale=alt.Scale(scheme=scheme),
-                        sort=alt.EncodingSortField("cluster", order="ascending")),
-        shape=alt.Shape("correct:N", title="correct", scale=alt.Scale(domain=[True, False],
-                                                                     range=["circle", "cross"])),
-        tooltip=["id:Q", "cluster_name:N", "label_name:N", "pred_name:N", "correct:N"])
-    if highlight is not None:
-        marks = marks.encode(opacity=alt.condition(alt.datum.cluster == int(highlight), alt.value(0.95),
-                                                   alt.value(0.3)))
-    if selectable:
-        marks = marks.add_params(alt.selection_interval(name=CLUSTER_BOX, encodings=["x", "y"]))
-    # Independent colour scales: the density's counts and the marks' clusters (a shared one mixes them up).
-    return alt.layer(cells, marks).resolve_scale(color="independent").properties(width=width, height=height)

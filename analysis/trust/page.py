@@ -1,16 +1,18 @@
-"""What the Trust page shows, computed: its tables, charts, composited images and plain-language verdicts.
+"""What the Trust page shows, computed: its tables, composited images and plain-language verdicts (its charts are
+analysis.present.trust_charts, its tiles analysis.present.tiles).
 
 The page (dashboard/views/trust.py) only loads, calls this module and draws. Three families of results:
 
 * **Faithfulness** (deletion / insertion, `python -m analysis compare-methods`): `trust_page_data` (the
-  stored comparison), `comparison_table`, `curve_chart`.
+  stored comparison; its curves drawn by `trust_charts.curve_chart`), `comparison_table`.
 * **Sanity checks** (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018; `analysis.trust.sanity`,
-  stored by the same command): `sanity_curve_chart` (rank correlation or SSIM with the original map against
-  how much of the model is re-initialised, per method, mean and 95% band), `class_check_chart`, and
+  stored by the same command): `sanity_page_data` (rank correlation or SSIM with the original map against
+  how much of the model is re-initialised, per method, mean and 95% band; drawn by
+  `trust_charts.sanity_curve_chart`, the class check by `trust_charts.class_check_chart`), and
   `sanity_verdict`, one plain sentence of what the numbers mean for this model.
 * **Region tests**: the causal shortcut test (`analysis.trust.region_removal`, run on the page; `shortcut_verdict`,
   `region_tile`) and the artefact insertion test (`analysis.trust.region_insertion`, stored by `python -m analysis
-  insertion-test`; `insertion_table`, `insertion_chart`).
+  insertion-test`; `insertion_table`, drawn by `trust_charts.insertion_chart`).
 
 Ours: the verdict thresholds. A rank correlation of at least `SIMILAR` (0.5) with the original map counts as
 "changes little", under `DIFFERENT` (0.2) as "changes a lot", in between as "changes partly". On a real
@@ -28,12 +30,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import altair as alt
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from analysis.explore import overlay, statistics as explore
+from analysis.explore import statistics as explore
+from analysis.present import overlay
+from analysis.present.tiles import mean_model_view, tint_region
 from analysis.trust.compare import read_comparison
 from analysis.trust.sanity import sanity_curves
 
@@ -42,12 +44,7 @@ DIFFERENT = 0.2        # ... under which it "changes a lot"
 WIDE_INTERVAL = 0.2    # a 95% half-width above which the sentence gets a caveat
 REGION_MATTERS = 0.20  # shortcut test: region minus control share of changed predictions
 REGION_NO_EFFECT = 0.05
-CURVE_WIDTH = 300
-SANITY_WIDTH = 360
-REGION_COLOR = (178, 24, 43)
-SANITY_METRICS = {"spearman": "rank correlation (Spearman)", "ssim": "SSIM"}
 SENTENCE_NUMBERS = "In brackets: the rank correlation with the original map (1: unchanged, 0: unrelated)."
-REFERENCE_METHODS = ("random", "edge")   # ignore the model: their maps never change (drawn dashed)
 
 
 # ------------------------------------------------------------------------------------------------ faithfulness
@@ -94,74 +91,7 @@ def comparison_table(table: pd.DataFrame, meta: dict) -> pd.DataFrame:
     return out
 
 
-def curve_chart(curves: pd.DataFrame, layer: str, curve: str) -> alt.Chart:
-    """The deletion or insertion curve of every method at `layer` (mean probability of the class)."""
-    data = curves[(curves["layer"] == layer) & (curves["curve"] == curve)]
-    better = "lower" if curve == "deletion" else "higher"
-    what = "most relevant pixels blurred" if curve == "deletion" else "most relevant pixels restored"
-    return alt.Chart(data, width=CURVE_WIDTH, height=220,
-                     title=f"{curve.capitalize()} at {layer} ({better} curve is better)").mark_line().encode(
-        x=alt.X("fraction:Q", title=f"fraction of {what}", axis=alt.Axis(format="%")),
-        y=alt.Y("probability:Q", title="mean probability of the class", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("label:N", title="method", sort=data.drop_duplicates("label")["label"].tolist(),
-                        legend=alt.Legend(orient="bottom", columns=2, labelLimit=0)),
-        strokeDash=alt.condition(alt.datum.method == "random", alt.value([4, 3]), alt.value([1, 0])),
-        tooltip=["label:N", alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("probability:Q", format=".3f")],
-    )
-
-
 # ------------------------------------------------------------------------------------------------ sanity checks
-def sanity_curve_chart(curves: pd.DataFrame, layer: str, metric: str = "spearman") -> alt.LayerChart:
-    """`curves` (`sanity_page_data`'s first item for `metric`) at `layer`: the mean similarity
-    with the original map against the cascade's step (left: the original model, 1), one line per method, with
-    its 95% band; the methods that ignore the model dashed."""
-    data = curves[curves["layer"] == layer].dropna(subset=["mean"]).assign(
-        low=lambda d: d["low"].clip(-1, 1), high=lambda d: d["high"].clip(-1, 1),   # a ±CI may pass ±1
-        band=lambda d: d["label"])
-    steps = data.drop_duplicates("step").sort_values("step")["step_label"].tolist()
-    methods = data.drop_duplicates("label")["label"].tolist()
-    x = alt.X("step_label:N", sort=steps, title="re-initialised from the top (cumulative)",
-              axis=alt.Axis(labelAngle=-40, labelLimit=160, labelOverlap=False))
-    color = alt.Color("label:N", title="method", sort=methods, legend=alt.Legend(orient="bottom", columns=2,
-                                                                                  labelLimit=0))
-    base = alt.Chart(data, width=SANITY_WIDTH, height=240, title="Model randomised from the top")
-    # The band fills by a copy of the label (same domain order, so the same colours): a legend merged with the
-    # lines' would be drawn faded, or dropped with legend=None.
-    band = base.mark_area(opacity=0.15).encode(x=x, y=alt.Y("low:Q"), y2="high:Q",
-                                                fill=alt.Fill("band:N", sort=methods, legend=None))
-    line = base.mark_line(point=True).encode(
-        x=x, y=alt.Y("mean:Q", title=f"{SANITY_METRICS.get(metric, metric)} with the original map",
-                     scale=alt.Scale(domain=[-1, 1])),
-        color=color,
-        strokeDash=alt.condition(alt.FieldOneOfPredicate("method", list(REFERENCE_METHODS)),
-                                 alt.value([4, 3]), alt.value([1, 0])),
-        tooltip=["label:N", alt.Tooltip("step_label:N", title="re-initialised"),
-                 alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f", title="95% low"),
-                 alt.Tooltip("high:Q", format=".3f", title="95% high")])
-    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#999", strokeDash=[2, 2]).encode(y="y:Q")
-    return alt.layer(band, line, zero)
-
-
-def class_check_chart(classes: pd.DataFrame, layer: str, metric: str = "spearman") -> alt.LayerChart:
-    """`classes` (`sanity_page_data`'s second item) at `layer`: per method, the mean similarity between the map
-    of the predicted class and the map of another class, with its 95% interval."""
-    data = classes[classes["layer"] == layer]
-    data = pd.DataFrame({"label": data["label"], "method": data["method"], "mean": data[f"{metric}_mean"],
-                         "low": (data[f"{metric}_mean"] - data[f"{metric}_ci95"].fillna(0)).clip(-1, 1),
-                         "high": (data[f"{metric}_mean"] + data[f"{metric}_ci95"].fillna(0)).clip(-1, 1),
-                         "images": data[f"{metric}_n"]}).dropna(subset=["mean"])
-    y = alt.Y("label:N", sort=data["label"].tolist(), title=None, axis=alt.Axis(labelLimit=200))
-    x_title = f"{SANITY_METRICS.get(metric, metric)} with the predicted class's map"
-    base = alt.Chart(data, width=CURVE_WIDTH, height=max(24 * len(data), 60), title="Another class explained")
-    bars = base.mark_bar(opacity=0.7).encode(
-        x=alt.X("mean:Q", title=x_title, scale=alt.Scale(domain=[-1, 1])), y=y,
-        color=alt.Color("label:N", legend=None, sort=data["label"].tolist()),
-        tooltip=["label:N", alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f", title="95% low"),
-                 alt.Tooltip("high:Q", format=".3f", title="95% high"), "images:Q"])
-    whiskers = base.mark_rule(color="black").encode(x="low:Q", x2="high:Q", y=y)
-    return alt.layer(bars, whiskers)
-
-
 def _level(value: float) -> str:
     return "little" if value >= SIMILAR else "partly" if value >= DIFFERENT else "a lot"
 
@@ -264,24 +194,12 @@ def shortcut_selection(table: pd.DataFrame, by: str, label: int, limit: int) -> 
 def region_tile(cache: Any, ids: np.ndarray, region: np.ndarray, size: int = 256) -> np.ndarray:
     """The mean of what the model saw of the images `ids` (up to 64 of them) with `region` (bool [h, w], the
     model's input) tinted red and outlined: uint8 [size, size, 3]."""
-    from analysis.explore.report import mean_model_view
-
     ids = np.asarray(ids, dtype=np.int64)
     ids = ids[np.isin(ids, cache.ids)]   # (a saved run may name images the cache no longer holds)
     tile = mean_model_view(cache, ids[explore.sample_rows(len(ids), 64)], size) if len(ids) else None
     if tile is None:
         tile = overlay.placeholder(size, "no image")
     return tint_region(tile, region)
-
-
-def tint_region(tile: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """`tile` (uint8 [s, s, 3]) with `region` (bool [h, w], resized nearest) blended 55% red and outlined."""
-    side = tile.shape[0]
-    mask = np.asarray(Image.fromarray(np.asarray(region, bool).astype(np.uint8) * 255).resize(
-        (tile.shape[1], side), Image.NEAREST)) > 127
-    tinted = tile.astype(np.float32)
-    tinted[mask] = 0.45 * tinted[mask] + 0.55 * np.array(REGION_COLOR, np.float32)
-    return overlay.with_outline(np.round(tinted).astype(np.uint8), np.asarray(region, bool))
 
 
 def insertion_table(saved: Sequence[Any]) -> pd.DataFrame:
@@ -307,25 +225,6 @@ def insertion_table(saved: Sequence[Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["selection", "flips to", "region", "sources", "targets",
                                        "flipped, region pasted", "flipped, random region", "p before", "p region",
                                        "p random", "verdict", "saved", "name"])
-
-
-def insertion_chart(table: pd.DataFrame) -> alt.Chart:
-    """Per saved run (`insertion_table`), the share of targets flipped to the class by pasting the region and
-    by pasting a random region of the same size."""
-    runs = (table["selection"] + " → " + table["flips to"] + ", " + table["region"]).tolist()
-    data = pd.DataFrame({
-        "run": runs * 2,
-        "pasted": ["the region"] * len(table) + ["a random region"] * len(table),
-        "flipped": table["flipped, region pasted"].tolist() + table["flipped, random region"].tolist()})
-    return alt.Chart(data, width=420, height=alt.Step(20), title="Predictions flipped to the class").mark_bar().encode(
-        x=alt.X("flipped:Q", title="share of targets flipped", axis=alt.Axis(format="%"),
-                scale=alt.Scale(domain=[0, 1])),
-        y=alt.Y("pasted:N", title=None, sort=["the region", "a random region"]),
-        row=alt.Row("run:N", title=None, sort=runs, header=alt.Header(labelAngle=0, labelAlign="left",
-                                                                      labelLimit=400)),
-        color=alt.Color("pasted:N", title=None, sort=["the region", "a random region"],
-                        scale=alt.Scale(range=["#b2182b", "#999999"])),
-        tooltip=["run:N", "pasted:N", alt.Tooltip("flipped:Q", format=".1%")])
 
 
 def made_before_cache(modified: float, manifest: dict[str, Any]) -> bool:

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.explore import charts, statistics as explore
+from analysis.explore import statistics as explore
+from analysis.present import charts
 from analysis.cache import Cache
 from analysis.cache.classes import class_names, num_classes
 from dashboard import common, tagging

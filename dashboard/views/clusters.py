@@ -18,8 +18,10 @@ import streamlit as st
 
 from analysis.cache import Cache
 from analysis.cache.derived import CLUSTERINGS, MissingResult, missing
-from analysis.explore import charts, cluster_display as display, cluster_offline
-from analysis.explore.cluster_data import LIVE_MAX, LIVE_MIN, cluster_label, prototype_tile, recluster_selection
+from analysis.explore import cluster_display as display, cluster_offline
+from analysis.explore.cluster_data import LIVE_MAX, LIVE_MIN, cluster_label, recluster_selection
+from analysis.present import charts
+from analysis.present.tiles import prototype_tile
 from analysis.review import Review, tag_views
 from dashboard import common, tagging
 
@@ -140,7 +142,7 @@ def show_embedding(stored: cluster_offline.StoredClustering, images: pd.DataFram
             st.markdown(f"**2-D layout** ({stored.settings.embedding}) of the explanations: grey shows where every "
                         f"image lies, the marks are a sample ({drawn}; every small cluster whole). Drag a box to "
                         "show every image inside it below; double-click clears.")
-            event = st.altair_chart(display.density_scatter(density, points, highlight=focus), on_select="rerun",
+            event = st.altair_chart(charts.density_scatter(density, points, highlight=focus), on_select="rerun",
                                     key="c_scatter", width="content")
     with right:
         if len(stored.eigenvalues) > 1:

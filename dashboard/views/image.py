@@ -12,7 +12,8 @@ import streamlit as st
 
 from analysis.cache import Cache
 from analysis.cache.classes import class_names
-from analysis.explore import statistics as explore, overlay
+from analysis.explore import statistics as explore
+from analysis.present import overlay
 from analysis.explore.concepts import concept_explainer
 from analysis.explore.full_maps import full_resolution_maps
 from analysis.pipeline.geometry import covers_image

@@ -14,7 +14,8 @@ import pandas as pd
 import streamlit as st
 
 from analysis.cache.classes import class_names
-from analysis.explore import charts, statistics as explore
+from analysis.explore import statistics as explore
+from analysis.present import charts
 from analysis.review import tag_views, verifications_state
 from analysis.cache import Cache
 from dashboard import common, tagging

@@ -9,7 +9,9 @@ import streamlit as st
 
 from analysis.cache import Cache
 from analysis.cache.classes import class_names
-from analysis.explore import charts, report, statistics as explore
+from analysis import report
+from analysis.explore import statistics as explore
+from analysis.present import charts
 from analysis.findings import current_findings
 from analysis.pipeline.label_check import label_mismatch
 from analysis.review import tag_views

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis.explore import cluster_offline, statistics as explore, overlay, report
+from analysis.explore import cluster_offline, statistics as explore
+from analysis.present import overlay
+from analysis.present.tiles import mean_model_view
 from analysis.cache import Cache
 from analysis.cache.derived import CLASS_MAPS, missing
 from analysis.cache.classes import class_names
@@ -41,12 +43,12 @@ def mean_maps(_cache: Cache, key: tuple) -> explore.ClassMeanMaps | None:
 
 @st.cache_data(show_spinner="Averaging the images of each class ...", max_entries=64)
 def class_mean_image(_cache: Cache, key: tuple, label: int, size: int) -> np.ndarray:
-    """Pixel mean of what the model saw of a seeded sample of the class's images (report.mean_model_view); a
+    """Pixel mean of what the model saw of a seeded sample of the class's images (analysis.present.tiles.mean_model_view); a
     placeholder when none can be read."""
     rows = _cache.columns(["id", "label"])
     ids = rows.loc[rows["label"] == label, "id"].to_numpy()
     ids = ids[explore.sample_rows(len(ids), MEAN_IMAGE_SAMPLE, seed=label)]
-    mean = report.mean_model_view(_cache, ids, size)
+    mean = mean_model_view(_cache, ids, size)
     return mean if mean is not None else overlay.placeholder(size, "no image")
 
 

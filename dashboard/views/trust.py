@@ -20,7 +20,7 @@ import streamlit as st
 from analysis.cache import Cache, CacheError
 from analysis.cache.classes import class_names
 from analysis.cache.derived import COMPARISON, INSERTION_TESTS, SANITY_CHECKS, missing
-from analysis.explore import charts
+from analysis.present import charts, trust_charts
 from analysis.trust import compare, page as trust_page, sanity
 from analysis.trust.methods import BASE_LABELS
 from dashboard import common
@@ -67,9 +67,9 @@ def faithfulness_section(cache: Cache) -> bool:
         for layer in meta.get("layers") or table["layer"].unique().tolist():
             left, right = st.columns(2)
             with left:
-                common.altair_chart(trust_page.curve_chart(curves, layer, "deletion"), width="content")
+                common.altair_chart(trust_charts.curve_chart(curves, layer, "deletion"), width="content")
             with right:
-                common.altair_chart(trust_page.curve_chart(curves, layer, "insertion"), width="content")
+                common.altair_chart(trust_charts.curve_chart(curves, layer, "insertion"), width="content")
         if meta.get("created"):
             st.caption(f"Comparison made {meta['created']} from {meta.get('source', directory)}.")
 
@@ -100,7 +100,7 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
         return
     directory = cache.root / compare.TRUST_DIR_NAME
     variant = common.query_value("sn_variant", "abs", choices=list(sanity.VARIANTS))
-    metric = common.query_value("sn_metric", "spearman", choices=list(trust_page.SANITY_METRICS))
+    metric = common.query_value("sn_metric", "spearman", choices=list(trust_charts.SANITY_METRICS))
     try:
         found = trust_page.sanity_page_data(directory, variant, "spearman")
         shown = trust_page.sanity_page_data(directory, variant, metric) if found is not None else None
@@ -123,9 +123,9 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
     left, right = st.columns(2)
     chosen_variant = left.radio("Maps compared", list(variants), format_func=lambda v: variants.get(v, v),
                                 index=list(variants).index(variant) if variant in variants else 0)
-    chosen_metric = right.radio("Similarity", list(trust_page.SANITY_METRICS), horizontal=True,
-                                format_func=trust_page.SANITY_METRICS.get,
-                                index=list(trust_page.SANITY_METRICS).index(metric))
+    chosen_metric = right.radio("Similarity", list(trust_charts.SANITY_METRICS), horizontal=True,
+                                format_func=trust_charts.SANITY_METRICS.get,
+                                index=list(trust_charts.SANITY_METRICS).index(metric))
     if (chosen_variant, chosen_metric) != (variant, metric):
         common.set_query(sn_variant=chosen_variant, sn_metric=chosen_metric)
         st.rerun()
@@ -142,10 +142,10 @@ def sanity_section(cache: Cache, comparison_shown: bool) -> None:
                 st.warning(caveat, icon=":material/info:")
         left, right = st.columns(2)
         with left:
-            common.altair_chart(trust_page.sanity_curve_chart(shown[0], layer, metric), width="content")
+            common.altair_chart(trust_charts.sanity_curve_chart(shown[0], layer, metric), width="content")
         with right:
             if len(classes[classes["layer"] == layer].dropna(subset=[f"{metric}_mean"])):
-                common.altair_chart(trust_page.class_check_chart(classes, layer, metric), width="content")
+                common.altair_chart(trust_charts.class_check_chart(classes, layer, metric), width="content")
             else:
                 st.caption("The class check was not run (--no-class-check).")
     if meta.get("sentence"):
@@ -176,7 +176,7 @@ def insertion_section(cache: Cache) -> None:
     if not saved:
         return
     table = trust_page.insertion_table(saved)
-    common.altair_chart(trust_page.insertion_chart(table), width="content")
+    common.altair_chart(trust_charts.insertion_chart(table), width="content")
     for selection, into, region, verdict in zip(table["selection"], table["flips to"], table["region"],
                                                 table["verdict"]):
         st.markdown(f"**{selection} → {into}** ({region}): {verdict}")

@@ -4,6 +4,10 @@ opens with (analysis.explore.cluster_offline.default_clustering): the report clu
 `build_report(cache)` returns one HTML string: a summary, the findings, per-class mean maps, the most suspicious
 clusters with example overlays, the confusion matrix and the score distributions. Images are base64 data URIs and charts
 are inline SVG rendered by vl-convert, so the file opens anywhere without a network. No streamlit here.
+
+The report draws through analysis.present (tiles, overlay, charts) what the analyses computed and stored; it
+sits above them (it reads explore's stored clustering and review's tags; the findings are given by the caller)
+and below analysis.commands (`python -m analysis report`) and the dashboard (the Overview's download).
 """
 from __future__ import annotations
 
@@ -18,88 +22,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.explore import charts, clustering, statistics as explore, overlay
-from analysis.cache import Cache, CacheError
+from analysis.explore import clustering, statistics as explore
+from analysis.cache import Cache
 from analysis.cache.classes import class_names, num_classes
-from analysis.explore.cluster_data import cluster_label, members_by_suspicion, prototype_tile
+from analysis.explore.cluster_data import cluster_label, members_by_suspicion
 from analysis.explore.cluster_display import scope_label
 from analysis.explore.cluster_offline import StoredClustering, default_clustering
+from analysis.present import charts, overlay
+from analysis.present.tiles import TILE, UNKNOWN_PLACEMENT_NOTE, image_tiles, prototype_tile, unknown_placements
 
 SCORE_COLUMNS = ("background_share", "background_hotspot", "border_share", "concentration",
                  "deletion_auc", "insertion_auc")
-TILE = 112                            # pixels of one image tile in the report
 REPORT_MATRIX_CLASSES = 30            # the confusion matrix's classes at most (a 1,000-output model)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rendering helpers
 # ----------------------------------------------------------------------------------------------------------
-
-def image_tiles(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: str = "pred", opacity: float = 0.6,
-                colormap: str = overlay.DEFAULT_COLORMAP, size: int = TILE, letterbox: bool = True,
-                maps: Sequence[np.ndarray] | None = None, style: overlay.OverlayStyle = overlay.OverlayStyle()
-                ) -> list[np.ndarray]:
-    """Images of `ids` with their own aspect ratio (long side `size`), the map on the region the model saw:
-    kind "image", "overlay" or "map" (see overlay.view_tile), with the foreground outline when the cache knows
-    it; letterboxed into size x size squares for grids. Reads only these images' maps and files; `maps` (one per
-    id, any resolution) are drawn instead of the cached ones (the Image page's full-resolution maps); `style`: how
-    (overlay.OverlayStyle).
-
-    A placement the cache does not know (an older cache, a transform whose geometry could not be measured,
-    or an image file whose size changed since the job) is drawn over the whole image and labelled so.
-    """
-    ids = [int(i) for i in ids]
-    if not ids:
-        return []
-    if maps is None:
-        maps = cache.maps(ids, which) if kind != "image" else [None] * len(ids)
-    masks = cache.foreground(ids)
-    tiles = []
-    for k, image_id in enumerate(ids):
-        geometry = cache.geometry(image_id)
-        recorded = (geometry["width"], geometry["height"])
-        try:
-            loaded = overlay.load_display(cache.image_path(image_id), size)
-            problem = "image missing"
-        except CacheError:
-            loaded, problem = None, "outside dataset"
-        if loaded is None:  # draw the map on a grey stand-in of the image's recorded shape
-            shown = overlay.display_size(*recorded, size) if geometry["known"] else (size, size)
-            loaded = overlay.placeholder(shown[0], problem, height=shown[1]), \
-                recorded if geometry["known"] else shown
-        image, original = loaded
-        box = geometry["crop_box"] if geometry["known"] and tuple(original) == recorded else None
-        mask = None if masks is None or not masks[k].any() else masks[k]
-        tiles.append(overlay.view_tile(image, original, box, maps[k], kind=kind, opacity=opacity,
-                                       colormap=colormap, mask=mask, tile=size if letterbox else None, style=style))
-    return tiles
-
-
-def mean_model_view(cache: Cache, ids: Sequence[int], size: int) -> np.ndarray | None:
-    """Pixel mean of what the model saw of the images `ids` (each crop box stretched to the maps' square; the
-    whole image where the box is unknown), so that it lines up with mean maps; None when none can be read."""
-    paths, boxes = [], []
-    for image_id in ids:
-        try:
-            paths.append(cache.image_path(int(image_id)))
-        except CacheError:  # a path outside the dataset root is never read
-            continue
-        boxes.append(cache.geometry(int(image_id))["crop_box"])
-    return overlay.mean_image(paths, size, boxes)
-
-
-def unknown_placements(cache: Cache, ids: Sequence[int] | None = None) -> int:
-    """How many of `ids` (default: all) have no recorded crop box (their maps cannot be placed exactly)."""
-    table = cache.table if ids is None else cache.table.set_index("id").loc[list(ids)]
-    box = table[["crop_x0", "crop_y0", "crop_x1", "crop_y1"]].to_numpy(np.float64)
-    return int((~np.isfinite(box).all(axis=1) | (table["image_width"].to_numpy() <= 0)).sum())
-
-
-UNKNOWN_PLACEMENT_NOTE = ("Where the model's input lies in the image is not recorded for {count} image(s) (a cache "
-                          "made before crop boxes were recorded, or a preprocessing whose geometry could not be "
-                          "measured): their maps are drawn over the whole image, labelled \"placement unknown\", "
-                          "and are misplaced if the preprocessing cropped. Re-run the job to record it.")
-
 
 def _img(tile: np.ndarray, alt: str, caption: str | None = None) -> str:
     figure = f'<img src="{overlay.png_data_uri(tile)}" alt="{html.escape(alt)}" width="{tile.shape[1]}">'
