@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from analysis.findings.compare import GONE
 from data import demo, fashion_mnist, shortcut
 from data.fashion_mnist import Split
 
 FIX_FRACTION = 0.5        # the share of every class's training images that carry the tag in the fixed training
 FIX_SPLIT_CODE = 2        # the mark's seed for the fixed training draw: [shortcut.SEED, 2] (0, 1: train, test)
 VERIFY_TOP = 3            # clusters causally tested per clustering in both caches
+TAG_MAJORITY = 0.5        # a finding "over the tag": at least this share of its images carry it
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,26 @@ def tagged_back(paths: demo.DemoPaths, comparison: Any) -> dict[str, Any]:
             "back_to_own_class": float(wrong["correct_b"].mean()) if len(wrong) else None}
 
 
+def tag_findings(paths: demo.DemoPaths, comparison: Any) -> dict[str, Any]:
+    """The shortcut findings over the tag, before and after: those of A and B whose images carry the tag for
+    the most part (TAG_MAJORITY, from shortcut.csv), with A's verdict run again in B. "The tag cluster is gone"
+    when A has such a finding, every one of them is gone in B and B has none of its own."""
+    marked = {row["path"] for row in demo.read_shortcut_csv(paths.shortcut_csv) if row["marked"]}
+    images = comparison.images
+    path_a, path_b = dict(zip(images["id_a"], images["path"])), dict(zip(images["id_b"], images["path"]))
+
+    def on_tag(ids: list[int], paths_of: dict) -> bool:
+        shown = [paths_of[i] for i in ids if i in paths_of]
+        return bool(shown) and sum(p in marked for p in shown) / len(shown) >= TAG_MAJORITY
+
+    before = [fate for fate in comparison.fates
+              if fate.finding.verdict == "shortcut" and on_tag(fate.finding.ids, path_a)]
+    after = [f for f in comparison.findings_b if f.verdict == "shortcut" and on_tag(f.ids, path_b)]
+    return {"a": [{"title": fate.finding.title, "verdict_b": fate.verdict_b} for fate in before],
+            "b": [f.title for f in after],
+            "gone": bool(before) and all(fate.verdict_b == GONE for fate in before) and not after}
+
+
 def fix_measurements(paths: demo.DemoPaths, comparison: Any) -> dict[str, Any]:
     """What the fix did, for OUT/fix_report.json and the tests: the comparison's summary and findings' fates, and
     the tagged non-bags (tagged_back)."""
@@ -155,7 +177,8 @@ def fix_measurements(paths: demo.DemoPaths, comparison: Any) -> dict[str, Any]:
     return {"summary": comparison.summary(), "accuracy_a": comparison.accuracy_a,
             "accuracy_b": comparison.accuracy_b, "changed": len(comparison.changed), "findings_a": fates,
             "shortcuts_b": sum(f.verdict == "shortcut" for f in comparison.findings_b),
-            "new_in_b": [f.title for f in comparison.new_in_b], "tagged_others": tagged_back(paths, comparison)}
+            "new_in_b": [f.title for f in comparison.new_in_b], "tagged_others": tagged_back(paths, comparison),
+            "tag_shortcuts": tag_findings(paths, comparison)}
 
 
 def write_compare_report(fixed: FixedPaths, paths: demo.DemoPaths) -> None:
@@ -192,6 +215,9 @@ def run_fix(paths: demo.DemoPaths, settings: demo.DemoSettings, train: Split, te
     demo.say(f"        tagged non-bags called by their own class: {tagged['own_class_a']} of "
              f"{tagged['tagged_others']} before, {tagged['own_class_b']} after; called 'bag': "
              f"{tagged['called_bag_a']} before, {tagged['called_bag_b']} after")
+    gone = result["tag_shortcuts"]
+    demo.say(f"        the tag's shortcut findings: {len(gone['a'])} before, {len(gone['b'])} after"
+             + (" (gone)" if gone["gone"] else ""))
     demo.say(f"        the numbers: {fixed.fix_report}; the report: {fixed.report}")
     return result
 
