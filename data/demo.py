@@ -15,6 +15,8 @@ Steps, each skipped when its output exists and was made with the same settings:
                --no-dashboard).
 
 --small runs a quick version (12,000 training images, 2 epochs, 1,000 test images) into demo_out/small.
+--fix then trains the model again without the shortcut, explains the same test split into OUT/cache_fixed, compares
+the two caches and opens the dashboard with the Compare page (data/demo_fix.py).
 A failing step stops with one line saying what to do; a rerun continues from the first missing output.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Compare: this cache (A) against a second cache of the same images (B, `--compare DIR2`): before and after a
 fix, or two models. Shown only when the app was started with --compare.
 
-The page shows what analysis.findings.compare measures: accuracy and score changes per class, each finding of A
-and what became of its images in B (with A's and B's maps of a few of them side by side), the images whose
+The page shows what analysis.findings.compare measures: each finding of A and what became of its images in B
+(with A's and B's maps of a few of them side by side), accuracy and score changes per class, the images whose
 prediction changed, and the findings new in B. Caches of other datasets are refused in one line.
 """
 from __future__ import annotations
@@ -74,12 +74,12 @@ def main() -> None:
     st.caption(f"A: `{comparison.root_a.name}` · B: `{comparison.root_b.name}` · images matched by their path")
     for line in comparison.summary():
         st.markdown(line)
-    show_tables(comparison)
     st.subheader("The findings of A, in B")
     if not comparison.fates:
         st.info("A has no finding.")
     for number, fate in enumerate(comparison.fates, 1):
         show_fate(a, b, number, fate)
+    show_tables(comparison)
     st.subheader(f"Predictions that changed ({len(comparison.changed):,})")
     st.dataframe(comparison.changed.round(3), hide_index=True, width="stretch")
     common.csv_download("Download as CSV", comparison.changed, "changed_predictions.csv", key="compare_changed")
