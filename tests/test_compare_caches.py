@@ -182,6 +182,9 @@ def test_report_compare_adds_the_section(cache_a: Path, swapped_cache: Path, oth
                                     str(other_classes_cache), "--out", str(refused))
     assert code == 2 and error.count("\n") == 1 and error.startswith("error: ") and "other classes" in error
     assert not refused.exists()
+    code, printed, error = run_main(capsys, "report", "--cache", str(cache_a), "--compare", str(tmp_path / "none"),
+                                    "--out", str(refused))
+    assert code == 2 and error.startswith("error: --compare: ") and error.count("\n") == 1 and not refused.exists()
 
 
 def test_the_compare_page_shows_the_comparison_and_refuses_others(cache_a: Path, swapped_cache: Path,

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             cache = load(args.cache)
             other = load(args.compare) if args.compare is not None else None
         except CacheError as error:
-            problem = str(error).splitlines()[0]
+            problem = ("--compare: " if cache is not None else "") + str(error).splitlines()[0]
     if problem is None and other is not None:
         problem = _not_comparable(cache, other)
     if problem:
