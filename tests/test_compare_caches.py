@@ -258,3 +258,25 @@ def test_the_compare_page_in_chromium(cache_a: Path, swapped_cache: Path, tmp_pa
     fates = compare_caches(load(cache_a), load(swapped_cache)).fates
     assert images == 2 * sum(min(TILES, len(f.examples)) for f in fates) >= 6   # A's and B's tiles side by side
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_images_in_one_cache_only_are_counted_apart(small_cache: Path, cache_a: Path, swapped_cache: Path,
+                                                    tmp_path: Path) -> None:
+    """B explains 18 of A's 24 image files (img_006 and img_007 of each class left out): 6 only in A, and the tag
+    on the img_007 images has none of its images in B."""
+    from analysis.cache import load
+    from analysis.findings.compare import compare_caches
+
+    images = tmp_path / "images"
+    for source in sorted((small_cache.parent / "images").rglob("*.png")):
+        if source.stem not in ("img_006", "img_007"):
+            (images / source.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, images / source.parent.name / source.name)
+    b = explain(images, small_cache.parent / "tiny_cnn.pth", tmp_path / "cache")
+    comparison = compare_caches(load(cache_a), load(b))
+    assert (len(comparison.images), comparison.only_a, comparison.only_b) == (18, 6, 0)
+    assert not comparison.images["path"].str.contains("img_00[67]").any()
+    fate = next(f for f in comparison.fates if f.finding.kind == "tag")
+    assert fate.images == 0 and fate.text() == "None of its images is in B." and fate.verdict_b == "gone"
+    # The same model on the same files: nothing changed.
+    assert len(comparison.changed) == 0 and comparison.accuracy_b == 1.0    # the 18 are the well-painted ones

@@ -60,6 +60,8 @@ class FindingFate:
 
     def text(self) -> str:
         """What became of the finding, in words from the numbers above."""
+        if not self.images:
+            return "None of its images is in B."
         called = ", ".join(f'{n} "{name}"' for name, n in list(self.predicted_b.items())[:3])
         words = [f"B keeps the prediction of A for {self.same_prediction} of its {self.images} images "
                  f"(B calls {called})."]
