@@ -71,3 +71,11 @@ def test_the_fix_report_numbers_are_the_caches(fixed_demo) -> None:
     assert tagged["back_to_own_class"] == pytest.approx(b["correct"].to_numpy(bool)[wrong].mean())
     accuracy_b = load(demo_fix.FixedPaths(paths.out).cache).table["correct"].mean()
     assert report["accuracy_b"] == pytest.approx(accuracy_b)
+
+
+def test_the_fix_opens_the_dashboard_on_both_caches(tmp_path) -> None:
+    paths = demo.DemoPaths(tmp_path)
+    command = demo.dashboard_command(paths, 8501, compare=demo_fix.FixedPaths(tmp_path).cache)
+    assert command[command.index("--") + 1:] == ["--cache", str(paths.cache), "--compare",
+                                                 str(tmp_path / "cache_fixed")]
+    assert "--compare" not in demo.dashboard_command(paths, 8501)
