@@ -38,7 +38,8 @@ class CachesNotComparable(ValueError):
 class FindingFate:
     """What became in B of the images of one finding of A. `predicted_b`: B's predicted class name -> images,
     most first; `matches`: the findings of B of the same kind over the same images (their verdicts are the
-    finding's verdict run again in B; none: GONE); `examples`: (id in A, id in B) pairs."""
+    finding's verdict run again in B; none: GONE); `examples`: (id in A, id in B) pairs, those whose prediction
+    changed first."""
 
     finding: Finding
     images: int
@@ -186,8 +187,11 @@ def finding_fate(finding: Finding, images: pd.DataFrame, findings_b: list[tuple[
     counts = mine["pred_b"].value_counts(sort=True)
     ids = set(int(i) for i in mine["id_a"])
     matches = [other for other, other_ids in findings_b if other.kind == finding.kind and same_images(ids, other_ids)]
-    shown = [i for i in finding.examples if i in ids] or sorted(ids)
-    pairs = mine.set_index("id_a")["id_b"]
+    # The finding's own examples first, then its other images; those whose prediction changed before the rest
+    # (what the comparison is about).
+    pairs, moved = mine.set_index("id_a")["id_b"], set(mine.loc[mine["pred_a"] != mine["pred_b"], "id_a"])
+    listed = [i for i in finding.examples if i in ids]
+    shown = sorted(listed + sorted(ids - set(listed)), key=lambda i: i not in moved)
     return FindingFate(finding=finding, images=len(mine), same_prediction=int((mine["pred_a"] == mine["pred_b"]).sum()),
                        wrong_in_a=len(wrong), back_to_label=int(wrong["correct_b"].sum()),
                        predicted_b={names[int(c)]: int(n) for c, n in counts.items()}, matches=matches,

@@ -42,7 +42,7 @@ def fate_html(cache_a: Any, cache_b: Any, number: int, fate: FindingFate, tile: 
     pairs = fate.examples[:examples]
     tiles = ""
     if pairs:
-        tiles = (f'<div class="pair"><div><p class="meta">A</p>{_figures(cache_a, [a for a, _ in pairs], tile)}</div>'
+        tiles = (f'<div class="pair"><div><p class="meta">A · changed predictions first</p>{_figures(cache_a, [a for a, _ in pairs], tile)}</div>'
                  f'<div><p class="meta">B</p>{_figures(cache_b, [b for _, b in pairs], tile)}</div></div>')
     return (f'<div class="cluster"><h3>{number}. {html.escape(fate.finding.title)} <span class="meta">'
             f'[{html.escape(fate.finding.verdict)} → {html.escape(fate.verdict_b)}]</span></h3>'

@@ -44,7 +44,7 @@ def show_fate(a: Cache, b: Cache, number: int, fate: FindingFate) -> None:
                                       for i, _ in pairs]),
                 (right, "B", tiles_b, [f"#{j} {names_a.at[i, 'label_name']}→{names_b.at[j, 'pred_name']}"
                                        for i, j in pairs])):
-            side.markdown(f"**{label}**")
+            side.markdown(f"**{label}**" + (" · changed predictions first" if label == "A" else ""))
             for column, tile, caption in zip(side.columns(TILES), tiles, captions):
                 column.image(tile, caption=caption, width="stretch")
 
