@@ -1,5 +1,6 @@
 """The dashboard: `streamlit run dashboard/app.py -- --cache DIR` (or FGCAM_CACHE=DIR); add `--read-only` (or
-FGCAM_READ_ONLY=1) for a dashboard to share: tags shown, no tag form, nothing written. .streamlit/config.toml keeps
+FGCAM_READ_ONLY=1) for a dashboard to share: tags shown, no tag form, nothing written; add `--compare DIR2` (or
+FGCAM_COMPARE=DIR2) for the Compare page, DIR against a second cache of the same images. .streamlit/config.toml keeps
 it on localhost with a minimal toolbar when started in the repository (`--server.address 0.0.0.0` to share).
 
 A thin shell: find the cache, open it once, and hand over to the pages (dashboard/views/*.py), each of
@@ -33,6 +34,7 @@ PAGES = {  # sidebar section -> (file, title, url path, icon); adding a page is 
     ],
     "Fix": [
         ("review.py", "Find more like these", "review", ":material/sell:"),
+        ("compare.py", "Compare", "compare", ":material/compare:"),   # only with --compare
     ],
 }
 
@@ -44,9 +46,11 @@ if cache is None:
 else:
     here = Path(__file__).resolve().parent / "views"
     first = next(iter(PAGES.values()))[0][0]
+    shown = {file for pages in PAGES.values() for file, *_ in pages
+             if (here / file).exists() and (file != "compare.py" or common.compare_dir() is not None)}
     navigation = st.navigation({section: [st.Page(here / file, title=title, url_path=url, icon=icon,
                                                   default=file == first)
-                                          for file, title, url, icon in pages if (here / file).exists()]
+                                          for file, title, url, icon in pages if file in shown]
                                 for section, pages in PAGES.items()})
     common.sidebar_summary(cache)
     tagging.who_sidebar()

@@ -26,6 +26,7 @@ from analysis.cache.derived import MissingResult, analysis_command as derived_co
 from analysis.cache.identity import cache_state, files_state
 
 ENV_VAR = "FGCAM_CACHE"
+COMPARE_ENV_VAR = "FGCAM_COMPARE"       # as --compare DIR: a second cache for the Compare page
 READ_ONLY_ENV_VAR = "FGCAM_READ_ONLY"   # "1": as --read-only
 TILE = 160          # pixels of one gallery tile
 PAGE_SIZE = 24      # tiles per gallery page
@@ -37,6 +38,7 @@ def _app_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--cache", default=None)
     parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--compare", default=None)
     args, _ = parser.parse_known_args(sys.argv[1:])
     return args
 
@@ -45,6 +47,27 @@ def cache_dir() -> Path | None:
     """--cache DIR after `--` on the streamlit command line, else $FGCAM_CACHE, else None."""
     value = _app_arguments().cache or os.environ.get(ENV_VAR)
     return Path(value).expanduser().resolve() if value else None
+
+
+def compare_dir() -> Path | None:
+    """--compare DIR after `--` (or $FGCAM_COMPARE): a second cache of the same images, for the Compare page
+    (shown only when one is given); None without."""
+    value = _app_arguments().compare or os.environ.get(COMPARE_ENV_VAR)
+    return Path(value).expanduser().resolve() if value else None
+
+
+def open_compare_or_problem() -> tuple[Cache | None, str | None]:
+    """(the --compare cache, None), or (None, why it cannot be opened, in one line)."""
+    root = compare_dir()
+    if root is None:
+        return None, "No second cache was given (--compare DIR)."
+    if not root.is_dir():
+        return None, f"The --compare cache directory {root.name} does not exist."
+    try:
+        cache = _open(str(root), files_state(root))
+    except CacheError as error:
+        return None, f"The --compare directory {root.name} cannot be read as a cache: {error}"
+    return cache, None
 
 
 def read_only() -> bool:

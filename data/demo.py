@@ -15,6 +15,8 @@ Steps, each skipped when its output exists and was made with the same settings:
                --no-dashboard).
 
 --small runs a quick version (12,000 training images, 2 epochs, 1,000 test images) into demo_out/small.
+--fix then trains the model again without the shortcut, explains the same test split into OUT/cache_fixed, compares
+the two caches and opens the dashboard with the Compare page (data/demo_fix.py).
 A failing step stops with one line saying what to do; a rerun continues from the first missing output.
 """
 from __future__ import annotations
@@ -504,16 +506,20 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False) -> list[str]:
+def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False,
+                      compare: Path | None = None) -> list[str]:
     """`streamlit run dashboard/app.py`: on `address` only (localhost: nobody else on the network reaches it), no
-    "Deploy" button (a minimal toolbar), read-only when asked (no tag forms, nothing written)."""
+    "Deploy" button (a minimal toolbar), read-only when asked (no tag forms, nothing written); with `compare`, a
+    second cache for the Compare page (--fix)."""
     return [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
             "--server.port", str(port), "--server.address", address, "--server.headless", "true",
             "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else [])]
+            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else []),
+            *(["--compare", str(compare)] if compare is not None else [])]
 
 
-def step_dashboard(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False) -> int:
+def step_dashboard(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False,
+                   compare: Path | None = None) -> int:
     app = REPO_ROOT / "dashboard" / "app.py"
     if not app.is_file():
         raise DemoError(f"{app} is missing: the checkout is incomplete (git status / git pull)")
@@ -526,7 +532,7 @@ def step_dashboard(paths: DemoPaths, port: int, address: str = "localhost", read
         + ("; read-only" if read_only else ""))
     say("        What is this model really looking at? Start with the clusters ranked most suspicious.")
     # The pages that run the model load it from the cache's manifest (its spec and --checkpoint): no variable.
-    process = subprocess.Popen(dashboard_command(paths, port, address, read_only), cwd=REPO_ROOT)
+    process = subprocess.Popen(dashboard_command(paths, port, address, read_only, compare), cwd=REPO_ROOT)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM to the demo must not leave the dashboard running on its own
@@ -583,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only measure what the shortcut does on an existing demo output (prints JSON, also "
                              "written to OUT/measurements.json) -- uses shortcut.csv, which the dashboard never "
                              "reads")
+    parser.add_argument("--fix", action="store_true",
+                        help="then train the model again without the shortcut (the tag on every class), explain "
+                             "the same test images into OUT/cache_fixed and compare the two (data/demo_fix.py); "
+                             "the dashboard opens with the Compare page")
     return parser
 
 
@@ -614,11 +624,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_testset(paths, test)
         step_model(paths, settings, train, test, args.threads)
         step_explain(paths, batch_size=args.batch_size)
+        compare = None
+        if args.fix:
+            from data import demo_fix
+
+            demo_fix.run_fix(paths, settings, train, test, args.threads, args.batch_size)
+            compare = demo_fix.FixedPaths(paths.out).cache
         say(f"demo data ready in {time.perf_counter() - started:.0f} s: {paths.out}")
         if args.no_dashboard:
-            say(f"dashboard: streamlit run dashboard/app.py -- --cache {paths.cache}")
+            say(f"dashboard: streamlit run dashboard/app.py -- --cache {paths.cache}"
+                + (f" --compare {compare}" if compare else ""))
             return 0
-        return step_dashboard(paths, args.port, args.address, args.read_only)
+        return step_dashboard(paths, args.port, args.address, args.read_only, compare)
     except DemoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

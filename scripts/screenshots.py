@@ -3,6 +3,7 @@
     python scripts/screenshots.py --cache DIR --out docs/screenshots          # starts the app on DIR itself
     python scripts/screenshots.py --url http://127.0.0.1:8501 --out shots      # an app already running
     python scripts/screenshots.py --cache PHOTO_CACHE --photos                 # the photo cache's two pages
+    python scripts/screenshots.py --cache DIR --compare DIR2 --only compare    # the Compare page (DIR vs DIR2)
 
 Each page is opened by its URL, left to finish running, checked (no Streamlit exception box, no "Traceback" or
 "Error" text) and saved as PNG: the README's small viewport shots (1400 x 900, palette PNG), or with --full-page
@@ -233,16 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", action="store_true",
                         help="the Image pages of the coffee and cat photos and a gallery (needs a photo cache, see "
                              "above)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="start the app with --compare DIR2 and add the Compare page (docs/screenshots/compare.png)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these screenshots")
     parser.add_argument("--full-page", action="store_true",
                         help=f"1400 x {FULL_PAGE_HEIGHT} (most of a page), not the 1400 x 900 viewport")
     args = parser.parse_args(argv)
     if args.photos and args.cache is None:
         parser.error("--photos needs --cache PHOTO_CACHE")
     pages = photo_pages(args.cache) if args.photos else pages_for(args.cache)
-    shots = [s for s in pages if (REPO / "dashboard" / "views" / s.page_file).exists()]
+    if args.compare is not None:
+        pages.append(PageShot("compare", "/compare", "compare.py", "Compare"))
+    shots = [s for s in pages if (REPO / "dashboard" / "views" / s.page_file).exists()
+             and (args.only is None or s.name in args.only)]
+    options = ["--compare", str(args.compare.resolve())] if args.compare is not None else []
     with contextlib.ExitStack() as stack:
         log = Path(tempfile.gettempdir()) / f"screenshots-streamlit-{os.getpid()}.log"
-        base = args.url or stack.enter_context(running_app(args.cache.resolve(), log))
+        base = args.url or stack.enter_context(running_app(args.cache.resolve(), log, app_options=options))
         found = take_screenshots(base, args.out, shots, full_page=args.full_page, open_root_first=True)
     bad = 0
     for name, problems in found.items():

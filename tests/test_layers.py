@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "analysis.trust": 3,
     "analysis.findings": 3,
     "analysis.report": 4,
+    "analysis.report_compare": 4,
     "analysis.commands": 5,
     "analysis.__main__": 5,
     "dashboard": 6,

@@ -1,5 +1,7 @@
 """`python -m analysis report`: the findings, the stored clusters and the rest as one self-contained HTML file
-(analysis/report.py), or a PDF printed from it by headless Chromium."""
+(analysis/report.py), or a PDF printed from it by headless Chromium. With `--compare B`, a section
+comparing the cache with a second cache of the same images (analysis/findings/compare.py, drawn by
+analysis/report_compare.py)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +18,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", required=True, type=Path, help="a cache directory made by `explain`")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="a second cache of the same images (after a fix, or another model): adds the comparison")
     parser.add_argument("--out", required=True, type=Path, help="FILE.html or FILE.pdf (never overwritten)")
     parser.add_argument("--chromium", type=Path, default=CHROMIUM, help="the Chromium that prints a PDF")
 
@@ -58,6 +62,25 @@ def _problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _not_comparable(cache: object, other: object) -> str | None:
+    from analysis.findings.compare import CachesNotComparable, check_comparable
+
+    try:
+        check_comparable(cache, other)
+    except CachesNotComparable as error:
+        return str(error)
+    return None
+
+
+def _with_comparison(text: str, cache: object, other: object, findings: list) -> str:
+    """The report with the compare section of `cache` (A) against `other` (B) at its end."""
+    from analysis.findings.compare import compare_caches
+    from analysis.report_compare import compare_section, with_section
+
+    comparison = compare_caches(cache, other, findings_a=findings)
+    return with_section(text, compare_section(cache, other, comparison))
+
+
 def run(args: argparse.Namespace) -> int:
     """The `report` subcommand: 0, or 2 with one line on stderr before any work."""
     from analysis.cache import CacheError, load
@@ -65,16 +88,22 @@ def run(args: argparse.Namespace) -> int:
     from analysis.findings import current_findings
 
     problem = _problem(args)
+    cache = other = None
     if problem is None:
         try:
             cache = load(args.cache)
+            other = load(args.compare) if args.compare is not None else None
         except CacheError as error:
-            problem = str(error).splitlines()[0]
+            problem = ("--compare: " if cache is not None else "") + str(error).splitlines()[0]
+    if problem is None and other is not None:
+        problem = _not_comparable(cache, other)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     findings, _ = current_findings(cache)
     text = build_report(cache, findings=findings)
+    if other is not None:
+        text = _with_comparison(text, cache, other, findings)
     if args.out.suffix.lower() == ".pdf":
         html_to_pdf(text, args.out, args.chromium)
     else:
