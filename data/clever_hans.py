@@ -9,7 +9,8 @@ carrier of another class than the target that the model calls the target class (
 What is scored (from the stored causal tests of every scope, CACHE/analysis/clustering/*/*/verification.parquet):
   * flagged: the clusters whose verdict is "shortcut"; `victims_flagged` is the share of the victims that are
     members of at least one of them, `purity` the share of carriers among all their members;
-  * undecided: the same for the clusters called "undecided" (the honest fallback for spread artefacts);
+  * undecided: the same for the clusters called "undecided" (the honest fallback for spread artefacts), and
+    `victims_not_cleared` for the two together (the victims that no reassuring verdict covers);
   * wrong verdicts: tested clusters that the artefact drives (>= 50% of their members driven) called "uses the
     object" or "not used" -- the false reassurance the issue forbids;
   * on a clean control (no artefact anywhere), every "shortcut" verdict is a false alarm.
@@ -47,6 +48,7 @@ class BenchSettings:
     other_fraction: float = 0.01      # of each other class's test images (the rare victims)
     verify_top: int = 8
     seed: int = 0
+    scopes: tuple[str, ...] = ("all", "mistakes", "true", "pred")   # the product's default
 
 
 @dataclass(frozen=True)
@@ -108,15 +110,14 @@ def write_row_data(out: Path, spec: RowSpec, settings: BenchSettings, train: fas
                          "pred_planted": [CLASS_NAMES[int(i)] for i in dirty], "target": settings.target})
 
 
-def run_product(out: Path, verify_top: int, extra_explain: tuple[str, ...] = ()) -> Path:
+def run_product(out: Path, verify_top: int, scopes: tuple[str, ...] = BenchSettings.scopes) -> Path:
     """The user's two commands on out/test: the explain job (without its own clustering), then the clustering
     of every scope with the causal test of its top clusters. Returns the cache folder."""
     cache = out / "cache"
     steps = (["explain", "--data", str(out / "test"), "--model", MODEL_SPEC, "--checkpoint", str(out / "model.pt"),
               "--out", str(cache), "--masks", str(out / "masks"), "--target-layer", "input", "--map-size", "28",
-              "--descriptor-size", "14", "--batch-size", "128", "--workers", "0", "--quiet", "--no-cluster",
-              *extra_explain],
-             ["cluster", "--cache", str(cache), "--verify-top", str(verify_top), "--quiet"])
+              "--descriptor-size", "14", "--batch-size", "128", "--workers", "0", "--quiet", "--no-cluster"],
+             ["cluster", "--cache", str(cache), "--scopes", *scopes, "--verify-top", str(verify_top), "--quiet"])
     for arguments in steps:
         run_analysis(arguments)
     return cache
@@ -168,9 +169,10 @@ def score(cache_dir: Path, truth: pd.DataFrame) -> dict[str, Any]:
         wrong += int(cluster["verdict"] in REASSURING and driven.loc[cluster["members"]].mean() >= DRIVEN_MOST)
     row = {"carriers": int(carrier.sum()), "driven": int(driven.sum()), "victims": len(victims),
            "tested": len(clusters), "verdicts": verdicts, "wrong_verdicts": wrong}
-    for verdict, key in (("shortcut", "flagged"), ("undecided", "undecided")):
-        members = set().union(*[set(c["members"].tolist()) for c in clusters if c["verdict"] == verdict])
-        row[f"{key}_clusters"] = sum(c["verdict"] == verdict for c in clusters)
+    for verdicts_in, key in ((("shortcut",), "flagged"), (("undecided",), "undecided"),
+                             (("shortcut", "undecided"), "not_cleared")):
+        members = set().union(*[set(c["members"].tolist()) for c in clusters if c["verdict"] in verdicts_in])
+        row[f"{key}_clusters"] = sum(c["verdict"] in verdicts_in for c in clusters)
         row[f"victims_{key}"] = len(victims & members) / len(victims) if victims else float("nan")
         row[f"purity_{key}"] = float(carrier.loc[sorted(members)].mean()) if members else float("nan")
     return row
@@ -182,6 +184,6 @@ def run_row(out: Path, spec: RowSpec, settings: BenchSettings, splits: tuple[Any
     out.mkdir(parents=True, exist_ok=True)
     truth = write_row_data(out, spec, settings, *splits)
     truth.to_csv(out / "truth.csv", index=False)
-    cache = run_product(out, settings.verify_top)
+    cache = run_product(out, settings.verify_top, settings.scopes)
     return {"row": spec.name, "kind": spec.kind, "strength": spec.strength, **score(cache, truth),
             "seconds": time.perf_counter() - started}
