@@ -55,7 +55,7 @@ def test_every_page_renders_in_a_browser(small_cache: Path, tmp_path: Path) -> N
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
     """The deferred downloads (data made only on click, which AppTest cannot press): the table as CSV, a chart
-    as PNG rendered by vl-convert, the offline HTML report."""
+    as PNG rendered by vl-convert, the offline HTML report, and the report from the Findings page."""
     pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
     import io
 
@@ -79,6 +79,12 @@ def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
                 page.get_by_role("button", name=label).click()
             files[label] = tmp_path / info.value.suggested_filename
             info.value.save_as(files[label])
+        page.goto(base + "/findings")               # the report built on the findings, from their page
+        shots_module.wait_until_done(page, "Findings")
+        with page.expect_download(timeout=180_000) as info:
+            page.get_by_role("button", name="Download the report (HTML)").click()
+        files["findings"] = tmp_path / info.value.suggested_filename
+        info.value.save_as(files["findings"])
         browser.close()
     table = pd.read_csv(files["Download the table (CSV)"])
     expected = load(cache).table
@@ -89,6 +95,13 @@ def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
     report = files["Download HTML report"].read_text()
     assert report.startswith("<!DOCTYPE html>") and "<svg" in report and "data:image/png;base64," in report
     assert "<script src" not in report and 'src="http' not in report
+    from analysis.findings import current_findings
+
+    from_page = files["findings"].read_text()
+    assert files["findings"].name == "fgcam_findings.html" and from_page.startswith("<!DOCTYPE html>")
+    import html
+
+    assert all(html.escape(f.title) in from_page or f.title in from_page for f in current_findings(load(cache))[0])
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")

@@ -422,23 +422,24 @@ def test_mcnemar_by_hand():
 NAN = float("nan")
 
 
-@pytest.mark.parametrize("off, region, control, p, mass, removal, inserted, expected", [
-    (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.20, 0.00, 1e-6), "shortcut"),               # a mark off the object
-    (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.02, 0.01, 0.5), "undecided"),               # off, but carries nothing
-    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.02, 0.01, 0.5), "uses the object"),         # pasted, it carries nothing
-    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.60, 0.02, 1e-9), "shortcut"),               # a stamp on the object
-    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (NAN, NAN, NAN), "undecided"),                 # the insertion could not run
-    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, (0.17, 0.01, 1e-6), "undecided"),              # between an object part and a mark
-    (0.9, 0.6, 0.05, 0.2, 0.5, 0.5, (NAN, NAN, NAN), "off the object, not used"),    # not significant
-    (0.9, 0.12, 0.05, 1e-6, 0.5, 0.5, (NAN, NAN, NAN), "off the object, not used"),  # < 10 points more
-    (0.1, 0.0, 0.0, 1.0, 0.5, 0.5, (NAN, NAN, NAN), "not used"),
-    (0.1, 0.0, 0.0, 1.0, 0.15, 0.5, (NAN, NAN, NAN), "undecided"),                  # the evidence is spread
-    (0.9, 0.0, 0.0, 1.0, 0.5, 0.05, (NAN, NAN, NAN), "undecided"),                  # the blur changes nothing
-    (NAN, 0.6, 0.0, 1e-6, 0.5, 0.5, (0.0, 0.0, 1.0), "uses the object"),
+@pytest.mark.parametrize("off, region, control, p, mass, removal, q, inserted, expected", [
+    (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.20, 0.00, 1e-6), "shortcut"),               # a mark off the object
+    (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.02, 0.01, 0.5), "undecided"),               # off, but carries nothing
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.02, 0.01, 0.5), "uses the object"),         # pasted, it carries nothing
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.60, 0.02, 1e-9), "shortcut"),               # a stamp on the object
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "undecided"),                 # the insertion could not run
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.17, 0.01, 1e-6), "undecided"),              # between an object part and a mark
+    (0.9, 0.6, 0.05, 0.2, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "off the object, not used"),    # not significant
+    (0.9, 0.12, 0.05, 1e-6, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "off the object, not used"),  # < 10 points more
+    (0.1, 0.0, 0.0, 1.0, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "not used"),
+    (0.1, 0.0, 0.0, 1.0, 0.15, 0.5, 5.0, (NAN, NAN, NAN), "undecided"),                  # the evidence is spread
+    (0.9, 0.0, 0.0, 1.0, 0.5, 0.05, 5.0, (NAN, NAN, NAN), "undecided"),                  # the blur changes nothing
+    (NAN, 0.6, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.0, 0.0, 1.0), "uses the object"),
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 25.0, (0.60, 0.02, 1e-9), "undecided"),         # a grown region: a big object part
 ])
 def test_verdict_reassures_only_where_the_test_could_have_shown_the_opposite(off, region, control, p, mass, removal,
-                                                                            inserted, expected):
-    evidence = offline.Evidence(region, control, p, off, mass, removal, *inserted)
+                                                                            q, inserted, expected):
+    evidence = offline.Evidence(region, control, p, off, mass, removal, q, *inserted)
     found, reason = offline.verdict(evidence, alpha=0.001)
     assert found == expected
     assert expected in offline.VERDICTS
@@ -462,8 +463,8 @@ def test_region_grows_with_the_spread_of_the_prototype():
     assert offline.region_for(spread, growing) == pytest.approx((25.0, 0.25))
     text = np.zeros((10, 10)); text[4:6, :] = 1.0                  # a line of text: 20 cells, half in 10
     assert offline.region_for(text, growing)[0] == pytest.approx(10.0)
-    # The default region stays the top 5% (q_max = q) and says how much of the evidence it holds.
-    assert offline.region_for(text, offline.VerifyOptions()) == pytest.approx((5.0, 0.25))
+    # With q_max = q the region stays the top 5% and says how much of the evidence it holds.
+    assert offline.region_for(text, offline.VerifyOptions(q_max=5.0)) == pytest.approx((5.0, 0.25))
 
 
 def test_region_off_object_by_mask_and_by_border():

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from analysis.findings import Finding, compute_findings, read_findings, render, url, write_findings
@@ -127,6 +128,38 @@ def test_without_a_causal_test_the_cluster_finding_is_undecided_and_names_the_co
     clusters = [f for f in compute_findings(cache) if f.kind == "shortcut cluster"]
     assert clusters and all(f.verdict == "undecided" for f in clusters)
     assert "--verify-top" in clusters[0].rests_on and str(small_cache) in clusters[0].rests_on
+
+
+def test_tested_clusters_the_tests_could_not_decide_make_an_undecided_finding_with_the_reason(small_cache,
+                                                                                              tmp_path) -> None:
+    """The real causal tests on a copy of the small cache; their stored verdicts then set to "undecided" by hand
+    (the tiny model's own verdicts vary) to check the finding quotes the best-ranked one's reason."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from analysis.__main__ import main
+    from analysis.cache import load
+    from analysis.explore import cluster_offline
+
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    assert main(["cluster", "--cache", str(copy), "--scopes", "all", "--verify-top", "2", "--quiet"]) == 0
+    path = next(copy.glob("analysis/clustering/*/*/verification.parquet"))
+    checked = pq.read_table(path).to_pandas()
+    checked["verdict"] = "undecided"
+    checked["reason"] = [f"reason of rank {rank}" for rank in checked["rank"]]
+    table = pq.read_table(path)
+    pq.write_table(pa.Table.from_pandas(checked, preserve_index=False).replace_schema_metadata(table.schema.metadata),
+                   path)
+    cache = load(copy)
+    clusters = [f for f in compute_findings(cache) if f.kind == "shortcut cluster"]
+    assert [f.verdict for f in clusters] == ["undecided"]
+    stored = cluster_offline.read_clustering(cache, "all")
+    shown = stored.verification          # the scope's default clustering, as the Clusters page opens it
+    assert clusters[0].numbers["count"] == len(shown) and clusters[0].numbers["rank"] == 1
+    assert "reason of rank 1" in clusters[0].markdown()
+    assert set(clusters[0].ids) == set(stored.members(int(shown.loc[shown["rank"] == 1, "cluster"].iloc[0])))
 
 
 def test_a_tag_becomes_a_finding_and_the_stored_file_goes_stale_with_the_cache(small_cache, tmp_path) -> None:

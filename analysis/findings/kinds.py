@@ -81,7 +81,9 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
                "where": region_words(region), "clustering": clustering.name,
                "off_object": float(row["off_object_share"]), "location_rule": str(row["location_rule"]), "q": q,
                "changed_region": float(row["changed_region"]), "tested": int(row["tested"]),
-               "changed_control": float(row["changed_control"]), "p_value": float(row["p_value"])}
+               "changed_control": float(row["changed_control"]), "p_value": float(row["p_value"]),
+               "inserted_region": float(row.get("inserted_region", np.nan)),
+               "inserted_control": float(row.get("inserted_control", np.nan))}
     view = ("clusters", {"c_scope": clustering.scope, "c_clust": f"{clustering.settings.key()}/{clustering.name}",
                          "c_focus": str(int(row["cluster"]))})
     return Finding(
@@ -91,12 +93,14 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
                    "{evidence_share:.0%} of their evidence lies in the top {q:g}% of their mean map, a region {where}; "
                    "{off_object:.0%} of that region lies {location_rule}.",
                    "Blurring that region changes {changed_region:.0%} of {tested} predictions, against "
-                   "{changed_control:.0%} for a random region of the same size."],
+                   "{changed_control:.0%} for a random region of the same size; pasted into images of other "
+                   "classes it makes {inserted_region:.0%} of them \"{pred_name}\" (a random region "
+                   "{inserted_control:.0%})."],
         numbers=numbers, ids=[int(i) for i in members],
         strength=numbers["changed_region"] - numbers["changed_control"],
         verdict="shortcut", page=view[0], query=view[1],
-        rests_on=f"the causal region test of `cluster --verify-top` (exact McNemar p = {numbers['p_value']:.2g}, "
-                 "the region's flips at least 10 points above the control's) and the region's place off the object",
+        rests_on=f"the causal tests of `cluster --verify-top`: {row.get('reason') or 'the region test'} (exact "
+                 f"McNemar p = {numbers['p_value']:.2g}, adjusted over the clusters tested)",
         links={k: view for k in ("n_called", "n_victims", "evidence_share", "changed_region")},
         examples=_examples(victims if len(victims) else members))
 
@@ -134,16 +138,38 @@ def shortcut_clusters(cache: Any) -> list[Finding]:
              for clustering, row, q in verified_shortcuts(cache)]
     if found:
         return _merge_same(found)
-    untested = []
+    untested, undecided, tested = [], [], False
     for scope in cluster_offline.fresh_scopes(cache):
         try:
             clustering = cluster_offline.read_clustering(cache, scope)
         except cluster_offline.ClusteringNotFound:
             continue
-        if clustering.verification is not None and not clustering.verification.empty:
-            return []     # tested, and nothing was called a shortcut: the Clusters page shows the verdicts
-        untested.append(clustering)
-    return [_untested_finding(cache, untested)] if untested else []
+        checked = clustering.verification
+        if checked is None or checked.empty:
+            untested.append(clustering)
+        else:
+            tested = True
+            undecided += [(clustering, row) for _, row in checked[checked["verdict"] == "undecided"].iterrows()]
+    if undecided:   # tested, none called a shortcut, and the tests could not tell for some: say so, not "fine"
+        clustering, row = min(undecided, key=lambda pair: (int(pair[1]["rank"]), pair[0].scope != "mistakes"))
+        return [_undecided_finding(clustering, row, len(undecided))]
+    return [_untested_finding(cache, untested)] if untested and not tested else []
+
+
+def _undecided_finding(clustering: Any, row: pd.Series, count: int) -> Finding:
+    """The best-ranked cluster the causal tests could not decide (none was called a shortcut)."""
+    members = clustering.members(int(row["cluster"]))
+    numbers = {"size": len(members), "scope": clustering.scope, "rank": int(row["rank"]), "count": count,
+               "clusters": plural(count, "cluster", "clusters"), "reason": str(row["reason"])}
+    view = ("clusters", {"c_scope": clustering.scope, "c_focus": str(int(row["cluster"]))})
+    return Finding(
+        kind="shortcut cluster", title="Undecided: what the tests could not tell",
+        sentences=["No cluster was called a shortcut, but the tests could not decide {count} {clusters}; the first, "
+                   "ranked {rank} of scope {scope} ({size} images): {reason}."],
+        numbers=numbers, ids=[int(i) for i in members], strength=0.0, verdict="undecided", page=view[0],
+        query=view[1], links={"size": view, "count": view}, examples=_examples(members),
+        rests_on="the verdict rule of `cluster --verify-top` (docs/clustering.md): a verdict that would reassure is "
+                 "given only where the test could have shown the opposite")
 
 
 def _untested_finding(cache: Any, untested: list[Any]) -> Finding:

@@ -1,7 +1,8 @@
 """Findings: what the analysis found, in words, ranked (shortcuts first), for the people who decide.
 
 Each finding: its sentences (every number links to the view that shows it), example tiles with their maps,
-the verdict and what it rests on, a link to the page that shows it, and a tag button. The findings are the
+the verdict and what it rests on, a link to the page that shows it, and a tag button; the report built on them
+as a download. The findings are the
 stored ones (`python -m analysis findings`, run at the end of `explain` and `cluster`) when they are fresh;
 otherwise they are computed now from what the cache holds, and the page says so.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from analysis import report
 from analysis.cache import Cache
 from analysis.findings import Finding, current_findings, url
 from dashboard import common, tagging
@@ -61,6 +63,13 @@ def main() -> None:
         return
     st.markdown(f"**{len(findings)} findings**, shortcuts first, then by strength. Every number links to the view "
                 "that shows it.")
+    # The report built on these findings, for the people who decide (deferred: it draws tiles and charts).
+    common.deferred_download("Download the report (HTML)",
+                             lambda: report.build_report(cache, findings=findings).encode(), "fgcam_findings.html",
+                             "text/html", "findings_report", icon=":material/description:",
+                             help="One self-contained file: the summary, these findings with their evidence and "
+                                  "tiles, the method's caveats, the clusters, per-class maps. As PDF: "
+                                  f"`{common.analysis_command(cache, 'report', '--out', 'FILE.pdf')}`.")
     for number, finding in enumerate(findings, 1):
         show_finding(cache, number, finding)
 
