@@ -476,4 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m data.demo` runs this file as __main__, while data/demo_measure.py, data/demo_dashboard.py and
+    # data/demo_fix.py import data.demo: a second copy with its own DemoError, which this copy's main would not
+    # catch (a traceback instead of one line). Run that copy's main.
+    import data.demo
+
+    sys.exit(data.demo.main())
