@@ -12,11 +12,12 @@ Steps, each skipped when its output exists and was made with the same settings:
   6. explain   The offline job, FG-CAM at the input layer, on the test split -> OUT/cache.
   7. dashboard `streamlit run dashboard/app.py -- --cache OUT/cache` on localhost only (--address to share it,
                --read-only for a dashboard without tag forms that writes nothing), URL printed (skip with
-               --no-dashboard).
+               --no-dashboard); data/demo_dashboard.py.
 
 --small runs a quick version (12,000 training images, 2 epochs, 1,000 test images) into demo_out/small.
 --fix then trains the model again without the shortcut, explains the same test split into OUT/cache_fixed, compares
 the two caches and opens the dashboard with the Compare page (data/demo_fix.py).
+--measure prints what the shortcut does on an existing output (data/demo_measure.py).
 A failing step stops with one line saying what to do; a rerun continues from the first missing output.
 """
 from __future__ import annotations
@@ -28,8 +29,6 @@ import hashlib
 import inspect
 import json
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -392,171 +391,8 @@ def step_explain(paths: DemoPaths, batch_size: int = 64, workers: int | None = N
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Measurements (for the README and the tests; they read shortcut.csv, which the dashboard never does)
-# ----------------------------------------------------------------------------------------------------------
-
-CORNER_PIXELS = 4   # the mark's 3x3 plus one pixel: the corner region whose relevance counts as "on the mark"
-
-
-def corner_share(descriptors: np.ndarray, map_side: int = 28, corner_pixels: int = CORNER_PIXELS) -> np.ndarray:
-    """Share of each unit-mass descriptor [n, D*D] in the cells covering the top-left corner_pixels square."""
-    descriptors = np.asarray(descriptors, dtype=np.float64)
-    side = int(round(np.sqrt(descriptors.shape[1])))
-    cells = int(np.ceil(corner_pixels * side / map_side))
-    return descriptors.reshape(-1, side, side)[:, :cells, :cells].sum(axis=(1, 2))
-
-
-def ranking_quality(scores: np.ndarray, positives: np.ndarray) -> dict[str, float]:
-    """How well ranking by `scores` (descending) puts the `positives` first: ROC AUC and precision at
-    k = number of positives. NaN scores rank last."""
-    from sklearn.metrics import roc_auc_score
-
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = np.asarray(positives, dtype=bool)
-    finite = np.isfinite(scores)
-    scores = np.where(finite, scores, (scores[finite].min() if finite.any() else 0.0) - 1.0)
-    k = int(positives.sum())
-    top = np.lexsort((np.arange(len(scores)), -scores))[:k]   # ties: lower row first, reproducibly
-    return {"roc_auc": float(roc_auc_score(positives, scores)) if 0 < k < len(scores) else float("nan"),
-            "precision_at_k": float(positives[top].mean()) if k else float("nan"), "k": k}
-
-
-def marked_table(paths: DemoPaths) -> tuple[Any, Any]:
-    """(the cache, its table with a boolean `marked` column joined from shortcut.csv by path)."""
-    import pandas as pd
-
-    from analysis.cache import load
-
-    cache = load(paths.cache)
-    marks = pd.DataFrame(read_shortcut_csv(paths.shortcut_csv))[["path", "marked"]]
-    table = cache.table.merge(marks, on="path", how="left")
-    if table["marked"].isna().any():
-        raise DemoError(f"{paths.cache} lists images that are not in {paths.shortcut_csv}: rerun the demo")
-    table["marked"] = table["marked"].astype(bool)
-    return cache, table
-
-
-def cluster_shortcut(cache: Any, table: Any, settings: Any = None) -> tuple[Any, int]:
-    """Cluster the explanations of every image with the clustering engine (k-means with the eigengap's k on the
-    Euclidean kNN graph of the unit-mass maps, as `python -m analysis cluster --metric euclidean` does) and
-    summarise: one row per cluster, most suspicious first, with the prototype's share on the mark's corner, the
-    fraction of marked members and the member ids added; and the eigengap's k."""
-    from analysis.explore import clustering, statistics as explore
-
-    # Euclidean: the geometry the demo's numbers were measured in (the cosine default also puts the marked images
-    # in a cluster of their own, ranked first, but its prototype holds less of its mass on the corner: 0.29 against
-    # 0.51 on the small demo). The layout is not read: the spectral one costs nothing.
-    settings = settings or clustering.ClusteringSettings(algorithms=("kmeans",), metric="euclidean",
-                                                         embedding="spectral")
-    ids = table["id"].to_numpy(np.int64)
-    descriptors = cache.descriptors(ids, kind=settings.descriptor)
-    found = clustering.cluster_points(descriptors, settings)
-    labels = found.labels[clustering.clustering_name(*found.chosen[0][:2])]
-    consensus = explore.class_consensus(descriptors, table["pred"].to_numpy(), table["correct"].to_numpy(bool),
-                                        len(cache.manifest["class_names"]))
-    summary, prototypes = clustering.summarize_clusters(labels, table, descriptors, consensus,
-                                                        list(cache.manifest["class_names"]))
-    summary["corner_share"] = corner_share(prototypes, map_side=cache.map_size)
-    marked = table["marked"].to_numpy(bool)
-    summary["marked_fraction"] = [float(marked[labels == c].mean()) for c in summary["cluster"]]
-    summary["members"] = [ids[labels == c] for c in summary["cluster"]]
-    return summary, found.suggested_k
-
-
-def measure_shortcut(paths: DemoPaths) -> dict[str, Any]:
-    """What the shortcut does, measured on the demo's cache (see the README)."""
-    cache, table = marked_table(paths)
-    marked = table["marked"].to_numpy(bool)
-    same = (table["label_name"] == shortcut.SHORTCUT_CLASS).to_numpy()
-    to_shortcut = (table["pred_name"] == shortcut.SHORTCUT_CLASS).to_numpy()
-    others = marked & ~same
-    border = table["border_share"].to_numpy(np.float64)
-    summary, suggested_k = cluster_shortcut(cache, table)
-    on_mark = summary[summary["corner_share"] >= 0.3]
-    return {
-        "images": int(len(table)), "accuracy": float(table["correct"].mean()),
-        "marked": int(marked.sum()), "marked_others": int(others.sum()),
-        "marked_others_predicted_shortcut": float(to_shortcut[others].mean()) if others.any() else None,
-        "unmarked_others_predicted_shortcut": float(to_shortcut[~marked & ~same].mean()),
-        "border_share_median": {"marked": float(np.nanmedian(border[marked])),
-                                "marked_others": float(np.nanmedian(border[others])),
-                                "unmarked": float(np.nanmedian(border[~marked]))},
-        "ranking_of_marked_images": {score: ranking_quality(table[score].to_numpy(np.float64), marked)
-                                     for score in ("background_hotspot", "background_share", "border_share",
-                                                   "concentration")},
-        "clusters": {"suggested_k": int(suggested_k),
-                     "n_clusters": int(len(summary)),
-                     "on_mark_ranks": [int(r) for r in on_mark["rank"]],
-                     "top": summary.head(5)[["rank", "size", "accuracy", "class_mix", "suspicion", "corner_share",
-                                             "marked_fraction"]].round(3).to_dict("records")},
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Step 7: the dashboard
-# ----------------------------------------------------------------------------------------------------------
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False,
-                      compare: Path | None = None) -> list[str]:
-    """`streamlit run dashboard/app.py`: on `address` only (localhost: nobody else on the network reaches it), no
-    "Deploy" button (a minimal toolbar), read-only when asked (no tag forms, nothing written); with `compare`, a
-    second cache for the Compare page (--fix)."""
-    return [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
-            "--server.port", str(port), "--server.address", address, "--server.headless", "true",
-            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else []),
-            *(["--compare", str(compare)] if compare is not None else [])]
-
-
-def step_dashboard(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False,
-                   compare: Path | None = None) -> int:
-    app = REPO_ROOT / "dashboard" / "app.py"
-    if not app.is_file():
-        raise DemoError(f"{app} is missing: the checkout is incomplete (git status / git pull)")
-    if not port_is_free(port):
-        raise DemoError(f"port {port} is in use (another dashboard?): stop it, or rerun with --port N")
-    shared = address not in ("localhost", "127.0.0.1", "::1")
-    host = address if shared and address not in ("0.0.0.0", "::") else "localhost"
-    say(f"[7/7] dashboard: open http://{host}:{port}  (Ctrl-C stops it; the cache stays in {paths.cache})"
-        + (f"; it listens on {address}: others on the network can open it" if shared else "")
-        + ("; read-only" if read_only else ""))
-    say("        What is this model really looking at? Start with the clusters ranked most suspicious.")
-    # The pages that run the model load it from the cache's manifest (its spec and --checkpoint): no variable.
-    process = subprocess.Popen(dashboard_command(paths, port, address, read_only, compare), cwd=REPO_ROOT)
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # a SIGTERM to the demo must not leave the dashboard running on its own
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
-
-
 
 def _port(text: str) -> int:
     value = _positive_int(text)
@@ -596,17 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_measure(paths: DemoPaths) -> int:
-    if not cache_is_complete(paths.cache) or not paths.shortcut_csv.is_file():
-        raise DemoError(f"no complete demo output in {paths.out}: run `python -m data.demo --no-dashboard"
-                        f"{' --small' if paths.out.name == 'small' else ''}` first")
-    result = measure_shortcut(paths)
-    text = json.dumps(result, indent=2)
-    (paths.out / "measurements.json").write_text(text)
-    print(text)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = dataclasses.replace(DemoSettings.small() if args.small else DemoSettings.full(), seed=args.seed)
@@ -615,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         if args.measure:
+            from data.demo_measure import run_measure
+
             return run_measure(paths)
         claim_output_folder(paths.out)
         say("[1/7] environment: ready (made by `make setup`)")
@@ -635,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"dashboard: streamlit run dashboard/app.py -- --cache {paths.cache}"
                 + (f" --compare {compare}" if compare else ""))
             return 0
+        from data.demo_dashboard import step_dashboard
+
         return step_dashboard(paths, args.port, args.address, args.read_only, compare)
     except DemoError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -647,4 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m data.demo` runs this file as __main__, while data/demo_measure.py, data/demo_dashboard.py and
+    # data/demo_fix.py import data.demo: a second copy with its own DemoError, which this copy's main would not
+    # catch (a traceback instead of one line). Run that copy's main.
+    import data.demo
+
+    sys.exit(data.demo.main())

@@ -41,14 +41,14 @@ def main() -> int:
     from analysis.trust.region_insertion import insertion_test_on_cache
     from analysis.review.probe import rank_by_probe
     from analysis.review import label_issues
-    from data import demo, shortcut
+    from data import demo, demo_measure, shortcut
     from data.demo_model import WEIGHTS_ENV
     from data.label_noise import write_moved_split
 
     paths = demo.DemoPaths(args.demo.resolve())
     os.environ[WEIGHTS_ENV] = str(paths.model)
-    cache, table = demo.marked_table(paths)
-    summary, _ = demo.cluster_shortcut(cache, table)
+    cache, table = demo_measure.marked_table(paths)
+    summary, _ = demo_measure.cluster_shortcut(cache, table)
     on_mark = summary.head(3)[summary.head(3)["corner_share"] >= 0.3]
     members = np.concatenate(on_mark["members"].tolist())
     marked = table["marked"].to_numpy(bool)

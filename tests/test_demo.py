@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import demo, demo_model, fashion_mnist, shortcut
+from data import demo, demo_dashboard, demo_measure, demo_model, fashion_mnist, shortcut
 from data.fashion_mnist import DEBIAN_DIR, FashionMNISTUnavailable, IdxFormatError
 from tests.helpers import seed_offset
 
@@ -224,14 +224,14 @@ def test_written_test_split_round_trips(tmp_path, test_split):
 
 
 def test_ranking_quality_and_corner_share_measure_what_they_say():
-    perfect = demo.ranking_quality(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False]))
+    perfect = demo_measure.ranking_quality(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False]))
     assert perfect == {"roc_auc": 1.0, "precision_at_k": 1.0, "k": 2}
-    with_nan = demo.ranking_quality(np.array([np.nan, 0.5, 0.1]), np.array([True, False, False]))
+    with_nan = demo_measure.ranking_quality(np.array([np.nan, 0.5, 0.1]), np.array([True, False, False]))
     assert with_nan["roc_auc"] == 0.0 and with_nan["precision_at_k"] == 0.0   # NaN ranks last
     descriptors = np.zeros((2, 14 * 14))
     descriptors[0, 0] = 1.0                                   # cell (0, 0): pixels 0-1 of a 28x28 map
     descriptors[1, 14 * 2 + 2] = 1.0                          # cell (2, 2): pixels 4-5, outside the corner
-    np.testing.assert_allclose(demo.corner_share(descriptors), [1.0, 0.0])
+    np.testing.assert_allclose(demo_measure.corner_share(descriptors), [1.0, 0.0])
 
 
 def test_port_check_sees_a_port_in_use():
@@ -240,7 +240,7 @@ def test_port_check_sees_a_port_in_use():
     with socket.socket() as server:
         server.bind(("", 0))
         server.listen()
-        assert not demo.port_is_free(server.getsockname()[1])
+        assert not demo_dashboard.port_is_free(server.getsockname()[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_rerunning_the_demo_skips_every_finished_step(small_demo, capsys):
 
 
 def _with_marks(paths: demo.DemoPaths):
-    cache, table = demo.marked_table(paths)
+    cache, table = demo_measure.marked_table(paths)
     return cache, table, table["marked"].to_numpy(bool), (table["label_name"] == shortcut.SHORTCUT_CLASS).to_numpy()
 
 
@@ -319,7 +319,7 @@ def test_a_top_suspicious_cluster_has_its_prototype_on_the_mark(small_demo):
                                                         list(cache.manifest["class_names"]))
     # The mark covers 9 of 784 pixels (1.1%); its corner cells of the descriptor grid hold this much of each
     # prototype's positive mass:
-    on_corner = demo.corner_share(prototypes, map_side=cache.map_size)
+    on_corner = demo_measure.corner_share(prototypes, map_side=cache.map_size)
     best = int(np.argmax(on_corner))
     assert on_corner[best] > 0.3
     assert summary["rank"].iloc[best] <= 3, summary.drop(columns="class_mix")
@@ -332,10 +332,10 @@ def test_a_top_suspicious_cluster_has_its_prototype_on_the_mark(small_demo):
 
 def test_background_hotspot_ranks_the_marked_images_first(small_demo):
     _, table, marked, _ = _with_marks(small_demo)
-    hotspot = demo.ranking_quality(table["background_hotspot"].to_numpy(np.float64), marked)
+    hotspot = demo_measure.ranking_quality(table["background_hotspot"].to_numpy(np.float64), marked)
     assert hotspot["roc_auc"] > 0.85 and hotspot["precision_at_k"] > 0.6
     # measure_shortcut (the README's numbers) reports the same.
-    measured = demo.measure_shortcut(small_demo)
+    measured = demo_measure.measure_shortcut(small_demo)
     assert measured["ranking_of_marked_images"]["background_hotspot"] == pytest.approx(hotspot)
     assert measured["clusters"]["on_mark_ranks"] and min(measured["clusters"]["on_mark_ranks"]) <= 3
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from data import demo, demo_fix, fashion_mnist, shortcut
+from data import demo, demo_dashboard, demo_fix, fashion_mnist, shortcut
 from tests.helpers import REPO_ROOT, seed_offset
 
 
@@ -75,7 +75,7 @@ def test_the_fix_report_numbers_are_the_caches(fixed_demo) -> None:
 
 def test_the_fix_opens_the_dashboard_on_both_caches(tmp_path) -> None:
     paths = demo.DemoPaths(tmp_path)
-    command = demo.dashboard_command(paths, 8501, compare=demo_fix.FixedPaths(tmp_path).cache)
+    command = demo_dashboard.dashboard_command(paths, 8501, compare=demo_fix.FixedPaths(tmp_path).cache)
     assert command[command.index("--") + 1:] == ["--cache", str(paths.cache), "--compare",
                                                  str(tmp_path / "cache_fixed")]
-    assert "--compare" not in demo.dashboard_command(paths, 8501)
+    assert "--compare" not in demo_dashboard.dashboard_command(paths, 8501)

@@ -59,10 +59,10 @@ def verified_demo(small_demo):
 
 def test_on_the_demo_the_top_finding_is_the_tag_and_its_numbers_are_the_caches(verified_demo) -> None:
     from analysis.explore import cluster_offline
-    from data import demo
+    from data import demo, demo_measure
 
     paths, printed = verified_demo
-    cache, table = demo.marked_table(paths)
+    cache, table = demo_measure.marked_table(paths)
     stored = read_findings(cache)
     assert stored is not None and stored[1]          # written by the command, fresh
     findings = stored[0]

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score
 
 from analysis.cache import load
 from analysis.review import Review, label_issues
-from data import demo, shortcut
+from data import demo, demo_measure, shortcut
 from data.demo_model import WEIGHTS_ENV
 
 
@@ -23,8 +23,8 @@ def suspicious(small_demo: demo.DemoPaths) -> tuple:
     """(table with `marked`, ids of the suspicious cluster): the clusters among the three most suspicious
     whose prototype lies on the mark's corner (the reviewer sees the tag there), as the dashboard clusters
     by default."""
-    cache, table = demo.marked_table(small_demo)
-    summary, _ = demo.cluster_shortcut(cache, table)
+    cache, table = demo_measure.marked_table(small_demo)
+    summary, _ = demo_measure.cluster_shortcut(cache, table)
     on_mark = summary.head(3)[summary.head(3)["corner_share"] >= 0.3]
     assert len(on_mark), summary.drop(columns=["class_mix", "members"])
     return table, np.concatenate(on_mark["members"].tolist())

@@ -59,14 +59,14 @@ def is_loopback(address: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------ localhost
 def test_the_demo_and_the_repository_config_serve_on_localhost_with_a_minimal_toolbar(tmp_path: Path) -> None:
-    from data import demo
+    from data import demo, demo_dashboard
 
-    command = demo.dashboard_command(demo.DemoPaths(tmp_path), 8501)
+    command = demo_dashboard.dashboard_command(demo.DemoPaths(tmp_path), 8501)
     assert command[command.index("--server.address") + 1] == "localhost"
     assert command[command.index("--client.toolbarMode") + 1] == "minimal"
     assert "--read-only" not in command
     assert demo.build_parser().parse_args([]).address == "localhost"
-    shared = demo.dashboard_command(demo.DemoPaths(tmp_path), 8501, address="0.0.0.0", read_only=True)
+    shared = demo_dashboard.dashboard_command(demo.DemoPaths(tmp_path), 8501, address="0.0.0.0", read_only=True)
     assert shared[shared.index("--server.address") + 1] == "0.0.0.0" and shared[-1] == "--read-only"
     # `streamlit run dashboard/app.py` typed in the repository reads this file.
     config = tomllib.loads((REPO_ROOT / ".streamlit" / "config.toml").read_text())

@@ -160,105 +160,149 @@ def _sanity_plan(args: argparse.Namespace, explainers: Explainers, count: int,
                        len(depths) + int(class_check))
 
 
+@dataclass
+class _Setup:
+    """Everything `run` checked before the long loop: the sample loaded, the model on its device, the layers."""
+    device: Any
+    population: _Population
+    model: Any
+    images: Any                # the loaded sample, a tensor
+    positions: np.ndarray      # sampled rows of the population
+    chosen: np.ndarray         # the rows that loaded, in `images` order
+    errors: list               # (position in `positions`, reason) of each unreadable image
+    explainers: Explainers
+    layers: tuple[str, str]
+    sanity_plan: _SanityPlan | None
+
+
+def _set_up(args: argparse.Namespace) -> _Setup:
+    """Load the sample and the model and dry-run every step on one image, so that a bad layer or an op the engine
+    cannot propagate fails here, in one line, before the long loop. Raises the errors `run` reports."""
+    from analysis.trust import sanity
+    from analysis.trust.region_removal import load_inputs
+    from analysis.pipeline.devices import pick_device
+
+    device = pick_device(args.device)
+    population, loaded = _population_and_model(args)
+    positions = sample_rows(len(population.paths), args.sample, args.seed)
+    images, loaded_positions, errors = load_inputs([population.paths[p] for p in positions], loaded.transform,
+                                                   loaded.in_channels)
+    if not loaded_positions:
+        raise ValueError(f"none of the {len(positions)} sampled images could be loaded (first: {errors[0][1]})")
+    model = loaded.model.to(device)
+    explainers = Explainers.build(model, base=args.base, cam_layer=args.cam_layer, low_rule=args.low_rule)
+    layer = args.layer or default_intermediate_layer(explainers.fgcam, images[:1])
+    check_intermediate_layer(explainers, layer)
+    layers = ("input", layer)
+    # Dry run on one image: every method at every layer.
+    compare_methods(model, images[:1], layers=layers, steps=1, explainers=explainers, blur_sigma=args.blur_sigma)
+    sanity_plan = _sanity_plan(args, explainers, len(images), population.descriptor_size)
+    if sanity_plan is not None:  # the same for the sanity checks: every step of the cascade on one image
+        sanity.sanity_checks(model, images[:1], layers=layers, base=args.base, cam_layer=explainers.fgcam.cam_layer,
+                             depths=sanity_plan.depths, class_check=sanity_plan.class_check, seed=args.seed,
+                             pooled_size=sanity_plan.pooled_size, low_rule=args.low_rule)
+    return _Setup(device, population, model, images, positions, positions[loaded_positions], errors, explainers,
+                  layers, sanity_plan)
+
+
+def _announce(args: argparse.Namespace, setup: _Setup, passes: int) -> None:
+    """The work ahead, on stderr (unless --quiet)."""
+    if args.quiet:
+        return
+    print(f"compare-methods: {len(setup.images)} images of {setup.population.description} (sample seed "
+          f"{args.seed}), layers input and {setup.layers[1]}, {len(METHODS)} methods: {passes} perturbed forward "
+          f"passes on {setup.device}", file=sys.stderr)
+    plan = setup.sanity_plan
+    if plan is not None:
+        print(f"sanity checks: {len(plan.positions)} images, randomisation steps "
+              f"{', '.join(map(str, plan.depths)) or 'none'} of {plan.blocks} blocks below the head, "
+              f"class check {'on' if plan.class_check else 'off'}: {plan.explanations} explanations",
+              file=sys.stderr)
+
+
+def _add_sanity_checks(args: argparse.Namespace, setup: _Setup, comparison: Any) -> None:
+    """Run the planned sanity checks on their subset of the sample and attach them to `comparison`."""
+    from tqdm import tqdm
+    from analysis.trust import sanity
+
+    plan = setup.sanity_plan
+    checked = plan.positions   # rows of `images`
+    bar = tqdm(total=len(checked) * plan.passes_per_image, unit="img", disable=args.quiet,
+               dynamic_ncols=True, desc="sanity")
+    checks = sanity.sanity_checks(setup.model, setup.images[checked], layers=setup.layers, base=args.base,
+                                  cam_layer=setup.explainers.fgcam.cam_layer, depths=plan.depths,
+                                  class_check=plan.class_check, seed=args.seed,
+                                  batch_size=args.batch_size, pooled_size=plan.pooled_size,
+                                  low_rule=args.low_rule,
+                                  progress=bar.update)
+    bar.close()
+    rows = setup.chosen[checked][checks.per_image["image"].to_numpy()]
+    checks.per_image.insert(1, "id", setup.population.ids[rows])
+    checks.per_image.insert(2, "path", [setup.population.relative[i] for i in rows])
+    comparison.sanity, comparison.sanity_per_image = checks.table, checks.per_image
+    comparison.meta["sanity"] = checks.meta
+
+
+def _print_tables(comparison: Any) -> None:
+    """The comparison table, then the sanity checks' tables and sentence when they ran, on stdout."""
+    from analysis.trust import sanity
+
+    print(format_table(comparison))
+    if comparison.sanity is None:
+        return
+    meta = comparison.meta["sanity"]
+    print()
+    if meta["steps"]:
+        print(sanity.format_blocks(meta))
+    for variant, metric in (("abs", "spearman"), ("abs", "ssim"), ("signed", "spearman"),
+                            ("positive_pooled", "spearman")):
+        print()
+        print(sanity.format_sanity_table(comparison.sanity, meta, variant, metric))
+    if meta.get("sentence"):
+        print()
+        print(meta["sentence"])
+
+
 def run(args: argparse.Namespace) -> int:
     """The `compare-methods` subcommand: 0 on success, 2 for a setup problem (one line on stderr)."""
-    from analysis.trust import sanity
     from analysis.cache import CacheError
     from analysis.fgcam import UnsupportedOperation
     from analysis.pipeline.models import ModelSpecError
-    from analysis.trust.region_removal import load_inputs
-    from analysis.pipeline.devices import pick_device
     from analysis.pipeline.datasets import DatasetError
-
-    def fail(message: str) -> int:
-        print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
-        return 2
 
     started = time.perf_counter()
     try:
-        device = pick_device(args.device)
-        population, loaded = _population_and_model(args)
-        positions = sample_rows(len(population.paths), args.sample, args.seed)
-        images, loaded_positions, errors = load_inputs([population.paths[p] for p in positions], loaded.transform,
-                                                       loaded.in_channels)
-        if not loaded_positions:
-            return fail(f"none of the {len(positions)} sampled images could be loaded (first: {errors[0][1]})")
-        chosen = positions[loaded_positions]
-        model = loaded.model.to(device)
-        explainers = Explainers.build(model, base=args.base, cam_layer=args.cam_layer, low_rule=args.low_rule)
-        layer = args.layer or default_intermediate_layer(explainers.fgcam, images[:1])
-        check_intermediate_layer(explainers, layer)
-        layers = ("input", layer)
-        # Dry run on one image: every method at every layer, so a bad layer or an op the engine cannot
-        # propagate fails here, in one line, before the long loop.
-        compare_methods(model, images[:1], layers=layers, steps=1, explainers=explainers, blur_sigma=args.blur_sigma)
-        sanity_plan = _sanity_plan(args, explainers, len(images), population.descriptor_size)
-        if sanity_plan is not None:  # the same for the sanity checks: every step of the cascade on one image
-            sanity.sanity_checks(model, images[:1], layers=layers, base=args.base, cam_layer=explainers.fgcam.cam_layer,
-                                 depths=sanity_plan.depths, class_check=sanity_plan.class_check, seed=args.seed,
-                                 pooled_size=sanity_plan.pooled_size, low_rule=args.low_rule)
+        setup = _set_up(args)
     except (CacheError, ModelSpecError, DatasetError, ValueError, UnsupportedOperation) as error:
-        return fail(str(error))
-    n = len(images)
-    passes = n * len(layers) * len(METHODS) * forward_passes_per_image(args.steps)
-    if not args.quiet:
-        print(f"compare-methods: {n} images of {population.description} (sample seed {args.seed}), "
-              f"layers input and {layer}, {len(METHODS)} methods: {passes} perturbed forward passes on {device}",
-              file=sys.stderr)
-        if sanity_plan is not None:
-            print(f"sanity checks: {len(sanity_plan.positions)} images, randomisation steps "
-                  f"{', '.join(map(str, sanity_plan.depths)) or 'none'} of {sanity_plan.blocks} blocks below the head, "
-                  f"class check {'on' if sanity_plan.class_check else 'off'}: {sanity_plan.explanations} explanations",
-                  file=sys.stderr)
+        message = str(error)
+        print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+        return 2
+    population, positions, chosen, errors = setup.population, setup.positions, setup.chosen, setup.errors
+    passes = len(setup.images) * len(setup.layers) * len(METHODS) * forward_passes_per_image(args.steps)
+    _announce(args, setup, passes)
     from tqdm import tqdm
 
-    bar = tqdm(total=n, unit="img", disable=args.quiet, dynamic_ncols=True, desc="compare")
-    comparison = compare_methods(model, images, layers=layers, steps=args.steps, blur_sigma=args.blur_sigma,
-                                 seed=args.seed, batch_size=args.batch_size, forward_batch=args.forward_batch,
-                                 explainers=explainers, progress=bar.update)
+    bar = tqdm(total=len(setup.images), unit="img", disable=args.quiet, dynamic_ncols=True, desc="compare")
+    comparison = compare_methods(setup.model, setup.images, layers=setup.layers, steps=args.steps,
+                                 blur_sigma=args.blur_sigma, seed=args.seed, batch_size=args.batch_size,
+                                 forward_batch=args.forward_batch, explainers=setup.explainers, progress=bar.update)
     bar.close()
     comparison.per_image.insert(1, "id", population.ids[chosen][comparison.per_image["image"].to_numpy()])
     comparison.per_image.insert(2, "path", [population.relative[i] for i in
                                             chosen[comparison.per_image["image"].to_numpy()]])
-    if sanity_plan is not None:
-        checked = sanity_plan.positions   # rows of `images`
-        bar = tqdm(total=len(checked) * sanity_plan.passes_per_image, unit="img", disable=args.quiet,
-                   dynamic_ncols=True, desc="sanity")
-        checks = sanity.sanity_checks(model, images[checked], layers=layers, base=args.base,
-                                      cam_layer=explainers.fgcam.cam_layer, depths=sanity_plan.depths,
-                                      class_check=sanity_plan.class_check, seed=args.seed,
-                                      batch_size=args.batch_size, pooled_size=sanity_plan.pooled_size,
-                                      low_rule=args.low_rule,
-                                      progress=bar.update)
-        bar.close()
-        rows = chosen[checked][checks.per_image["image"].to_numpy()]
-        checks.per_image.insert(1, "id", population.ids[rows])
-        checks.per_image.insert(2, "path", [population.relative[i] for i in rows])
-        comparison.sanity, comparison.sanity_per_image = checks.table, checks.per_image
-        comparison.meta["sanity"] = checks.meta
+    if setup.sanity_plan is not None:
+        _add_sanity_checks(args, setup, comparison)
     comparison.meta.update({
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": population.description,
         "model": population.model_spec, "cache_identity": population.cache_identity, "sample": args.sample,
-        "device": str(device),
+        "device": str(setup.device),
         "skipped": [{"path": population.relative[positions[p]], "reason": r} for p, r in errors],
         "forward_passes": passes, "seconds": round(time.perf_counter() - started, 1),
         "options": {key: (str(value) if isinstance(value, Path) else low_rule_text(value) if key == "low_rule" else value)
                     for key, value in vars(args).items()
                     if key not in ("handler", "command")},
     })
-    print(format_table(comparison))
-    if comparison.sanity is not None:
-        meta = comparison.meta["sanity"]
-        print()
-        if meta["steps"]:
-            print(sanity.format_blocks(meta))
-        for variant, metric in (("abs", "spearman"), ("abs", "ssim"), ("signed", "spearman"),
-                                ("positive_pooled", "spearman")):
-            print()
-            print(sanity.format_sanity_table(comparison.sanity, meta, variant, metric))
-        if meta.get("sentence"):
-            print()
-            print(meta["sentence"])
+    _print_tables(comparison)
     if errors:
         print(f"skipped {len(errors)} unreadable image(s), e.g. {population.relative[positions[errors[0][0]]]}: "
               f"{errors[0][1]}", file=sys.stderr)

@@ -344,35 +344,35 @@ def _check_writable(out: Path) -> None:
             raise SetupError(f"--out {out}: cannot write in {target} ({reason}); choose a writable --out") from None
 
 
-def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
-    """Validate everything and build the plan; raises SetupError (nothing has been written yet). Problems are
-    worded with the command line's option names (--out, --masks, ...), which are the fields of `options`."""
-    from analysis.fgcam import FGCAM
-
+def _existing_manifest(options: ExplainOptions) -> dict[str, Any] | None:
+    """Check --out before any work: a directory we may write, holding nothing but a cache; the manifest of the
+    cache already there (None: no cache, or an unreadable one that --overwrite replaces)."""
     out: Path = options.out
     if out.exists() and not out.is_dir():
         raise SetupError(f"--out {out}: exists and is not a directory")
     _check_writable(out)  # before the model loads: a read-only --out must not cost the user a model load
-    existing_manifest = None
-    if out.is_dir():
-        manifest_path = out / MANIFEST_NAME
-        if manifest_path.exists():
-            try:
-                existing_manifest = CacheWriter(out).read_manifest()
-            except CacheError as error:
-                if not options.overwrite:
-                    raise SetupError(f"{error}; use --overwrite to replace it") from None
-        else:
-            foreign = [p.name for p in out.iterdir() if not is_cache_entry(p.name)]
-            if foreign:
-                raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "
-                                 "choose a new or empty directory")
-            if out_snapshot(out)[1] and not options.overwrite:
-                raise SetupError(f"--out {out} holds explanation shards but no {MANIFEST_NAME}, so nobody knows "
-                                 "which options made them and they cannot be resumed; use --overwrite to remove "
-                                 "them, or another --out")
-    seen = out_snapshot(out)
+    if not out.is_dir():
+        return None
+    if (out / MANIFEST_NAME).exists():
+        try:
+            return CacheWriter(out).read_manifest()
+        except CacheError as error:
+            if not options.overwrite:
+                raise SetupError(f"{error}; use --overwrite to replace it") from None
+            return None
+    foreign = [p.name for p in out.iterdir() if not is_cache_entry(p.name)]
+    if foreign:
+        raise SetupError(f"--out {out}: exists, is not empty and holds no explanation cache; "
+                         "choose a new or empty directory")
+    if out_snapshot(out)[1] and not options.overwrite:
+        raise SetupError(f"--out {out} holds explanation shards but no {MANIFEST_NAME}, so nobody knows "
+                         "which options made them and they cannot be resumed; use --overwrite to remove "
+                         "them, or another --out")
+    return None
 
+
+def _listing(options: ExplainOptions) -> tuple[DatasetListing, int]:
+    """The dataset with its masks and boxes, cut to --limit; and how many images it listed before the cut."""
     for option, path in (("--masks", options.masks), ("--boxes", options.boxes), ("--classes", options.classes),
                          ("--checkpoint", options.checkpoint)):
         if path is not None and not path.exists():
@@ -387,8 +387,13 @@ def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
         raise SetupError(str(error).splitlines()[0]) from None
     listed = len(listing.samples)
     listing.samples = [listing.samples[i] for i in evenly_spaced(listed, options.limit)]
+    return listing, listed
 
-    device = _pick_device(options.device, ranks)
+
+def _model_and_explainer(options: ExplainOptions, device: torch.device) -> tuple[LoadedModel, Any]:
+    """The model, moved to `device`, and its FG-CAM explainer."""
+    from analysis.fgcam import FGCAM
+
     try:
         loaded = load_model(options.model, weights=options.weights, checkpoint=options.checkpoint,
                             num_classes=options.num_classes, image_size=options.image_size, mean=options.mean,
@@ -403,25 +408,25 @@ def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
         raise SetupError(str(error).splitlines()[0]) from None
     except Exception as error:  # UnsupportedOperation: a model the engine cannot trace
         raise SetupError(f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
-    outputs = _dry_run(loaded, explainer, listing, device, options.target_layer)
-    geometry = _geometry_record(loaded, listing)
-    if listing.has_foreground and geometry["method"] == "unknown":
-        raise SetupError(f"foreground masks/boxes cannot be placed: {geometry['transform']}; give the model a "
-                         "transform that only resizes and crops (or use --image-size/--mean/--std)")
+    return loaded, explainer
 
+
+def _class_names_and_labels(options: ExplainOptions, listing: DatasetListing, loaded: LoadedModel,
+                            outputs: int) -> tuple[list[str], list[int]]:
+    """One class name per model output, and each image's label as an output index."""
     class_names = class_mapping(listing, loaded, options.classes)
     if outputs != len(class_names):
         source = f"--classes {options.classes} lists" if options.classes else "the dataset has"
         raise SetupError(f"the model has {outputs} outputs but {source} {len(class_names)} classes; "
                          "pass --classes FILE with one class name per model output (line i = output i)")
     index_of = {name: i for i, name in enumerate(class_names)}
-    labels = [index_of[s.label_name] for s in listing.samples]
+    return class_names, [index_of[s.label_name] for s in listing.samples]
 
-    shard_size = options.shard_size
-    if shard_size is None:
-        previous = (existing_manifest or {}).get("options", {}).get("shard_size")
-        shard_size = int(previous) if previous and not options.overwrite else options.batch_size
-    recorded = {
+
+def _recorded_options(options: ExplainOptions, explainer: Any, loaded: LoadedModel, device: torch.device,
+                      shard_size: int) -> dict[str, Any]:
+    """The manifest's "options": what made the cache (a resume compares them), as plain JSON values."""
+    return {
         "base": options.base, "target_layer": options.target_layer, "cam_layer": explainer.cam_layer,
         "denoise": bool(options.denoise), "low_rule": low_rule_text(options.low_rule),
         "batch_size": options.batch_size, "map_size": options.map_size,
@@ -431,8 +436,14 @@ def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
         "weights": options.weights, "image_size": options.image_size, "mean": options.mean, "std": options.std,
         "preprocessing": loaded.preprocessing, "device": str(device), "workers": options.workers,
     }
+
+
+def _new_manifest(options: ExplainOptions, ranks: Ranks, loaded: LoadedModel, listing: DatasetListing, listed: int,
+                  outputs: int, recorded: dict[str, Any], class_names: list[str],
+                  geometry: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a new cache, nothing explained yet."""
     now = now_iso()
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION, "cache_id": new_cache_id(), "created": now, "updated": now,
         "finished": None,
         "model": {"spec": _normalised_spec(options.model), "weights_sha256": loaded.weights_sha256,
@@ -445,6 +456,30 @@ def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
         "counts": {"images": len(listing.samples), "explained": 0, "errors": 0, "correct": 0},
         "software": _software_versions(), "world_size": ranks.world_size,
     }
+
+
+def prepare(options: ExplainOptions, ranks: Ranks) -> JobPlan:
+    """Validate everything and build the plan; raises SetupError (nothing has been written yet). Problems are
+    worded with the command line's option names (--out, --masks, ...), which are the fields of `options`."""
+    out: Path = options.out
+    existing_manifest = _existing_manifest(options)
+    seen = out_snapshot(out)
+    listing, listed = _listing(options)
+    device = _pick_device(options.device, ranks)
+    loaded, explainer = _model_and_explainer(options, device)
+    outputs = _dry_run(loaded, explainer, listing, device, options.target_layer)
+    geometry = _geometry_record(loaded, listing)
+    if listing.has_foreground and geometry["method"] == "unknown":
+        raise SetupError(f"foreground masks/boxes cannot be placed: {geometry['transform']}; give the model a "
+                         "transform that only resizes and crops (or use --image-size/--mean/--std)")
+    class_names, labels = _class_names_and_labels(options, listing, loaded, outputs)
+
+    shard_size = options.shard_size
+    if shard_size is None:
+        previous = (existing_manifest or {}).get("options", {}).get("shard_size")
+        shard_size = int(previous) if previous and not options.overwrite else options.batch_size
+    recorded = _recorded_options(options, explainer, loaded, device, shard_size)
+    manifest = _new_manifest(options, ranks, loaded, listing, listed, outputs, recorded, class_names, geometry)
     existing = False
     if existing_manifest is not None and not options.overwrite:
         diffs = _differences(existing_manifest, manifest)

@@ -119,6 +119,51 @@ def _ranking_quality(y: np.ndarray, scores: np.ndarray, metric: str) -> float:
     return float((average_precision_score if metric == "ap" else roc_auc_score)(y, scores))
 
 
+def _tagged_rows(ids: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `ids` holding the positive and the negative ids; ValueError for an id not in `ids`."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+
+    def rows_of(wanted: np.ndarray) -> np.ndarray:
+        where = np.searchsorted(sorted_ids, wanted)
+        where = np.minimum(where, max(len(sorted_ids) - 1, 0))
+        if len(sorted_ids) == 0 or np.any(sorted_ids[where] != wanted):
+            missing = wanted if len(sorted_ids) == 0 else wanted[sorted_ids[where] != wanted]
+            raise ValueError(f"image ids not in the cache: {missing[:10].tolist()}")
+        return order[where]
+
+    return rows_of(positives), rows_of(negatives)
+
+
+def _out_of_fold_scores(x: np.ndarray, train_rows: np.ndarray, y: np.ndarray, folds: int, seed: int,
+                        c: float) -> np.ndarray:
+    """Each training row's score by the probe fitted on the other folds (NaN everywhere for fewer than 2 folds)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    out_of_fold = np.full(len(train_rows), np.nan)
+    if folds >= 2:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for fit_part, held_out in splitter.split(train_rows, y):
+            probe = _fit(x[train_rows[fit_part]], y[fit_part], c)
+            out_of_fold[held_out] = probe.decision_function(x[train_rows[held_out]])
+    return out_of_fold
+
+
+def _probe_quality(y: np.ndarray, kind: np.ndarray, out_of_fold: np.ndarray, folds: int) -> ProbeQuality:
+    """The cross-validated quality; `kind` says of each training row 0 positive, 1 rejected, 2 unlabelled."""
+    positives, rejected, unlabelled = (int(np.sum(kind == k)) for k in (0, 1, 2))
+    if folds < 2:
+        return ProbeQuality(float("nan"), float("nan"), float(y.mean()), float("nan"), float("nan"), positives,
+                            rejected, unlabelled, 0)
+    versus_rejected, versus_unlabelled = kind < 2, kind != 1
+    return ProbeQuality(
+        cv_roc_auc=_ranking_quality(y[versus_unlabelled], out_of_fold[versus_unlabelled], "auc"),
+        cv_average_precision=_ranking_quality(y, out_of_fold, "ap"), chance=float(y.mean()),
+        cv_average_precision_rejected=_ranking_quality(y[versus_rejected], out_of_fold[versus_rejected], "ap"),
+        chance_rejected=(float(y[versus_rejected].mean()) if rejected else float("nan")),
+        positives=positives, rejected=rejected, unlabelled_negatives=unlabelled, folds=folds)
+
+
 def rank_by_probe(ids: np.ndarray, descriptors: np.ndarray, positive_ids: Iterable[int] | np.ndarray,
                   negative_ids: Iterable[int] | np.ndarray = (), seed: int = 0,
                   unlabelled_sample: int = UNLABELLED_SAMPLE, c: float = PROBE_C,
@@ -130,8 +175,6 @@ def rank_by_probe(ids: np.ndarray, descriptors: np.ndarray, positive_ids: Iterab
     Deterministic for a given seed. ValueError for no positives, ids not in `ids`, an id both positive and
     negative, or nothing to contrast the positives with.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     x = probe_features(descriptors)
     if len(x) != len(ids):
@@ -144,18 +187,7 @@ def rank_by_probe(ids: np.ndarray, descriptors: np.ndarray, positive_ids: Iterab
     both = np.intersect1d(positives, negatives)
     if len(both):
         raise ValueError(f"{len(both)} image(s) are both tagged and rejected (e.g. id {int(both[0])})")
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-
-    def rows_of(wanted: np.ndarray) -> np.ndarray:
-        where = np.searchsorted(sorted_ids, wanted)
-        where = np.minimum(where, max(len(sorted_ids) - 1, 0))
-        if len(sorted_ids) == 0 or np.any(sorted_ids[where] != wanted):
-            missing = wanted if len(sorted_ids) == 0 else wanted[sorted_ids[where] != wanted]
-            raise ValueError(f"image ids not in the cache: {missing[:10].tolist()}")
-        return order[where]
-
-    pos_rows, neg_rows = rows_of(positives), rows_of(negatives)
+    pos_rows, neg_rows = _tagged_rows(ids, positives, negatives)
     labelled = np.zeros(len(ids), bool)
     labelled[pos_rows] = labelled[neg_rows] = True
     unlabelled_rows = np.nonzero(~labelled)[0]
@@ -170,12 +202,7 @@ def rank_by_probe(ids: np.ndarray, descriptors: np.ndarray, positive_ids: Iterab
 
     scores = np.full(len(ids), np.nan)
     folds = min(max_folds, len(pos_rows), len(neg_rows) + len(sample_rows))
-    out_of_fold = np.full(len(train_rows), np.nan)
-    if folds >= 2:
-        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        for fit_part, held_out in splitter.split(train_rows, y):
-            probe = _fit(x[train_rows[fit_part]], y[fit_part], c)
-            out_of_fold[held_out] = probe.decision_function(x[train_rows[held_out]])
+    out_of_fold = _out_of_fold_scores(x, train_rows, y, folds, seed, c)
     full = _fit(x[train_rows], y, c)
     rest = unlabelled_rows if folds < 2 else np.setdiff1d(unlabelled_rows, sample_rows, assume_unique=True)
     if len(rest):
@@ -185,16 +212,4 @@ def rank_by_probe(ids: np.ndarray, descriptors: np.ndarray, positive_ids: Iterab
         scores[train_rows[sampled]] = out_of_fold[sampled]
     ranked = unlabelled_rows[np.lexsort((ids[unlabelled_rows], -scores[unlabelled_rows]))]
     frame = pd.DataFrame({"id": ids[ranked], "score": scores[ranked]})
-
-    if folds >= 2:
-        versus_rejected, versus_unlabelled = kind < 2, kind != 1
-        quality = ProbeQuality(
-            cv_roc_auc=_ranking_quality(y[versus_unlabelled], out_of_fold[versus_unlabelled], "auc"),
-            cv_average_precision=_ranking_quality(y, out_of_fold, "ap"), chance=float(y.mean()),
-            cv_average_precision_rejected=_ranking_quality(y[versus_rejected], out_of_fold[versus_rejected], "ap"),
-            chance_rejected=(float(y[versus_rejected].mean()) if len(neg_rows) else float("nan")),
-            positives=len(pos_rows), rejected=len(neg_rows), unlabelled_negatives=len(sample_rows), folds=folds)
-    else:
-        quality = ProbeQuality(float("nan"), float("nan"), float(y.mean()), float("nan"), float("nan"), len(pos_rows),
-                               len(neg_rows), len(sample_rows), 0)
-    return frame.reset_index(drop=True), quality
+    return frame.reset_index(drop=True), _probe_quality(y, kind, out_of_fold, folds)

@@ -95,6 +95,27 @@ def summarise(per_image: pd.DataFrame, labels: dict[str, str] | None = None) -> 
     return pd.DataFrame(rows)
 
 
+def _in_layer_and_method_order(frame: pd.DataFrame, layers: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
+    """The per-image rows, appended batch by batch, ordered by layer, method (as given), then image."""
+    frame["_layer"] = frame["layer"].map({name: i for i, name in enumerate(layers)})
+    frame["_method"] = frame["method"].map({name: i for i, name in enumerate(methods)})
+    frame = frame.sort_values(["_layer", "_method", "image"], kind="stable").drop(columns=["_layer", "_method"])
+    return frame.reset_index(drop=True)
+
+
+def _mean_curves(curve_sums: dict[tuple[str, str], np.ndarray], layers: Sequence[str], methods: Sequence[str],
+                 labels: dict[str, str], fractions: np.ndarray, n_images: int) -> pd.DataFrame:
+    """The mean deletion and insertion curves from their sums over `n_images`, in layer then method order."""
+    order = {(layer, method): i for i, (layer, method) in enumerate((l, m) for l in layers for m in methods)}
+    curves_rows = []
+    for (layer, method), sums in sorted(curve_sums.items(), key=lambda item: order[item[0]]):
+        for which, values in (("deletion", sums[0]), ("insertion", sums[1])):
+            curves_rows.append(pd.DataFrame({"layer": layer, "method": method, "label": labels[method],
+                                             "curve": which, "fraction": fractions,
+                                             "probability": values / n_images}))
+    return pd.concat(curves_rows, ignore_index=True)
+
+
 def compare_methods(model: nn.Module, images: Tensor, layers: Sequence[str] = ("input",),
                     methods: Sequence[str] = METHODS, base: str = "gradcam", cam_layer: str | None = None,
                     steps: int = DEFAULT_STEPS, blur_sigma: float = DEFAULT_BLUR_SIGMA, seed: int = 0,
@@ -142,20 +163,9 @@ def compare_methods(model: nn.Module, images: Tensor, layers: Sequence[str] = ("
         if progress is not None:
             progress(len(batch))
     labels = {m: method_label(m, explainers.base) for m in methods}
-    frame = pd.concat(per_image, ignore_index=True)
-    # Batches were appended batch by batch: order the rows by layer, method (as given), then image.
-    frame["_layer"] = frame["layer"].map({name: i for i, name in enumerate(layers)})
-    frame["_method"] = frame["method"].map({name: i for i, name in enumerate(methods)})
-    frame = frame.sort_values(["_layer", "_method", "image"], kind="stable").drop(columns=["_layer", "_method"])
-    frame = frame.reset_index(drop=True)
-    order = {(layer, method): i for i, (layer, method) in enumerate((l, m) for l in layers for m in methods)}
-    curves_rows = []
-    for (layer, method), sums in sorted(curve_sums.items(), key=lambda item: order[item[0]]):
-        for which, values in (("deletion", sums[0]), ("insertion", sums[1])):
-            curves_rows.append(pd.DataFrame({"layer": layer, "method": method, "label": labels[method],
-                                             "curve": which, "fraction": fractions,
-                                             "probability": values / len(images)}))
-    return MethodComparison(table=summarise(frame, labels), curves=pd.concat(curves_rows, ignore_index=True),
+    frame = _in_layer_and_method_order(pd.concat(per_image, ignore_index=True), layers, methods)
+    curves = _mean_curves(curve_sums, layers, methods, labels, fractions, len(images))
+    return MethodComparison(table=summarise(frame, labels), curves=curves,
                             per_image=frame, meta={"base": explainers.base, "cam_layer": explainers.fgcam.cam_layer,
                                                    "layers": list(layers), "layer_sizes": layer_sizes,
                                                    "methods": list(methods),

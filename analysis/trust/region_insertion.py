@@ -157,6 +157,40 @@ def default_targets(table: pd.DataFrame, into: int, exclude: np.ndarray, count: 
     return ids
 
 
+def _checked_targets(table: pd.DataFrame, known: set[int], names: list[str],
+                     target_ids: Sequence[int] | np.ndarray | None, into: int, source_ids: np.ndarray,
+                     n_targets: int, seed: int) -> np.ndarray:
+    """The target ids, sorted and unique: the given ones, else `default_targets`; ValueError (one line) for
+    none, or for an id not in the cache."""
+    if target_ids is None:
+        target_ids = default_targets(table, into, source_ids, n_targets, seed)
+        if len(target_ids) == 0:
+            raise ValueError(f"no image outside the selection has a label and a prediction other than "
+                             f"{names[into] if into < len(names) else into!r}: nothing to paste into")
+    target_ids = np.unique(np.asarray(target_ids, dtype=np.int64))
+    missing = [int(i) for i in target_ids if int(i) not in known]
+    if missing:
+        raise ValueError(f"{len(missing)} target id(s) are not in the cache (e.g. {missing[:5]})")
+    return target_ids
+
+
+def _load_images(cache: Any, loaded: Any, source_ids: np.ndarray,
+                 target_ids: np.ndarray) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """The source and target images as the model sees them, the ids of those that loaded, and (id, reason)
+    of those that did not; ValueError when no source or no target loads."""
+    sources, source_positions, source_errors = load_inputs([cache.image_path(int(i)) for i in source_ids],
+                                                           loaded.transform, loaded.in_channels)
+    targets, target_positions, target_errors = load_inputs([cache.image_path(int(i)) for i in target_ids],
+                                                           loaded.transform, loaded.in_channels)
+    skipped = ([(int(source_ids[p]), reason) for p, reason in source_errors]
+               + [(int(target_ids[p]), reason) for p, reason in target_errors])
+    if not source_positions:
+        raise ValueError(f"none of the {len(source_ids)} selected images could be loaded")
+    if not target_positions:
+        raise ValueError(f"none of the {len(target_ids)} target images could be loaded")
+    return sources, targets, source_ids[source_positions], target_ids[target_positions], skipped
+
+
 def insertion_test_on_cache(cache: Any, source_ids: Sequence[int] | np.ndarray, into: int | None = None,
                             target_ids: Sequence[int] | np.ndarray | None = None,
                             n_targets: int = DEFAULT_TARGETS, q: float = DEFAULT_Q, loaded: Any = None,
@@ -187,15 +221,7 @@ def insertion_test_on_cache(cache: Any, source_ids: Sequence[int] | np.ndarray, 
     if not 0 <= int(into) < max(len(names), 1):
         raise ValueError(f"class {into} is not a class of the cache")
     into = int(into)
-    if target_ids is None:
-        target_ids = default_targets(table, into, source_ids, n_targets, seed)
-        if len(target_ids) == 0:
-            raise ValueError(f"no image outside the selection has a label and a prediction other than "
-                             f"{names[into] if into < len(names) else into!r}: nothing to paste into")
-    target_ids = np.unique(np.asarray(target_ids, dtype=np.int64))
-    missing = [int(i) for i in target_ids if int(i) not in known]
-    if missing:
-        raise ValueError(f"{len(missing)} target id(s) are not in the cache (e.g. {missing[:5]})")
+    target_ids = _checked_targets(table, known, names, target_ids, into, source_ids, n_targets, seed)
     if len(source_ids) > MAX_SOURCES:
         source_ids = np.sort(np.random.default_rng(seed).choice(source_ids, size=MAX_SOURCES, replace=False))
     if prototype is None:
@@ -203,17 +229,7 @@ def insertion_test_on_cache(cache: Any, source_ids: Sequence[int] | np.ndarray, 
     if loaded is None:
         loaded = model_from_manifest(cache.manifest)
     model = loaded.model.to(device)
-    sources, source_positions, source_errors = load_inputs([cache.image_path(int(i)) for i in source_ids],
-                                                           loaded.transform, loaded.in_channels)
-    targets, target_positions, target_errors = load_inputs([cache.image_path(int(i)) for i in target_ids],
-                                                           loaded.transform, loaded.in_channels)
-    skipped = ([(int(source_ids[p]), reason) for p, reason in source_errors]
-               + [(int(target_ids[p]), reason) for p, reason in target_errors])
-    if not source_positions:
-        raise ValueError(f"none of the {len(source_ids)} selected images could be loaded")
-    if not target_positions:
-        raise ValueError(f"none of the {len(target_ids)} target images could be loaded")
-    used_sources, used_targets = source_ids[source_positions], target_ids[target_positions]
+    sources, targets, used_sources, used_targets, skipped = _load_images(cache, loaded, source_ids, target_ids)
     result = insertion_test(model, sources, targets, into, prototype, q=q, seed=seed, forward_batch=forward_batch)
     frame = result.per_image
     frame.insert(0, "source_id", used_sources[frame["source"].to_numpy()])
