@@ -79,7 +79,7 @@ def test_downloads_work_in_a_browser(small_cache: Path, tmp_path: Path) -> None:
                 page.get_by_role("button", name=label).click()
             files[label] = tmp_path / info.value.suggested_filename
             info.value.save_as(files[label])
-        page.goto(base + "/findings")               # the report built on the findings, from their page
+        page.goto(base)               # the Findings page (the first page: the app opens on it), and its report
         shots_module.wait_until_done(page, "Findings")
         with page.expect_download(timeout=180_000) as info:
             page.get_by_role("button", name="Download the report (HTML)").click()
