@@ -14,7 +14,9 @@ Lite0's own prediction without the watermark, so every mistake is the watermark'
 Columns: victims (other-class carriers called the target), driven (carriers whose prediction the artefact
 changes), flagged (clusters called "shortcut"), victims in flagged (share), purity (carriers among the flagged
 clusters' members), undecided (clusters, and the share of victims in them), wrong (clusters the artefact drives
-called "uses the object" or "not used"), seconds. On the clean rows every "shortcut" is a false alarm.
+called "uses the object" or "not used"), concepts (the findings "a concept strong in few images": how many, the
+share of victims among their images, and those images' purity), seconds. On the clean rows every "shortcut" is
+a false alarm.
 """
 from __future__ import annotations
 
@@ -84,13 +86,15 @@ def photo_row(out: Path, crops_per_photo: int = PHOTO_CROPS, watermarked: float 
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| row | victims | driven | flagged | victims in flagged | purity | undecided (victims) | wrong "
-             "| verdicts | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| verdicts | concepts (victims, purity) | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = (lambda v: "-" if v != v else f"{v:.0%}")   # noqa: E731 (NaN: no victims or no flagged cluster)
         verdicts = ", ".join(f"{k} {v}" for k, v in sorted(r["verdicts"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['row']} | {r['victims']} | {r['driven']} | {r['flagged_clusters']} | "
                      f"{pct(r['victims_flagged'])} | {pct(r['purity_flagged'])} | {r['undecided_clusters']} "
-                     f"({pct(r['victims_undecided'])}) | {r['wrong_verdicts']} | {verdicts} | {r['seconds']:.0f} |")
+                     f"({pct(r['victims_undecided'])}) | {r['wrong_verdicts']} | {verdicts} | "
+                     f"{r['concept_findings']} ({pct(r['victims_concepts'])}, {pct(r['purity_concepts'])}) | "
+                     f"{r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

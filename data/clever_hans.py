@@ -13,7 +13,10 @@ What is scored (from the stored causal tests of every scope, CACHE/analysis/clus
     `victims_not_cleared` for the two together (the victims that no reassuring verdict covers);
   * wrong verdicts: tested clusters that the artefact drives (>= 50% of their members driven) called "uses the
     object" or "not used" -- the false reassurance the issue forbids;
-  * on a clean control (no artefact anywhere), every "shortcut" verdict is a false alarm.
+  * on a clean control (no artefact anywhere), every "shortcut" verdict is a false alarm;
+  * concept findings: the images of the findings "a concept strong in few images" (analysis.findings.kinds, from
+    the stored channel relevance; no causal test), `victims_concepts` and `purity_concepts` as above: a victims
+    view that does not care where the artefact sits.
 The table and its command are bench/clever_hans.py; tests/test_clever_hans.py runs small rows.
 """
 from __future__ import annotations
@@ -154,8 +157,10 @@ def tested_clusters(cache_dir: Path) -> list[dict[str, Any]]:
 def score(cache_dir: Path, truth: pd.DataFrame) -> dict[str, Any]:
     """The row's numbers (see the module docstring) from the stored causal tests and the truth table."""
     from analysis.cache import load
+    from analysis.findings.kinds import concepts_in_few_images
 
-    table = load(cache_dir).columns(["id", "path"]).merge(truth, on="path", how="left")
+    cache = load(cache_dir)
+    table = cache.columns(["id", "path"]).merge(truth, on="path", how="left")
     carrier = pd.Series(table["carrier"].to_numpy(bool), index=table["id"].to_numpy())
     driven = pd.Series((table["carrier"] & (table["pred_clean"] != table["pred_planted"])).to_numpy(bool),
                        index=table["id"].to_numpy())
@@ -175,6 +180,11 @@ def score(cache_dir: Path, truth: pd.DataFrame) -> dict[str, Any]:
         row[f"{key}_clusters"] = sum(c["verdict"] in verdicts_in for c in clusters)
         row[f"victims_{key}"] = len(victims & members) / len(victims) if victims else float("nan")
         row[f"purity_{key}"] = float(carrier.loc[sorted(members)].mean()) if members else float("nan")
+    concepts = concepts_in_few_images(cache)
+    members = set().union(*[set(f.ids) for f in concepts])
+    row["concept_findings"] = len(concepts)
+    row["victims_concepts"] = len(victims & members) / len(victims) if victims else float("nan")
+    row["purity_concepts"] = float(carrier.loc[sorted(members)].mean()) if members else float("nan")
     return row
 
 

@@ -121,6 +121,58 @@ def test_the_confusion_findings_quote_the_confusion_matrix(verified_demo) -> Non
         assert finding.query == {"true": str(true), "pred": str(pred)}
 
 
+def test_a_concept_strong_in_few_images_that_are_mostly_mistakes_is_an_undecided_finding() -> None:
+    """Hand-built channel relevance: 25 images called class 0, of which the 5 labelled class 1 have channel 5 as
+    their strongest (prevalence 5/25 = 20%, all mistakes: the finding) and 3 labelled 0 have channel 4 as their
+    strongest (strong in few images too, but no mistake: no finding); 10 images of class 1, all alike. With
+    only 4 such mistakes there is no finding (at least 5)."""
+    from analysis.explore.concepts import ConceptSettings
+    from analysis.findings.kinds import few_image_concepts
+
+    relevance = np.zeros((35, 6), np.float32)
+    relevance[:, :3] = [3.0, 2.0, 1.0]                    # channels 0, 1, 2 the strongest of every image ...
+    relevance[17:20, 4] = 5.0                             # ... but of 17-19 (channel 4, correct images)
+    relevance[20:25, 5] = [6.0, 7.0, 8.0, 9.0, 10.0]      # ... and of 20-24 (channel 5, labelled class 1)
+    table = pd.DataFrame({"id": np.arange(100, 135), "label": [0] * 20 + [1] * 15, "pred": [0] * 25 + [1] * 10})
+    found = few_image_concepts(relevance, table, ["zero", "one"], ConceptSettings(), "/data/my cache")
+    assert len(found) == 1
+    finding = found[0]
+    assert finding.verdict == "undecided" and finding.kind == "concept in few images"
+    assert sorted(finding.ids) == [120, 121, 122, 123, 124] and finding.examples == [124, 123, 122, 121, 120]
+    assert finding.numbers == {"channel": 5, "strong_rank": 3, "n_strong": 5, "n_images": 25, "name": "zero",
+                               "prevalence": 0.2, "n_wrong": 5, "mistake_share": 1.0}
+    assert finding.text().startswith("Concept #5 is among the 3 strongest channels of only 5 of the 25 images the "
+                                     "model calls \"zero\" (20%), and 5 of them (100%) are labelled another class")
+    assert finding.strength == pytest.approx(5 / 25)
+    assert "--cache '/data/my cache' --descriptor concepts --scopes pred:zero --verify-top 3" in finding.rests_on
+    assert "[5](/concepts?concept=5)" in finding.markdown() and "[25](/concepts?class=zero)" in finding.markdown()
+    table.loc[24, "label"] = 0                            # 4 mistakes: too few
+    assert few_image_concepts(relevance, table, ["zero", "one"], ConceptSettings(), "/data/my cache") == []
+
+
+def test_the_concept_findings_of_the_demo_quote_the_channel_relevance(verified_demo) -> None:
+    """Each concept finding's numbers recounted from the stored channel relevance by other code (a per-image
+    sort in Python)."""
+    from analysis.cache import load
+
+    paths, _ = verified_demo
+    cache = load(paths.cache)
+    relevance = cache.channel_relevance(which="pred")
+    table = cache.columns(["id", "label", "pred"])
+    names = cache.manifest["class_names"]
+    for finding in [f for f in compute_findings(cache) if f.kind == "concept in few images"]:
+        c, k = names.index(finding.numbers["name"]), finding.numbers["channel"]
+        of_class = np.nonzero(table["pred"].to_numpy() == c)[0]
+        strong = [i for i in of_class
+                  if k in sorted(range(relevance.shape[1]), key=lambda j: (-relevance[i, j], j))[:3]
+                  and relevance[i, k] > 0]
+        assert sorted(finding.ids) == sorted(table["id"].to_numpy()[strong].tolist())
+        assert finding.numbers["n_images"] == len(of_class) and finding.numbers["n_strong"] == len(strong)
+        wrong = int((table["label"].to_numpy()[strong] != c).sum())
+        assert finding.numbers["n_wrong"] == wrong and wrong >= 0.5 * len(strong) and wrong >= 5
+        assert len(strong) <= 0.2 * len(of_class)
+
+
 def test_without_a_causal_test_the_cluster_finding_is_undecided_and_names_the_command(small_cache) -> None:
     from analysis.cache import load
 

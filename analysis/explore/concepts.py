@@ -63,6 +63,13 @@ class ConceptsError(Exception):
 # The method: statistics from the channel relevance
 # ----------------------------------------------------------------------------------------------------------
 
+def strong_channels(relevance: np.ndarray, strong_rank: int) -> np.ndarray:
+    """bool [n, K]: the channels "strong in an image": among its ``strong_rank`` most relevant, with positive
+    relevance (ties broken by channel order)."""
+    ranks = np.argsort(np.argsort(-relevance, axis=1, kind="stable"), axis=1, kind="stable")
+    return (ranks < strong_rank) & (relevance > 0)
+
+
 def class_concepts(relevance: np.ndarray, pred: np.ndarray, settings: ConceptSettings,
                    labels: np.ndarray | None = None) -> pd.DataFrame:
     """Per predicted class: its top concepts and its flagged channels.
@@ -82,8 +89,7 @@ def class_concepts(relevance: np.ndarray, pred: np.ndarray, settings: ConceptSet
         mean = members.mean(axis=0)
         positive_total = float(np.clip(mean, 0, None).sum())
         shares = relevance_share(members)
-        ranks = np.argsort(np.argsort(-members, axis=1, kind="stable"), axis=1, kind="stable")
-        strong = (ranks < settings.strong_rank) & (members > 0)
+        strong = strong_channels(members, settings.strong_rank)
         n_strong = strong.sum(axis=0)
         strong_mean = np.divide((shares * strong).sum(axis=0), n_strong, out=np.zeros(mean.shape, np.float64),
                                 where=n_strong > 0)

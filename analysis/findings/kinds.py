@@ -26,6 +26,12 @@ BACKGROUND_MIN_MEDIAN = 0.3
 # A shortcut cluster joins an earlier (stronger) finding when half of its images lie in that finding's group,
 # or half of the group in it (the mistakes' cluster of a shortcut is usually a part of the all-images one).
 SAME_CLUSTER_OVERLAP = 0.5
+# A concept strong in few images of a class (analysis.explore.concepts' flagged channels) is a finding when at
+# least this share of those images, and this many, are labelled another class (ours: a feature that mostly pulls
+# other classes' images in, the victims a shortcut makes), at most CONCEPTS_SHOWN of them, most mistakes first.
+CONCEPT_MIN_MISTAKES = 0.5
+CONCEPT_MIN_WRONG = 5
+CONCEPTS_SHOWN = 3
 EXAMPLES = 8
 
 
@@ -302,5 +308,69 @@ def labels_mismatched(cache: Any) -> list[Finding]:
         rests_on="the confusion matrix: a one-to-one mapping off its diagonal (or confidence far above accuracy)")]
 
 
+def few_image_concepts(relevance: np.ndarray, table: pd.DataFrame, names: list[str], settings: Any,
+                       cache_root: str) -> list[Finding]:
+    """The method of `concepts_in_few_images` on arrays: `relevance` float [n, K] (each image's channel relevance
+    for its predicted class), `table` (id, label, pred) in the same order; `cache_root` for the command named."""
+    import shlex
+
+    from analysis.explore.concepts import class_concepts, strong_channels
+
+    ids, labels, preds = (table[c].to_numpy(np.int64) for c in ("id", "label", "pred"))
+    rows = class_concepts(relevance, preds, settings, labels)
+    rows = rows[(rows["kind"] == "shortcut") & (rows["mistake_share"] >= CONCEPT_MIN_MISTAKES)]
+    rows = rows.assign(n_wrong=(rows["mistake_share"] * rows["n_strong"]).round().astype(int))
+    rows = rows[rows["n_wrong"] >= CONCEPT_MIN_WRONG]
+    found = []
+    for _, row in rows.sort_values(["n_wrong", "class"], ascending=[False, True]).head(CONCEPTS_SHOWN).iterrows():
+        c, k = int(row["class"]), int(row["channel"])
+        of_class = np.nonzero(preds == c)[0]
+        strong = of_class[strong_channels(relevance[of_class], settings.strong_rank)[:, k]]
+        by_relevance = strong[np.argsort(-relevance[strong, k], kind="stable")]
+        n_wrong = int((labels[strong] != c).sum())
+        numbers = {"channel": k, "strong_rank": int(settings.strong_rank), "n_strong": len(strong),
+                   "n_images": len(of_class), "name": names[c], "prevalence": len(strong) / len(of_class),
+                   "n_wrong": n_wrong, "mistake_share": n_wrong / len(strong)}
+        view = ("concepts", {"class": names[c]})
+        command = (f"python -m analysis cluster --cache {shlex.quote(cache_root)} --descriptor concepts "
+                   f"--scopes {shlex.quote('pred:' + names[c])} --verify-top 3")
+        found.append(Finding(
+            kind="concept in few images", title=f"Concept #{k}: strong in few \"{names[c]}\" images, mostly mistakes",
+            sentences=["Concept #{channel} is among the {strong_rank} strongest channels of only {n_strong} of the "
+                       "{n_images} images the model calls \"{name}\" ({prevalence:.0%}), and {n_wrong} of them "
+                       "({mistake_share:.0%}) are labelled another class: a feature these few images share. Its "
+                       "reference images show what it is."],
+            numbers=numbers, ids=[int(i) for i in ids[strong]], strength=n_wrong / len(of_class),
+            verdict="undecided", page=view[0], query=view[1],
+            links={"channel": ("concepts", {"concept": str(k)}), "n_strong": view},
+            examples=[int(i) for i in ids[by_relevance[:EXAMPLES]]],
+            rests_on="the stored channel relevance: a count of the images this channel is strong in, not a cause; "
+                     f"the causal test on the clusters of concepts (`{command}`) decides"))
+    return found
+
+
+def concepts_in_few_images(cache: Any) -> list[Finding]:
+    """Channels strong in few images of a predicted class, most of those images labelled another class: the
+    Concepts page's "strong in few images" (with the stored concepts' settings when they are fresh)."""
+    from dataclasses import fields
+
+    from analysis.explore.concepts import ConceptSettings, ConceptsError, read_concepts
+
+    relevance = cache.channel_relevance(which="pred")
+    if relevance is None:   # a cache made before channel relevance was stored
+        return []
+    try:
+        stored = read_concepts(cache)
+    except ConceptsError:
+        stored = None
+    settings = ConceptSettings()
+    if stored is not None and not stored.stale:
+        known = {f.name for f in fields(ConceptSettings)}
+        settings = ConceptSettings(**{k: v for k, v in stored.meta["settings"].items() if k in known})
+    names = class_names(cache)
+    table = cache.columns(["id", "label", "pred"])
+    return few_image_concepts(relevance, table, names, settings, str(cache.root))
+
+
 KINDS: list[Callable[[Any], list[Finding]]] = [labels_mismatched, shortcut_clusters, confused_classes,
-                                               background_classes, tagged]
+                                               background_classes, concepts_in_few_images, tagged]
