@@ -10,11 +10,14 @@ setup:
 demo: setup
 	$(PY) -m data.demo
 
+# pytest-xdist: one worker per core, at most 4 (each worker builds the session fixtures it needs: a demo, a cache).
+XDIST := -n auto --maxprocesses 4
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-quick: setup
-	$(PY) -m pytest -q -m "not slow and not browser"
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not browser"
 
 bench: setup
 	$(PY) bench/bench_engine.py
