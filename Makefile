@@ -10,8 +10,9 @@ setup:
 demo: setup
 	$(PY) -m data.demo
 
-# pytest-xdist: one worker per core, at most 4 (each worker builds the session fixtures it needs: a demo, a cache).
-XDIST := -n auto --maxprocesses 4
+# pytest-xdist: one worker per core, at most 4; the tests of the small demo share one worker (tests/conftest.py),
+# the other session fixtures (small caches) are built by each worker that needs them.
+XDIST := -n auto --maxprocesses 4 --dist loadgroup
 
 test: setup
 	$(PY) -m pytest -q $(XDIST)
