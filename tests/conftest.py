@@ -30,10 +30,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
-        if "small_demo" in fixtures:
-            # Under `make test`'s workers (pytest-xdist --dist loadgroup) one worker builds the small demo and runs
-            # every test that reads it, in order, as in one process; the other workers never build it.
-            item.add_marker(pytest.mark.xdist_group("small_demo"))
 
 
 @pytest.fixture(scope="session")
