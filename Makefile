@@ -15,8 +15,10 @@ demo: setup
 # (981 and 1,124 s against 924 and 968 s), so the plain distribution stays.
 XDIST := -n auto --maxprocesses 4
 
+# The tests marked `alone` (pytest.ini) measure CPU seconds: they run after the others, with nothing beside them.
 test: setup
-	$(PY) -m pytest -q -rs $(XDIST)
+	$(PY) -m pytest -q -rs $(XDIST) -m "not alone"
+	$(PY) -m pytest -q -rs -m alone
 
 test-quick: setup
 	$(PY) -m pytest -q $(XDIST) -m "not slow and not browser"

@@ -20,7 +20,9 @@ import pytest
 
 from tests.test_browser import CHROMIUM, screenshots_module
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]   # a real Chromium, and a real 1,000-class job first
+# a real Chromium, and a real 1,000-class job first; `alone`: its CPU seconds are measured with no other test
+# running beside it (a parallel worker's load pushed a 3.0 s page to 3.13 CPU s in one CI run)
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.alone]
 
 RENDER_LIMIT_S = 3.0
 FIRST_VISIT_CPU_S = 20.0    # measured up to 9.5 (the Image page loading Lite0) on a machine with load 18 on 2 cores
