@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                              initializer=_one_thread) as pool:
         running = {pool.submit(_run_task, *task): i for i, task in enumerate(tasks)}
         for done in as_completed(running):
-            rows[running[done]] = done.result()
-            print(format_table([done.result()]).splitlines()[-1], flush=True)
+            rows[running[done]] = row = done.result()
+            print(format_table([row]).splitlines()[-1], flush=True)
     print(format_table(rows))
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s, {args.jobs} side by side")
     if args.json:
