@@ -24,6 +24,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", nargs="+", default=list(artefacts.KINDS), choices=list(artefacts.KINDS))
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.95, 0.5])
-    parser.add_argument("--no-clean", action="store_true", help="leave out the clean control row")
+    parser.add_argument("--no-clean", action="store_true", help="leave out the two clean control rows")
     parser.add_argument("--no-photos", action="store_true", help="leave out the watermark row (Lite0, photos)")
     parser.add_argument("--test-images", type=int, default=ch.BenchSettings.test_images)
     parser.add_argument("--out", type=Path, default=None, help="keep every row's data and cache here")
@@ -134,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be at least 1, not {args.jobs}")
     settings = ch.BenchSettings(test_images=args.test_images)
     specs = [ch.RowSpec(kind, strength) for kind in args.kinds for strength in args.strengths]
-    specs += [] if args.no_clean else [ch.RowSpec(ch.CLEAN, 0.0)]
+    specs += [] if args.no_clean else [ch.RowSpec(control, 0.0) for control in ch.CONTROLS]
     root = args.out or Path(tempfile.mkdtemp(prefix="clever-hans-"))
-    tasks = [(root / spec.name.replace("%", "").replace("@", "_"), spec, settings) for spec in specs]
+    tasks = [(root / re.sub(r"[^a-z0-9]+", "_", spec.name.replace("%", "")).strip("_"), spec, settings)
+             for spec in specs]
     tasks += [] if args.no_photos else [(root / "watermark", None, settings)]
     started = time.perf_counter()
     rows: list[dict | None] = [None] * len(tasks)

@@ -16,6 +16,10 @@ The kinds break one assumption of the first finder (a 3x3 tag at one fixed corne
   * blur: a Gaussian blur of the whole image (sigma 0.7 px), an artefact the eye hardly sees at this size.
 The real one (imagenet-w's watermark on photos with the pretrained EfficientNet-Lite0) lives with the
 benchmark (bench/clever_hans.py), as it needs the test-only model.
+
+`random_backgrounds` is not an artefact but a control: every image of every class gets a background of a
+random grey, so that backgrounds vary as in photos yet say nothing of the class (a clean control on which a
+test of the background can raise a false alarm, where plain Fashion-MNIST's black backgrounds cannot).
 """
 from __future__ import annotations
 
@@ -98,6 +102,17 @@ def background(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     back = ~foreground_masks(images, FREE)
     out[back] = GREY
     return out, back.reshape(len(images), -1).any(axis=1)
+
+
+def random_backgrounds(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image's background (as `background`) set to its own grey, drawn uniformly from 0 to 2 * GREY."""
+    from data.demo import foreground_masks
+
+    out = np.array(images, np.uint8, copy=True)
+    back = ~foreground_masks(images, FREE)
+    levels = rng.integers(0, 2 * GREY + 1, len(images)).astype(np.uint8)
+    out[back] = np.broadcast_to(levels[:, None, None], out.shape)[back]
+    return out
 
 
 def stripes(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

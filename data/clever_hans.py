@@ -38,6 +38,8 @@ from data.fashion_mnist import FOLDER_NAMES
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:demo_cnn"
 CLEAN = "clean"
+CLEAN_BACKGROUNDS = "clean, random backgrounds"   # every image's background a random grey (artefacts.random_backgrounds)
+CONTROLS = (CLEAN, CLEAN_BACKGROUNDS)
 DRIVEN_MOST = 0.5            # "the artefact drives most of the cluster": at least this share of its members
 REASSURING = ("uses the object", "not used", "off the object, not used")
 
@@ -56,12 +58,12 @@ class BenchSettings:
 
 @dataclass(frozen=True)
 class RowSpec:
-    kind: str                          # an artefacts.KINDS name, or CLEAN
+    kind: str                          # an artefacts.KINDS name, or one of CONTROLS
     strength: float                    # share of the target class's images (train and test) that carry it
 
     @property
     def name(self) -> str:
-        return CLEAN if self.kind == CLEAN else f"{self.kind}@{self.strength:.0%}"
+        return self.kind if self.kind in CONTROLS else f"{self.kind}@{self.strength:.0%}"
 
 
 def load_splits(download_dir: Path) -> tuple[fashion_mnist.Split, fashion_mnist.Split]:
@@ -75,6 +77,9 @@ def plant_row(spec: RowSpec, settings: BenchSettings, images: np.ndarray, labels
     `other_fraction` of every other class; nothing on a clean row. Seeded by the settings' seed and the split."""
     if spec.kind == CLEAN:
         return np.array(images, copy=True), np.zeros(len(labels), bool)
+    if spec.kind == CLEAN_BACKGROUNDS:
+        rng = np.random.default_rng(settings.seed * 2 + (split == "test"))
+        return artefacts.random_backgrounds(images, rng), np.zeros(len(labels), bool)
     target = FOLDER_NAMES.index(settings.target)
     other = settings.other_fraction if split == "test" else 0.0
     return artefacts.plant_split(images, labels, spec.kind, target, spec.strength, other,

@@ -425,11 +425,15 @@ NAN = float("nan")
 @pytest.mark.parametrize("off, region, control, p, mass, removal, q, inserted, expected", [
     (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.20, 0.00, 1e-6), "shortcut"),               # a mark off the object
     (0.9, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.02, 0.01, 0.5), "undecided"),               # off, but carries nothing
+    (0.9, 0.11, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.07, 0.00, 1e-4), "shortcut"),   # off: a small carry, significant
+    (0.9, 0.11, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.07, 0.00, 0.02), "undecided"),  # ... the same, not significant
+    (0.9, 0.11, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.04, 0.00, 1e-5), "undecided"),  # ... significant, under 5 points
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.02, 0.01, 0.5), "uses the object"),         # pasted, it carries nothing
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.60, 0.02, 1e-9), "shortcut"),               # a stamp on the object
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "undecided"),                 # the insertion could not run
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.17, 0.01, 1e-6), "undecided"),              # between an object part and a mark
-    (0.9, 0.6, 0.05, 0.2, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "off the object, not used"),    # not significant
+    (0.9, 0.6, 0.05, 0.2, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "undecided"),    # a large effect, not significant
+    (0.9, 0.08, 0.05, 0.2, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "off the object, not used"),   # a small one
     (0.9, 0.12, 0.05, 1e-6, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "off the object, not used"),  # < 10 points more
     (0.1, 0.0, 0.0, 1.0, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "not used"),
     (0.1, 0.0, 0.0, 1.0, 0.15, 0.5, 5.0, (NAN, NAN, NAN), "undecided"),                  # the evidence is spread

@@ -17,6 +17,10 @@ causal test speaks for the region, so only an image whose prediction rests on th
 an image with little relevance there keeps its place in the label-error ranking. The region's area is q% of
 the map (5% by default), so a share of `MIN_REGION_SHARE` is several times what an image with evidence spread
 evenly would put there.
+
+A cluster whose evidence is spread is verified by the background swap instead (the dataset's typical
+background changes its predictions far more than other members' backgrounds): the test speaks for what lies
+around each member's object, not for a region, so every wrong member is its victim (3 does not apply).
 """
 from __future__ import annotations
 
@@ -92,11 +96,14 @@ def shortcut_victims(cache: Cache, min_region_share: float = MIN_REGION_SHARE) -
             continue
         position = np.nonzero(clustering.summary["cluster"].to_numpy() == int(check["cluster"]))[0][0]
         shares = region_shares(cache.descriptors(wrong, "positive"), clustering.prototypes[position], q)
+        swapped = float(check.get("changed_background", np.nan))
         finding = (f"{clustering.scope} · {clustering.name} cluster #{int(check['rank'])}: verified shortcut "
-                   f"(blurring its top {q:g}% region changed {check['changed_region']:.0%} of the predictions, "
-                   f"a random region {check['changed_control']:.0%})")
+                   + (f"(the typical background changed {swapped:.0%} of the predictions, other members' "
+                      f"backgrounds {check['changed_background_control']:.0%})" if np.isfinite(swapped) else
+                      f"(blurring its top {q:g}% region changed {check['changed_region']:.0%} of the predictions, "
+                      f"a random region {check['changed_control']:.0%})"))
         for image, share in zip(wrong.tolist(), shares.tolist()):
-            if share >= min_region_share:
+            if share >= min_region_share or np.isfinite(swapped):
                 rows[image] = {"id": image, "finding": finding, "scope": clustering.scope,
                                "clustering": clustering.name, "cluster_rank": int(check["rank"]),
                                "cluster": int(check["cluster"]), "region_share": share,
