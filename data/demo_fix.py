@@ -115,7 +115,11 @@ def step_verify(paths: demo.DemoPaths, cache_dir: Path, label: str) -> None:
     from analysis.cache import load
     from analysis.cache.identity import cache_fingerprint
 
-    stamp = {"fingerprint": cache_fingerprint(load(cache_dir)), "verify_top": VERIFY_TOP}
+    from analysis.explore.cluster_offline import VerifyOptions
+
+    # The rule's options too: a demo folder made before the verdict rule changed is tested again.
+    stamp = {"fingerprint": cache_fingerprint(load(cache_dir)), "verify_top": VERIFY_TOP,
+             "options": VerifyOptions(top=VERIFY_TOP).as_dict()}
     step = f"verify-{cache_dir.name}"
     if demo.read_stamp(paths, step) == stamp:
         demo.say(f"[10/11] causal test of {label}: already run (skipped)")
