@@ -16,7 +16,7 @@ from analysis.fgcam import FGCAM
 from analysis.pipeline.models import ModelSpecError
 from analysis.pipeline.models import model_from_manifest
 from analysis.trust.region_removal import (control_regions, foreground_test, per_class_foreground, prototype_map,
-                                        region_pixel_count, shortcut_test, top_region)
+                                        region_pixel_count, shift_overlaps, shortcut_test, top_region)
 from tests.helpers import fit, run_main
 from tests.tiny_models import TinyCNN
 
@@ -115,6 +115,16 @@ def test_regions_by_hand() -> None:
     maps[1, 1, 1] = 1.0
     maps[2] = -1.0
     np.testing.assert_allclose(prototype_map(maps), [[0.5, 0.0], [0.0, 0.5]])
+
+
+@pytest.mark.parametrize("height, width", [(4, 4), (7, 9), (1, 5), (28, 28)])
+def test_shift_overlaps_count_what_each_roll_shares(height: int, width: int) -> None:
+    """The FFT table the control placement reads, against torch.roll and a count, shift by shift."""
+    region = torch.from_numpy(np.random.default_rng(height * width).random((height, width)) < 0.2)
+    table = shift_overlaps(region)
+    for dy in range(height):
+        for dx in range(width):
+            assert table[dy, dx] == int((torch.roll(region, (dy, dx), (0, 1)) & region).sum())
 
 
 def test_wrong_options_fail_with_one_line(shortcut_model: TinyCNN) -> None:

@@ -295,32 +295,48 @@ def _insertion(cache: Any, loaded: Any, model: Any, images: Any, tested: np.ndar
             "p_insertion": mcnemar_greater(frame["flipped_prototype"].to_numpy(), frame["flipped_random"].to_numpy())}
 
 
-def _background_swap(cache: Any, loaded: Any, model: Any, images: Any, tested: np.ndarray,
+def _grown_foreground(masks: np.ndarray, height: int, width: int) -> Any:
+    """Masks at map size, grown by one map pixel (as the off-object share is judged), at the input size."""
+    from analysis.pipeline.scores import dilate
+    from analysis.trust.region_removal import foreground_to_input
+
+    return foreground_to_input(dilate(masks, 1), height, width)
+
+
+def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions) -> Any:
+    """The dataset's typical background at the model's input ([C, H, W]; `analysis.trust.background_swap`),
+    from a seeded sample of `options.insertion_targets` images with a mask or box; None without any."""
+    from analysis.trust.background_swap import typical_background
+    from analysis.trust.region_removal import load_inputs
+
+    ids = cache.columns(["id"])["id"].to_numpy(np.int64)
+    sample = np.sort(np.random.default_rng(options.seed).choice(ids, min(len(ids), options.insertion_targets),
+                                                                replace=False))
+    foreground = cache.foreground(sample)
+    if foreground is None:
+        return None
+    sample = sample[foreground.reshape(len(sample), -1).any(axis=1)]
+    images, positions, _ = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
+                                       loaded.in_channels)
+    if not positions:
+        return None
+    return typical_background(images, _grown_foreground(cache.foreground(sample[positions]), *images.shape[-2:]))
+
+
+def _background_swap(cache: Any, model: Any, images: Any, tested: np.ndarray, typical: Any,
                      options: VerifyOptions) -> dict[str, float]:
     """The background swap of a spread cluster's members whose objects' masks or boxes are known: the typical
-    background (of a seeded sample of the cache's images) against other members' backgrounds."""
+    background against other members' backgrounds."""
     import torch
 
-    from analysis.pipeline.scores import dilate
-    from analysis.trust.background_swap import background_swap_test, typical_background
-    from analysis.trust.region_removal import foreground_to_input, load_inputs
+    from analysis.trust.background_swap import background_swap_test
 
     foreground = cache.foreground(tested)
     known = np.zeros(len(tested), bool) if foreground is None else foreground.reshape(len(tested), -1).any(axis=1)
-    if known.sum() < 2:
+    if known.sum() < 2 or typical is None or typical.shape != images.shape[1:]:
         return {}
-    height, width = images.shape[-2:]
-    grown = (lambda masks: foreground_to_input(dilate(masks, 1), height, width))
-    members, member_fg = images[torch.from_numpy(known)], grown(foreground[known])
-    ids = cache.columns(["id"])["id"].to_numpy(np.int64)
+    members, member_fg = images[torch.from_numpy(known)], _grown_foreground(foreground[known], *images.shape[-2:])
     rng = np.random.default_rng(options.seed)
-    sample = np.sort(rng.choice(ids, min(len(ids), options.insertion_targets), replace=False))
-    sample = sample[cache.foreground(sample).reshape(len(sample), -1).any(axis=1)]
-    loaded_sample, positions, _ = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
-                                              loaded.in_channels)
-    if not positions or loaded_sample.shape[1:] != members.shape[1:]:
-        return {}
-    typical = typical_background(loaded_sample, grown(cache.foreground(sample[positions])))
     same = torch.from_numpy((np.arange(len(members)) + int(rng.integers(1, len(members)))) % len(members))
     result = background_swap_test(model, members, member_fg, typical, members[same], member_fg[same],
                                   options.batch_size)
@@ -331,9 +347,10 @@ def _background_swap(cache: Any, loaded: Any, model: Any, images: Any, tested: n
 
 
 def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, prototype: np.ndarray,
-                  labels_by_id: pd.Series, options: VerifyOptions) -> dict[str, Any]:
+                  labels_by_id: pd.Series, options: VerifyOptions, typical: dict[str, Any]) -> dict[str, Any]:
     """The tests of one cluster on its sampled members: the record's measured fields (the verdict comes once
-    the run's p-values are adjusted together, `with_verdicts`)."""
+    the run's p-values are adjusted together, `with_verdicts`). `typical`: the run's typical background, made
+    when a cluster first needs it (under "background")."""
     import torch
 
     from analysis.pipeline.faithfulness import upsample_maps
@@ -369,7 +386,9 @@ def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, proto
     if p_raw < options.alpha and changed_region - changed_control >= options.min_difference:
         record.update(_insertion(cache, loaded, model, images, tested, preds, prototype, q, options))
     elif mass < options.concentrated:
-        record.update(_background_swap(cache, loaded, model, images, tested, options))
+        if "background" not in typical:
+            typical["background"] = typical_background_of(cache, loaded, options)
+        record.update(_background_swap(cache, model, images, tested, typical["background"], options))
     return record
 
 
@@ -414,7 +433,7 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
     assignments = pq.read_table(stored.path / "assignments.parquet", columns=["id", *names]).to_pandas()
     labels_by_id = cache.columns(["id", "label"]).set_index("id")["label"]
     model = loaded.model.to(device)
-    records = []
+    records, typical = [], {}
     for name in names:
         rows = np.nonzero(summary_all["clustering"].to_numpy() == name)[0]
         for row_index, record in zip(rows, summary_all.iloc[rows].itertuples()):
@@ -430,7 +449,7 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
                     "size": int(record.size), "verdict": "", "reason": ""}
             records.append({**base, **_test_cluster(cache, loaded, model, sample,
                                                     prototypes_all[row_index].reshape(side, side), labels_by_id,
-                                                    options)})
+                                                    options, typical)})
     frame = pd.DataFrame.from_records(records, columns=VERIFICATION_COLUMNS)
     numeric = [c for c in VERIFICATION_COLUMNS if c not in ("clustering", "location_rule", "verdict", "reason")]
     return frame.astype({c: np.float64 for c in numeric if c not in ("rank", "cluster", "size", "tested", "skipped")})
