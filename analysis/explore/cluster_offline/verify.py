@@ -97,7 +97,7 @@ class Evidence:
     inserted_region: float = float("nan")    # share of other classes' images made this class by pasting it
     inserted_control: float = float("nan")   # ... by pasting a random region of the same shape
     p_insertion: float = float("nan")
-    changed_background: float = float("nan")          # share of predictions another class's background changed
+    changed_background: float = float("nan")          # share of predictions the typical background changed
     changed_background_control: float = float("nan")  # ... another member's background (the control)
     p_background: float = float("nan")                # exact McNemar of the two swaps, adjusted for the run (BH)
     background_removal: float = float("nan")          # how much the swap changed the background / the contrast
@@ -146,8 +146,9 @@ def verdict(evidence: Evidence, alpha: float, options: VerifyOptions = VerifyOpt
     * "not used": not necessary -- the blur changed predictions by less than `min_difference` more than the
       control, not merely without significance -- although the region held the cluster's evidence and the blur
       changed it;
-    * "undecided" wherever the tests could not tell: evidence spread beyond the region, a region the blur does
-      not change, a region off the object that carries nothing elsewhere (the object's outline?), or an insertion
+    * "undecided" wherever the tests could not tell: a large effect on too few images to be significant,
+      evidence spread beyond the region (and no background swap, or one that showed nothing), a region the blur
+      does not change, a region off the object that carries nothing elsewhere (the object's outline?), or an insertion
       effect between an object part's and a mark's. Its reason names the test that would decide."""
     e, o = evidence, options
     necessary = bool(e.p_value < alpha and e.changed_region - e.changed_control >= o.min_difference)
