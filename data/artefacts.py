@@ -94,25 +94,26 @@ def on_object(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
     return _paste(images, where)
 
 
-def background(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Background (pixels outside the hole-filled object, as the demo's masks) set to GREY."""
+def _with_backgrounds(images: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a copy with each image's background -- the pixels outside the hole-filled object, as the demo's masks --
+    set to its grey in `levels` [N], the background masks)."""
     from data.demo import foreground_masks
 
     out = np.array(images, np.uint8, copy=True)
     back = ~foreground_masks(images, FREE)
-    out[back] = GREY
+    out[back] = np.broadcast_to(np.asarray(levels, np.uint8)[:, None, None], out.shape)[back]
+    return out, back
+
+
+def background(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Background (pixels outside the hole-filled object, as the demo's masks) set to GREY."""
+    out, back = _with_backgrounds(images, np.full(len(images), GREY))
     return out, back.reshape(len(images), -1).any(axis=1)
 
 
 def random_backgrounds(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each image's background (as `background`) set to its own grey, drawn uniformly from 0 to 2 * GREY."""
-    from data.demo import foreground_masks
-
-    out = np.array(images, np.uint8, copy=True)
-    back = ~foreground_masks(images, FREE)
-    levels = rng.integers(0, 2 * GREY + 1, len(images)).astype(np.uint8)
-    out[back] = np.broadcast_to(levels[:, None, None], out.shape)[back]
-    return out
+    return _with_backgrounds(images, rng.integers(0, 2 * GREY + 1, len(images)))[0]
 
 
 def stripes(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

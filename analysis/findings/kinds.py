@@ -92,21 +92,22 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
                "inserted_control": float(row.get("inserted_control", np.nan)),
                "changed_background": float(row.get("changed_background", np.nan)),
                "changed_background_control": float(row.get("changed_background_control", np.nan))}
-    # The verdict rests on the region test, or -- where the evidence is spread -- on the background swap.
+    # The verdict rests on the region test, or -- where the evidence is spread -- on the background swap (which
+    # runs only where the region test did not show the region necessary: one of the two decided).
+    swapped = bool(np.isfinite(numbers["changed_background"]))
     tested = (["Their evidence is spread: only {evidence_share:.0%} of it lies in the top {q:g}% of their mean map "
                "({off_object:.0%} of that region lies {location_rule}).",
                "Replacing what lies around the object by the dataset's typical background changes "
                "{changed_background:.0%} of {tested} predictions, against {changed_background_control:.0%} with "
                "the backgrounds of other members of the cluster."]
-              if np.isfinite(numbers["changed_background"]) else
+              if swapped else
               ["{evidence_share:.0%} of their evidence lies in the top {q:g}% of their mean map, a region {where}; "
                "{off_object:.0%} of that region lies {location_rule}.",
                "Blurring that region changes {changed_region:.0%} of {tested} predictions, against "
                "{changed_control:.0%} for a random region of the same size; pasted into images of other "
                "classes it makes {inserted_region:.0%} of them \"{pred_name}\" (a random region "
                "{inserted_control:.0%})."])
-    p_value = float(row.get("p_background", np.nan)) if np.isfinite(numbers["changed_background"]) \
-        else numbers["p_value"]
+    p_value = float(row.get("p_background", np.nan)) if swapped else numbers["p_value"]
     view = ("clusters", {"c_scope": clustering.scope, "c_clust": f"{clustering.settings.key()}/{clustering.name}",
                          "c_focus": str(int(row["cluster"]))})
     return Finding(
@@ -114,8 +115,7 @@ def _shortcut_finding(cache: Any, clustering: Any, row: Any, q: float, names: li
         sentences=["{size} images of scope {scope} form the cluster ranked {rank}: the model calls {n_called} of "
                    "them \"{pred_name}\", {n_victims} of {which} labelled as {n_classes} other {classes}.", *tested],
         numbers=numbers, ids=[int(i) for i in members],
-        strength=(numbers["changed_background"] - numbers["changed_background_control"]
-                  if np.isfinite(numbers["changed_background"]) else
+        strength=(numbers["changed_background"] - numbers["changed_background_control"] if swapped else
                   numbers["changed_region"] - numbers["changed_control"]),
         verdict="shortcut", page=view[0], query=view[1],
         rests_on=f"the causal tests of `cluster --verify-top`: {row.get('reason') or 'the region test'} (exact "

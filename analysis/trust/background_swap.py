@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.trust.region_removal import model_probabilities
+from analysis.trust.region_removal import model_probabilities, relative_change
 
 
 def typical_background(images: Tensor, foreground: Tensor) -> Tensor:
@@ -72,8 +72,4 @@ def background_swap_test(model: nn.Module, images: Tensor, foreground: Tensor, t
     control = swap_backgrounds(images, foreground, torch.where(same_foreground[:, None], typical.expand_as(same), same))
     changed_typical = (model_probabilities(model, swapped, forward_batch).argmax(1) != before).numpy()
     changed_same = (model_probabilities(model, control, forward_batch).argmax(1) != before).numpy()
-    background = ~foreground[:, None].expand_as(images)
-    change = (swapped - images).abs()[background].mean() if background.any() else torch.tensor(0.0)
-    contrast = (images - images.mean(dim=(1, 2, 3), keepdim=True)).abs().mean()
-    removal = float(change / contrast) if float(contrast) > 0 else float("nan")
-    return BackgroundSwapResult(changed_typical, changed_same, removal)
+    return BackgroundSwapResult(changed_typical, changed_same, relative_change(images, swapped, ~foreground[:, None]))

@@ -114,6 +114,17 @@ def shift_overlaps(region: Tensor) -> np.ndarray:
     return np.rint(np.fft.irfft2(spectrum * np.conj(spectrum), s=mask.shape)).astype(np.int64)
 
 
+def relative_change(images: Tensor, changed: Tensor, mask: Tensor) -> float:
+    """How much a removal changed what it removed: the mean absolute change of `changed` against `images`
+    ([N, C, H, W]) on the pixels of `mask` (broadcast to the images: [H, W] or [N, 1, H, W]; 0 when empty),
+    over the images' mean absolute deviation from their own mean (their contrast; NaN without contrast). Near 0
+    where the region was flat, already smooth, or already what replaced it."""
+    selected = mask.expand_as(images)
+    change = (changed - images).abs()[selected].mean() if selected.any() else torch.tensor(0.0)
+    contrast = (images - images.mean(dim=(1, 2, 3), keepdim=True)).abs().mean()
+    return float(change / contrast) if float(contrast) > 0 else float("nan")
+
+
 def blur_regions(images: Tensor, regions: Tensor, blur_sigma: float = DEFAULT_BLUR_SIGMA) -> Tensor:
     """images [N, C, H, W] with the pixels of regions ([H, W] or [N, H, W], bool) taken from a Gaussian-blurred
     copy (all channels of a pixel)."""

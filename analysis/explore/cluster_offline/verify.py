@@ -10,9 +10,10 @@ test could have shown the opposite -- otherwise "undecided", naming the test tha
 measured on artefacts the first rule was never shown, bench/clever_hans.py)."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -265,13 +266,12 @@ def removal_strength(images: Any, region: np.ndarray) -> float:
     import torch
 
     from analysis.pipeline.faithfulness import DEFAULT_BLUR_SIGMA, gaussian_blur
+    from analysis.trust.region_removal import relative_change
 
     mask = torch.as_tensor(np.asarray(region, bool))
     if not mask.any():
         return float("nan")
-    change = (gaussian_blur(images, DEFAULT_BLUR_SIGMA) - images).abs()[..., mask].mean()
-    contrast = (images - images.mean(dim=(1, 2, 3), keepdim=True)).abs().mean()
-    return float(change / contrast) if float(contrast) > 0 else float("nan")
+    return relative_change(images, gaussian_blur(images, DEFAULT_BLUR_SIGMA), mask)
 
 
 VERIFICATION_COLUMNS = ["clustering", "rank", "cluster", "size", "tested", "skipped", "q", "region_mass", "removal",
@@ -323,24 +323,25 @@ def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions) -> An
     foreground = cache.foreground(sample)
     if foreground is None:
         return None
-    sample = sample[foreground.reshape(len(sample), -1).any(axis=1)]
+    known = foreground.reshape(len(sample), -1).any(axis=1)
+    sample, foreground = sample[known], foreground[known]
     images, positions, _ = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
                                        loaded.in_channels)
     if not positions:
         return None
-    return typical_background(images, _grown_foreground(cache.foreground(sample[positions]), *images.shape[-2:]))
+    return typical_background(images, _grown_foreground(foreground[positions], *images.shape[-2:]))
 
 
-def _background_swap(cache: Any, model: Any, images: Any, tested: np.ndarray, typical: Any,
+def _background_swap(model: Any, images: Any, foreground: np.ndarray | None, typical: Any,
                      options: VerifyOptions) -> dict[str, float]:
-    """The background swap of a spread cluster's members whose objects' masks or boxes are known: the typical
-    background against other members' backgrounds."""
+    """The background swap of a spread cluster's members (`images`, their masks or boxes `foreground` at map
+    size, None without any) whose objects are known: the typical background against other members'
+    backgrounds."""
     import torch
 
     from analysis.trust.background_swap import background_swap_test
 
-    foreground = cache.foreground(tested)
-    known = np.zeros(len(tested), bool) if foreground is None else foreground.reshape(len(tested), -1).any(axis=1)
+    known = np.zeros(len(images), bool) if foreground is None else foreground.reshape(len(images), -1).any(axis=1)
     if known.sum() < 2 or typical is None or typical.shape != images.shape[1:]:
         return {}
     members, member_fg = images[torch.from_numpy(known)], _grown_foreground(foreground[known], *images.shape[-2:])
@@ -355,10 +356,10 @@ def _background_swap(cache: Any, model: Any, images: Any, tested: np.ndarray, ty
 
 
 def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, prototype: np.ndarray,
-                  labels_by_id: pd.Series, options: VerifyOptions, typical: dict[str, Any]) -> dict[str, Any]:
+                  labels_by_id: pd.Series, options: VerifyOptions, typical: Callable[[], Any]) -> dict[str, Any]:
     """The tests of one cluster on its sampled members: the record's measured fields (the verdict comes once
-    the run's p-values are adjusted together, `with_verdicts`). `typical`: the run's typical background, made
-    when a cluster first needs it (under "background")."""
+    the run's p-values are adjusted together, `with_verdicts`). `typical()`: the run's typical background (made
+    once, when a cluster first needs it)."""
     import torch
 
     from analysis.pipeline.faithfulness import upsample_maps
@@ -382,7 +383,8 @@ def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, proto
     frame = result.per_image
     changed_region, changed_control = float(frame["changed_prototype"].mean()), float(frame["changed_random"].mean())
     p_raw = mcnemar_greater(frame["changed_prototype"].to_numpy(), frame["changed_random"].to_numpy())
-    off_share, judged = region_off_object(result.region, cache.foreground(tested),
+    foreground = cache.foreground(tested)
+    off_share, judged = region_off_object(result.region, foreground,
                                           upsample_maps(torch.as_tensor(prototype, dtype=torch.float32)[None],
                                                         *result.region.shape)[0].numpy())
     record = {"skipped": len(errors), "tested": int(len(tested)), "q": q, "region_mass": mass,
@@ -394,9 +396,7 @@ def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, proto
     if p_raw < options.alpha and changed_region - changed_control >= options.min_difference:
         record.update(_insertion(cache, loaded, model, images, tested, preds, prototype, q, options))
     elif mass < options.concentrated:
-        if "background" not in typical:
-            typical["background"] = typical_background_of(cache, loaded, options)
-        record.update(_background_swap(cache, model, images, tested, typical["background"], options))
+        record.update(_background_swap(model, images, foreground, typical(), options))
     return record
 
 
@@ -441,7 +441,8 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
     assignments = pq.read_table(stored.path / "assignments.parquet", columns=["id", *names]).to_pandas()
     labels_by_id = cache.columns(["id", "label"]).set_index("id")["label"]
     model = loaded.model.to(device)
-    records, typical = [], {}
+    records = []
+    typical = functools.cache(lambda: typical_background_of(cache, loaded, options))
     for name in names:
         rows = np.nonzero(summary_all["clustering"].to_numpy() == name)[0]
         for row_index, record in zip(rows, summary_all.iloc[rows].itertuples()):
