@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from analysis.fgcam import FGCAM, denoise
-from analysis.fgcam.opsets import PADS
+from analysis.fgcam.opsets import IDENTITIES, PADS
 from data import fashion_mnist
 from tests.helpers import fit
 from tests.pretrained_models import efficientnet_lite0
@@ -90,6 +90,25 @@ class PaddedNet(nn.Module):
         x = F.relu(self.bn(self.depthwise(x)))
         x = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, stride=1)
         return self.fc(F.relu(self.head(x)).mean(dim=(2, 3)))
+
+
+def test_torchvision_stochastic_depth_is_an_identity_without_the_engine_importing_torchvision():
+    """The op sets name torchvision's ops by their qualified names (importing torchvision costs each command 2 s):
+    its StochasticDepth module -- and a subclass of it -- and its function still match, other ops do not."""
+    import torch.fx as fx
+    import torchvision.ops
+
+    class Deeper(torchvision.ops.StochasticDepth):
+        pass
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    modules = {"drop": torchvision.ops.StochasticDepth(0.2, "row"), "deeper": Deeper(0.1, "row"), "relu": nn.ReLU()}
+    nodes = {name: graph.call_module(name, (x,)) for name in modules}
+    nodes["function"] = graph.call_function(torchvision.ops.stochastic_depth, (x, 0.1, "row", False))
+    nodes["relu_function"] = graph.call_function(torch.relu, (x,))
+    matched = {name: IDENTITIES.match(node, modules.get(name)) for name, node in nodes.items()}
+    assert matched == {"drop": True, "deeper": True, "relu": False, "function": True, "relu_function": False}
 
 
 @pytest.mark.parametrize("pad", ["zero", "functional", "constant"])

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torchvision.ops
 from torch import nn
 
 
@@ -20,26 +19,37 @@ class UnsupportedOperation(RuntimeError):
     """The engine met an operation it has no relevance rule for (never a silently wrong map)."""
 
 
+def qualified_name(thing: Any) -> str:
+    return f"{getattr(thing, '__module__', '')}.{getattr(thing, '__qualname__', '')}"
+
+
 @dataclass(frozen=True)
 class Ops:
-    """A set of ops: module classes (subclasses included), functions, and tensor method names."""
+    """A set of ops: module classes (subclasses included), functions, and tensor method names. A module class
+    or function may also be named by its qualified name (`named`), so that a library is not imported to name
+    its ops: importing torchvision costs a `python -m analysis` command 3 s, and a model that has torchvision's
+    ops has imported it already."""
     modules: tuple[type, ...] = ()
     functions: frozenset = frozenset()
     methods: frozenset = frozenset()
+    named: frozenset = frozenset()
 
     def __or__(self, other: "Ops") -> "Ops":
-        return Ops(self.modules + other.modules, self.functions | other.functions, self.methods | other.methods)
+        return Ops(self.modules + other.modules, self.functions | other.functions, self.methods | other.methods,
+                   self.named | other.named)
 
     def match(self, node: fx.Node, module: nn.Module | None) -> bool:
         if node.op == "call_module":
-            return isinstance(module, self.modules)
+            return isinstance(module, self.modules) or bool(self.named) and any(
+                qualified_name(kind) in self.named for kind in type(module).__mro__)
         if node.op == "call_function":
-            return node.target in self.functions
+            return node.target in self.functions or bool(self.named) and qualified_name(node.target) in self.named
         return node.op == "call_method" and node.target in self.methods
 
 
-def ops(modules: Iterable[type] = (), functions: Iterable[Any] = (), methods: Iterable[str] = ()) -> Ops:
-    return Ops(tuple(modules), frozenset(functions), frozenset(methods))
+def ops(modules: Iterable[type] = (), functions: Iterable[Any] = (), methods: Iterable[str] = (),
+        named: Iterable[str] = ()) -> Ops:
+    return Ops(tuple(modules), frozenset(functions), frozenset(methods), frozenset(named))
 
 
 # --------------------------------------------------------------------------------------------------- op sets
@@ -61,8 +71,8 @@ ELEMENTWISE = RECTIFIERS | ops(  # activations, normalisations, casts: one value
     ["tanh", "clone", "clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "hardtanh_", "detach", "to", "float",
      "type_as"])
 IDENTITIES = ops(  # no value changes at inference (and no sign changes in training)
-    [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, torchvision.ops.StochasticDepth],
-    [F.dropout, F.dropout2d, torchvision.ops.stochastic_depth])
+    [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity], [F.dropout, F.dropout2d],
+    named=["torchvision.ops.stochastic_depth.StochasticDepth", "torchvision.ops.stochastic_depth.stochastic_depth"])
 POOLS = ops(
     [nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
      nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d],
