@@ -1,7 +1,9 @@
 """Command line: `python -m analysis <command> [options]`.
 
 Each command lives in its own module exposing COMMAND (name), HELP (one line), add_arguments(parser) and
-run(args) -> exit code. To add one, append its module to COMMANDS.
+run(args) -> exit code. To add one, add its name and module to COMMANDS. A command line that names a command
+imports that command's module only: the others' imports (torchvision's transforms, the engine) would cost each
+command 2 s of start-up.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from typing import Sequence
 
 from analysis.commands.cli_types import DefaultsHelpFormatter, OneLineParser
 
-COMMANDS: list[str] = ["analysis.commands.explain", "analysis.commands.check_model",
-                       "analysis.commands.compare_methods", "analysis.commands.region_removal",
-                       "analysis.commands.region_insertion", "analysis.commands.export", "analysis.commands.cluster",
-                       "analysis.commands.concepts", "analysis.commands.findings", "analysis.commands.report",
-                       "analysis.commands.label_errors"]
+COMMANDS: dict[str, str] = {  # the command's name (its module's COMMAND) -> its module
+    "explain": "analysis.commands.explain", "check-model": "analysis.commands.check_model",
+    "compare-methods": "analysis.commands.compare_methods", "shortcut-test": "analysis.commands.region_removal",
+    "insertion-test": "analysis.commands.region_insertion", "export": "analysis.commands.export",
+    "cluster": "analysis.commands.cluster", "concepts": "analysis.commands.concepts",
+    "findings": "analysis.commands.findings", "report": "analysis.commands.report",
+    "label-errors": "analysis.commands.label_errors"}
 
 
 def _import_command(module_name: str) -> tuple[ModuleType | None, str | None]:
@@ -30,15 +34,17 @@ def _import_command(module_name: str) -> tuple[ModuleType | None, str | None]:
         return None, f"{type(error).__name__}: {first}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of the command named `only` alone (its module the only one imported)."""
     parser = OneLineParser(prog="python -m analysis",
                            description="Dataset-level FG-CAM explanations: offline jobs for the dashboard.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     commands.required = True
-    for module_name in COMMANDS:
+    for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         module, problem = _import_command(module_name)
         if module is None:
-            name = module_name.rsplit(".", 1)[-1].replace("_", "-")
             sub = commands.add_parser(name, help=f"(unavailable: {problem})", add_help=False)
             sub.add_argument("rest", nargs=argparse.REMAINDER)
             sub.set_defaults(handler=lambda args, n=name, p=problem: _unavailable(n, p))
@@ -56,7 +62,8 @@ def _unavailable(name: str, problem: str | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     return int(args.handler(args))
 
 

@@ -21,7 +21,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision import transforms as T
 
 from analysis.cache.files import file_replaced_atomically
 from data.fashion_mnist import FOLDER_NAMES, IMAGE_SIDE
@@ -63,6 +62,8 @@ class DemoCNN(nn.Module):
 def demo_transform() -> Callable[[Any], Tensor]:
     """PIL image -> float tensor [1, 28, 28], standardised. Only value-only steps and a resize, so the job
     can place foreground masks through it."""
+    from torchvision import transforms as T   # here: loading the model for a test of its maps needs no torchvision
+
     return T.Compose([T.Grayscale(1), T.Resize((IMAGE_SIDE, IMAGE_SIDE)), T.ToTensor(),
                       T.Normalize([PIXEL_MEAN], [PIXEL_STD])])
 

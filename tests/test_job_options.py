@@ -65,3 +65,28 @@ def test_a_bad_option_is_a_setup_error_before_anything_is_written(images: Path, 
     with pytest.raises(SetupError, match="--model"):
         explain_dataset(ExplainOptions(data=str(images), out=str(out), model="nope:nothing", **SMALL))
     assert not out.exists()
+
+
+def test_a_command_line_imports_its_own_command_only() -> None:
+    """Each name of the command table is its module's COMMAND; `python -m analysis cluster ...` imports the
+    cluster command and not the others (nor torchvision, which the explain command's transforms need: 2 s of
+    each command's start-up); `python -m analysis --help` still lists every command."""
+    import importlib
+    import subprocess
+    import sys
+
+    from analysis.__main__ import COMMANDS
+
+    assert {name: importlib.import_module(module).COMMAND for name, module in COMMANDS.items()} == \
+        {name: name for name in COMMANDS}
+    probe = ("import sys\nfrom analysis.__main__ import main\ntry:\n    main(['cluster', '--help'])\n"
+             "except SystemExit:\n    pass\nprint(sorted(m for m in sys.modules if m.startswith('analysis.commands.')"
+             " or m == 'torchvision'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    imported = eval(done.stdout.strip().splitlines()[-1])
+    assert "analysis.commands.cluster" in imported, done.stdout
+    assert not {"analysis.commands.explain", "analysis.commands.report", "torchvision"} & set(imported), imported
+    listing = subprocess.run([sys.executable, "-m", "analysis", "--help"], capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert all(name in listing for name in COMMANDS), listing
