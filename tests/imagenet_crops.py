@@ -54,25 +54,44 @@ def write_crops(root: Path, per_photo: int = CROPS_PER_PHOTO, seed: int = 0) -> 
 
 
 def make_imagenet_crop_cache(out_dir: Path | str, per_photo: int = CROPS_PER_PHOTO) -> Path:
-    """The 1,000-class cache (with its clustering, without concepts) in `out_dir/cache`, made once; crops in
-    `out_dir/crops`."""
+    """The 1,000-class cache (with its clustering, without concepts) in `out_dir/cache`, made once: a folder whose
+    build finished (its `complete` mark) is reused, one left half-built by a killed run is made again. Crops in
+    `out_dir/crops`. One process builds at a time (a lock beside the folder)."""
+    import fcntl
+    import shutil
+
     out_dir = Path(out_dir)
-    cache = out_dir / "cache"
-    if (cache / "manifest.json").exists():
-        return cache
-    write_crops(out_dir / "crops", per_photo)
-    (out_dir / "imagenet_classes.txt").write_text("\n".join(imagenet_class_names()) + "\n", encoding="utf-8")
-    crops, model = str(out_dir / "crops"), f"{IMAGENET_MODEL_FILE}:efficientnet_lite0"
-    # The job without its offline analysis, then the clustering alone: the concepts of a 1,000-output model take
-    # many times the job's time (the Concepts page then says how to make them; test_concepts covers them).
-    steps = (["explain", "--data", crops, "--model", model, "--classes", str(out_dir / "imagenet_classes.txt"),
-              "--out", str(cache), "--device", "cpu", "--workers", "0", "--batch-size", "8", "--map-size", "28",
-              "--descriptor-size", "4", "--quiet", "--no-cluster"],
-             ["cluster", "--cache", str(cache), "--quiet"])
-    for arguments in steps:
-        done = subprocess.run([sys.executable, "-m", "analysis", *arguments], cwd=REPO_ROOT,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
-                              timeout=1200)
-        if done.returncode != 0:
-            raise RuntimeError(f"`{arguments[0]}` failed ({done.returncode}): {done.stderr[-2000:]}")
+    cache, done_mark = out_dir / "cache", out_dir / "complete"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f"{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done_mark.exists():
+            return cache
+        shutil.rmtree(out_dir, ignore_errors=True)
+        write_crops(out_dir / "crops", per_photo)
+        (out_dir / "imagenet_classes.txt").write_text("\n".join(imagenet_class_names()) + "\n", encoding="utf-8")
+        crops, model = str(out_dir / "crops"), f"{IMAGENET_MODEL_FILE}:efficientnet_lite0"
+        # The job without its offline analysis, then the clustering alone: the concepts of a 1,000-output model
+        # take many times the job's time (the Concepts page then says how to make them; test_concepts covers them).
+        steps = (["explain", "--data", crops, "--model", model, "--classes", str(out_dir / "imagenet_classes.txt"),
+                  "--out", str(cache), "--device", "cpu", "--workers", "0", "--batch-size", "8", "--map-size", "28",
+                  "--descriptor-size", "4", "--quiet", "--no-cluster"],
+                 ["cluster", "--cache", str(cache), "--quiet"])
+        for arguments in steps:
+            done = subprocess.run([sys.executable, "-m", "analysis", *arguments], cwd=REPO_ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                                  timeout=1200)
+            if done.returncode != 0:
+                raise RuntimeError(f"`{arguments[0]}` failed ({done.returncode}): {done.stderr[-2000:]}")
+        done_mark.write_text("built\n")
     return cache
+
+
+def code_fingerprint() -> str:
+    """A hash of the product's and this module's source: a kept cache is reused only by the code that made it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO_ROOT / "analysis").rglob("*.py"), Path(__file__), REPO_ROOT / "requirements.txt"]):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
