@@ -469,6 +469,9 @@ def test_region_grows_with_the_spread_of_the_prototype():
     assert offline.region_for(text, growing)[0] == pytest.approx(10.0)
     # With q_max = q the region stays the top 5% and says how much of the evidence it holds.
     assert offline.region_for(text, offline.VerifyOptions(q_max=5.0)) == pytest.approx((5.0, 0.25))
+    # A smallest region asked above q_max (`cluster --verify-q 25`, q_max 5 by default) is that region, not
+    # q_max's 5% (it was, silently, until a watermark row was tried with --verify-q 25).
+    assert offline.region_for(text, offline.VerifyOptions(q=25.0, q_max=5.0)) == pytest.approx((25.0, 1.0))
 
 
 def test_region_off_object_by_mask_and_by_border():

@@ -226,7 +226,8 @@ def region_for(prototype: np.ndarray, options: VerifyOptions) -> tuple[float, fl
         return float(options.q), float("nan")
     cumulative = np.cumsum(values) / total
     cells = int(np.searchsorted(cumulative, options.region_mass) + 1)
-    q = float(np.clip(100.0 * cells / values.size, options.q, options.q_max))
+    # a q above q_max (`cluster --verify-q 25`) is the region asked for: np.clip would give q_max instead
+    q = float(np.clip(100.0 * cells / values.size, options.q, max(options.q, options.q_max)))
     kept = max(1, int(np.ceil(q / 100.0 * values.size - 1e-9)))
     return q, float(cumulative[min(kept, values.size) - 1])
 
