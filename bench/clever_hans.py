@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks += [] if args.no_photos else [(root / "watermark", None, settings)]
     started = time.perf_counter()
     rows: list[dict | None] = [None] * len(tasks)
-    # Rows are independent: side by side in processes of one torch thread each (their `python -m analysis`
-    # children inherit OMP_NUM_THREADS=1), which on 2 cores beats one row at a time on 2 threads.
+    # Rows are independent: side by side in processes of one torch thread each (each runs the product's
+    # commands in itself), which on 2 cores beats one row at a time on 2 threads.
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_one_thread) as pool:
         running = {pool.submit(_run_task, *task): i for i, task in enumerate(tasks)}

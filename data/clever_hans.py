@@ -21,9 +21,8 @@ The table and its command are bench/clever_hans.py; tests/test_clever_hans.py ru
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import contextlib
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,12 +130,20 @@ def run_product(out: Path, verify_top: int, scopes: tuple[str, ...] = BenchSetti
     return cache
 
 
-def run_analysis(arguments: list[str], timeout: float = 3600) -> None:
-    """`python -m analysis ARGUMENTS` in a child process; RuntimeError with its last words when it fails."""
-    done = subprocess.run([sys.executable, "-m", "analysis", *arguments], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"`{arguments[0]}` failed ({done.returncode}): {done.stderr[-1500:]}")
+def run_analysis(arguments: list[str]) -> None:
+    """`python -m analysis ARGUMENTS`, run in this process (the command line's own `main`: a child process
+    would import torch, torchvision and scikit-learn again, 3-5 s a command); RuntimeError with its last
+    words when it fails."""
+    from analysis.__main__ import main
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        try:
+            code = main(arguments)
+        except SystemExit as stop:   # argparse refuses an option this way
+            code = stop.code if isinstance(stop.code, int) else 2
+    if code != 0:
+        raise RuntimeError(f"`{arguments[0]}` failed ({code}): {said.getvalue()[-1500:]}")
 
 
 def tested_clusters(cache_dir: Path) -> list[dict[str, Any]]:

@@ -212,3 +212,26 @@ def test_the_dashboard_is_told_why_the_model_cannot_be_loaded(small_cache: Path)
     no_checkpoint = {**manifest, "model": {**manifest["model"], "checkpoint": "/nowhere/weights.pth"}}
     with pytest.raises(ModelSpecError, match="--checkpoint /nowhere/weights.pth: no such file"):
         model_from_manifest(no_checkpoint)
+
+
+def test_decoded_images_are_kept_within_their_budget_and_give_the_same_inputs(small_cache: Path,
+                                                                              tmp_path: Path) -> None:
+    """A run's tests share images: kept once decoded, they give the very tensors a fresh decode gives; past the
+    budget an image is decoded each time; a corrupt file is skipped with its reason, kept or not."""
+    from analysis.trust.region_removal import DecodedImages, load_inputs
+
+    cache = load(small_cache)
+    loaded = model_from_manifest(cache.manifest)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    paths = [cache.image_path(i) for i in (0, 1, 2)] + [broken]
+    fresh, positions, errors = load_inputs(paths, loaded.transform, loaded.in_channels)
+    assert positions == [0, 1, 2] and [e[0] for e in errors] == [3] and "Error" in errors[0][1]
+    one = fresh[0].element_size() * fresh[0].nelement()
+    for budget, kept in ((0, 0), (2 * one, 2), (10 * one, 3)):
+        decoded = DecodedImages(budget=budget)
+        for _ in range(2):                 # the second call reads what the first kept
+            images, again, skipped = load_inputs(paths, loaded.transform, loaded.in_channels, decoded)
+            assert torch.equal(images, fresh) and again == positions and skipped == errors
+        assert sum(isinstance(v, torch.Tensor) for v in decoded.kept.values()) == kept
+        assert decoded.used == kept * one <= budget

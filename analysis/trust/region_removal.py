@@ -278,19 +278,45 @@ def per_class_foreground(frame: pd.DataFrame, class_names: Sequence[str]) -> pd.
                                        "accuracy_background_only", "kept_object_only", "kept_background_only"])
 
 
-def load_inputs(paths: Sequence[Path], transform: Any,
-                channels: int) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
-    """Decode and preprocess images like the job: (float [n_ok, C, H, W], positions of the loaded ones in
-    `paths`, [(position, reason)] of the skipped ones)."""
-    from analysis.pipeline.datasets import Item, collate_items, load_image, to_model_mode
+class DecodedImages:
+    """Preprocessed images by path, kept while one run tests many selections that share images (a scope's two
+    clusterings share most members; every on-object cluster pastes into the same sample of other images):
+    decoding them again took a fifth of `cluster --verify-top 8` on a Fashion-MNIST row. Holds up to `budget`
+    bytes of tensors; past it, an image is decoded each time it is asked for."""
 
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget, self.used = budget, 0
+        self.kept: dict[str, Tensor | str] = {}
+
+    def get(self, path: Path, transform: Any, channels: int) -> Tensor | str:
+        """The image's tensor, or why it could not be loaded (a decode or preprocess failure)."""
+        key = str(path)
+        if key in self.kept:
+            return self.kept[key]
+        from analysis.pipeline.datasets import load_image, to_model_mode
+
+        try:
+            found: Tensor | str = transform(to_model_mode(load_image(Path(path)), channels))
+        except Exception as error:  # any decode/preprocess failure: skip and say why
+            found = f"{type(error).__name__}: {str(error)[:200]}"
+        size = found.element_size() * found.nelement() if isinstance(found, Tensor) else 0
+        if self.used + size <= self.budget:
+            self.kept[key], self.used = found, self.used + size
+        return found
+
+
+def load_inputs(paths: Sequence[Path], transform: Any, channels: int,
+                decoded: DecodedImages | None = None) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
+    """Decode and preprocess images like the job: (float [n_ok, C, H, W], positions of the loaded ones in
+    `paths`, [(position, reason)] of the skipped ones). `decoded`: images kept from earlier calls of a run."""
+    from analysis.pipeline.datasets import Item, collate_items
+
+    decoded = DecodedImages(budget=0) if decoded is None else decoded
     items = []
     for position, path in enumerate(paths):
-        try:
-            image = transform(to_model_mode(load_image(Path(path)), channels))
-            items.append(Item(position, 0, image, None))
-        except Exception as error:  # any decode/preprocess failure: skip and say why
-            items.append(Item(position, 0, None, None, f"{type(error).__name__}: {str(error)[:200]}"))
+        found = decoded.get(path, transform, channels)
+        items.append(Item(position, 0, found, None) if isinstance(found, Tensor)
+                     else Item(position, 0, None, None, found))
     batch = collate_items(items)
     return batch.images, batch.ids.tolist(), batch.errors
 

@@ -282,7 +282,7 @@ VERIFICATION_COLUMNS = ["clustering", "rank", "cluster", "size", "tested", "skip
                         "accuracy_before", "accuracy_region", "verdict", "reason"]
 
 
-def _insertion(cache: Any, loaded: Any, model: Any, images: Any, tested: np.ndarray, preds: np.ndarray,
+def _insertion(cache: Any, loaded: Any, decoded: Any, model: Any, images: Any, tested: np.ndarray, preds: np.ndarray,
                prototype: np.ndarray, q: float, options: VerifyOptions) -> dict[str, float]:
     """The insertion test of an on-object region: pasted from the members into images of other classes
     (label and prediction both another class than the members' usual prediction)."""
@@ -293,7 +293,7 @@ def _insertion(cache: Any, loaded: Any, model: Any, images: Any, tested: np.ndar
     table = cache.columns(["id", "label", "pred"])
     targets = default_targets(table, into, tested, options.insertion_targets, options.seed)
     loaded_targets, positions, _ = load_inputs([cache.image_path(int(i)) for i in targets], loaded.transform,
-                                               loaded.in_channels)
+                                               loaded.in_channels, decoded)
     if not positions or loaded_targets.shape[1:] != images.shape[1:]:
         return {}
     result = insertion_test(model, images, loaded_targets, into, prototype, q=q, seed=options.seed,
@@ -312,7 +312,7 @@ def _grown_foreground(masks: np.ndarray, height: int, width: int) -> Any:
     return foreground_to_input(dilate(masks, 1), height, width)
 
 
-def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions) -> Any:
+def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions, decoded: Any = None) -> Any:
     """The dataset's typical background at the model's input ([C, H, W]; `analysis.trust.background_swap`),
     from a seeded sample of `options.insertion_targets` images with a mask or box; None without any."""
     from analysis.trust.background_swap import typical_background
@@ -327,7 +327,7 @@ def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions) -> An
     known = foreground.reshape(len(sample), -1).any(axis=1)
     sample, foreground = sample[known], foreground[known]
     images, positions, _ = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
-                                       loaded.in_channels)
+                                       loaded.in_channels, decoded)
     if not positions:
         return None
     return typical_background(images, _grown_foreground(foreground[positions], *images.shape[-2:]))
@@ -356,18 +356,19 @@ def _background_swap(model: Any, images: Any, foreground: np.ndarray | None, typ
             "background_removal": result.removal}
 
 
-def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, prototype: np.ndarray,
+def _test_cluster(cache: Any, loaded: Any, decoded: Any, model: Any, sample: np.ndarray, prototype: np.ndarray,
                   labels_by_id: pd.Series, options: VerifyOptions, typical: Callable[[], Any]) -> dict[str, Any]:
     """The tests of one cluster on its sampled members: the record's measured fields (the verdict comes once
-    the run's p-values are adjusted together, `with_verdicts`). `typical()`: the run's typical background (made
-    once, when a cluster first needs it)."""
+    the run's p-values are adjusted together, `with_verdicts`). `decoded`: the run's decoded images
+    (`analysis.trust.region_removal.DecodedImages`); `typical()`: the run's typical background (made once, when
+    a cluster first needs it)."""
     import torch
 
     from analysis.pipeline.faithfulness import upsample_maps
     from analysis.trust.region_removal import load_inputs, shortcut_test
 
     images, positions, errors = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
-                                            loaded.in_channels)
+                                            loaded.in_channels, decoded)
     skipped = {"skipped": len(errors), "tested": 0, "verdict": "not tested"}
     if not positions:
         return {**skipped, "reason": f"no image could be loaded ({errors[0][1] if errors else 'none'})"}
@@ -395,7 +396,7 @@ def _test_cluster(cache: Any, loaded: Any, model: Any, sample: np.ndarray, proto
               "accuracy_region": float(result.summary["accuracy_prototype"]), "reason": ""}
     preds = frame["pred_before"].to_numpy(np.int64)
     if p_raw < options.alpha and changed_region - changed_control >= options.min_difference:
-        record.update(_insertion(cache, loaded, model, images, tested, preds, prototype, q, options))
+        record.update(_insertion(cache, loaded, decoded, model, images, tested, preds, prototype, q, options))
     elif mass < options.concentrated:
         record.update(_background_swap(model, images, foreground, typical(), options))
     return record
@@ -432,9 +433,13 @@ def write_verification(cache: Any, stored: StoredScope, frame: pd.DataFrame, opt
 
 
 def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyOptions, device: Any = "cpu",
-                  progress: Progress | None = None) -> pd.DataFrame:
+                  progress: Progress | None = None, decoded: Any = None) -> pd.DataFrame:
     """The tests of the top `options.top` clusters of every clustering of a stored scope: one row per tested
-    cluster with what was measured (no verdict yet: `with_verdicts` adjusts the run's p-values together)."""
+    cluster with what was measured (no verdict yet: `with_verdicts` adjusts the run's p-values together).
+    `decoded`: images decoded by earlier scopes of the run (`analysis.trust.region_removal.DecodedImages`)."""
+    from analysis.trust.region_removal import DecodedImages
+
+    decoded = DecodedImages() if decoded is None else decoded
     summary_all = pq.read_table(stored.path / "summary.parquet").to_pandas()
     prototypes_all = np.load(stored.path / "prototypes.npy")
     side = int(round(np.sqrt(prototypes_all.shape[1])))
@@ -443,7 +448,7 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
     labels_by_id = cache.columns(["id", "label"]).set_index("id")["label"]
     model = loaded.model.to(device)
     records = []
-    typical = functools.cache(lambda: typical_background_of(cache, loaded, options))
+    typical = functools.cache(lambda: typical_background_of(cache, loaded, options, decoded))
     for name in names:
         rows = np.nonzero(summary_all["clustering"].to_numpy() == name)[0]
         for row_index, record in zip(rows, summary_all.iloc[rows].itertuples()):
@@ -457,7 +462,7 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
                 progress(f"verifying {name} #{record.rank} ({len(sample)} images)")
             base = {"clustering": name, "rank": int(record.rank), "cluster": int(record.cluster),
                     "size": int(record.size), "verdict": "", "reason": ""}
-            records.append({**base, **_test_cluster(cache, loaded, model, sample,
+            records.append({**base, **_test_cluster(cache, loaded, decoded, model, sample,
                                                     prototypes_all[row_index].reshape(side, side), labels_by_id,
                                                     options, typical)})
     frame = pd.DataFrame.from_records(records, columns=VERIFICATION_COLUMNS)
