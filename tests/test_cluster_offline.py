@@ -139,6 +139,26 @@ def test_tsne_separates_groups_and_the_subsample_path_places_every_point():
     assert centres[0, 0] < centres[1, 0] < centres[2, 0] and centres[1, 1] > max(centres[0, 1], centres[2, 1])
 
 
+@pytest.mark.parametrize("per", [17, 40])
+def test_a_small_scope_started_from_a_layout_is_refined_from_it(per):
+    """From REFINE_MIN to OPENTSNE_MIN points with a start layout (a scope's points in the all-images map),
+    t-SNE refines it: the groups keep their places and stay apart; without one, or with fewer points,
+    scikit-learn's t-SNE from PCA."""
+    x, truth = blobs(3, per=per, dim=16, spread=0.04)
+    graph = clustering.knn_graph(x, min(15, len(x) - 1))
+    start = np.repeat(np.array([[-30.0, 0.0], [0.0, 30.0], [30.0, 0.0]]), per, axis=0) + \
+        np.random.default_rng(0).normal(0, 1, (3 * per, 2))
+    refined, info = clustering.tsne_layout(x, graph, seed=0, threads=1, init=start)
+    if 3 * per < clustering.REFINE_MIN:
+        assert info.method == "tsne (scikit-learn)"
+        return
+    assert info.method == "tsne (from the all-images layout)" and info.iterations == clustering.REFINE_ITERATIONS
+    centres = np.stack([refined[truth == c].mean(axis=0) for c in range(3)])
+    assert centres[0, 0] < centres[1, 0] < centres[2, 0] and centres[1, 1] > max(centres[0, 1], centres[2, 1])
+    assert np.isfinite(refined).all() and refined.std(axis=0).min() > 1.0 and neighbour_purity(refined, truth) > 0.95
+    _, info = clustering.tsne_layout(x, graph, seed=0, threads=1)
+    assert info.method == "tsne (scikit-learn)"
+
 def test_placement_from_neighbours_by_hand():
     coords = np.array([[0.0, 0.0], [2.0, 0.0], [9.0, 9.0], [9.0, 9.0]])
     placed = np.array([True, True, False, False])

@@ -13,7 +13,8 @@ from analysis.explore.clustering.options import (ALGORITHMS, ALGORITHM_LABELS, D
                                                  EMBEDDINGS, METRICS, SPATIAL_DESCRIPTOR_KINDS,
                                                  summary_descriptor_kind)
 from analysis.explore.clustering.settings import (BH_MAX, EXACT_KNN_MAX, MAX_K, OPENTSNE_MIN, REFINE_ITERATIONS,
-                                                  THREADED_MIN, ClusteringInputError, ClusteringSettings, Progress)
+                                                  REFINE_MIN, THREADED_MIN, ClusteringInputError, ClusteringSettings,
+                                                  Progress)
 from analysis.explore.clustering.graph import (KnnGraph, all_identical, check_descriptors, checked_descriptors,
                                                distinct_rows, effective_neighbours, geometry, knn_graph, without_self)
 from analysis.explore.clustering.spectrum import graph_spectrum, laplacian_eigenpairs, suggest_k
@@ -29,7 +30,7 @@ from analysis.explore.clustering.suspicion import (SUMMARY_SCORES, SUSPICION_COM
 
 __all__ = ["ALGORITHMS", "ALGORITHM_LABELS", "BH_MAX", "ClusteringInputError", "ClusteringSettings",
            "DESCRIPTOR_KINDS", "DESCRIPTOR_LABELS", "EMBEDDINGS", "EXACT_KNN_MAX", "EmbeddingInfo", "KnnGraph",
-           "MAX_K", "METRICS", "OPENTSNE_MIN", "PointsClustering", "Progress", "REFINE_ITERATIONS",
+           "MAX_K", "METRICS", "OPENTSNE_MIN", "PointsClustering", "Progress", "REFINE_ITERATIONS", "REFINE_MIN",
            "SPATIAL_DESCRIPTOR_KINDS", "SUMMARY_SCORES", "SUSPICION_COMPONENTS", "SuspicionCalibration",
            "SuspicionInputs", "THREADED_MIN", "all_identical", "calibrate_suspicion", "check_descriptors",
            "checked_descriptors", "chosen_ks", "cluster_points", "cluster_qr", "clustering_name", "concept_mix",

@@ -12,8 +12,9 @@ from analysis.explore.clustering.options import ALGORITHMS, DESCRIPTOR_KINDS, EM
 EXACT_KNN_MAX = 20_000       # up to this many points the kNN graph is exact (faster than pynndescent there)
 BH_MAX = 4_000               # t-SNE below this many points: Barnes-Hut gradient (measured faster than FFT here)
 THREADED_MIN = 20_000        # t-SNE below this many points runs on one thread
-OPENTSNE_MIN = 1_000         # t-SNE below this many points: scikit-learn's exact-perplexity one
+OPENTSNE_MIN = 1_000         # t-SNE below this many points, not started from a layout: scikit-learn's
 REFINE_ITERATIONS = 150      # t-SNE of a scope started from the all-images layout
+REFINE_MIN = 50              # ... from this many points (fewer hardly move from the start: see tsne_layout)
 MAX_K = 100                  # spectral clustering keeps n x k eigenvector entries in memory
 Progress = Callable[[str], None]
 
