@@ -27,7 +27,7 @@ def qualified_name(thing: Any) -> str:
 class Ops:
     """A set of ops: module classes (subclasses included), functions, and tensor method names. A module class
     or function may also be named by its qualified name (`named`), so that a library is not imported to name
-    its ops: importing torchvision costs a `python -m analysis` command 3 s, and a model that has torchvision's
+    its ops: importing torchvision costs a `python -m analysis` command 2 s, and a model that has torchvision's
     ops has imported it already."""
     modules: tuple[type, ...] = ()
     functions: frozenset = frozenset()
@@ -40,10 +40,10 @@ class Ops:
 
     def match(self, node: fx.Node, module: nn.Module | None) -> bool:
         if node.op == "call_module":
-            return isinstance(module, self.modules) or bool(self.named) and any(
-                qualified_name(kind) in self.named for kind in type(module).__mro__)
+            return isinstance(module, self.modules) or any(qualified_name(kind) in self.named
+                                                           for kind in type(module).__mro__)
         if node.op == "call_function":
-            return node.target in self.functions or bool(self.named) and qualified_name(node.target) in self.named
+            return node.target in self.functions or qualified_name(node.target) in self.named
         return node.op == "call_method" and node.target in self.methods
 
 
