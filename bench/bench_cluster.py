@@ -76,8 +76,9 @@ def build_fmnist_cache(work: Path, threads: int) -> Path:
             shortcut.choose_marked(test.images, test.labels, "test", other_fraction=OTHER_FRACTION)])
         print(f"writing 70,000 PNGs with masks ({int(marked.sum())} tagged) ...", flush=True)
         demo.write_test_split(paths, fashion_mnist.Split(images, labels, train.source), marked)
-    command = demo.explain_command(paths, overwrite=paths.cache.exists(), batch_size=256, workers=1)
-    command += ["--no-cluster", "--device", "cpu"]
+    command = [sys.executable, "-m", "analysis",
+               *demo.explain_command(paths, overwrite=paths.cache.exists(), batch_size=256, workers=1),
+               "--no-cluster", "--device", "cpu"]
     print("explaining 70,000 images ...", flush=True)
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "DEMO_MODEL_WEIGHTS": str(paths.model)})
     if done.returncode != 0:

@@ -135,17 +135,13 @@ def run_product(out: Path, verify_top: int, scopes: tuple[str, ...] = BenchSetti
 
 
 def run_analysis(arguments: list[str]) -> None:
-    """`python -m analysis ARGUMENTS`, run in this process (the command line's own `main`: a child process
-    would import torch, torchvision and scikit-learn again, 3-5 s a command); RuntimeError with its last
-    words when it fails."""
-    from analysis.__main__ import main
+    """`python -m analysis ARGUMENTS` in this process (`data.demo.run_analysis`), its output kept; RuntimeError
+    with its last words when it fails."""
+    from data.demo import run_analysis as run
 
     said = io.StringIO()
     with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-        try:
-            code = main(arguments)
-        except SystemExit as stop:   # argparse refuses an option this way
-            code = stop.code if isinstance(stop.code, int) else 2
+        code = run(arguments)
     if code != 0:
         raise RuntimeError(f"`{arguments[0]}` failed ({code}): {said.getvalue()[-1500:]}")
 

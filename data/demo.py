@@ -29,7 +29,6 @@ import hashlib
 import inspect
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -346,7 +345,7 @@ def model_arguments(paths: DemoPaths) -> list[str]:
 
 
 def explain_command(paths: DemoPaths, overwrite: bool, batch_size: int, workers: int | None) -> list[str]:
-    command = [sys.executable, "-m", "analysis", "explain", "--data", str(paths.test), *model_arguments(paths),
+    command = ["explain", "--data", str(paths.test), *model_arguments(paths),
                "--out", str(paths.cache), "--masks", str(paths.masks), "--target-layer", "input",
                "--map-size", str(MAP_SIZE), "--descriptor-size", str(DESCRIPTOR_SIZE),
                "--batch-size", str(batch_size)]
@@ -355,6 +354,17 @@ def explain_command(paths: DemoPaths, overwrite: bool, batch_size: int, workers:
     if overwrite:
         command.append("--overwrite")
     return command
+
+
+def run_analysis(arguments: list[str]) -> int:
+    """`python -m analysis ARGUMENTS` run in this process, its output its own: the exit code. A child process
+    would import torch, torchvision and scikit-learn again, 3-5 s a command."""
+    from analysis.__main__ import main
+
+    try:
+        return main(arguments)
+    except SystemExit as stop:   # argparse refuses an option this way
+        return stop.code if isinstance(stop.code, int) else 2
 
 
 def cache_is_complete(cache_dir: Path) -> bool:
@@ -383,9 +393,9 @@ def step_explain(paths: DemoPaths, batch_size: int = 64, workers: int | None = N
         command.append("--quiet")
     say(f"[6/7] explaining the test split with FG-CAM at the input layer into {paths.cache} ...")
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT)
-    if done.returncode != 0:
-        raise DemoError(f"the explanation job failed (exit code {done.returncode}, its message is above); fix "
+    code = run_analysis(command)
+    if code != 0:
+        raise DemoError(f"the explanation job failed (exit code {code}, its message is above); fix "
                         "that and rerun `python -m data.demo`: it resumes where the job stopped")
     say(f"        done in {time.perf_counter() - started:.0f} s")
 

@@ -19,8 +19,6 @@ by image (augmentation with the artefact, as in Lapuschkin et al.'s class artefa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,10 +123,10 @@ def step_verify(paths: demo.DemoPaths, cache_dir: Path, label: str) -> None:
         demo.say(f"[10/11] causal test of {label}: already run (skipped)")
         return
     demo.say(f"[10/11] causal test of the top {VERIFY_TOP} clusters of {label} ({cache_dir}) ...")
-    done = subprocess.run([sys.executable, "-m", "analysis", "cluster", "--cache", str(cache_dir),
-                           "--verify-top", str(VERIFY_TOP), "--device", "cpu", "--quiet"], cwd=demo.REPO_ROOT)
-    if done.returncode != 0:
-        raise demo.DemoError(f"the causal test of {cache_dir} failed (exit code {done.returncode}, its message is "
+    code = demo.run_analysis(["cluster", "--cache", str(cache_dir), "--verify-top", str(VERIFY_TOP), "--device", "cpu",
+                              "--quiet"])
+    if code != 0:
+        raise demo.DemoError(f"the causal test of {cache_dir} failed (exit code {code}, its message is "
                              "above); rerun `python -m data.demo --fix`")
     demo.write_stamp(paths, step, stamp)
 
@@ -189,10 +187,10 @@ def write_compare_report(fixed: FixedPaths, paths: demo.DemoPaths) -> None:
     """OUT/compare.html, by the real `python -m analysis report --compare` (it never overwrites: the demo's own
     previous one is removed first)."""
     fixed.report.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, "-m", "analysis", "report", "--cache", str(paths.cache), "--compare",
-                           str(fixed.cache), "--out", str(fixed.report)], cwd=demo.REPO_ROOT)
-    if done.returncode != 0:
-        raise demo.DemoError(f"the comparison report failed (exit code {done.returncode}, its message is above)")
+    code = demo.run_analysis(["report", "--cache", str(paths.cache), "--compare", str(fixed.cache), "--out",
+                              str(fixed.report)])
+    if code != 0:
+        raise demo.DemoError(f"the comparison report failed (exit code {code}, its message is above)")
 
 
 def run_fix(paths: demo.DemoPaths, settings: demo.DemoSettings, train: Split, test: Split, threads: int | None,

@@ -9,7 +9,6 @@ trained here the same way on the same images without the tag.
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from analysis.explore import cluster_offline as offline, clustering
 from analysis.cache import Cache, load
 from data import demo, demo_model, fashion_mnist, shortcut
-from tests.helpers import REPO_ROOT, seed_offset
+from tests.helpers import seed_offset
 
 TEST_IMAGES = 6000           # the first 6,000 test images: about 27 tagged images of other classes
 OTHER_FRACTION = 0.005
@@ -57,14 +56,12 @@ def _explain_and_cluster(split: demo.DemoPaths, model: Path, out: Path) -> Expla
     command[command.index("--out") + 1] = str(paths.cache)
     command[command.index("--checkpoint") + 1] = str(model)
     command += ["--no-cluster", "--quiet", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), demo_model.WEIGHTS_ENV: str(model)}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    cache = load(paths.cache)
-    os.environ[demo_model.WEIGHTS_ENV] = str(model)      # what model_from_manifest loads for the causal test
+    os.environ[demo_model.WEIGHTS_ENV] = str(model)   # what the job loads, and model_from_manifest for the causal test
     try:
         from analysis.pipeline.models import model_from_manifest
 
+        assert demo.run_analysis(command) == 0            # its message, if any, is in the captured output
+        cache = load(paths.cache)
         offline.cluster_cache(cache, SETTINGS, SCOPES, threads=1, verify=offline.VerifyOptions(),
                               loaded=model_from_manifest(cache.manifest))
     finally:
