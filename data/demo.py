@@ -363,8 +363,8 @@ def run_analysis(arguments: list[str]) -> int:
 
     try:
         return main(arguments)
-    except SystemExit as stop:   # argparse refuses an option this way
-        return stop.code if isinstance(stop.code, int) else 2
+    except SystemExit as stop:   # argparse refuses an option this way; the exit status Python would give
+        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
 
 
 def cache_is_complete(cache_dir: Path) -> bool:

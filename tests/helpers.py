@@ -285,14 +285,22 @@ def make_small_cache(out_dir: Path | str) -> Path:
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     """`python -m analysis ARGV` in this process (argparse errors exit through SystemExit, as the real
     command does) -> (exit code, stdout, stderr)."""
-    from analysis.__main__ import main
+    capsys.readouterr()
+    return run_command(*argv)
 
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+
+def run_command(*argv: str) -> tuple[int, str, str]:
+    """`python -m analysis ARGV` in this process, for a fixture too (no capsys) -> (exit code, stdout, stderr).
+    A child process would import torch, torchvision and scikit-learn again: 3-5 s a command."""
+    import contextlib
+    import io
+
+    from data.demo import run_analysis
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_analysis(list(argv))
+    return code, out.getvalue(), err.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -32,10 +33,9 @@ def test_every_page_renders_in_a_browser(small_cache: Path, tmp_path: Path) -> N
     shots_module = screenshots_module()
     # The Trust page with a comparison: copy the cache (its images and model stay put) and make one.
     cache = Path(shutil.copytree(small_cache, tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "-m", "analysis", "compare-methods", "--cache", str(cache),
-                           "--sample", "6", "--steps", "4", "--device", "cpu", "--quiet"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_command("compare-methods", "--cache", str(cache), "--sample", "6", "--steps", "4", "--device",
+                               "cpu", "--quiet")
+    assert code == 0, err
 
     shots = shots_module.pages_for(cache)
     assert [s.name for s in shots] == ["findings", "overview", "clusters", "background", "per_class", "mistakes",

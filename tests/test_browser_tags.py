@@ -5,15 +5,14 @@ gallery's CSV and the Find-more page's export carry them, the export equal to `p
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import urllib.parse
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.test_browser import CHROMIUM, REPO, screenshots_module
+from tests.helpers import run_command
+from tests.test_browser import CHROMIUM, screenshots_module
 
 pytestmark = pytest.mark.browser
 TAG = "odd corner"
@@ -106,10 +105,9 @@ def test_tag_reload_filter_and_export_in_a_browser(small_cache: Path, tmp_path: 
     assert len(gallery) > 1  # the CSV lists every flagged image, not only those the filter shows
 
     exported = files["export"].read_text()
-    cli = subprocess.run([sys.executable, "-m", "analysis", "export", "--cache", str(cache), "--tag", TAG],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0, cli.stderr
-    assert exported == cli.stdout
+    code, out, err = run_command("export", "--cache", str(cache), "--tag", TAG)
+    assert code == 0, err
+    assert exported == out
     frame = pd.read_csv(files["export"])
     assert frame[["id", "tags", "note", "who"]].values.tolist() == \
         [[image_id, f"{TAG}; shortcut", "a mark in the corner", "Ada Lovelace"]]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.cache import load
 from analysis.explore.statistics import confusion_matrix, top_confusions
+from tests.helpers import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")
@@ -147,10 +146,9 @@ def test_trust_without_comparison_says_which_command(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.slow
 def test_trust_with_comparison_and_shortcut_test(monkeypatch: pytest.MonkeyPatch, cache_copy: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "analysis", "compare-methods", "--cache", str(cache_copy),
-                           "--sample", "6", "--steps", "4", "--device", "cpu", "--quiet"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_command("compare-methods", "--cache", str(cache_copy), "--sample", "6", "--steps", "4",
+                               "--device", "cpu", "--quiet")
+    assert code == 0, err
     at = open_page(monkeypatch, cache_copy, "trust")
     table = at.dataframe[0].value
     assert len(table) == 12 and {"deletion AUC ↓", "insertion AUC ↑"} <= set(table.columns)
@@ -198,18 +196,16 @@ def test_trust_does_not_show_another_caches_comparison(monkeypatch: pytest.Monke
     by an older version, which kept trust/) is named stale and not shown; so is one older than the cache."""
     from tests.helpers import small_cache_arguments
 
-    done = subprocess.run([sys.executable, "-m", "analysis", "compare-methods", "--cache", str(cache_copy),
-                           "--sample", "4", "--steps", "2", "--device", "cpu", "--quiet"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_command("compare-methods", "--cache", str(cache_copy), "--sample", "4", "--steps", "2",
+                               "--device", "cpu", "--quiet")
+    assert code == 0, err
     meta = json.loads((cache_copy / "trust" / "comparison.json").read_text())
     assert meta["cache_identity"] == load(cache_copy).identity
     other = tmp_path / "other"
     argv = small_cache_arguments(small_cache.parent)
     argv[argv.index("--out") + 1] = str(other)
-    done = subprocess.run([sys.executable, "-m", "analysis", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_command(*argv)
+    assert code == 0, err
     shutil.copytree(cache_copy / "trust", other / "trust")
     at = open_page(monkeypatch, other, "trust")
     assert "does not belong to this cache: it was made" in texts(at) and "for another cache" in texts(at)

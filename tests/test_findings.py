@@ -2,9 +2,6 @@
 small demo with its causal test run, and on a cache without any test run (which must say "undecided")."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -12,7 +9,7 @@ import pytest
 
 from analysis.findings import Finding, compute_findings, read_findings, render, url, write_findings
 from analysis.findings.kinds import region_words
-from tests.helpers import REPO_ROOT, open_page, page_texts
+from tests.helpers import open_page, page_texts, run_command
 
 
 def test_render_formats_every_field_and_links_only_the_linked_ones() -> None:
@@ -47,14 +44,12 @@ def test_region_words_name_where_a_region_lies(cells, words) -> None:
 def verified_demo(small_demo):
     """The small demo with the causal test run on the top 3 clusters of all, mistakes and pred:bag, then the
     findings command."""
-    done = subprocess.run([sys.executable, "-m", "analysis", "cluster", "--cache", str(small_demo.cache),
-                           "--scopes", "all", "mistakes", "pred:bag", "--verify-top", "3", "--quiet"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    done = subprocess.run([sys.executable, "-m", "analysis", "findings", "--cache", str(small_demo.cache)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return small_demo, done.stdout
+    code, _, err = run_command("cluster", "--cache", str(small_demo.cache), "--scopes", "all", "mistakes", "pred:bag",
+                               "--verify-top", "3", "--quiet")
+    assert code == 0, err[-2000:]
+    code, out, err = run_command("findings", "--cache", str(small_demo.cache))
+    assert code == 0, err[-2000:]
+    return small_demo, out
 
 
 def test_on_the_demo_the_top_finding_is_the_tag_and_its_numbers_are_the_caches(verified_demo) -> None:
@@ -242,9 +237,8 @@ def test_the_findings_page_shows_the_ranked_findings_with_their_numbers(verified
 
 
 def test_the_command_refuses_a_folder_that_is_not_a_cache_in_one_line(tmp_path) -> None:
-    done = subprocess.run([sys.executable, "-m", "analysis", "findings", "--cache", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2 and done.stderr.startswith("error:") and len(done.stderr.strip().splitlines()) == 1
+    code, _, err = run_command("findings", "--cache", str(tmp_path))
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
 
 
 def test_every_number_of_the_markdown_is_a_link_and_the_words_are_not() -> None:
@@ -266,9 +260,8 @@ def test_the_report_command_writes_the_findings_as_html_and_as_a_pdf_with_pages(
     assert findings
     html_out, pdf_out = tmp_path / "report.html", tmp_path / "report.pdf"
     for out in (html_out, pdf_out):
-        done = subprocess.run([sys.executable, "-m", "analysis", "report", "--cache", str(small_cache), "--out",
-                               str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+        code, _, err = run_command("report", "--cache", str(small_cache), "--out", str(out))
+        assert code == 0, err[-2000:]
     text = html_out.read_text()
     assert '<section id="findings">' in text
     import html as html_module
@@ -289,6 +282,5 @@ def test_the_report_command_writes_the_findings_as_html_and_as_a_pdf_with_pages(
         assert re.sub(r"\s+", " ", finding.title) in printed, (finding.title, printed[:2000])
     # Never over an existing file, and a wrong suffix: one line, before any work.
     for out, words in ((html_out, "exists"), (tmp_path / "report.txt", ".html or .pdf")):
-        done = subprocess.run([sys.executable, "-m", "analysis", "report", "--cache", str(small_cache), "--out",
-                               str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        code, _, err = run_command("report", "--cache", str(small_cache), "--out", str(out))
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1

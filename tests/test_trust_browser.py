@@ -4,22 +4,20 @@ with the sanity checks and a saved insertion test; links with bad values never s
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, REPO, screenshots_module
+from tests.helpers import run_command
+from tests.test_browser import CHROMIUM, screenshots_module
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")]
 
 
 def analysis_command(*argv: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "analysis", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    code, out, err = run_command(*argv)
+    assert code == 0, out[-2000:] + err[-2000:]
 
 
 def page_text(shots, page, base: str, path: str) -> str:
