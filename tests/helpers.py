@@ -349,11 +349,9 @@ def make_photo_cache(out_dir: Path | str) -> Path:
     (out_dir / "imagenet_classes.txt").write_text("\n".join(imagenet_class_names()) + "\n", encoding="utf-8")
     (out_dir / "boxes.csv").write_text("path,x0,y0,x1,y1\n" + "".join(
         f"{relative},{','.join(map(str, box))}\n" for relative, _, _, box in PHOTOS))
-    done = subprocess.run([sys.executable, "-m", "analysis", *photo_job_arguments(out_dir)], cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"the explain job failed ({done.returncode}): {done.stderr[-2000:]}")
+    code, _, err = run_command(*photo_job_arguments(out_dir))
+    if code != 0:
+        raise RuntimeError(f"the explain job failed ({code}): {err[-2000:]}")
     return cache
 
 
