@@ -448,7 +448,8 @@ NAN = float("nan")
     (0.9, 0.11, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.07, 0.00, 1e-4), "shortcut"),   # off: a small carry, significant
     (0.9, 0.11, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.07, 0.00, 0.02), "undecided"),  # ... the same, not significant
     (0.9, 0.11, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.04, 0.00, 1e-5), "undecided"),  # ... significant, under 5 points
-    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.02, 0.01, 0.5), "uses the object"),         # pasted, it carries nothing
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.02, 0.01, 0.5, 0.9), "uses the object"),    # pasted, it carries nothing
+    (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.02, 0.01, 0.5, 0.24), "undecided"),   # ... toward a class 24% predict
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.60, 0.02, 1e-9), "shortcut"),               # a stamp on the object
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "undecided"),                 # the insertion could not run
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 5.0, (0.17, 0.01, 1e-6), "undecided"),              # between an object part and a mark
@@ -458,7 +459,8 @@ NAN = float("nan")
     (0.1, 0.0, 0.0, 1.0, 0.5, 0.5, 5.0, (NAN, NAN, NAN), "not used"),
     (0.1, 0.0, 0.0, 1.0, 0.15, 0.5, 5.0, (NAN, NAN, NAN), "undecided"),                  # the evidence is spread
     (0.9, 0.0, 0.0, 1.0, 0.5, 0.05, 5.0, (NAN, NAN, NAN), "undecided"),                  # the blur changes nothing
-    (NAN, 0.6, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.0, 0.0, 1.0), "uses the object"),
+    (NAN, 0.6, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.0, 0.0, 1.0, 0.5), "uses the object"),
+    (NAN, 0.6, 0.0, 1e-6, 0.5, 0.5, 5.0, (0.0, 0.0, 1.0, NAN), "undecided"),      # who was pasted toward: unknown
     (0.1, 0.6, 0.05, 1e-6, 0.5, 0.5, 25.0, (0.60, 0.02, 1e-9), "undecided"),         # a grown region: a big object part
 ])
 def test_verdict_reassures_only_where_the_test_could_have_shown_the_opposite(off, region, control, p, mass, removal,

@@ -49,6 +49,8 @@ class VerifyOptions:
                                       # (a piece of trousers made 12% of other images trousers in the benchmark)
     object_insertion: float = 0.10    # "uses the object" only when it makes fewer than this many more (between the
                                       # two: undecided -- a stamp on the object made 15-19% in the benchmark)
+    insertion_speaks: float = 0.5     # ... and most members are predicted as the class pasted toward (it speaks for
+                                      # them alone: Lite0's watermark mistakes, 15-24% of one class, were cleared)
     off_object_insertion: float = 0.05   # off the object, a significant carry (p < alpha) of at least this much is
                                       # a shortcut: what lies off the object carries none of the object's shape.
                                       # Measured (bench/clever_hans.py): a corner patch on half of the target
@@ -73,7 +75,8 @@ VERDICTS = {
                 "typical background changes far more predictions than the cluster's own: the model depends on "
                 "something that is not the object",
     "uses the object": "blurring the region changes far more predictions than a random region; the region is on "
-                       "the object and pasting it elsewhere does not carry the class: the model working",
+                       "the object and pasting it elsewhere does not carry the class most members are predicted "
+                       "as: the model working",
     "off the object, not used": "the region lies off the object, but blurring it changes predictions no more "
                                 "than a random region, although it held the cluster's evidence",
     "not used": "blurring the region changes predictions no more than a random region, although it held the "
@@ -98,6 +101,7 @@ class Evidence:
     inserted_region: float = float("nan")    # share of other classes' images made this class by pasting it
     inserted_control: float = float("nan")   # ... by pasting a random region of the same shape
     p_insertion: float = float("nan")
+    inserted_share: float = float("nan")     # share of the members predicted as the class it was pasted toward
     changed_background: float = float("nan")          # share of predictions the typical background changed
     changed_background_control: float = float("nan")  # ... another member's background (the control)
     p_background: float = float("nan")                # exact McNemar of the two swaps, adjusted for the run (BH)
@@ -141,7 +145,8 @@ def verdict(evidence: Evidence, alpha: float, options: VerifyOptions = VerifyOpt
     * "shortcut": necessary, and sufficient beyond what the object's own parts carry -- significantly and by
       `off_object_insertion` for a region off the object, `min_insertion` on it (where an object part is
       expected to carry some);
-    * "uses the object": necessary, on the object, and pasted elsewhere it carries (almost) nothing;
+    * "uses the object": necessary, on the object, and pasted elsewhere it carries (almost) nothing -- toward the
+      class most members are predicted as (`insertion_speaks`: a test toward one class cannot clear the others);
     * where the evidence is spread and the objects' masks are known: "shortcut" when the dataset's typical
       background changes significantly more predictions (by `background_difference`) than other members' do;
     * "not used": not necessary -- the blur changed predictions by less than `min_difference` more than the
@@ -194,8 +199,12 @@ def _necessary_verdict(e: Evidence, o: VerifyOptions, off: bool, effect: str) ->
     if off:
         return "undecided", (f"{effect}; {pasted}: off the object yet carrying little elsewhere (the object's "
                              "outline?); the members' tiles or a model trained without them decide")
-    if gain < o.object_insertion:
+    if gain < o.object_insertion and e.inserted_share >= o.insertion_speaks:
         return "uses the object", f"{effect}; {pasted}: the object's own shape"
+    if gain < o.object_insertion:
+        return "undecided", (f"{effect}; {pasted}, but only {e.inserted_share:.0%} of the members are predicted as this "
+                             "class: pasting it cannot show what it does for the others; a model trained without these "
+                             "images (`report --compare`) would decide")
     return "undecided", (f"{effect}; {pasted}: more than the object's own parts usually carry, less than a mark "
                          "does; a model trained without these images (`report --compare`) or the tiles decide")
 
@@ -277,7 +286,7 @@ def removal_strength(images: Any, region: np.ndarray) -> float:
 
 VERIFICATION_COLUMNS = ["clustering", "rank", "cluster", "size", "tested", "skipped", "q", "region_mass", "removal",
                         "changed_region", "changed_control", "p_raw", "p_value", "alpha", "off_object_share",
-                        "location_rule", "inserted_region", "inserted_control", "p_insertion", "changed_background",
+                        "location_rule", "inserted_region", "inserted_control", "p_insertion", "inserted_share", "changed_background",
                         "changed_background_control", "p_background_raw", "p_background", "background_removal",
                         "accuracy_before", "accuracy_region", "verdict", "reason"]
 
@@ -301,7 +310,8 @@ def _insertion(cache: Any, loaded: Any, decoded: Any, model: Any, images: Any, t
     frame = result.per_image
     return {"inserted_region": float(result.summary["flipped_prototype"]),
             "inserted_control": float(result.summary["flipped_random"]),
-            "p_insertion": mcnemar_greater(frame["flipped_prototype"].to_numpy(), frame["flipped_random"].to_numpy())}
+            "p_insertion": mcnemar_greater(frame["flipped_prototype"].to_numpy(), frame["flipped_random"].to_numpy()),
+            "inserted_share": float((preds == into).mean())}
 
 
 def _grown_foreground(masks: np.ndarray, height: int, width: int) -> Any:
