@@ -202,8 +202,9 @@ def _necessary_verdict(e: Evidence, o: VerifyOptions, off: bool, effect: str) ->
     if gain < o.object_insertion and e.inserted_share >= o.insertion_speaks:
         return "uses the object", f"{effect}; {pasted}: the object's own shape"
     if gain < o.object_insertion:
-        return "undecided", (f"{effect}; {pasted}, but only {e.inserted_share:.0%} of the members are predicted as this "
-                             "class: pasting it cannot show what it does for the others; a model trained without these "
+        share = f"only {e.inserted_share:.0%}" if np.isfinite(e.inserted_share) else "an unknown share"
+        return "undecided", (f"{effect}; {pasted}, but {share} of the members are predicted as this class: "
+                             "pasting it cannot show what it does for the others; a model trained without these "
                              "images (`report --compare`) would decide")
     return "undecided", (f"{effect}; {pasted}: more than the object's own parts usually carry, less than a mark "
                          "does; a model trained without these images (`report --compare`) or the tiles decide")
@@ -286,9 +287,9 @@ def removal_strength(images: Any, region: np.ndarray) -> float:
 
 VERIFICATION_COLUMNS = ["clustering", "rank", "cluster", "size", "tested", "skipped", "q", "region_mass", "removal",
                         "changed_region", "changed_control", "p_raw", "p_value", "alpha", "off_object_share",
-                        "location_rule", "inserted_region", "inserted_control", "p_insertion", "inserted_share", "changed_background",
-                        "changed_background_control", "p_background_raw", "p_background", "background_removal",
-                        "accuracy_before", "accuracy_region", "verdict", "reason"]
+                        "location_rule", "inserted_region", "inserted_control", "p_insertion", "inserted_share",
+                        "changed_background", "changed_background_control", "p_background_raw", "p_background",
+                        "background_removal", "accuracy_before", "accuracy_region", "verdict", "reason"]
 
 
 def _insertion(cache: Any, loaded: Any, decoded: Any, model: Any, images: Any, tested: np.ndarray, preds: np.ndarray,
