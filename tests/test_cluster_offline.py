@@ -159,6 +159,7 @@ def test_a_small_scope_started_from_a_layout_is_refined_from_it(per):
     _, info = clustering.tsne_layout(x, graph, seed=0, threads=1)
     assert info.method == "tsne (scikit-learn)"
 
+
 def test_placement_from_neighbours_by_hand():
     coords = np.array([[0.0, 0.0], [2.0, 0.0], [9.0, 9.0], [9.0, 9.0]])
     placed = np.array([True, True, False, False])
