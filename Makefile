@@ -12,8 +12,8 @@ demo: setup
 
 # pytest-xdist: one worker per core, at most 4; each worker builds the session fixtures it needs (the small demo, the
 # small caches). Putting the small demo's tests on one worker (--dist loadgroup) gained nothing measurable here
-# (981 and 1,124 s against 924 and 968 s), so the plain distribution stays. Three workers on this 2-core machine:
-# 1,055 s against 1,024 s for two (every core busy either way).
+# (981 and 1,124 s against 924 and 968 s; again on 2026-12-07: 519 s against 500 s), so the plain distribution
+# stays. Three workers on this 2-core machine: 1,055 s against 1,024 s for two (every core busy either way).
 XDIST := -n auto --maxprocesses 4
 
 # The tests marked `alone` (pytest.ini) measure CPU seconds: they run after the others, with nothing beside them;

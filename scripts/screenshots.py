@@ -133,25 +133,36 @@ def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0, app_opti
                 server.wait()
 
 
+# Streamlit marks its app root with the script's state ("initial", "running", "notRunning", ...), as its own
+# end-to-end tests wait on; the status widget shows only on runs longer than a moment, so it cannot say "done".
+APP_STOPPED = """() => document.querySelector('[data-testid="stApp"]')?.getAttribute('data-test-script-state')
+    === 'notRunning'"""
+# every chart has drawn its canvas and every image has loaded
+DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].every(c => c.querySelector('canvas, svg'))
+    && [...document.querySelectorAll('[data-testid="stImage"] img')].every(i => i.complete)"""
+QUIET_S = 0.5   # a page that reruns itself (st.rerun) starts its next run at once: stopped this long is done
+
+
 def wait_until_done(page, title: str | None, timeout: float = 90.0) -> None:
-    """Until the page's title is shown and Streamlit has stopped running for a moment (reruns that a page
-    triggers itself, e.g. writing its state to the URL, start the status widget again)."""
+    """Until the page's title is shown, its script has stopped for QUIET_S (reruns that a page triggers itself
+    count) and every chart and image is drawn. TimeoutError after `timeout` seconds."""
     heading = page.locator("h1").filter(has_text=title) if title else page.locator("h1")
     heading.first.wait_for(state="visible", timeout=timeout * 1000)
     deadline = time.monotonic() + timeout
-    quiet_since = None
-    while time.monotonic() < deadline:
-        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
-        if running:
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 1.5:
+    stopped_since = None
+    while True:
+        now = time.monotonic()
+        if not page.evaluate(APP_STOPPED):
+            stopped_since = None
+        elif stopped_since is None:
+            stopped_since = now
+        elif now - stopped_since >= QUIET_S:
             break
-        time.sleep(0.25)
-    with contextlib.suppress(Exception):  # images and charts still loading
-        page.wait_for_load_state("networkidle", timeout=10_000)
-    page.wait_for_timeout(800)  # Vega's render after its data arrived
+        if now > deadline:
+            raise TimeoutError(f"the page {title or ''!r} was still running after {timeout:.0f} s")
+        time.sleep(0.1)
+    page.wait_for_function(DRAWN, timeout=max(1.0, deadline - time.monotonic()) * 1000)
+    page.wait_for_timeout(200)  # Vega paints its canvas a frame after creating it
 
 
 def page_problems(page) -> list[str]:
@@ -211,7 +222,8 @@ def take_screenshots(base_url: str, out_dir: Path, shots: list[PageShot], full_p
                     wait_until_done(page, shot.title)
                     if shot.scroll_to:
                         page.get_by_text(shot.scroll_to).first.evaluate("e => e.scrollIntoView({block: 'start'})")
-                        page.wait_for_timeout(800)  # images below the fold load when scrolled to
+                        page.wait_for_function(DRAWN, timeout=30_000)  # images below the fold load when scrolled to
+                        page.wait_for_timeout(200)
                     found[shot.name] = page_problems(page)
                 except Exception as error:  # a page that never finished is a problem, with its screenshot
                     found[shot.name] = [f"did not finish: {type(error).__name__}: {str(error)[:300]}"]

@@ -4,8 +4,6 @@ tests/test_cluster_acceptance.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 # The test machine has 2 cores shared by several processes: torch's default of one OpenMP thread per core
@@ -18,7 +16,7 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 import pytest
 
-from tests.helpers import REPO_ROOT, make_photo_cache, make_small_cache, seed_offset
+from tests.helpers import make_photo_cache, make_small_cache, run_demo, seed_offset
 
 
 # Fixtures that take minutes on 2 cores: a test that uses one is `slow` (left out by `make test-quick`).
@@ -51,7 +49,7 @@ def photo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory: pytest.TempPathFactory):
-    """`python -m data.demo --small --no-dashboard`, for real: 12,000 training images (2 epochs), the first
+    """`python -m data.demo --small --no-dashboard`, for real (in this process): 12,000 training images (2 epochs), the first
     1,000 test images, the real job on them (and its clustering). About 40 s on 2 free cores. Its training seed
     is FGCAM_TEST_SEED (default 0, the demo's own default)."""
     from data import demo, fashion_mnist
@@ -59,8 +57,7 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory):
     if not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR):
         pytest.skip(f"Fashion-MNIST is not installed in {fashion_mnist.DEBIAN_DIR}")
     out = tmp_path_factory.mktemp("demo") / "out"
-    done = subprocess.run([sys.executable, "-m", "data.demo", "--small", "--no-dashboard", "--offline",
-                           "--threads", "1", "--seed", str(seed_offset()), "--out", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=540)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    code, printed, err = run_demo("--small", "--no-dashboard", "--offline", "--threads", "1",
+                                  "--seed", str(seed_offset()), "--out", str(out))
+    assert code == 0, printed[-2000:] + err[-2000:]
     return demo.DemoPaths(out)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -170,17 +169,15 @@ def make_mask_folder(image_root: Path, mask_root: Path, size: int = 20) -> None:
 # The real job on a small dataset
 # ----------------------------------------------------------------------------------------------------------
 
-def job_command(data: Path, out: Path, *extra: str, model: str | None = None) -> list[str]:
-    return [sys.executable, "-m", "analysis", "explain", "--data", str(data),
-            "--model", model or f"{TINY_MODEL_FILE}:tiny_cnn", "--out", str(out),
+def job_arguments(data: Path, out: Path, *extra: str, model: str | None = None) -> list[str]:
+    """`python -m analysis` ARGV of the explain job on `data` (the tiny CNN unless `model`), for run_command."""
+    return ["explain", "--data", str(data), "--model", model or f"{TINY_MODEL_FILE}:tiny_cnn", "--out", str(out),
             "--device", "cpu", "--workers", "0", *extra]
 
 
-def run_job_subprocess(data: Path, out: Path, *extra: str, model: str | None = None,
-                       env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    return subprocess.run(job_command(data, out, *extra, model=model), cwd=REPO_ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+def job_command(data: Path, out: Path, *extra: str, model: str | None = None) -> list[str]:
+    """The explain job as a command line, for a test that needs its own process (killed, or run beside another)."""
+    return [sys.executable, "-m", "analysis", *job_arguments(data, out, *extra, model=model)]
 
 
 def train_tiny_cnn(image_root: Path, checkpoint: Path, steps: int = 60, seed: int = 0, lr: float = 0.02) -> Path:
@@ -293,14 +290,26 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 def run_command(*argv: str) -> tuple[int, str, str]:
     """`python -m analysis ARGV` in this process, for a fixture too (no capsys) -> (exit code, stdout, stderr).
     A child process would import torch, torchvision and scikit-learn again: 3-5 s a command."""
+    from data.demo import run_analysis
+
+    return _captured(run_analysis, list(argv))
+
+
+def run_demo(*argv: str) -> tuple[int, str, str]:
+    """`python -m data.demo ARGV` in this process -> (exit code, stdout, stderr): a child would import torch,
+    torchvision and scikit-learn again (3-5 s a build)."""
+    from data import demo
+
+    return _captured(demo.main, list(argv))
+
+
+def _captured(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from data.demo import run_analysis
-
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_analysis(list(argv))
+        code = main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -335,7 +344,7 @@ def photo_job_arguments(out_dir: Path) -> list[str]:
 
 def make_photo_cache(out_dir: Path | str) -> Path:
     """A real cache of real non-square photos (scikit-image's coffee, rocket, chelsea written as PNG files into
-    an ImageFolder) explained by the real `python -m analysis explain` command (a subprocess) with a pretrained
+    an ImageFolder) explained by the real `python -m analysis explain` command (in this process) with a pretrained
     EfficientNet-Lite0 and torchvision's standard Resize(256) + CenterCrop(224), boxes around the objects,
     map size 28 (8 x 8 input pixels a cell). Returns `out_dir/cache`."""
     import skimage.data

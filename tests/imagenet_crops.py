@@ -7,15 +7,12 @@ issue-24 report (a 1,000-output model, tens of classes occurring) at a size the 
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tests.helpers import IMAGENET_MODEL_FILE, REPO_ROOT, imagenet_class_names
+from tests.helpers import IMAGENET_MODEL_FILE, REPO_ROOT, imagenet_class_names, run_command
 
 # skimage.data photo -> the ImageNet classes its crops are filed under (round robin).
 PHOTO_CLASSES = {
@@ -78,11 +75,9 @@ def make_imagenet_crop_cache(out_dir: Path | str, per_photo: int = CROPS_PER_PHO
                   "--descriptor-size", "4", "--quiet", "--no-cluster"],
                  ["cluster", "--cache", str(cache), "--quiet"])
         for arguments in steps:
-            done = subprocess.run([sys.executable, "-m", "analysis", *arguments], cwd=REPO_ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
-                                  timeout=1200)
-            if done.returncode != 0:
-                raise RuntimeError(f"`{arguments[0]}` failed ({done.returncode}): {done.stderr[-2000:]}")
+            code, _, err = run_command(*arguments)
+            if code != 0:
+                raise RuntimeError(f"`{arguments[0]}` failed ({code}): {err[-2000:]}")
         done_mark.write_text("built\n")
     return cache
 

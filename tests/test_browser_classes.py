@@ -25,9 +25,7 @@ pytestmark = pytest.mark.slow
 
 RENDER_LIMIT_S = 3.0
 FIRST_VISIT_CPU_S = 20.0    # measured up to 9.5 (the Image page loading Lite0) on a machine with load 18 on 2 cores
-QUIET_S = 1.5
-DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].every(c => c.querySelector('canvas, svg'))
-    && [...document.querySelectorAll('[data-testid="stImage"] img')].every(i => i.complete)"""
+SHOTS = screenshots_module()   # the browser helpers, and what "stopped" and "drawn" mean to them
 
 
 @pytest.fixture(scope="session")
@@ -97,13 +95,12 @@ def render_cost(page, url: str, title: str | None, timeout: float = 120.0) -> tu
     heading.first.wait_for(state="visible", timeout=timeout * 1000)
     done_at = cpu_done = None
     while time.monotonic() - start < timeout:
-        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
-        if running:
+        if not page.evaluate(SHOTS.APP_STOPPED):
             done_at = None
         elif done_at is None:
-            if page.evaluate(DRAWN):
+            if page.evaluate(SHOTS.DRAWN):
                 done_at, cpu_done = time.monotonic(), descendants_cpu_seconds()
-        elif time.monotonic() - done_at > QUIET_S:
+        elif time.monotonic() - done_at > SHOTS.QUIET_S:
             return done_at - start, cpu_done - cpu_start
         time.sleep(0.1)
     raise AssertionError(f"{url} did not finish within {timeout:.0f} s")
@@ -121,9 +118,8 @@ def test_every_page_renders_in_3_s_with_1000_classes(imagenet_crop_cache: Path, 
 
     from analysis.cache import load
 
-    shots = screenshots_module()
     table = load(imagenet_crop_cache).table
-    pages = [(s.name, s.path, s.title) for s in shots.pages_for(imagenet_crop_cache)]
+    pages = [(s.name, s.path, s.title) for s in SHOTS.pages_for(imagenet_crop_cache)]
     pages += [("concepts", "/concepts", "Concepts"),
               ("mistakes_found", f"/mistakes?find={int(table['label'].iloc[0])}", "Mistakes")]
     first: dict[str, tuple[float, float]] = {}
@@ -132,15 +128,15 @@ def test_every_page_renders_in_3_s_with_1000_classes(imagenet_crop_cache: Path, 
     out = tmp_path / "shots"
     out.mkdir()
     log = tmp_path / "streamlit.log"
-    with shots.running_app(imagenet_crop_cache, log) as base, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=shots.CHROMIUM_ARGS)
-        context = browser.new_context(viewport=shots.VIEWPORT, device_scale_factor=1)
+    with SHOTS.running_app(imagenet_crop_cache, log) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=SHOTS.CHROMIUM_ARGS)
+        context = browser.new_context(viewport=SHOTS.VIEWPORT, device_scale_factor=1)
         page = context.new_page()
         render_cost(page, base + "/", None)   # the server's first run opens the cache: not a page's time
         for name, path, title in pages:
             page = context.new_page()
             first[name] = render_cost(page, base + path, title)
-            problems[name] = shots.page_problems(page)
+            problems[name] = SHOTS.page_problems(page)
             page.screenshot(path=str(out / f"{name}.png"), full_page=True)
             again[name] = render_cost(page, base + path, title)
             if again[name][1] > RENDER_LIMIT_S:

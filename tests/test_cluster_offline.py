@@ -20,8 +20,8 @@ from sklearn.metrics import adjusted_rand_score
 from analysis.explore import cluster_offline as offline
 from analysis.explore import clustering, statistics as explore
 from analysis.cache import CacheWriter, load
-from tests.helpers import (REPO_ROOT, blobs, job_command, run_main, synthetic_manifest, synthetic_records,
-                           write_synthetic_cache)
+from tests.helpers import (REPO_ROOT, blobs, job_arguments, run_command, run_main, synthetic_manifest,
+                           synthetic_records, write_synthetic_cache)
 
 
 def table_rows(n: int, seed: int = 0) -> pd.DataFrame:
@@ -367,9 +367,9 @@ def test_a_killed_run_keeps_its_finished_scopes_and_the_rerun_continues(tmp_path
     cache = load(out)
     assert set(offline.fresh_scopes(cache)) == {json.loads((run_folder / n / "meta.json").read_text())["scope"]
                                               for n in kept}
-    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    assert rerun.stdout == ""
+    code, printed, err = run_command(*command[3:])   # the rerun, in this process
+    assert code == 0, err
+    assert printed == ""
     for name, created in kept.items():   # finished scopes were kept, not recomputed
         assert json.loads((run_folder / name / "meta.json").read_text())["created"] == created
     assert len(offline.fresh_scopes(load(out))) == 7
@@ -414,11 +414,9 @@ def test_a_missing_cache_is_one_line(tmp_path: Path, capsys):
 
 def test_explain_with_no_cluster_skips_it(small_cache: Path, tmp_path: Path):
     out = tmp_path / "cache"
-    done = subprocess.run(job_command(small_cache.parent / "images", out, "--checkpoint",
-                                      str(small_cache.parent / "tiny_cnn.pth"), "--quiet", "--no-cluster"),
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_command(*job_arguments(small_cache.parent / "images", out, "--checkpoint",
+                                              str(small_cache.parent / "tiny_cnn.pth"), "--quiet", "--no-cluster"))
+    assert code == 0, err
     assert load(out).complete and not (out / offline.RESULTS_DIR).exists()
 
 

@@ -5,14 +5,12 @@ tagged non-bags are back to their own class and the tag's shortcut cluster is go
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from data import demo, demo_dashboard, demo_fix, fashion_mnist, shortcut
-from tests.helpers import REPO_ROOT, seed_offset
+from tests.helpers import run_demo, seed_offset
 
 
 @pytest.mark.skipif(not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR), reason="Fashion-MNIST not installed")
@@ -31,13 +29,12 @@ def test_the_fixed_training_tags_every_class_alike() -> None:
 
 @pytest.fixture(scope="module")
 def fixed_demo(small_demo: demo.DemoPaths) -> tuple[demo.DemoPaths, dict, str]:
-    """`python -m data.demo --small --fix` on the small demo (its own steps are skipped): (paths, the
-    fix_report.json it wrote, what it printed)."""
-    done = subprocess.run([sys.executable, "-m", "data.demo", "--small", "--fix", "--no-dashboard", "--offline",
-                           "--threads", "1", "--seed", str(seed_offset()), "--out", str(small_demo.out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return small_demo, json.loads(demo_fix.FixedPaths(small_demo.out).fix_report.read_text()), done.stdout
+    """`python -m data.demo --small --fix` (in this process) on the small demo (its own steps are skipped):
+    (paths, the fix_report.json it wrote, what it printed)."""
+    code, printed, err = run_demo("--small", "--fix", "--no-dashboard", "--offline", "--threads", "1",
+                                  "--seed", str(seed_offset()), "--out", str(small_demo.out))
+    assert code == 0, printed[-3000:] + err[-3000:]
+    return small_demo, json.loads(demo_fix.FixedPaths(small_demo.out).fix_report.read_text()), printed
 
 
 def test_after_the_fix_the_tagged_non_bags_are_back_and_the_tag_cluster_is_gone(fixed_demo) -> None:

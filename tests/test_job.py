@@ -22,8 +22,9 @@ from analysis.fgcam import FGCAM
 from analysis.pipeline.models import load_model, weights_sha256
 from analysis.pipeline.scores import all_scores, resize_maps, top_pixel_count
 from analysis.pipeline.datasets import load_image, to_model_mode
-from tests.helpers import (CLASS_NAMES, REPO_ROOT, TINY_MODEL_FILE, cell_majority, job_command, make_image_folder,
-                           make_mask_folder, run_main, small_cache_arguments, square_box)
+from tests.helpers import (CLASS_NAMES, REPO_ROOT, TINY_MODEL_FILE, cell_majority, job_arguments, job_command,
+                           make_image_folder, make_mask_folder, run_command, run_main, small_cache_arguments,
+                           square_box)
 
 TINY = f"{TINY_MODEL_FILE}:tiny_cnn"
 
@@ -173,10 +174,11 @@ def test_kill_9_mid_run_then_resume_gives_every_image_once(small_cache: Path, tm
     assert len(ids) == 2 * committed  # whole shards only
     assert set(ids) == {i for s in ids // 2 for i in (2 * s, 2 * s + 1)}
 
-    rerun = subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--no-cluster", *checkpoint),
-                           cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming: {committed} of 12 shards already committed" in rerun.stderr
+    # run again at once (in this process: a resume needs no process of its own)
+    code, _, err = run_command(*job_arguments(data, out, "--batch-size", "2", "--map-size", "8", "--no-cluster",
+                                              *checkpoint))
+    assert code == 0, err
+    assert f"resuming: {committed} of 12 shards already committed" in err
     cache = load(out)
     assert cache.complete
     assert cache.table["id"].tolist() == list(range(24))  # every image exactly once, in order

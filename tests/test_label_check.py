@@ -19,7 +19,7 @@ import pytest
 from analysis.cache import load
 from analysis.pipeline import label_check
 from analysis.pipeline.label_check import label_mismatch, likely_mapping
-from tests.helpers import CLASS_NAMES, make_image_folder, open_page, run_job_subprocess, train_tiny_cnn
+from tests.helpers import CLASS_NAMES, job_arguments, make_image_folder, open_page, run_command, train_tiny_cnn
 
 # The tiny CNN learns colour order cat, dog, fox (red, green, blue). The same images filed under other names
 # whose sorted order is ant (the dog's images), moose (the fox's), zebra (the cat's): label 0 = ant = green
@@ -92,14 +92,14 @@ def test_the_job_and_the_overview_warn_about_a_permuted_class_order_not_the_righ
     ordered, renamed, checkpoint = _permuted_folders(tmp_path)
     arguments = ("--checkpoint", str(checkpoint), "--batch-size", "8", "--map-size", "8", "--descriptor-size", "4",
                  "--quiet", "--no-cluster")
-    right = run_job_subprocess(ordered, tmp_path / "right", *arguments)
-    assert right.returncode == 0, right.stderr
-    assert "permuted" not in right.stderr and "may not match" not in right.stderr
+    code, _, err = run_command(*job_arguments(ordered, tmp_path / "right", *arguments))
+    assert code == 0, err
+    assert "permuted" not in err and "may not match" not in err
     assert label_mismatch(*_predictions(tmp_path / "right")) is None
 
-    wrong = run_job_subprocess(renamed, tmp_path / "wrong", *arguments)
-    assert wrong.returncode == 0, wrong.stderr
-    warnings = [line for line in wrong.stderr.splitlines() if "permuted" in line]
+    code, _, err = run_command(*job_arguments(renamed, tmp_path / "wrong", *arguments))
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "permuted" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: labels and model outputs look permuted")
     found = label_mismatch(*_predictions(tmp_path / "wrong"))
     # ant (0, green images) -> output 1, moose (1, blue) -> output 2, zebra (2, red) -> output 0
@@ -109,8 +109,8 @@ def test_the_job_and_the_overview_warn_about_a_permuted_class_order_not_the_righ
     # The fix the message names works: the same job with --classes in that order is right.
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(found.output_order) + "\n")
-    fixed = run_job_subprocess(renamed, tmp_path / "fixed", *arguments, "--classes", str(classes))
-    assert fixed.returncode == 0 and "permuted" not in fixed.stderr, fixed.stderr
+    code, _, err = run_command(*job_arguments(renamed, tmp_path / "fixed", *arguments, "--classes", str(classes)))
+    assert code == 0 and "permuted" not in err, err
     assert load(tmp_path / "fixed").table["correct"].mean() == load(tmp_path / "right").table["correct"].mean()
     # The findings put it first, for the permuted cache only.
     from analysis.findings import compute_findings

@@ -7,7 +7,6 @@ marked in the command's CSV."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +124,9 @@ def test_without_a_verified_shortcut_nothing_is_set_apart(small_cache: Path) -> 
 
 
 def run_command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "analysis", "label-errors", *args], cwd=helpers.REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    """`python -m analysis label-errors ARGS`, in this process."""
+    code, out, err = helpers.run_command("label-errors", *args)
+    return subprocess.CompletedProcess(["label-errors", *args], code, out, err)
 
 
 def test_the_command_refuses_a_bad_file_or_an_existing_output_in_one_line(small_cache: Path, tmp_path: Path) -> None:
