@@ -1,6 +1,6 @@
 """The background swap test (analysis/trust/background_swap.py, after Xiao et al. ICLR 2021): the typical
 background and the swap by hand, the test on real torch modules whose dependence on the background is known
-by construction, and the verdict it gives a spread cluster (analysis/explore/cluster_offline/verify.py)."""
+by construction, and the verdict it gives a spread cluster (analysis/explore/cluster_offline/verdicts.py)."""
 from __future__ import annotations
 
 import numpy as np

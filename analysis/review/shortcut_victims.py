@@ -2,9 +2,9 @@
 label errors (issue 24).
 
 A finding is *verified* when the offline clustering's causal test (`python -m analysis cluster --verify-top N`,
-`analysis.explore.cluster_offline.verify`) called its cluster "shortcut": the top q% region of the cluster's
-prototype lies off the object and blurring it changes far more predictions than a random region of the same
-size. An image is that finding's *victim* when
+`analysis.explore.cluster_offline.verify`, its rule in `analysis.explore.cluster_offline.verdicts`) called its
+cluster "shortcut": the top q% region of the cluster's prototype lies off the object and blurring it changes far
+more predictions than a random region of the same size. An image is that finding's *victim* when
 
 1. it is a member of the cluster,
 2. its prediction is wrong (label != prediction: what the label-error ranking would otherwise list), and

@@ -28,7 +28,7 @@ selection on the Clusters page:
    `calibrate_suspicion`, ours). A clustering on the concepts descriptor (channel relevance at unit mass, ours)
    is summarised with the positive maps, and each cluster names its strongest channels (`concept_mix`).
 6. Optionally (`verify_clusters`), the causal shortcut test (analysis.trust.region_removal) on the top clusters,
-   with the verdict rule documented at `verdict`.
+   with the verdict rule documented at `verdict` (`verdicts.py`).
 
 Each scope is written atomically under CACHE/analysis/clustering/<run>/<scope>/ (Parquet tables, NumPy arrays,
 JSON metadata holding the cache's content fingerprint), so a killed run keeps its finished scopes and a result
@@ -47,9 +47,10 @@ from analysis.explore.cluster_offline.store import (ClusteringNotFound, StoredCl
                                                     run_dir, stored_all_layout, stored_scopes, write_scope_result)
 from analysis.explore.cluster_offline.aggregates import (ClassAggregates, compute_class_aggregates,
                                                          read_class_aggregates, write_class_aggregates)
-from analysis.explore.cluster_offline.verify import (VERDICTS, Evidence, VerifyOptions, benjamini_hochberg,
-                                                     mcnemar_greater, region_for, region_off_object,
-                                                     stored_verification_options, verdict, verify_clusters)
+from analysis.explore.cluster_offline.verdicts import (VERDICTS, Evidence, VerifyOptions, benjamini_hochberg,
+                                                       mcnemar_greater, verdict)
+from analysis.explore.cluster_offline.verify import (region_for, region_off_object, stored_verification_options,
+                                                     verify_clusters)
 from analysis.explore.cluster_offline.run import RunProgress, ScopeOutcome, cluster_cache, load_cache, read_descriptors
 
 

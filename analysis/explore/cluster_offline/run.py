@@ -17,8 +17,8 @@ from analysis.explore.cluster_offline.scope import SUMMARY_ROW_COLUMNS, cluster_
 from analysis.explore.cluster_offline.store import stored_all_layout, run_dir, stored_scopes, write_scope_result
 from analysis.explore.cluster_offline.aggregates import (compute_class_aggregates, read_class_aggregates,
                                                          write_class_aggregates)
-from analysis.explore.cluster_offline.verify import (VerifyOptions, stored_verification_options, test_clusters,
-                                                     with_verdicts, write_verification)
+from analysis.explore.cluster_offline.verdicts import VerifyOptions, with_verdicts
+from analysis.explore.cluster_offline.verify import stored_verification_options, test_clusters, write_verification
 
 
 def load_cache(root: Path) -> Any:
