@@ -21,8 +21,6 @@ The table and its command are bench/clever_hans.py; tests/test_clever_hans.py ru
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data import artefacts, fashion_mnist
+from data import artefacts, fashion_mnist, in_process
 from data.fashion_mnist import FOLDER_NAMES
+from data.in_process import captured
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:demo_cnn"
@@ -135,15 +134,11 @@ def run_product(out: Path, verify_top: int, scopes: tuple[str, ...] = BenchSetti
 
 
 def run_analysis(arguments: list[str]) -> None:
-    """`python -m analysis ARGUMENTS` in this process (`data.demo.run_analysis`), its output kept; RuntimeError
-    with its last words when it fails."""
-    from data.demo import run_analysis as run
-
-    said = io.StringIO()
-    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-        code = run(arguments)
+    """`python -m analysis ARGUMENTS` in this process, its output kept; RuntimeError with its last words when it
+    fails."""
+    code, out, err = captured(in_process.run_analysis, arguments)
     if code != 0:
-        raise RuntimeError(f"`{arguments[0]}` failed ({code}): {said.getvalue()[-1500:]}")
+        raise RuntimeError(f"`{arguments[0]}` failed ({code}): {(out + err)[-1500:]}")
 
 
 def tested_clusters(cache_dir: Path) -> list[dict[str, Any]]:

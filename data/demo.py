@@ -40,6 +40,7 @@ import numpy as np
 from analysis.cache.files import file_replaced_atomically, write_json_atomic
 from analysis.commands.cli_types import OneLineParser, positive_int as _positive_int
 from data import fashion_mnist, shortcut
+from data.in_process import run_analysis
 from data.fashion_mnist import FOLDER_NAMES, FashionMNISTUnavailable, Split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -354,17 +355,6 @@ def explain_command(paths: DemoPaths, overwrite: bool, batch_size: int, workers:
     if overwrite:
         command.append("--overwrite")
     return command
-
-
-def run_analysis(arguments: list[str]) -> int:
-    """`python -m analysis ARGUMENTS` run in this process, its output its own: the exit code. A child process
-    would import torch, torchvision and scikit-learn again, 3-5 s a command."""
-    from analysis.__main__ import main
-
-    try:
-        return main(arguments)
-    except SystemExit as stop:   # argparse refuses an option this way; the exit status Python would give
-        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
 
 
 def cache_is_complete(cache_dir: Path) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 from analysis.findings.compare import GONE
 from data import demo, fashion_mnist, shortcut
 from data.fashion_mnist import Split
+from data.in_process import run_analysis
 
 FIX_FRACTION = 0.5        # the share of every class's training images that carry the tag in the fixed training
 FIX_SPLIT_CODE = 2        # the mark's seed for the fixed training draw: [shortcut.SEED, 2] (0, 1: train, test)
@@ -123,7 +124,7 @@ def step_verify(paths: demo.DemoPaths, cache_dir: Path, label: str) -> None:
         demo.say(f"[10/11] causal test of {label}: already run (skipped)")
         return
     demo.say(f"[10/11] causal test of the top {VERIFY_TOP} clusters of {label} ({cache_dir}) ...")
-    code = demo.run_analysis(["cluster", "--cache", str(cache_dir), "--verify-top", str(VERIFY_TOP), "--device", "cpu",
+    code = run_analysis(["cluster", "--cache", str(cache_dir), "--verify-top", str(VERIFY_TOP), "--device", "cpu",
                               "--quiet"])
     if code != 0:
         raise demo.DemoError(f"the causal test of {cache_dir} failed (exit code {code}, its message is "
@@ -187,7 +188,7 @@ def write_compare_report(fixed: FixedPaths, paths: demo.DemoPaths) -> None:
     """OUT/compare.html, by the real `python -m analysis report --compare` (it never overwrites: the demo's own
     previous one is removed first)."""
     fixed.report.unlink(missing_ok=True)
-    code = demo.run_analysis(["report", "--cache", str(paths.cache), "--compare", str(fixed.cache), "--out",
+    code = run_analysis(["report", "--cache", str(paths.cache), "--compare", str(fixed.cache), "--out",
                               str(fixed.report)])
     if code != 0:
         raise demo.DemoError(f"the comparison report failed (exit code {code}, its message is above)")

@@ -9,7 +9,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -290,27 +290,18 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 def run_command(*argv: str) -> tuple[int, str, str]:
     """`python -m analysis ARGV` in this process, for a fixture too (no capsys) -> (exit code, stdout, stderr).
     A child process would import torch, torchvision and scikit-learn again: 3-5 s a command."""
-    from data.demo import run_analysis
+    from data.in_process import captured, run_analysis
 
-    return _captured(run_analysis, list(argv))
+    return captured(run_analysis, list(argv))
 
 
 def run_demo(*argv: str) -> tuple[int, str, str]:
     """`python -m data.demo ARGV` in this process -> (exit code, stdout, stderr): a child would import torch,
     torchvision and scikit-learn again (3-5 s a build)."""
     from data import demo
+    from data.in_process import captured
 
-    return _captured(demo.main, list(argv))
-
-
-def _captured(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return captured(demo.main, list(argv))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 from analysis.explore import cluster_offline as offline, clustering
 from analysis.cache import Cache, load
 from data import demo, demo_model, fashion_mnist, shortcut
+from data.in_process import run_analysis
 from tests.helpers import seed_offset
 
 TEST_IMAGES = 6000           # the first 6,000 test images: about 27 tagged images of other classes
@@ -60,7 +61,7 @@ def _explain_and_cluster(split: demo.DemoPaths, model: Path, out: Path) -> Expla
     try:
         from analysis.pipeline.models import model_from_manifest
 
-        assert demo.run_analysis(command) == 0            # its message, if any, is in the captured output
+        assert run_analysis(command) == 0            # its message, if any, is in the captured output
         cache = load(paths.cache)
         offline.cluster_cache(cache, SETTINGS, SCOPES, threads=1, verify=offline.VerifyOptions(),
                               loaded=model_from_manifest(cache.manifest))
