@@ -31,7 +31,6 @@ import pandas as pd
 
 from data import artefacts, fashion_mnist, in_process
 from data.fashion_mnist import FOLDER_NAMES
-from data.in_process import captured
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:demo_cnn"
@@ -136,7 +135,7 @@ def run_product(out: Path, verify_top: int, scopes: tuple[str, ...] = BenchSetti
 def run_analysis(arguments: list[str]) -> None:
     """`python -m analysis ARGUMENTS` in this process, its output kept; RuntimeError with its last words when it
     fails."""
-    code, out, err = captured(in_process.run_analysis, arguments)
+    code, out, err = in_process.captured(in_process.run_analysis, arguments)
     if code != 0:
         raise RuntimeError(f"`{arguments[0]}` failed ({code}): {(out + err)[-1500:]}")
 

@@ -40,8 +40,8 @@ import numpy as np
 from analysis.cache.files import file_replaced_atomically, write_json_atomic
 from analysis.commands.cli_types import OneLineParser, positive_int as _positive_int
 from data import fashion_mnist, shortcut
-from data.in_process import run_analysis
 from data.fashion_mnist import FOLDER_NAMES, FashionMNISTUnavailable, Split
+from data.in_process import run_analysis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "demo_out"

@@ -125,7 +125,7 @@ def step_verify(paths: demo.DemoPaths, cache_dir: Path, label: str) -> None:
         return
     demo.say(f"[10/11] causal test of the top {VERIFY_TOP} clusters of {label} ({cache_dir}) ...")
     code = run_analysis(["cluster", "--cache", str(cache_dir), "--verify-top", str(VERIFY_TOP), "--device", "cpu",
-                              "--quiet"])
+                         "--quiet"])
     if code != 0:
         raise demo.DemoError(f"the causal test of {cache_dir} failed (exit code {code}, its message is "
                              "above); rerun `python -m data.demo --fix`")
@@ -189,7 +189,7 @@ def write_compare_report(fixed: FixedPaths, paths: demo.DemoPaths) -> None:
     previous one is removed first)."""
     fixed.report.unlink(missing_ok=True)
     code = run_analysis(["report", "--cache", str(paths.cache), "--compare", str(fixed.cache), "--out",
-                              str(fixed.report)])
+                         str(fixed.report)])
     if code != 0:
         raise demo.DemoError(f"the comparison report failed (exit code {code}, its message is above)")
 

@@ -138,7 +138,8 @@ def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0, app_opti
 APP_STOPPED = """() => document.querySelector('[data-testid="stApp"]')?.getAttribute('data-test-script-state')
     === 'notRunning'"""
 # every chart has drawn its canvas and every image has loaded
-DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].every(c => c.querySelector('canvas, svg'))
+DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+        .every(c => c.querySelector('canvas, svg'))
     && [...document.querySelectorAll('[data-testid="stImage"] img')].every(i => i.complete)"""
 QUIET_S = 0.5   # a page that reruns itself (st.rerun) starts its next run at once: stopped this long is done
 

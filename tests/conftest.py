@@ -49,9 +49,9 @@ def photo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory: pytest.TempPathFactory):
-    """`python -m data.demo --small --no-dashboard`, for real (in this process): 12,000 training images (2 epochs), the first
-    1,000 test images, the real job on them (and its clustering). About 40 s on 2 free cores. Its training seed
-    is FGCAM_TEST_SEED (default 0, the demo's own default)."""
+    """`python -m data.demo --small --no-dashboard`, for real (in this process): 12,000 training images (2
+    epochs), the first 1,000 test images, the real job on them (and its clustering). About 40 s on 2 free cores.
+    Its training seed is FGCAM_TEST_SEED (default 0, the demo's own default)."""
     from data import demo, fashion_mnist
 
     if not fashion_mnist.has_files(fashion_mnist.DEBIAN_DIR):

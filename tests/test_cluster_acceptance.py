@@ -61,7 +61,7 @@ def _explain_and_cluster(split: demo.DemoPaths, model: Path, out: Path) -> Expla
     try:
         from analysis.pipeline.models import model_from_manifest
 
-        assert run_analysis(command) == 0            # its message, if any, is in the captured output
+        assert run_analysis(command) == 0   # its message, if any, is in the captured output
         cache = load(paths.cache)
         offline.cluster_cache(cache, SETTINGS, SCOPES, threads=1, verify=offline.VerifyOptions(),
                               loaded=model_from_manifest(cache.manifest))

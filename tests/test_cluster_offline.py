@@ -346,7 +346,8 @@ def test_a_killed_run_keeps_its_finished_scopes_and_the_rerun_continues(tmp_path
     for shard in range(3):
         writer.write_shard(shard, synthetic_records(np.arange(shard * 1000, (shard + 1) * 1000)))
     writer.compact()
-    command = [sys.executable, "-m", "analysis", "cluster", "--cache", str(out), "--quiet", "--threads", "1"]
+    arguments = ["cluster", "--cache", str(out), "--quiet", "--threads", "1"]
+    command = [sys.executable, "-m", "analysis", *arguments]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     run_folder = offline.run_dir(out, clustering.ClusteringSettings())
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -367,7 +368,7 @@ def test_a_killed_run_keeps_its_finished_scopes_and_the_rerun_continues(tmp_path
     cache = load(out)
     assert set(offline.fresh_scopes(cache)) == {json.loads((run_folder / n / "meta.json").read_text())["scope"]
                                               for n in kept}
-    code, printed, err = run_command(*command[3:])   # the rerun, in this process
+    code, printed, err = run_command(*arguments)   # the rerun, in this process
     assert code == 0, err
     assert printed == ""
     for name, created in kept.items():   # finished scopes were kept, not recomputed

@@ -43,18 +43,19 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "images"
 
 
+JOB_OPTIONS = ("--batch-size", "2", "--map-size", "8", "--quiet", "--no-cluster")   # every job of this file
+
+
 def run_job(data: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
             model: str = TINY) -> subprocess.CompletedProcess:
-    return subprocess.run(job_command(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", "--no-cluster",
-                                      *extra, model=model),
+    return subprocess.run(job_command(data, out, *JOB_OPTIONS, *extra, model=model),
                           cwd=REPO_ROOT, env=subprocess_env(**(env or {})), capture_output=True, text=True,
                           timeout=300)
 
 
 def run_job_here(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """run_job in this process: for the runs that need no process of their own (3-5 s of imports less)."""
-    arguments = job_arguments(data, out, "--batch-size", "2", "--map-size", "8", "--quiet", "--no-cluster", *extra,
-                              model=TINY)
+    arguments = job_arguments(data, out, *JOB_OPTIONS, *extra, model=TINY)
     code, out_text, err = run_command(*arguments)
     return subprocess.CompletedProcess(arguments, code, out_text, err)
 
@@ -124,7 +125,7 @@ def test_torchrun_ranks_agree_when_the_cache_is_taken(images: Path, tmp_path: Pa
                                str(out)], cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        explain = job_command(images, out, "--batch-size", "2", "--map-size", "8")[3:]
+        explain = job_arguments(images, out, "--batch-size", "2", "--map-size", "8")
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "2", "-m", "analysis", *explain], cwd=REPO_ROOT, env=subprocess_env(),
                                 capture_output=True, text=True, timeout=300)
