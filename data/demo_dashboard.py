@@ -25,12 +25,12 @@ def port_is_free(port: int) -> bool:
 def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False,
                       compare: Path | None = None) -> list[str]:
     """`streamlit run dashboard/app.py`: on `address` only (localhost: nobody else on the network reaches it), no
-    "Deploy" button (a minimal toolbar), read-only when asked (no tag forms, nothing written); with `compare`, a
-    second cache for the Compare page (--fix)."""
+    "Deploy" button (a minimal toolbar), no watching of source files (.streamlit/config.toml says why), read-only
+    when asked (no tag forms, nothing written); with `compare`, a second cache for the Compare page (--fix)."""
     return [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
             "--server.port", str(port), "--server.address", address, "--server.headless", "true",
             "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else []),
+            "--server.fileWatcherType", "none", "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else []),
             *(["--compare", str(compare)] if compare is not None else [])]
 
 

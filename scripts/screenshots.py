@@ -99,11 +99,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0, app_options: Sequence[str] = (),
-                address: str | None = "127.0.0.1") -> Iterator[str]:
+                address: str | None = "127.0.0.1", script: Path = REPO / "dashboard" / "app.py") -> Iterator[str]:
     """`streamlit run dashboard/app.py -- --cache DIR APP_OPTIONS` on a free local port; yields its base URL and
-    stops it. `address` None: the one .streamlit/config.toml sets."""
+    stops it. `address` None: the one .streamlit/config.toml sets; `script`: another app (a test's blank page)."""
     port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"),
+    command = [sys.executable, "-m", "streamlit", "run", str(script),
                "--server.headless", "true", "--server.port", str(port),
                *(["--server.address", address] if address else []),
                "--browser.gatherUsageStats", "false", "--", "--cache", str(cache_dir), *app_options]
