@@ -121,16 +121,15 @@ def render_cost(page, url: str, title: str | None, timeout: float = 120.0) -> tu
     raise AssertionError(f"{url} did not finish within {timeout:.0f} s")
 
 
-def relative_cost(page, url: str, title: str | None, blank, blank_url: str) -> tuple[float, float]:
-    """(the page's CPU seconds, its wall-clock seconds), each over a blank page's visited just before it. A page
-    over RENDER_LIMIT is visited twice more, each after a blank page, and the medians count: one visit can catch
-    what is not the page's (Chromium's garbage collector, a neighbour's burst); a page slow every time still fails."""
-    def pair() -> tuple[tuple[float, float], tuple[float, float]]:
-        return render_cost(blank, blank_url, "Blank"), render_cost(page, url, title)
-
-    visits = [pair()]
-    if any(cost / base > RENDER_LIMIT for base, cost in zip(visits[0][0], visits[0][1])):
-        visits += [pair(), pair()]
+def relative_cost(page, url: str, title: str | None, blank, blank_url: str,
+                  blank_cost: tuple[float, float]) -> tuple[float, float]:
+    """(the page's CPU seconds, its wall-clock seconds), each over a blank page's (`blank_cost`, measured just
+    before). A page over RENDER_LIMIT is visited twice more, each after a blank page, and the medians count: one
+    visit can catch what is not the page's (Chromium's garbage collector, a neighbour's burst); a page slow every
+    time still fails."""
+    visits = [(blank_cost, render_cost(page, url, title))]
+    if any(cost / base > RENDER_LIMIT for base, cost in zip(*visits[0])):
+        visits += [(render_cost(blank, blank_url, "Blank"), render_cost(page, url, title)) for _ in range(2)]
     blank_wall, blank_cpu = (statistics.median(v[0][i] for v in visits) for i in (0, 1))
     wall, cpu = (statistics.median(v[1][i] for v in visits) for i in (0, 1))
     return cpu / blank_cpu, wall / blank_wall
@@ -169,11 +168,11 @@ def test_every_page_renders_within_8_blank_pages_with_1000_classes(imagenet_crop
         render_cost(blank, blank_base + "/", "Blank")
         for name, path, title in pages:
             page = context.new_page()
-            blank_cpu = render_cost(blank, blank_base + "/", "Blank")[1]
-            first[name] = render_cost(page, base + path, title)[1] / blank_cpu
+            blank_cost = render_cost(blank, blank_base + "/", "Blank")
+            first[name] = render_cost(page, base + path, title)[1] / blank_cost[1]
             problems[name] = SHOTS.page_problems(page)
             page.screenshot(path=str(out / f"{name}.png"), full_page=True)
-            again[name] = relative_cost(page, base + path, title, blank, blank_base + "/")
+            again[name] = relative_cost(page, base + path, title, blank, blank_base + "/", blank_cost)
             page.close()
         browser.close()
     table = {name: (round(first[name], 1), *(round(v, 1) for v in again[name])) for name in first}
