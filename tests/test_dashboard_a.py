@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -157,6 +158,37 @@ def test_image_page_unknown_id(monkeypatch, small_cache):
     assert "no explained image with id 987654" in at.warning[0].value
 
 
+def test_tiles_are_drawn_once_per_cache_state_and_view(monkeypatch, private_cache):
+    """A page's rerun (a click, a second visit) takes its tiles from Streamlit's cache: the same pixels as
+    drawing them, drawn again only for another view or another state of the cache (a job that went on)."""
+    import json
+
+    from dashboard import common
+
+    drawn = []
+    draw = common.image_tiles
+    monkeypatch.setattr(common, "image_tiles", lambda *args, **kwargs: drawn.append(args[1]) or draw(*args, **kwargs))
+    cache = load(private_cache)
+    ids = [int(i) for i in cache.table["id"][:5]]
+    first = common.tiles_for(cache, ids, "overlay", opacity=0.5)
+    again = common.tiles_for(cache, ids, "overlay", opacity=0.5)
+    assert len(drawn) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, draw(cache, ids, "overlay", opacity=0.5,
+                                                                 size=common.TILE)))
+    common.tiles_for(cache, ids, "overlay", opacity=0.8)
+    common.tiles_for(cache, ids[:3], "overlay", opacity=0.5)
+    assert len(drawn) == 3
+    manifest = private_cache / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "updated": "later"}))
+    common.tiles_for(load(private_cache), ids, "overlay", opacity=0.5)
+    assert len(drawn) == 4
+    maps = list(cache.maps(ids, "pred"))     # maps made on the page are drawn as given, every time
+    common.tiles_for(cache, ids, "overlay", opacity=0.5, maps=maps)
+    common.tiles_for(cache, ids, "overlay", opacity=0.5, maps=maps)
+    assert len(drawn) == 6
+
+
 # ------------------------------------------------------------------------------------------------ degenerate
 PAGES_SCRIPT = r'''
 import json, sys
@@ -202,8 +234,6 @@ def test_every_page_and_the_report_survive_a_cache_without_relevance(flat_cache:
     import os
     import subprocess
     import sys
-
-    import numpy as np
 
     cache = load(flat_cache)
     descriptors = cache.descriptors()
