@@ -29,8 +29,9 @@ def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", r
     when asked (no tag forms, nothing written); with `compare`, a second cache for the Compare page (--fix)."""
     return [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
             "--server.port", str(port), "--server.address", address, "--server.headless", "true",
-            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-            "--server.fileWatcherType", "none", "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else []),
+            "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "minimal",
+            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else []),
             *(["--compare", str(compare)] if compare is not None else [])]
 
 
