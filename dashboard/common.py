@@ -250,15 +250,15 @@ def tiles_for(cache: Cache, ids: Sequence[int], kind: str = "overlay", which: st
         return image_tiles(cache, ids, kind=kind, which=which, opacity=opacity, colormap=colormap, size=size,
                            letterbox=letterbox, maps=maps, style=style)
     return _kept_tiles(cache, cache_key(cache), tuple(int(i) for i in ids), kind, which, float(opacity), colormap,
-                       int(size), bool(letterbox), style, repr(style))
+                       int(size), bool(letterbox), style)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)   # a gallery page of 160-pixel tiles is 1.8 MB
 def _kept_tiles(_cache: Cache, key: str, ids: tuple[int, ...], kind: str, which: str, opacity: float,
-                colormap: str, size: int, letterbox: bool, _style: overlay.OverlayStyle,
-                style_key: str) -> list[np.ndarray]:
+                colormap: str, size: int, letterbox: bool, style: overlay.OverlayStyle) -> list[np.ndarray]:
+    # `style` is a dataclass: Streamlit keys it by its fields
     return image_tiles(_cache, ids, kind=kind, which=which, opacity=opacity, colormap=colormap, size=size,
-                       letterbox=letterbox, style=_style)
+                       letterbox=letterbox, style=style)
 
 
 def placement_notice(cache: Cache, ids: Sequence[int]) -> None:

@@ -160,9 +160,11 @@ def test_image_page_unknown_id(monkeypatch, small_cache):
 
 def test_tiles_are_drawn_once_per_cache_state_and_view(monkeypatch, private_cache):
     """A page's rerun (a click, a second visit) takes its tiles from Streamlit's cache: the same pixels as
-    drawing them, drawn again only for another view or another state of the cache (a job that went on)."""
+    drawing them, drawn again only for another view (opacity, ids, overlay style) or another state of the cache
+    (a job that went on)."""
     import json
 
+    from analysis.present import overlay
     from dashboard import common
 
     drawn = []
@@ -178,15 +180,17 @@ def test_tiles_are_drawn_once_per_cache_state_and_view(monkeypatch, private_cach
                                                                  size=common.TILE)))
     common.tiles_for(cache, ids, "overlay", opacity=0.8)
     common.tiles_for(cache, ids[:3], "overlay", opacity=0.5)
-    assert len(drawn) == 3
+    common.tiles_for(cache, ids, "overlay", opacity=0.5, style=overlay.PHOTO_STYLE)
+    common.tiles_for(cache, ids, "overlay", opacity=0.5, style=overlay.PHOTO_STYLE)
+    assert len(drawn) == 4
     manifest = private_cache / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "updated": "later"}))
     common.tiles_for(load(private_cache), ids, "overlay", opacity=0.5)
-    assert len(drawn) == 4
+    assert len(drawn) == 5
     maps = list(cache.maps(ids, "pred"))     # maps made on the page are drawn as given, every time
     common.tiles_for(cache, ids, "overlay", opacity=0.5, maps=maps)
     common.tiles_for(cache, ids, "overlay", opacity=0.5, maps=maps)
-    assert len(drawn) == 6
+    assert len(drawn) == 7
 
 
 # ------------------------------------------------------------------------------------------------ degenerate
