@@ -537,6 +537,27 @@ def test_torchvision_model_with_a_wrapped_checkpoint(images: Path, tmp_path: Pat
     assert cache.maps(cache.ids).shape == (3, 10, 10) and len(cache.table) == 3
 
 
+def test_the_weights_fingerprint_is_the_sha256_of_the_state_dicts_names_and_bytes() -> None:
+    """Computed here independently (hashlib over each tensor's name, dtype, shape and bytes, in key order), for
+    float, integer (a BatchNorm's counter) and bfloat16 tensors: caches fingerprinted before keep their value."""
+    import hashlib
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    for candidate in (model, torch.nn.Sequential(torch.nn.Linear(3, 2)).to(torch.bfloat16)):
+        digest = hashlib.sha256()
+        for name in sorted(candidate.state_dict()):
+            tensor = candidate.state_dict()[name]
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+            raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor   # numpy has no bfloat16
+            digest.update(raw.numpy().tobytes())
+        assert weights_sha256(candidate) == digest.hexdigest()
+    before = weights_sha256(model)
+    with torch.no_grad():
+        model[2].bias[0] += 1e-3
+    assert weights_sha256(model) != before
+
+
 def test_gray_model_and_bare_model_with_image_size(images: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     code, err = run_inprocess(capsys, *explain_args(images, tmp_path / "gray",

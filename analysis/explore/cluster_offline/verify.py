@@ -234,6 +234,9 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
     model = loaded.model.to(device)
     records = []
     typical = functools.cache(lambda: typical_background_of(cache, loaded, options, decoded))
+    # Two clusterings of a scope often find the same cluster (same members, same prototype): its tests are
+    # deterministic, so it is measured once.
+    measured: dict[tuple[bytes, bytes], dict[str, Any]] = {}
     for name in names:
         rows = np.nonzero(summary_all["clustering"].to_numpy() == name)[0]
         for row_index, record in zip(rows, summary_all.iloc[rows].itertuples()):
@@ -247,9 +250,12 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
                 progress(f"verifying {name} #{record.rank} ({len(sample)} images)")
             base = {"clustering": name, "rank": int(record.rank), "cluster": int(record.cluster),
                     "size": int(record.size), "verdict": "", "reason": ""}
-            records.append({**base, **_test_cluster(cache, loaded, decoded, model, sample,
-                                                    prototypes_all[row_index].reshape(side, side), labels_by_id,
-                                                    options, typical)})
+            prototype = prototypes_all[row_index].reshape(side, side)
+            key = (sample.tobytes(), prototype.tobytes())
+            if key not in measured:
+                measured[key] = _test_cluster(cache, loaded, decoded, model, sample, prototype, labels_by_id,
+                                              options, typical)
+            records.append({**base, **measured[key]})
     frame = pd.DataFrame.from_records(records, columns=VERIFICATION_COLUMNS)
     numeric = [c for c in VERIFICATION_COLUMNS if c not in ("clustering", "location_rule", "verdict", "reason")]
     return frame.astype({c: np.float64 for c in numeric if c not in ("rank", "cluster", "size", "tested", "skipped")})
