@@ -37,10 +37,11 @@ class VerifyOptions:
                                       # (4 times an even spread over a 5% region)
     removable: float = 0.15           # ... and the blur changed its pixels by at least this share of the contrast
     insertion_targets: int = 200      # images of other classes the region is pasted into (on-object regions)
-    min_insertion: float = 0.25       # pasted, the region makes this many more of them the class than the control
-                                      # (a piece of trousers made 12% of other images trousers in the benchmark)
-    object_insertion: float = 0.10    # "uses the object" only when it makes fewer than this many more (between the
-                                      # two: undecided -- a stamp on the object made 15-19% in the benchmark)
+    object_insertion: float = 0.10    # "uses the object" only when, pasted, the region makes fewer than this many
+                                      # more of them the class than the control. On the object, a larger carry
+                                      # convicts nothing: object parts carry the class too (in the benchmark a
+                                      # clean bag part made 26% of other images bags, a piece of trousers 12%,
+                                      # the stamp on sneakers 15-19%), so it is undecided
     insertion_speaks: float = 0.5     # ... and most members are predicted as the class pasted toward (it speaks for
                                       # them alone: Lite0's watermark mistakes, 15-24% of one class, were cleared)
     off_object_insertion: float = 0.05   # off the object, a significant carry (p < alpha) of at least this much is
@@ -62,10 +63,10 @@ class VerifyOptions:
 
 
 VERDICTS = {
-    "shortcut": "blurring the region changes far more predictions than a random region, and pasted into images of "
-                "other classes it makes them this class -- or, where the evidence is spread, the dataset's "
-                "typical background changes far more predictions than the cluster's own: the model depends on "
-                "something that is not the object",
+    "shortcut": "blurring the region changes far more predictions than a random region, and, lying off the object, "
+                "pasted into images of other classes it makes them this class -- or, where the evidence is spread, "
+                "the dataset's typical background changes far more predictions than the cluster's own: the model "
+                "depends on something that is not the object",
     "uses the object": "blurring the region changes far more predictions than a random region; the region is on "
                        "the object and pasting it elsewhere does not carry the class most members are predicted "
                        "as: the model working",
@@ -74,8 +75,9 @@ VERDICTS = {
     "not used": "blurring the region changes predictions no more than a random region, although it held the "
                 "cluster's evidence",
     "undecided": "the tests could not have shown the use: the evidence is spread (the region holds little of it) "
-                 "and no background swap showed a dependence, blurring does not change what lies there, or too "
-                 "few images; the reason names the test that would decide",
+                 "and no background swap showed a dependence, blurring does not change what lies there, a region "
+                 "on the object carries the class elsewhere (a mark on it, or a part of it), or too few images; "
+                 "the reason names the test that would decide",
 }
 
 
@@ -134,9 +136,11 @@ def verdict(evidence: Evidence, alpha: float, options: VerifyOptions = VerifyOpt
     * the region is *necessary* when blurring it flips far more predictions than a random region (false
       discovery rate `alpha`, and at least `min_difference`); *sufficient* in the measure that, pasted into
       other classes' images, it makes them this class more often than a random region does;
-    * "shortcut": necessary, and sufficient beyond what the object's own parts carry -- significantly and by
-      `off_object_insertion` for a region off the object, `min_insertion` on it (where an object part is
-      expected to carry some);
+    * "shortcut": necessary, off the object, and pasted elsewhere it carries the class (significantly and by
+      `off_object_insertion`): what lies off the object carries none of the object's shape. On the object the
+      insertion test can clear a region but never convict it: an object part carries its class when pasted
+      (a clean bag part made 26% of other images bags in the benchmark's clean control, more than the 15-19% of
+      a stamp on sneakers), so a region that carries is undecided there;
     * "uses the object": necessary, on the object, and pasted elsewhere it carries (almost) nothing -- toward the
       class most members are predicted as (`insertion_speaks`: a test toward one class cannot clear the others);
     * where the evidence is spread and the objects' masks are known: "shortcut" when the dataset's typical
@@ -146,8 +150,9 @@ def verdict(evidence: Evidence, alpha: float, options: VerifyOptions = VerifyOpt
       changed it;
     * "undecided" wherever the tests could not tell: a large effect on too few images to be significant,
       evidence spread beyond the region (and no background swap, or one that showed nothing), a region the blur
-      does not change, a region off the object that carries nothing elsewhere (the object's outline?), or an insertion
-      effect between an object part's and a mark's. Its reason names the test that would decide."""
+      does not change, a region off the object that carries nothing elsewhere (the object's outline?), or a region on
+      the object that carries the class elsewhere (a part of it, or a mark on it). Its reason names the test that
+      would decide."""
     e, o = evidence, options
     necessary = bool(e.p_value < alpha and e.changed_region - e.changed_control >= o.min_difference)
     off = bool(np.isfinite(e.off_object_share) and e.off_object_share >= o.off_object)
@@ -182,11 +187,7 @@ def _necessary_verdict(e: Evidence, o: VerifyOptions, off: bool, effect: str) ->
     gain = e.inserted_region - e.inserted_control
     pasted = (f"pasted into other classes' images it makes {e.inserted_region:.0%} of them this class (a random "
               f"region {e.inserted_control:.0%})")
-    # A region grown to hold a spread prototype's evidence and lying on the object is a large part of the object:
-    # that it carries the class when pasted is expected, so there it never makes a shortcut.
-    bar = o.off_object_insertion if off else (o.min_insertion if e.q <= o.q else float("inf"))
-    carries = bool(e.p_insertion < o.alpha and gain >= bar)
-    if carries:
+    if off and e.p_insertion < o.alpha and gain >= o.off_object_insertion:
         return "shortcut", f"{effect}; {pasted}: it carries the class without the object"
     if off:
         return "undecided", (f"{effect}; {pasted}: off the object yet carrying little elsewhere (the object's "
@@ -198,8 +199,9 @@ def _necessary_verdict(e: Evidence, o: VerifyOptions, off: bool, effect: str) ->
         return "undecided", (f"{effect}; {pasted}, but {share} of the members are predicted as this class: "
                              "pasting it cannot show what it does for the others; a model trained without these "
                              "images (`report --compare`) would decide")
-    return "undecided", (f"{effect}; {pasted}: more than the object's own parts usually carry, less than a mark "
-                         "does; a model trained without these images (`report --compare`) or the tiles decide")
+    return "undecided", (f"{effect}; {pasted}: on the object, a mark and a part of the object both carry the class "
+                         "when pasted, so this cannot tell them apart; the members' tiles or a model trained without "
+                         "these images (`report --compare`) decide")
 
 
 def _background_verdict(e: Evidence, o: VerifyOptions, spread: str) -> tuple[str, str] | None:
