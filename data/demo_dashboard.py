@@ -5,10 +5,10 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from dashboard.serve import APP, serve_command
 from data.demo import REPO_ROOT, DemoError, DemoPaths, say
 
 def port_is_free(port: int) -> bool:
@@ -27,20 +27,15 @@ def dashboard_command(paths: DemoPaths, port: int, address: str = "localhost", r
     """`streamlit run dashboard/app.py`: on `address` only (localhost: nobody else on the network reaches it), no
     "Deploy" button (a minimal toolbar), no watching of source files (.streamlit/config.toml says why), read-only
     when asked (no tag forms, nothing written); with `compare`, a second cache for the Compare page (--fix)."""
-    return [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "dashboard" / "app.py"),
-            "--server.port", str(port), "--server.address", address, "--server.headless", "true",
-            "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-            "--client.toolbarMode", "minimal",
-            "--", "--cache", str(paths.cache), *(["--read-only"] if read_only else []),
-            *(["--compare", str(compare)] if compare is not None else [])]
+    return serve_command(port, address, ["--cache", str(paths.cache), *(["--read-only"] if read_only else []),
+                                         *(["--compare", str(compare)] if compare is not None else [])])
 
 
 def step_dashboard(paths: DemoPaths, port: int, address: str = "localhost", read_only: bool = False,
                    compare: Path | None = None) -> int:
     """Serve the dashboard (`dashboard_command`) until Ctrl-C or SIGTERM; its exit code (0 when stopped)."""
-    app = REPO_ROOT / "dashboard" / "app.py"
-    if not app.is_file():
-        raise DemoError(f"{app} is missing: the checkout is incomplete (git status / git pull)")
+    if not APP.is_file():
+        raise DemoError(f"{APP} is missing: the checkout is incomplete (git status / git pull)")
     if not port_is_free(port):
         raise DemoError(f"port {port} is in use (another dashboard?): stop it, or rerun with --port N")
     shared = address not in ("localhost", "127.0.0.1", "::1")

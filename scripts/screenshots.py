@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # run as `python scripts/screenshots.py`: the repository's packages
+
+from dashboard.serve import serve_command   # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -50,7 +53,6 @@ def pages_for(cache_dir: Path | None) -> list[PageShot]:
     mistakes = "/mistakes"
     if cache_dir is not None:
         with contextlib.suppress(Exception):  # no cell when the cache cannot be read: the page says why itself
-            sys.path.insert(0, str(REPO))
             from analysis.cache import load
             from analysis.explore.statistics import confusion_matrix, top_confusions
 
@@ -76,7 +78,6 @@ def pages_for(cache_dir: Path | None) -> list[PageShot]:
 def photo_pages(cache_dir: Path) -> list[PageShot]:
     """The Image page of the coffee photo and of the cat (chelsea), and a gallery holding them (Background
     attention with every image flagged), on the photo cache (tests/helpers.py: make_photo_cache)."""
-    sys.path.insert(0, str(REPO))
     from analysis.cache import load
 
     table = load(cache_dir).table
@@ -103,10 +104,7 @@ def running_app(cache_dir: Path, log_path: Path, timeout: float = 90.0, app_opti
     """`streamlit run dashboard/app.py -- --cache DIR APP_OPTIONS` on a free local port; yields its base URL and
     stops it. `address` None: the one .streamlit/config.toml sets; `script`: another app (a test's blank page)."""
     port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", str(script),
-               "--server.headless", "true", "--server.port", str(port),
-               *(["--server.address", address] if address else []),
-               "--browser.gatherUsageStats", "false", "--", "--cache", str(cache_dir), *app_options]
+    command = serve_command(port, address, ["--cache", str(cache_dir), *app_options], script=script)
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

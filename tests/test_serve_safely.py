@@ -75,6 +75,10 @@ def test_the_demo_and_the_repository_config_serve_on_localhost_with_a_minimal_to
     config = tomllib.loads((REPO_ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "localhost" and config["client"]["toolbarMode"] == "minimal"
     assert config["server"]["fileWatcherType"] == "none"
+    # One list of settings for every server the repository starts (the demo's, the screenshots'), equal to the file's.
+    from dashboard.serve import SETTINGS
+
+    assert {name: str(config[name.split(".")[0]][name.split(".")[1]]).lower() for name in SETTINGS} == SETTINGS
 
 
 def test_a_dashboard_started_without_an_address_listens_on_loopback_only(small_cache: Path, tmp_path: Path) -> None:
