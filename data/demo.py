@@ -9,7 +9,8 @@ Steps, each skipped when its output exists and was made with the same settings:
   4.           The mark (data/shortcut.py) is planted in the test PNGs here and in the training images in step 5.
   5. model     A small CNN (data/demo_model.py) trained on the 60,000 training images -> OUT/model.pt,
                OUT/train_report.json (accuracy, training time, what the shortcut does to predictions).
-  6. explain   The offline job, FG-CAM at the input layer, on the test split -> OUT/cache.
+  6. explain   The offline job, FG-CAM at the input layer, on the test split -> OUT/cache, with its clustering;
+               then the causal test of the top VERIFY_TOP clusters of every scope (`cluster --verify-top`).
   7. dashboard `streamlit run dashboard/app.py -- --cache OUT/cache` on localhost only (--address to share it,
                --read-only for a dashboard without tag forms that writes nothing), URL printed (skip with
                --no-dashboard); data/demo_dashboard.py.
@@ -49,6 +50,7 @@ MARKER = ".fgcam-demo"             # marks a folder as the demo's own: only such
 MASK_THRESHOLD = shortcut.FREE_CORNER_THRESHOLD   # the object stands on black: above this is object
 MAP_SIZE = 28                      # the images' own resolution: input-level maps stored without resampling
 DESCRIPTOR_SIZE = 14               # 2x2 pooling of the 28x28 maps for clustering
+VERIFY_TOP = 3                     # clusters causally tested per clustering of every scope (step 6)
 MODEL_SPEC = f"{REPO_ROOT / 'data' / 'demo_model.py'}:demo_cnn"   # the architecture; --checkpoint: the weights
 
 
@@ -390,6 +392,15 @@ def step_explain(paths: DemoPaths, batch_size: int = 64, workers: int | None = N
     say(f"        done in {time.perf_counter() - started:.0f} s")
 
 
+def step_verify(cache_dir: Path, label: str, step: str = "6/7") -> None:
+    """The causal test of the top clusters of every scope of a cache: what makes a "shortcut" finding, or shows
+    there is none (without it the Findings page can only say "undecided"). The command skips what it tested."""
+    say(f"[{step}] causal test of the top {VERIFY_TOP} clusters of every scope of {label} ...")
+    if run_analysis(["cluster", "--cache", str(cache_dir), "--verify-top", str(VERIFY_TOP), "--device", "cpu",
+                     "--quiet"]) != 0:
+        raise DemoError(f"the causal test of {cache_dir} failed (its message is above); rerun the same command")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
@@ -451,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_testset(paths, test)
         step_model(paths, settings, train, test, args.threads)
         step_explain(paths, batch_size=args.batch_size)
+        step_verify(paths.cache, "the demo's cache")
         compare = None
         if args.fix:
             from data import demo_fix

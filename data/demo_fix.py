@@ -4,8 +4,8 @@
      -> OUT/model_fixed.pt, OUT/train_report_fixed.json;
   9. explains the same test split (the same PNGs, the tag still planted on the same test images) with it
      -> OUT/cache_fixed;
- 10. runs the causal test (`python -m analysis cluster --verify-top 3`) on both caches, so that each has verified
-     findings, and compares them (analysis.findings.compare): OUT/compare.html (the report with its compare
+ 10. runs the causal test (`python -m analysis cluster --verify-top 3`) on the fixed cache (the demo's cache had it
+     in step 6), so that each has verified findings, and compares them (analysis.findings.compare): OUT/compare.html (the report with its compare
      section) and OUT/fix_report.json (the numbers, with the tagged images read from shortcut.csv);
  11. opens the dashboard on both (`--cache OUT/cache --compare OUT/cache_fixed`, the Compare page).
 
@@ -32,7 +32,6 @@ from data.in_process import run_analysis
 
 FIX_FRACTION = 0.5        # the share of every class's training images that carry the tag in the fixed training
 FIX_SPLIT_CODE = 2        # the mark's seed for the fixed training draw: [shortcut.SEED, 2] (0, 1: train, test)
-VERIFY_TOP = 3            # clusters causally tested per clustering in both caches
 TAG_MAJORITY = 0.5        # a finding "over the tag": at least this share of its images carry it
 
 
@@ -106,30 +105,6 @@ def step_fixed_model(fixed: FixedPaths, settings: demo.DemoSettings, train: Spli
     demo.say(f"        trained in {report['train_seconds']:.0f} s: test accuracy {report['test_accuracy']:.1%}; "
              f"tagged non-bags called 'bag': {report['marked_others_predicted_shortcut']:.0%}")
     return True
-
-
-def step_verify(paths: demo.DemoPaths, cache_dir: Path, label: str) -> None:
-    """The causal test of the top clusters of a cache (what makes a shortcut finding, or shows there is none);
-    skipped when it ran on the cache as it is now."""
-    from analysis.cache import load
-    from analysis.cache.identity import cache_fingerprint
-
-    from analysis.explore.cluster_offline import VerifyOptions
-
-    # The rule's options too: a demo folder made before the verdict rule changed is tested again.
-    stamp = {"fingerprint": cache_fingerprint(load(cache_dir)), "verify_top": VERIFY_TOP,
-             "options": VerifyOptions(top=VERIFY_TOP).as_dict()}
-    step = f"verify-{cache_dir.name}"
-    if demo.read_stamp(paths, step) == stamp:
-        demo.say(f"[10/11] causal test of {label}: already run (skipped)")
-        return
-    demo.say(f"[10/11] causal test of the top {VERIFY_TOP} clusters of {label} ({cache_dir}) ...")
-    code = run_analysis(["cluster", "--cache", str(cache_dir), "--verify-top", str(VERIFY_TOP), "--device", "cpu",
-                         "--quiet"])
-    if code != 0:
-        raise demo.DemoError(f"the causal test of {cache_dir} failed (exit code {code}, its message is "
-                             "above); rerun `python -m data.demo --fix`")
-    demo.write_stamp(paths, step, stamp)
 
 
 def tagged_back(paths: demo.DemoPaths, comparison: Any) -> dict[str, Any]:
@@ -207,8 +182,8 @@ def run_fix(paths: demo.DemoPaths, settings: demo.DemoSettings, train: Split, te
     step_fixed_model(fixed, settings, train, test, threads)
     demo.say("[9/11] explanations of the same test images by the fixed model:")
     demo.step_explain(fixed, batch_size=batch_size)
-    step_verify(paths, paths.cache, "the demo's cache")
-    step_verify(paths, fixed.cache, "the fixed cache")
+    demo.step_verify(paths.cache, "the demo's cache", "10/11")   # done in step 6 (a folder made before: now)
+    demo.step_verify(fixed.cache, "the fixed cache", "10/11")
     comparison = compare_caches(load(paths.cache), load(fixed.cache))
     result = fix_measurements(paths, comparison)
     fixed.fix_report.write_text(json.dumps(result, indent=2))

@@ -90,3 +90,16 @@ def test_a_command_line_imports_its_own_command_only() -> None:
     listing = subprocess.run([sys.executable, "-m", "analysis", "--help"], capture_output=True, text=True,
                              timeout=120, cwd=Path(__file__).resolve().parents[1]).stdout
     assert all(name in listing for name in COMMANDS), listing
+
+
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(small_cache: Path) -> None:
+    """`python -m analysis findings ... | head`: when the reader has gone before the command prints, the command
+    stops quietly with 141 (128 + SIGPIPE, as a shell reports a tool its pipe closed on), not with a traceback."""
+    import subprocess
+    import sys
+
+    command = subprocess.Popen([sys.executable, "-m", "analysis", "findings", "--cache", str(small_cache)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    command.stdout.close()                  # before the interpreter has even started: every write fails
+    err = command.stderr.read().decode()
+    assert command.wait(timeout=120) == 141 and err == "", err

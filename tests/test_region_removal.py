@@ -235,3 +235,39 @@ def test_decoded_images_are_kept_within_their_budget_and_give_the_same_inputs(sm
             assert torch.equal(images, fresh) and again == positions and skipped == errors
         assert sum(isinstance(v, torch.Tensor) for v in decoded.kept.values()) == kept
         assert decoded.used == kept * one <= budget
+
+
+def test_kept_outputs_run_each_image_through_the_model_once_and_agree_with_a_fresh_pass(
+        shortcut_model: TinyCNN) -> None:
+    """A run's tests compare every change with the image's own prediction: kept by path, the outputs are those of
+    a fresh pass (to float tolerance: another batch), each image goes through the model once within the budget,
+    and past it again; a test given them measures what it measures without them."""
+    from analysis.trust.region_removal import KeptOutputs, model_probabilities
+
+    images, labels = planted_images(6, seed=3)
+    paths = [f"image-{i}.png" for i in range(len(images))]
+    seen: list[int] = []
+    hook = shortcut_model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        fresh = model_probabilities(shortcut_model, images, forward_batch=64)
+        seen.clear()
+        one = fresh[0].element_size() * fresh[0].nelement()
+        for budget, passes in ((64 * one, [8, 4]), (0, [8, 12])):
+            kept = KeptOutputs(budget=budget)
+            seen.clear()
+            first = kept.of(shortcut_model, images[:8], paths[:8], forward_batch=64)
+            both = kept.of(shortcut_model, images, paths, forward_batch=64)    # 8 known, 4 new
+            assert seen == passes
+            torch.testing.assert_close(first, fresh[:8], rtol=0, atol=1e-6)
+            torch.testing.assert_close(both, fresh, rtol=0, atol=1e-6)
+            assert kept.used <= budget
+        with pytest.raises(ValueError, match="12 paths for 3 images"):
+            kept.of(shortcut_model, images[:3], paths, forward_batch=64)
+    finally:
+        hook.remove()
+    prototype = prototype_map(FGCAM(shortcut_model)(images, target_layer="input").maps)
+    alone = shortcut_test(shortcut_model, images, labels, prototype, seed=0)
+    given = shortcut_test(shortcut_model, images, labels, prototype, seed=0, before=fresh)
+    pd.testing.assert_frame_equal(alone.per_image, given.per_image)
+    with pytest.raises(ValueError, match="before must be"):
+        shortcut_test(shortcut_model, images, labels, prototype, before=fresh[:3])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.trust.region_removal import model_probabilities, relative_change
+from analysis.trust.region_removal import known_outputs, model_probabilities, relative_change
 
 
 def typical_background(images: Tensor, foreground: Tensor) -> Tensor:
@@ -62,12 +62,14 @@ class BackgroundSwapResult:
 
 
 def background_swap_test(model: nn.Module, images: Tensor, foreground: Tensor, typical: Tensor,
-                         same: Tensor, same_foreground: Tensor, forward_batch: int = 64) -> BackgroundSwapResult:
+                         same: Tensor, same_foreground: Tensor, forward_batch: int = 64,
+                         before: Tensor | None = None) -> BackgroundSwapResult:
     """Each member (`images`, bool `foreground` [N, H, W] at the input size) with the `typical` background
     [C, H, W], and with the background of another member (`same` [N, C, H, W], paired by row, with its
     `same_foreground`: where that member's own object lies, the typical background fills in); which
-    predictions change. 3 forward passes per image."""
-    before = model_probabilities(model, images, forward_batch).argmax(1)
+    predictions change. 3 forward passes per image (2 with `before`: the model's softmax outputs on `images`
+    where already known)."""
+    before = known_outputs(before, model, images, forward_batch).argmax(1)
     swapped = swap_backgrounds(images, foreground, typical)
     control = swap_backgrounds(images, foreground, torch.where(same_foreground[:, None], typical.expand_as(same), same))
     changed_typical = (model_probabilities(model, swapped, forward_batch).argmax(1) != before).numpy()

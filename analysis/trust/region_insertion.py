@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from analysis.cache.derived import INSERTION_TESTS
 from analysis.pipeline.faithfulness import DEFAULT_FORWARD_BATCH
 from analysis.pipeline.models import model_from_manifest
-from analysis.trust.region_removal import (DEFAULT_Q, check_q, control_regions, load_inputs, model_probabilities,
-                                        prototype_map, top_region)
+from analysis.trust.region_removal import (DEFAULT_Q, check_q, control_regions, known_outputs, load_inputs,
+                                           model_probabilities, prototype_map, top_region)
 
 DEFAULT_TARGETS = 200          # images of other classes the region is pasted into
 MAX_SOURCES = 500              # source images loaded at most (a seeded sample of a larger selection)
@@ -75,8 +75,8 @@ SUMMARY_KEYS = ("n", "sources", "q", "region_pixels", "region_share", "into", "a
 
 
 def insertion_test(model: nn.Module, sources: Tensor, targets: Tensor, into: int, prototype: np.ndarray | Tensor,
-                   q: float = DEFAULT_Q, seed: int = 0,
-                   forward_batch: int = DEFAULT_FORWARD_BATCH) -> InsertionTestResult:
+                   q: float = DEFAULT_Q, seed: int = 0, forward_batch: int = DEFAULT_FORWARD_BATCH,
+                   before: Tensor | None = None) -> InsertionTestResult:
     """Paste each target's source image under the top-q% region of `prototype`, and under a random region
     of the same size and shape, and count the predictions that become class `into`.
 
@@ -85,7 +85,7 @@ def insertion_test(model: nn.Module, sources: Tensor, targets: Tensor, into: int
     flipped_random (the prediction is `into` after the paste and was not before), control_overlap. Summary:
     n targets, sources, the region, into, already_into (targets already predicted `into`: they cannot
     flip), flipped_* = flips / targets not already `into`, probability_* = mean p(into). 3 forward passes
-    per target.
+    per target (2 with `before`: the model's softmax outputs on `targets` where already known).
     """
     if targets.dim() != 4 or len(targets) == 0 or sources.dim() != 4 or len(sources) == 0:
         raise ValueError(f"sources and targets must be [N, C, H, W] with N >= 1, got {tuple(sources.shape)} "
@@ -102,7 +102,7 @@ def insertion_test(model: nn.Module, sources: Tensor, targets: Tensor, into: int
     generator = np.random.default_rng(seed)
     pairing = generator.permutation(len(sources))[np.arange(n) % len(sources)]
     paired = sources[torch.from_numpy(pairing)]
-    before = model_probabilities(model, targets, forward_batch)
+    before = known_outputs(before, model, targets, forward_batch)
     if not 0 <= into < before.shape[1]:
         raise ValueError(f"class {into} is not an output of the model ({before.shape[1]} classes)")
     pasted = model_probabilities(model, paste_regions(targets, paired, region), forward_batch)

@@ -148,6 +148,41 @@ def model_probabilities(model: nn.Module, images: Tensor, forward_batch: int) ->
     return torch.cat(out)
 
 
+def known_outputs(before: Tensor | None, model: nn.Module, images: Tensor, forward_batch: int) -> Tensor:
+    """`before` (the model's softmax outputs on `images`, known from earlier), checked, or computed now."""
+    if before is None:
+        return model_probabilities(model, images, forward_batch)
+    if before.dim() != 2 or len(before) != len(images):
+        raise ValueError(f"before must be [{len(images)}, classes] outputs of the images, got {tuple(before.shape)}")
+    return before
+
+
+class KeptOutputs:
+    """The model's softmax outputs on unchanged images, by path, for one run with one model. Every test of
+    `cluster --verify-top` compares what a change does with an image's own prediction: a cluster's region test
+    and background swap share its members, a scope's clusterings and a run's scopes share images, and the
+    insertion tests toward one class paste into the same targets. Each image goes through the model unchanged
+    once (outputs of up to `budget` bytes are kept; past it, computed each time)."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget, self.used = budget, 0
+        self.kept: dict[str, Tensor] = {}
+
+    def of(self, model: nn.Module, images: Tensor, paths: Sequence[Path | str], forward_batch: int) -> Tensor:
+        """float32 [N, classes]: the outputs on `images` (the preprocessed `paths`, in order), on the CPU."""
+        if len(paths) != len(images):
+            raise ValueError(f"{len(paths)} paths for {len(images)} images")
+        keys = [str(path) for path in paths]
+        missing = [i for i, key in enumerate(keys) if key not in self.kept]
+        computed = model_probabilities(model, images[missing], forward_batch) if missing else None
+        found = dict(zip((keys[i] for i in missing), computed)) if missing else {}
+        for key, row in found.items():
+            size = row.element_size() * row.nelement()
+            if self.used + size <= self.budget:
+                self.kept[key], self.used = row.clone(), self.used + size
+        return torch.stack([found[key] if key in found else self.kept[key] for key in keys])
+
+
 @dataclass
 class ShortcutTestResult:
     summary: dict[str, float]   # see SUMMARY_KEYS
@@ -162,14 +197,15 @@ SUMMARY_KEYS = ("n", "q", "region_pixels", "region_share", "accuracy_before", "a
 
 def shortcut_test(model: nn.Module, images: Tensor, labels: Tensor | None, prototype: np.ndarray | Tensor,
                   q: float = DEFAULT_Q, blur_sigma: float = DEFAULT_BLUR_SIGMA, seed: int = 0,
-                  forward_batch: int = DEFAULT_FORWARD_BATCH) -> ShortcutTestResult:
+                  forward_batch: int = DEFAULT_FORWARD_BATCH, before: Tensor | None = None) -> ShortcutTestResult:
     """Blur the top-q% region of `prototype` on every image, and a random region of the same size and shape.
+    `before`: the model's softmax outputs on `images` where already known (`KeptOutputs`), else computed.
 
     per_image columns: label (-1 when unknown), pred_before, probability_before (of pred_before),
     pred_prototype / probability_prototype (prediction, and probability of pred_before, with the prototype
     region blurred), pred_random / probability_random (the control), changed_prototype, changed_random,
     control_overlap (pixels the control shares with the region). Summary: means of those; accuracies are
-    NaN without labels. 3 forward passes per image.
+    NaN without labels. 3 forward passes per image (2 with `before`).
     """
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(f"images must be [N, C, H, W] with N >= 1, got shape {tuple(images.shape)}")
@@ -181,7 +217,7 @@ def shortcut_test(model: nn.Module, images: Tensor, labels: Tensor | None, proto
     n, _, height, width = images.shape
     region = top_region(prototype, q, height, width)
     controls = control_regions(region, n, seed=seed)
-    before = model_probabilities(model, images, forward_batch)
+    before = known_outputs(before, model, images, forward_batch)
     prototype_blurred = model_probabilities(model, blur_regions(images, region, blur_sigma), forward_batch)
     random_blurred = model_probabilities(model, blur_regions(images, controls, blur_sigma), forward_batch)
     pred = before.argmax(1)

@@ -187,9 +187,9 @@ def _necessary_verdict(e: Evidence, o: VerifyOptions, off: bool, effect: str) ->
     gain = e.inserted_region - e.inserted_control
     pasted = (f"pasted into other classes' images it makes {e.inserted_region:.0%} of them this class (a random "
               f"region {e.inserted_control:.0%})")
-    if off and e.p_insertion < o.alpha and gain >= o.off_object_insertion:
-        return "shortcut", f"{effect}; {pasted}: it carries the class without the object"
     if off:
+        if e.p_insertion < o.alpha and gain >= o.off_object_insertion:
+            return "shortcut", f"{effect}; {pasted}: it carries the class without the object"
         return "undecided", (f"{effect}; {pasted}: off the object yet carrying little elsewhere (the object's "
                              "outline?); the members' tiles or a model trained without them decide")
     if gain < o.object_insertion and e.inserted_share >= o.insertion_speaks:

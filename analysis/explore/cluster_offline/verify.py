@@ -83,8 +83,8 @@ def removal_strength(images: Any, region: np.ndarray) -> float:
     return relative_change(images, gaussian_blur(images, DEFAULT_BLUR_SIGMA), mask)
 
 
-def _insertion(cache: Any, loaded: Any, decoded: Any, model: Any, images: Any, tested: np.ndarray, preds: np.ndarray,
-               prototype: np.ndarray, q: float, options: VerifyOptions) -> dict[str, float]:
+def _insertion(cache: Any, loaded: Any, decoded: Any, outputs: Any, model: Any, images: Any, tested: np.ndarray,
+               preds: np.ndarray, prototype: np.ndarray, q: float, options: VerifyOptions) -> dict[str, float]:
     """The insertion test of an on-object region: pasted from the members into images of other classes
     (label and prediction both another class than the members' usual prediction)."""
     from analysis.trust.region_insertion import default_targets, insertion_test
@@ -93,12 +93,13 @@ def _insertion(cache: Any, loaded: Any, decoded: Any, model: Any, images: Any, t
     into = int(np.bincount(preds).argmax())
     table = cache.columns(["id", "label", "pred"])
     targets = default_targets(table, into, tested, options.insertion_targets, options.seed)
-    loaded_targets, positions, _ = load_inputs([cache.image_path(int(i)) for i in targets], loaded.transform,
-                                               loaded.in_channels, decoded)
+    paths = [cache.image_path(int(i)) for i in targets]
+    loaded_targets, positions, _ = load_inputs(paths, loaded.transform, loaded.in_channels, decoded)
     if not positions or loaded_targets.shape[1:] != images.shape[1:]:
         return {}
+    before = outputs.of(model, loaded_targets, [paths[p] for p in positions], options.batch_size)
     result = insertion_test(model, images, loaded_targets, into, prototype, q=q, seed=options.seed,
-                            forward_batch=options.batch_size)
+                            forward_batch=options.batch_size, before=before)
     frame = result.per_image
     return {"inserted_region": float(result.summary["flipped_prototype"]),
             "inserted_control": float(result.summary["flipped_random"]),
@@ -135,11 +136,11 @@ def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions, decod
     return typical_background(images, _grown_foreground(foreground[positions], *images.shape[-2:]))
 
 
-def _background_swap(model: Any, images: Any, foreground: np.ndarray | None, typical: Any,
+def _background_swap(model: Any, images: Any, before: Any, foreground: np.ndarray | None, typical: Any,
                      options: VerifyOptions) -> dict[str, float]:
-    """The background swap of a spread cluster's members (`images`, their masks or boxes `foreground` at map
-    size, None without any) whose objects are known: the typical background against other members'
-    backgrounds."""
+    """The background swap of a spread cluster's members (`images`, the model's outputs on them `before`, their
+    masks or boxes `foreground` at map size, None without any) whose objects are known: the typical background
+    against other members' backgrounds."""
     import torch
 
     from analysis.trust.background_swap import background_swap_test
@@ -147,30 +148,32 @@ def _background_swap(model: Any, images: Any, foreground: np.ndarray | None, typ
     known = np.zeros(len(images), bool) if foreground is None else foreground.reshape(len(images), -1).any(axis=1)
     if known.sum() < 2 or typical is None or typical.shape != images.shape[1:]:
         return {}
-    members, member_fg = images[torch.from_numpy(known)], _grown_foreground(foreground[known], *images.shape[-2:])
+    known_rows = torch.from_numpy(known)
+    members, member_fg = images[known_rows], _grown_foreground(foreground[known], *images.shape[-2:])
     rng = np.random.default_rng(options.seed)
     same = torch.from_numpy((np.arange(len(members)) + int(rng.integers(1, len(members)))) % len(members))
     result = background_swap_test(model, members, member_fg, typical, members[same], member_fg[same],
-                                  options.batch_size)
+                                  options.batch_size, before=before[known_rows])
     return {"changed_background": float(result.changed_typical.mean()),
             "changed_background_control": float(result.changed_same.mean()),
             "p_background_raw": mcnemar_greater(result.changed_typical, result.changed_same),
             "background_removal": result.removal}
 
 
-def _test_cluster(cache: Any, loaded: Any, decoded: Any, model: Any, sample: np.ndarray, prototype: np.ndarray,
-                  labels_by_id: pd.Series, options: VerifyOptions, typical: Callable[[], Any]) -> dict[str, Any]:
+def _test_cluster(cache: Any, loaded: Any, decoded: Any, outputs: Any, model: Any, sample: np.ndarray,
+                  prototype: np.ndarray, labels_by_id: pd.Series, options: VerifyOptions,
+                  typical: Callable[[], Any]) -> dict[str, Any]:
     """The tests of one cluster on its sampled members: the record's measured fields (the verdict comes once
-    the run's p-values are adjusted together, `with_verdicts`). `decoded`: the run's decoded images
-    (`analysis.trust.region_removal.DecodedImages`); `typical()`: the run's typical background (made once, when
-    a cluster first needs it)."""
+    the run's p-values are adjusted together, `with_verdicts`). `decoded` and `outputs`: the run's decoded
+    images and the model's outputs on them (`analysis.trust.region_removal.DecodedImages`, `KeptOutputs`);
+    `typical()`: the run's typical background (made once, when a cluster first needs it)."""
     import torch
 
     from analysis.pipeline.faithfulness import upsample_maps
     from analysis.trust.region_removal import load_inputs, shortcut_test
 
-    images, positions, errors = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
-                                            loaded.in_channels, decoded)
+    paths = [cache.image_path(int(i)) for i in sample]
+    images, positions, errors = load_inputs(paths, loaded.transform, loaded.in_channels, decoded)
     skipped = {"skipped": len(errors), "tested": 0, "verdict": "not tested"}
     if not positions:
         return {**skipped, "reason": f"no image could be loaded ({errors[0][1] if errors else 'none'})"}
@@ -179,9 +182,10 @@ def _test_cluster(cache: Any, loaded: Any, decoded: Any, model: Any, sample: np.
     tested = sample[positions]
     labels = torch.from_numpy(labels_by_id.loc[tested].to_numpy(np.int64).copy())
     q, mass = region_for(prototype, options)
+    before = outputs.of(model, images, [paths[p] for p in positions], options.batch_size)
     try:
         result = shortcut_test(model, images, labels, prototype, q=q, seed=options.seed,
-                               forward_batch=options.batch_size)
+                               forward_batch=options.batch_size, before=before)
     except ValueError as error:   # e.g. a prototype without positive relevance
         return {**skipped, "reason": str(error).splitlines()[0]}
     frame = result.per_image
@@ -198,9 +202,10 @@ def _test_cluster(cache: Any, loaded: Any, decoded: Any, model: Any, sample: np.
               "accuracy_region": float(result.summary["accuracy_prototype"]), "reason": ""}
     preds = frame["pred_before"].to_numpy(np.int64)
     if p_raw < options.alpha and changed_region - changed_control >= options.min_difference:
-        record.update(_insertion(cache, loaded, decoded, model, images, tested, preds, prototype, q, options))
+        record.update(_insertion(cache, loaded, decoded, outputs, model, images, tested, preds, prototype, q,
+                                 options))
     elif mass < options.concentrated:
-        record.update(_background_swap(model, images, foreground, typical(), options))
+        record.update(_background_swap(model, images, before, foreground, typical(), options))
     return record
 
 
@@ -218,13 +223,15 @@ def write_verification(cache: Any, stored: StoredScope, frame: pd.DataFrame, opt
 
 
 def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyOptions, device: Any = "cpu",
-                  progress: Progress | None = None, decoded: Any = None) -> pd.DataFrame:
+                  progress: Progress | None = None, decoded: Any = None, outputs: Any = None) -> pd.DataFrame:
     """The tests of the top `options.top` clusters of every clustering of a stored scope: one row per tested
     cluster with what was measured (no verdict yet: `with_verdicts` adjusts the run's p-values together).
-    `decoded`: images decoded by earlier scopes of the run (`analysis.trust.region_removal.DecodedImages`)."""
-    from analysis.trust.region_removal import DecodedImages
+    `decoded`, `outputs`: images decoded by earlier scopes of the run and the model's outputs on them
+    (`analysis.trust.region_removal.DecodedImages`, `KeptOutputs`)."""
+    from analysis.trust.region_removal import DecodedImages, KeptOutputs
 
     decoded = DecodedImages() if decoded is None else decoded
+    outputs = KeptOutputs() if outputs is None else outputs
     summary_all = pq.read_table(stored.path / "summary.parquet").to_pandas()
     prototypes_all = np.load(stored.path / "prototypes.npy")
     side = int(round(np.sqrt(prototypes_all.shape[1])))
@@ -253,8 +260,8 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
             prototype = prototypes_all[row_index].reshape(side, side)
             key = (sample.tobytes(), prototype.tobytes())
             if key not in measured:
-                measured[key] = _test_cluster(cache, loaded, decoded, model, sample, prototype, labels_by_id,
-                                              options, typical)
+                measured[key] = _test_cluster(cache, loaded, decoded, outputs, model, sample, prototype,
+                                              labels_by_id, options, typical)
             records.append({**base, **measured[key]})
     frame = pd.DataFrame.from_records(records, columns=VERIFICATION_COLUMNS)
     numeric = [c for c in VERIFICATION_COLUMNS if c not in ("clustering", "location_rule", "verdict", "reason")]
