@@ -107,6 +107,12 @@ def open_cache_or_problem() -> tuple[Cache | None, str | None]:
     return cache, None
 
 
+def image_caption(image_id: int, label: str, pred: str) -> str:
+    """A tile's caption, "#12 shirt → bag": spaced around the arrow, so that a narrow tile wraps between the
+    names, not inside one ("ankle_boot→ba" / "g")."""
+    return f"#{image_id} {label} → {pred}"
+
+
 def show_missing(record: MissingResult) -> None:
     """A derived result the page cannot show (missing, stale or unreadable), said the same way on every page:
     one info box naming the command that makes it, and the command to copy."""

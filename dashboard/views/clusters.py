@@ -236,7 +236,7 @@ def show_images(cache: Cache, stored: cluster_offline.StoredClustering, images: 
     common.csv_download(f"Download {source} (CSV)",
                         lambda ids=selection: members_table(cache, ids, by_cluster, review), csv_name, key="c_csv")
     common.gallery(cache, shown, key="c_gallery", captions=tagging.captions_with_tags(
-        cache, shown, lambda i: f"#{i} {images.at[i, 'label_name']}→{images.at[i, 'pred_name']}"))
+        cache, shown, lambda i: common.image_caption(i, images.at[i, 'label_name'], images.at[i, 'pred_name'])))
     return selection, source
 
 

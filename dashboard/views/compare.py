@@ -40,9 +40,9 @@ def show_fate(a: Cache, b: Cache, number: int, fate: FindingFate) -> None:
         tiles_b = common.tiles_for(b, [j for _, j in pairs], kind="overlay")
         left, right = st.columns(2)
         for side, label, tiles, captions in (
-                (left, "A", tiles_a, [f"#{i} {names_a.at[i, 'label_name']}→{names_a.at[i, 'pred_name']}"
+                (left, "A", tiles_a, [common.image_caption(i, names_a.at[i, 'label_name'], names_a.at[i, 'pred_name'])
                                       for i, _ in pairs]),
-                (right, "B", tiles_b, [f"#{j} {names_a.at[i, 'label_name']}→{names_b.at[j, 'pred_name']}"
+                (right, "B", tiles_b, [common.image_caption(j, names_a.at[i, 'label_name'], names_b.at[j, 'pred_name'])
                                        for i, j in pairs])):
             side.markdown(f"**{label}**" + (" · changed predictions first" if label == "A" else ""))
             for column, tile, caption in zip(side.columns(TILES), tiles, captions):

@@ -39,7 +39,8 @@ def show_finding(cache: Cache, number: int, finding: Finding) -> None:
             names = cache.columns(["id", "label_name", "pred_name"]).set_index("id")
             for column, image_id, tile in zip(st.columns(TILES), finding.examples[:TILES], tiles):
                 row = names.loc[image_id]
-                column.image(tile, caption=f"#{image_id} {row['label_name']}→{row['pred_name']}", width="stretch")
+                column.image(tile, caption=common.image_caption(image_id, row["label_name"], row["pred_name"]),
+                             width="stretch")
         if common.read_only():
             return
         with st.expander(f"Tag these {len(finding.ids):,} images"):

@@ -169,7 +169,8 @@ def show_neighbours(cache: Cache, image_id: int, opacity: float, colormap: str) 
             st.image(tile, width="stretch")
             # A button writing ?id= rather than st.page_link: a page link to the page itself shows the new image
             # but leaves the old id in the browser's address bar (Streamlit 1.67), which breaks copied links.
-            st.button(f"#{int(neighbour)} {info['label_name']}→{info['pred_name']}", key=f"neighbour_{neighbour}",
+            st.button(common.image_caption(int(neighbour), info["label_name"], info["pred_name"]),
+                      key=f"neighbour_{neighbour}",
                       on_click=common.set_query, kwargs={"id": int(neighbour)}, icon=":material/open_in_new:",
                       width="stretch")
             st.caption(f"distance {distance:.3f}" + ("" if info["correct"] else " · wrong"))

@@ -131,8 +131,8 @@ def show_candidates(cache: Cache, review: Review, candidates: pd.DataFrame, tag:
         for column, image_id, tile in zip(st.columns(COLUMNS), row_ids, row_tiles):
             row = rows.loc[image_id]
             with column, st.container(border=True):
-                st.image(tile, width="stretch", caption=f"{int(row['rank'])}. #{image_id} "
-                         f"{row['label_name']}→{row['pred_name']} · score {row['score']:.2f}")
+                caption = common.image_caption(image_id, row["label_name"], row["pred_name"])
+                st.image(tile, width="stretch", caption=f"{int(row['rank'])}. {caption} · score {row['score']:.2f}")
                 if not decide:
                     continue
                 yes, no = st.columns(2)
