@@ -5,8 +5,9 @@
   9. explains the same test split (the same PNGs, the tag still planted on the same test images) with it
      -> OUT/cache_fixed;
  10. runs the causal test (`python -m analysis cluster --verify-top 3`) on the fixed cache (the demo's cache had it
-     in step 6), so that each has verified findings, and compares them (analysis.findings.compare): OUT/compare.html (the report with its compare
-     section) and OUT/fix_report.json (the numbers, with the tagged images read from shortcut.csv);
+     in step 6), so that each has verified findings, and compares them (analysis.findings.compare):
+     OUT/compare.html (the report with its compare section) and OUT/fix_report.json (the numbers, with the tagged
+     images read from shortcut.csv);
  11. opens the dashboard on both (`--cache OUT/cache --compare OUT/cache_fixed`, the Compare page).
 
 The fix: the tag pasted at random on every class in training (FIX_FRACTION of the images of every class whose
