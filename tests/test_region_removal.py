@@ -214,57 +214,49 @@ def test_the_dashboard_is_told_why_the_model_cannot_be_loaded(small_cache: Path)
         model_from_manifest(no_checkpoint)
 
 
-def test_decoded_images_are_kept_within_their_budget_and_give_the_same_inputs(small_cache: Path,
-                                                                              tmp_path: Path) -> None:
-    """A run's tests share images: kept once decoded, they give the very tensors a fresh decode gives; past the
-    budget an image is decoded each time; a corrupt file is skipped with its reason, kept or not."""
-    from analysis.trust.region_removal import DecodedImages, load_inputs
+def test_run_inputs_decode_and_run_each_image_once_within_the_budget_and_agree_with_a_fresh_pass(
+        small_cache: Path, tmp_path: Path) -> None:
+    """A run's tests share images and compare every change with the image's own prediction: kept by path, the
+    images are the very tensors a fresh decode gives and the outputs those of a fresh pass (to float tolerance:
+    another batch); each image is decoded and goes through the model once while what is kept fits the budget,
+    past it each time; a corrupt file is skipped with its reason, kept or not."""
+    from analysis.trust.region_removal import RunInputs, load_inputs, model_probabilities
 
     cache = load(small_cache)
     loaded = model_from_manifest(cache.manifest)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    paths = [cache.image_path(i) for i in (0, 1, 2)] + [broken]
+    paths = [cache.image_path(i) for i in range(6)] + [broken]
     fresh, positions, errors = load_inputs(paths, loaded.transform, loaded.in_channels)
-    assert positions == [0, 1, 2] and [e[0] for e in errors] == [3] and "Error" in errors[0][1]
-    one = fresh[0].element_size() * fresh[0].nelement()
-    for budget, kept in ((0, 0), (2 * one, 2), (10 * one, 3)):
-        decoded = DecodedImages(budget=budget)
-        for _ in range(2):                 # the second call reads what the first kept
-            images, again, skipped = load_inputs(paths, loaded.transform, loaded.in_channels, decoded)
-            assert torch.equal(images, fresh) and again == positions and skipped == errors
-        assert sum(isinstance(v, torch.Tensor) for v in decoded.kept.values()) == kept
-        assert decoded.used == kept * one <= budget
-
-
-def test_kept_outputs_run_each_image_through_the_model_once_and_agree_with_a_fresh_pass(
-        shortcut_model: TinyCNN) -> None:
-    """A run's tests compare every change with the image's own prediction: kept by path, the outputs are those of
-    a fresh pass (to float tolerance: another batch), each image goes through the model once within the budget,
-    and past it again; a test given them measures what it measures without them."""
-    from analysis.trust.region_removal import KeptOutputs, model_probabilities
-
-    images, labels = planted_images(6, seed=3)
-    paths = [f"image-{i}.png" for i in range(len(images))]
+    assert positions == list(range(6)) and [e[0] for e in errors] == [6] and "Error" in errors[0][1]
+    outputs = model_probabilities(loaded.model, fresh, forward_batch=64)
+    one = fresh[0].element_size() * fresh[0].nelement() + outputs[0].element_size() * outputs[0].nelement()
     seen: list[int] = []
-    hook = shortcut_model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    hook = loaded.model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
     try:
-        fresh = model_probabilities(shortcut_model, images, forward_batch=64)
-        seen.clear()
-        one = fresh[0].element_size() * fresh[0].nelement()
-        for budget, passes in ((64 * one, [8, 4]), (0, [8, 12])):
-            kept = KeptOutputs(budget=budget)
+        # budget -> (images kept, forward passes of: the first 4 images, all, all again)
+        for budget, kept, passes in ((0, 0, [4, 6, 6]), (4 * one, 4, [4, 2, 2]), (10 * one, 6, [4, 2])):
+            inputs = RunInputs(budget=budget)
             seen.clear()
-            first = kept.of(shortcut_model, images[:8], paths[:8], forward_batch=64)
-            both = kept.of(shortcut_model, images, paths, forward_batch=64)    # 8 known, 4 new
+            first = inputs.load(paths[:4], loaded.transform, loaded.in_channels, loaded.model)
+            for _ in range(2):            # the second call reads what the first kept
+                found = inputs.load(paths, loaded.transform, loaded.in_channels, loaded.model)
+                assert torch.equal(found.images, fresh) and found.positions == positions and found.errors == errors
+                torch.testing.assert_close(found.outputs, outputs, rtol=0, atol=1e-6)
+            torch.testing.assert_close(first.outputs, outputs[:4], rtol=0, atol=1e-6)
             assert seen == passes
-            torch.testing.assert_close(first, fresh[:8], rtol=0, atol=1e-6)
-            torch.testing.assert_close(both, fresh, rtol=0, atol=1e-6)
-            assert kept.used <= budget
-        with pytest.raises(ValueError, match="12 paths for 3 images"):
-            kept.of(shortcut_model, images[:3], paths, forward_batch=64)
+            assert sum(isinstance(v, torch.Tensor) for v in inputs.decoded.values()) == len(inputs.outputs) == kept
+            assert inputs.used == kept * one <= budget
     finally:
         hook.remove()
+    assert inputs.load(paths, loaded.transform, loaded.in_channels).outputs is None   # no model, no outputs
+
+
+def test_a_test_given_the_outputs_measures_what_it_measures_without_them(shortcut_model: TinyCNN) -> None:
+    from analysis.trust.region_removal import model_probabilities
+
+    images, labels = planted_images(6, seed=3)
+    fresh = model_probabilities(shortcut_model, images, forward_batch=64)
     prototype = torch.zeros(SIDE, SIDE)     # the mark's place, by hand: what the test is given, not what it learnt
     prototype[MARK] = 1.0
     alone = shortcut_test(shortcut_model, images, labels, prototype, seed=0)

@@ -157,32 +157,6 @@ def known_outputs(before: Tensor | None, model: nn.Module, images: Tensor, forwa
     return before
 
 
-class KeptOutputs:
-    """The model's softmax outputs on unchanged images, by path, for one run with one model. Every test of
-    `cluster --verify-top` compares what a change does with an image's own prediction: a cluster's region test
-    and background swap share its members, a scope's clusterings and a run's scopes share images, and the
-    insertion tests toward one class paste into the same targets. Each image goes through the model unchanged
-    once (outputs of up to `budget` bytes are kept; past it, computed each time)."""
-
-    def __init__(self, budget: int = 256 << 20) -> None:
-        self.budget, self.used = budget, 0
-        self.kept: dict[str, Tensor] = {}
-
-    def of(self, model: nn.Module, images: Tensor, paths: Sequence[Path | str], forward_batch: int) -> Tensor:
-        """float32 [N, classes]: the outputs on `images` (the preprocessed `paths`, in order), on the CPU."""
-        if len(paths) != len(images):
-            raise ValueError(f"{len(paths)} paths for {len(images)} images")
-        keys = [str(path) for path in paths]
-        missing = [i for i, key in enumerate(keys) if key not in self.kept]
-        computed = model_probabilities(model, images[missing], forward_batch) if missing else None
-        found = dict(zip((keys[i] for i in missing), computed)) if missing else {}
-        for key, row in found.items():
-            size = row.element_size() * row.nelement()
-            if self.used + size <= self.budget:
-                self.kept[key], self.used = row.clone(), self.used + size
-        return torch.stack([found[key] if key in found else self.kept[key] for key in keys])
-
-
 @dataclass
 class ShortcutTestResult:
     summary: dict[str, float]   # see SUMMARY_KEYS
@@ -199,7 +173,7 @@ def shortcut_test(model: nn.Module, images: Tensor, labels: Tensor | None, proto
                   q: float = DEFAULT_Q, blur_sigma: float = DEFAULT_BLUR_SIGMA, seed: int = 0,
                   forward_batch: int = DEFAULT_FORWARD_BATCH, before: Tensor | None = None) -> ShortcutTestResult:
     """Blur the top-q% region of `prototype` on every image, and a random region of the same size and shape.
-    `before`: the model's softmax outputs on `images` where already known (`KeptOutputs`), else computed.
+    `before`: the model's softmax outputs on `images` where already known (`RunInputs`), else computed.
 
     per_image columns: label (-1 when unknown), pred_before, probability_before (of pred_before),
     pred_prototype / probability_prototype (prediction, and probability of pred_before, with the prototype
@@ -314,47 +288,78 @@ def per_class_foreground(frame: pd.DataFrame, class_names: Sequence[str]) -> pd.
                                        "accuracy_background_only", "kept_object_only", "kept_background_only"])
 
 
-class DecodedImages:
-    """Preprocessed images by path, kept while one run tests many selections that share images (a scope's two
-    clusterings share most members; every on-object cluster pastes into the same sample of other images):
-    decoding them again took a fifth of `cluster --verify-top 8` on a Fashion-MNIST row. Holds up to `budget`
-    bytes of tensors; past it, an image is decoded each time it is asked for."""
+@dataclass
+class Inputs:
+    """A selection's images loaded like the job (`RunInputs.load`)."""
+    images: Tensor                    # float [n_ok, C, H, W]
+    positions: list[int]              # of the loaded ones among the paths asked for
+    errors: list[tuple[int, str]]     # (position, reason) of the images that could not be loaded
+    outputs: Tensor | None            # float32 [n_ok, classes]: the model's softmax outputs, when a model was given
 
-    def __init__(self, budget: int = 256 << 20) -> None:
+
+class RunInputs:
+    """The images of one run with one model (`cluster --verify-top`), preprocessed, and the model's softmax outputs
+    on them unchanged, kept by path. The run tests many selections that share images: a scope's two clusterings
+    share most members, its scopes share images, the insertion tests toward one class paste into the same
+    targets, and every test compares a change with the image's own prediction. Decoding them again took a fifth
+    of `cluster --verify-top 8` on a Fashion-MNIST row, and their outputs a tenth of the demo's. Each image is
+    decoded and goes through the model once while what is kept fits in `budget` bytes; past it, each time."""
+
+    def __init__(self, budget: int = 512 << 20) -> None:
         self.budget, self.used = budget, 0
-        self.kept: dict[str, Tensor | str] = {}
+        self.decoded: dict[str, Tensor | str] = {}      # the tensor, or why the image could not be loaded
+        self.outputs: dict[str, Tensor] = {}
 
-    def get(self, path: Path, transform: Any, channels: int) -> Tensor | str:
-        """The image's tensor, or why it could not be loaded (a decode or preprocess failure)."""
-        key = str(path)
-        if key in self.kept:
-            return self.kept[key]
-        from analysis.pipeline.datasets import load_image, to_model_mode
-
-        try:
-            found: Tensor | str = transform(to_model_mode(load_image(Path(path)), channels))
-        except Exception as error:  # any decode/preprocess failure: skip and say why
-            found = f"{type(error).__name__}: {str(error)[:200]}"
-        size = found.element_size() * found.nelement() if isinstance(found, Tensor) else 0
+    def _keep(self, kept: dict[str, Any], key: str, value: Any) -> None:
+        size = value.element_size() * value.nelement() if isinstance(value, Tensor) else 0
         if self.used + size <= self.budget:
-            self.kept[key], self.used = found, self.used + size
-        return found
+            kept[key], self.used = value, self.used + size
+
+    def _image(self, path: Path | str, transform: Any, channels: int) -> Tensor | str:
+        key = str(path)
+        if key not in self.decoded:
+            from analysis.pipeline.datasets import load_image, to_model_mode
+
+            try:
+                found: Tensor | str = transform(to_model_mode(load_image(Path(path)), channels))
+            except Exception as error:  # any decode/preprocess failure: skip and say why
+                found = f"{type(error).__name__}: {str(error)[:200]}"
+            self._keep(self.decoded, key, found)
+            return found
+        return self.decoded[key]
+
+    def _outputs(self, model: nn.Module, images: Tensor, keys: list[str], forward_batch: int) -> Tensor:
+        missing = [i for i, key in enumerate(keys) if key not in self.outputs]
+        found = dict(zip((keys[i] for i in missing),
+                         model_probabilities(model, images[missing], forward_batch) if missing else []))
+        for key, row in found.items():
+            self._keep(self.outputs, key, row.clone())
+        return torch.stack([found[key] if key in found else self.outputs[key] for key in keys])
+
+    def load(self, paths: Sequence[Path | str], transform: Any, channels: int, model: nn.Module | None = None,
+             forward_batch: int = DEFAULT_FORWARD_BATCH) -> Inputs:
+        """Decode and preprocess `paths` like the job (`transform`, `channels`: the cache's model's), skipping
+        and recording those that cannot be loaded; with `model`, its outputs on the loaded ones too."""
+        from analysis.pipeline.datasets import Item, collate_items
+
+        items = []
+        for position, path in enumerate(paths):
+            found = self._image(path, transform, channels)
+            items.append(Item(position, 0, found, None) if isinstance(found, Tensor)
+                         else Item(position, 0, None, None, found))
+        batch = collate_items(items)
+        positions = batch.ids.tolist()
+        outputs = None if model is None or not positions else \
+            self._outputs(model, batch.images, [str(paths[p]) for p in positions], forward_batch)
+        return Inputs(batch.images, positions, batch.errors, outputs)
 
 
-def load_inputs(paths: Sequence[Path], transform: Any, channels: int,
-                decoded: DecodedImages | None = None) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
-    """Decode and preprocess images like the job: (float [n_ok, C, H, W], positions of the loaded ones in
-    `paths`, [(position, reason)] of the skipped ones). `decoded`: images kept from earlier calls of a run."""
-    from analysis.pipeline.datasets import Item, collate_items
-
-    decoded = DecodedImages(budget=0) if decoded is None else decoded
-    items = []
-    for position, path in enumerate(paths):
-        found = decoded.get(path, transform, channels)
-        items.append(Item(position, 0, found, None) if isinstance(found, Tensor)
-                     else Item(position, 0, None, None, found))
-    batch = collate_items(items)
-    return batch.images, batch.ids.tolist(), batch.errors
+def load_inputs(paths: Sequence[Path], transform: Any,
+                channels: int) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
+    """Decode and preprocess images like the job, once: (float [n_ok, C, H, W], positions of the loaded ones in
+    `paths`, [(position, reason)] of the skipped ones). A run that loads images again keeps a `RunInputs`."""
+    loaded = RunInputs(budget=0).load(paths, transform, channels)
+    return loaded.images, loaded.positions, loaded.errors
 
 
 def fresh_maps(model: nn.Module, images: Tensor, base: str, batch_size: int = 64) -> Tensor:

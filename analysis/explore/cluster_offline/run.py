@@ -86,17 +86,17 @@ def _verify_scopes(cache: Any, target: Path, fingerprint: str, scope_list: list[
                    loaded: Any, device: Any, progress: RunProgress) -> None:
     """The causal tests of the top clusters of every stored scope of the run not yet tested with these options;
     their p-values adjusted together (one family: the run), then each scope's verdicts written."""
-    from analysis.trust.region_removal import DecodedImages, KeptOutputs
+    from analysis.trust.region_removal import RunInputs
 
     if loaded is None:
         raise ValueError("verifying needs the cache's model (loaded)")
     stored = {s.scope: s for s in stored_scopes(cache.root, fingerprint) if s.fresh and s.path.parent == target}
     todo = [stored[scope] for scope in scope_list
             if scope in stored and stored_verification_options(stored[scope]) != verify.as_dict()]
-    frames, decoded, outputs = [], DecodedImages(), KeptOutputs()
+    frames, inputs = [], RunInputs()
     for scope in todo:
         progress.stage(f"{scope.scope}: causal test of the top {verify.top} clusters")
-        frames.append(test_clusters(cache, scope, loaded, verify, device, progress.stage, decoded, outputs))
+        frames.append(test_clusters(cache, scope, loaded, verify, device, progress.stage, inputs))
     for scope, frame in zip(todo, with_verdicts(frames, verify)):
         write_verification(cache, scope, frame, verify)
 

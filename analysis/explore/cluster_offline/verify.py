@@ -83,23 +83,21 @@ def removal_strength(images: Any, region: np.ndarray) -> float:
     return relative_change(images, gaussian_blur(images, DEFAULT_BLUR_SIGMA), mask)
 
 
-def _insertion(cache: Any, loaded: Any, decoded: Any, outputs: Any, model: Any, images: Any, tested: np.ndarray,
+def _insertion(cache: Any, loaded: Any, inputs: Any, model: Any, images: Any, tested: np.ndarray,
                preds: np.ndarray, prototype: np.ndarray, q: float, options: VerifyOptions) -> dict[str, float]:
     """The insertion test of an on-object region: pasted from the members into images of other classes
     (label and prediction both another class than the members' usual prediction)."""
     from analysis.trust.region_insertion import default_targets, insertion_test
-    from analysis.trust.region_removal import load_inputs
 
     into = int(np.bincount(preds).argmax())
     table = cache.columns(["id", "label", "pred"])
     targets = default_targets(table, into, tested, options.insertion_targets, options.seed)
-    paths = [cache.image_path(int(i)) for i in targets]
-    loaded_targets, positions, _ = load_inputs(paths, loaded.transform, loaded.in_channels, decoded)
-    if not positions or loaded_targets.shape[1:] != images.shape[1:]:
+    found = inputs.load([cache.image_path(int(i)) for i in targets], loaded.transform, loaded.in_channels,
+                        model, options.batch_size)
+    if not found.positions or found.images.shape[1:] != images.shape[1:]:
         return {}
-    before = outputs.of(model, loaded_targets, [paths[p] for p in positions], options.batch_size)
-    result = insertion_test(model, images, loaded_targets, into, prototype, q=q, seed=options.seed,
-                            forward_batch=options.batch_size, before=before)
+    result = insertion_test(model, images, found.images, into, prototype, q=q, seed=options.seed,
+                            forward_batch=options.batch_size, before=found.outputs)
     frame = result.per_image
     return {"inserted_region": float(result.summary["flipped_prototype"]),
             "inserted_control": float(result.summary["flipped_random"]),
@@ -115,11 +113,11 @@ def _grown_foreground(masks: np.ndarray, height: int, width: int) -> Any:
     return foreground_to_input(dilate(masks, 1), height, width)
 
 
-def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions, decoded: Any = None) -> Any:
+def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions, inputs: Any) -> Any:
     """The dataset's typical background at the model's input ([C, H, W]; `analysis.trust.background_swap`),
-    from a seeded sample of `options.insertion_targets` images with a mask or box; None without any."""
+    from a seeded sample of `options.insertion_targets` images with a mask or box; None without any.
+    `inputs`: the run's `analysis.trust.region_removal.RunInputs`."""
     from analysis.trust.background_swap import typical_background
-    from analysis.trust.region_removal import load_inputs
 
     ids = cache.columns(["id"])["id"].to_numpy(np.int64)
     sample = np.sort(np.random.default_rng(options.seed).choice(ids, min(len(ids), options.insertion_targets),
@@ -129,11 +127,10 @@ def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions, decod
         return None
     known = foreground.reshape(len(sample), -1).any(axis=1)
     sample, foreground = sample[known], foreground[known]
-    images, positions, _ = load_inputs([cache.image_path(int(i)) for i in sample], loaded.transform,
-                                       loaded.in_channels, decoded)
-    if not positions:
+    found = inputs.load([cache.image_path(int(i)) for i in sample], loaded.transform, loaded.in_channels)
+    if not found.positions:
         return None
-    return typical_background(images, _grown_foreground(foreground[positions], *images.shape[-2:]))
+    return typical_background(found.images, _grown_foreground(foreground[found.positions], *found.images.shape[-2:]))
 
 
 def _background_swap(model: Any, images: Any, before: Any, foreground: np.ndarray | None, typical: Any,
@@ -160,29 +157,28 @@ def _background_swap(model: Any, images: Any, before: Any, foreground: np.ndarra
             "background_removal": result.removal}
 
 
-def _test_cluster(cache: Any, loaded: Any, decoded: Any, outputs: Any, model: Any, sample: np.ndarray,
-                  prototype: np.ndarray, labels_by_id: pd.Series, options: VerifyOptions,
-                  typical: Callable[[], Any]) -> dict[str, Any]:
+def _test_cluster(cache: Any, loaded: Any, inputs: Any, model: Any, sample: np.ndarray, prototype: np.ndarray,
+                  labels_by_id: pd.Series, options: VerifyOptions, typical: Callable[[], Any]) -> dict[str, Any]:
     """The tests of one cluster on its sampled members: the record's measured fields (the verdict comes once
-    the run's p-values are adjusted together, `with_verdicts`). `decoded` and `outputs`: the run's decoded
-    images and the model's outputs on them (`analysis.trust.region_removal.DecodedImages`, `KeptOutputs`);
-    `typical()`: the run's typical background (made once, when a cluster first needs it)."""
+    the run's p-values are adjusted together, `with_verdicts`). `inputs`: the run's images and the model's
+    outputs on them (`analysis.trust.region_removal.RunInputs`); `typical()`: the run's typical background
+    (made once, when a cluster first needs it)."""
     import torch
 
     from analysis.pipeline.faithfulness import upsample_maps
-    from analysis.trust.region_removal import load_inputs, shortcut_test
+    from analysis.trust.region_removal import shortcut_test
 
-    paths = [cache.image_path(int(i)) for i in sample]
-    images, positions, errors = load_inputs(paths, loaded.transform, loaded.in_channels, decoded)
+    found = inputs.load([cache.image_path(int(i)) for i in sample], loaded.transform, loaded.in_channels, model,
+                        options.batch_size)
+    images, errors, before = found.images, found.errors, found.outputs
     skipped = {"skipped": len(errors), "tested": 0, "verdict": "not tested"}
-    if not positions:
+    if not found.positions:
         return {**skipped, "reason": f"no image could be loaded ({errors[0][1] if errors else 'none'})"}
     if not np.isfinite(prototype).all() or prototype.max() <= 0:
         return {**skipped, "reason": "the prototype has no positive relevance: no region to test"}
-    tested = sample[positions]
+    tested = sample[found.positions]
     labels = torch.from_numpy(labels_by_id.loc[tested].to_numpy(np.int64).copy())
     q, mass = region_for(prototype, options)
-    before = outputs.of(model, images, [paths[p] for p in positions], options.batch_size)
     try:
         result = shortcut_test(model, images, labels, prototype, q=q, seed=options.seed,
                                forward_batch=options.batch_size, before=before)
@@ -202,8 +198,7 @@ def _test_cluster(cache: Any, loaded: Any, decoded: Any, outputs: Any, model: An
               "accuracy_region": float(result.summary["accuracy_prototype"]), "reason": ""}
     preds = frame["pred_before"].to_numpy(np.int64)
     if p_raw < options.alpha and changed_region - changed_control >= options.min_difference:
-        record.update(_insertion(cache, loaded, decoded, outputs, model, images, tested, preds, prototype, q,
-                                 options))
+        record.update(_insertion(cache, loaded, inputs, model, images, tested, preds, prototype, q, options))
     elif mass < options.concentrated:
         record.update(_background_swap(model, images, before, foreground, typical(), options))
     return record
@@ -223,15 +218,14 @@ def write_verification(cache: Any, stored: StoredScope, frame: pd.DataFrame, opt
 
 
 def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyOptions, device: Any = "cpu",
-                  progress: Progress | None = None, decoded: Any = None, outputs: Any = None) -> pd.DataFrame:
+                  progress: Progress | None = None, inputs: Any = None) -> pd.DataFrame:
     """The tests of the top `options.top` clusters of every clustering of a stored scope: one row per tested
     cluster with what was measured (no verdict yet: `with_verdicts` adjusts the run's p-values together).
-    `decoded`, `outputs`: images decoded by earlier scopes of the run and the model's outputs on them
-    (`analysis.trust.region_removal.DecodedImages`, `KeptOutputs`)."""
-    from analysis.trust.region_removal import DecodedImages, KeptOutputs
+    `inputs`: the images earlier scopes of the run loaded and the model's outputs on them
+    (`analysis.trust.region_removal.RunInputs`)."""
+    from analysis.trust.region_removal import RunInputs
 
-    decoded = DecodedImages() if decoded is None else decoded
-    outputs = KeptOutputs() if outputs is None else outputs
+    inputs = RunInputs() if inputs is None else inputs
     summary_all = pq.read_table(stored.path / "summary.parquet").to_pandas()
     prototypes_all = np.load(stored.path / "prototypes.npy")
     side = int(round(np.sqrt(prototypes_all.shape[1])))
@@ -240,7 +234,7 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
     labels_by_id = cache.columns(["id", "label"]).set_index("id")["label"]
     model = loaded.model.to(device)
     records = []
-    typical = functools.cache(lambda: typical_background_of(cache, loaded, options, decoded))
+    typical = functools.cache(lambda: typical_background_of(cache, loaded, options, inputs))
     # Two clusterings of a scope often find the same cluster (same members, same prototype): its tests are
     # deterministic, so it is measured once.
     measured: dict[tuple[bytes, bytes], dict[str, Any]] = {}
@@ -260,8 +254,8 @@ def test_clusters(cache: Any, stored: StoredScope, loaded: Any, options: VerifyO
             prototype = prototypes_all[row_index].reshape(side, side)
             key = (sample.tobytes(), prototype.tobytes())
             if key not in measured:
-                measured[key] = _test_cluster(cache, loaded, decoded, outputs, model, sample, prototype,
-                                              labels_by_id, options, typical)
+                measured[key] = _test_cluster(cache, loaded, inputs, model, sample, prototype, labels_by_id,
+                                              options, typical)
             records.append({**base, **measured[key]})
     frame = pd.DataFrame.from_records(records, columns=VERIFICATION_COLUMNS)
     numeric = [c for c in VERIFICATION_COLUMNS if c not in ("clustering", "location_rule", "verdict", "reason")]
