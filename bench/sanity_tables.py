@@ -139,7 +139,7 @@ def demo_inputs(cache_dir: Path, sample: int) -> tuple[object, "torch.Tensor"]:
     cache = load(cache_dir)
     loaded = model_from_manifest(cache.manifest)
     positions = sample_positions(len(cache.ids), sample, 0)
-    images, _, errors = load_inputs([cache.image_path(int(cache.ids[p])) for p in positions], loaded.transform,
+    images, _, errors = load_inputs(cache.image_paths(cache.ids[positions]), loaded.transform,
                                     loaded.in_channels)
     assert not errors, errors
     return loaded.model.eval(), images

@@ -178,14 +178,22 @@ def test_foreground_is_none_without_a_source(tmp_path: Path) -> None:
 def test_image_path_stays_inside_the_dataset_root(tmp_path: Path) -> None:
     writer = CacheWriter(tmp_path / "c")
     writer.initialise()
-    writer.write_manifest(synthetic_manifest(tmp_path / "images", 2))
-    records = synthetic_records(np.arange(2))
+    writer.write_manifest(synthetic_manifest(tmp_path / "images", 4))
+    records = synthetic_records(np.arange(4))
     records.rows.loc[1, "path"] = "../../etc/passwd"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "out").symlink_to(tmp_path)       # a link out of the root
+    records.rows.loc[3, "path"] = "out/c/manifest.json"
     writer.write_shard(0, records)
     cache = load(tmp_path / "c")
-    assert cache.image_path(0) == (tmp_path / "images" / records.rows.loc[0, "path"]).resolve()
-    with pytest.raises(CacheError, match="escapes"):
-        cache.image_path(1)
+    expected = [(tmp_path / "images" / records.rows.loc[i, "path"]).resolve() for i in (2, 0)]
+    assert cache.image_path(0) == expected[1]
+    assert cache.image_paths(np.array([2, 0])) == expected and cache.image_paths([]) == []    # in the order asked
+    for bad in (1, 3):
+        with pytest.raises(CacheError, match="escapes"):
+            cache.image_path(bad)
+        with pytest.raises(CacheError, match="escapes"):
+            cache.image_paths([0, bad])
 
 
 @pytest.mark.parametrize("damage", ["missing", "file", "no_manifest", "bad_json", "not_a_cache",

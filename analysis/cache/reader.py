@@ -310,6 +310,7 @@ class Cache:
         self._view = view
         self._table: pd.DataFrame | None = None
         self._errors: pd.DataFrame | None = None
+        self._dataset_root: Path | None = None
 
     # -- metadata ----------------------------------------------------------------------------------------
     @property
@@ -451,13 +452,22 @@ class Cache:
 
     def image_path(self, id: int) -> Path:
         """Absolute path of an explained image inside the manifest's dataset root."""
-        position = self._view.positions([id])[0]
-        relative = self._view.stored.column("path")[int(position)].as_py()
-        root = Path(self.manifest["dataset"]["root"]).resolve()
-        path = (root / relative).resolve()
-        if not path.is_relative_to(root):
-            raise CacheError(f"image path {relative!r} escapes the dataset root {root}")
-        return path
+        return self.image_paths([id])[0]
+
+    def image_paths(self, ids: Sequence[int] | np.ndarray) -> list[Path]:
+        """Absolute paths of explained images inside the manifest's dataset root, in the order of `ids`
+        (CacheError for a stored path that leads out of it, through `..` or a link)."""
+        if self._dataset_root is None:   # resolved once: its folders' lookups were a tenth of a cluster test
+            self._dataset_root = Path(self.manifest["dataset"]["root"]).resolve()
+        root = self._dataset_root
+        if len(ids) == 0:
+            return []
+        relatives = self._view.stored.column("path").take(pa.array(self._view.positions(ids))).to_pylist()
+        paths = [(root / relative).resolve() for relative in relatives]
+        for relative, path in zip(relatives, paths):
+            if not path.is_relative_to(root):
+                raise CacheError(f"image path {relative!r} escapes the dataset root {root}")
+        return paths
 
 
 def load(root: Path | str) -> Cache:

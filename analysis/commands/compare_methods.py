@@ -111,7 +111,7 @@ def _population_and_model(args: argparse.Namespace) -> tuple[_Population, Any]:
         cache = load(args.cache)
         ids = cache.ids
         table = cache.table
-        population = _Population([cache.image_path(int(i)) for i in ids], ids, table["path"].tolist(),
+        population = _Population(cache.image_paths(ids), ids, table["path"].tolist(),
                                  f"cache {args.cache}", cache.manifest.get("model", {}).get("spec"), cache.identity,
                                  cache.manifest.get("options", {}).get("descriptor_size"))
         return population, model_from_manifest(cache.manifest)

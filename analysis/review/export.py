@@ -20,7 +20,7 @@ def tagged_table(review: Review, tag: str) -> pd.DataFrame:
     rows = cache.table.set_index("id").loc[tagged["id"].to_numpy(np.int64)]
     return pd.DataFrame({
         "id": tagged["id"].to_numpy(np.int64),
-        "path": [str(cache.image_path(int(i))) for i in tagged["id"]],
+        "path": [str(path) for path in cache.image_paths(tagged["id"].to_numpy())],
         "label": rows["label_name"].to_numpy(), "prediction": rows["pred_name"].to_numpy(),
         "tags": review.tag_column(tagged["id"].to_numpy(np.int64)).to_numpy(),
         "note": tagged["note"].to_numpy(), "who": tagged["who"].to_numpy(), "when": tagged["time"].to_numpy(),

@@ -178,9 +178,9 @@ def _load_images(cache: Any, loaded: Any, source_ids: np.ndarray,
                  target_ids: np.ndarray) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """The source and target images as the model sees them, the ids of those that loaded, and (id, reason)
     of those that did not; ValueError when no source or no target loads."""
-    sources, source_positions, source_errors = load_inputs([cache.image_path(int(i)) for i in source_ids],
+    sources, source_positions, source_errors = load_inputs(cache.image_paths(source_ids),
                                                            loaded.transform, loaded.in_channels)
-    targets, target_positions, target_errors = load_inputs([cache.image_path(int(i)) for i in target_ids],
+    targets, target_positions, target_errors = load_inputs(cache.image_paths(target_ids),
                                                            loaded.transform, loaded.in_channels)
     skipped = ([(int(source_ids[p]), reason) for p, reason in source_errors]
                + [(int(target_ids[p]), reason) for p, reason in target_errors])

@@ -411,7 +411,7 @@ def shortcut_test_on_cache(cache: Any, ids: Sequence[int] | np.ndarray, q: float
     if loaded is None:
         loaded = model_from_manifest(cache.manifest)
     model = loaded.model.to(device)
-    images, positions, errors = load_inputs([cache.image_path(int(i)) for i in ids], loaded.transform,
+    images, positions, errors = load_inputs(cache.image_paths(ids), loaded.transform,
                                             loaded.in_channels)
     skipped = [(int(ids[p]), reason) for p, reason in errors]
     if not positions:

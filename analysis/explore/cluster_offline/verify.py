@@ -92,7 +92,7 @@ def _insertion(cache: Any, loaded: Any, inputs: Any, model: Any, images: Any, te
     into = int(np.bincount(preds).argmax())
     table = cache.columns(["id", "label", "pred"])
     targets = default_targets(table, into, tested, options.insertion_targets, options.seed)
-    found = inputs.load([cache.image_path(int(i)) for i in targets], loaded.transform, loaded.in_channels,
+    found = inputs.load(cache.image_paths(targets), loaded.transform, loaded.in_channels,
                         model, options.batch_size)
     if not found.positions or found.images.shape[1:] != images.shape[1:]:
         return {}
@@ -127,7 +127,7 @@ def typical_background_of(cache: Any, loaded: Any, options: VerifyOptions, input
         return None
     known = foreground.reshape(len(sample), -1).any(axis=1)
     sample, foreground = sample[known], foreground[known]
-    found = inputs.load([cache.image_path(int(i)) for i in sample], loaded.transform, loaded.in_channels)
+    found = inputs.load(cache.image_paths(sample), loaded.transform, loaded.in_channels)
     if not found.positions:
         return None
     return typical_background(found.images, _grown_foreground(foreground[found.positions], *found.images.shape[-2:]))
@@ -168,7 +168,7 @@ def _test_cluster(cache: Any, loaded: Any, inputs: Any, model: Any, sample: np.n
     from analysis.pipeline.faithfulness import upsample_maps
     from analysis.trust.region_removal import shortcut_test
 
-    found = inputs.load([cache.image_path(int(i)) for i in sample], loaded.transform, loaded.in_channels, model,
+    found = inputs.load(cache.image_paths(sample), loaded.transform, loaded.in_channels, model,
                         options.batch_size)
     images, errors, before = found.images, found.errors, found.outputs
     skipped = {"skipped": len(errors), "tested": 0, "verdict": "not tested"}
