@@ -22,6 +22,7 @@ def store_findings(cache_root: Path, quiet: bool = False) -> int:
     line on stderr when the cache cannot be read."""
     from analysis.cache import CacheError, load
     from analysis.findings import write_findings
+    from analysis.findings.kinds import plural
 
     try:
         cache = load(cache_root)
@@ -30,7 +31,7 @@ def store_findings(cache_root: Path, quiet: bool = False) -> int:
         print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2
     if not quiet:
-        print(f"{len(findings)} findings in {path}")
+        print(f"{len(findings)} {plural(len(findings), 'finding', 'findings')} in {path}")
         for number, finding in enumerate(findings, 1):
             print(f"{number}. [{finding.verdict}] {finding.title}")
             print(textwrap.fill(finding.text(), width=110, initial_indent="   ", subsequent_indent="   "))

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.cache import CacheError, load
     from analysis.report import build_report
     from analysis.findings import current_findings
+    from analysis.findings.kinds import plural
 
     problem = _problem(args)
     cache = other = None
@@ -111,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
 
         with file_replaced_atomically(args.out) as tmp:
             tmp.write_text(text, encoding="utf-8")
-    print(f"report with {len(findings)} findings in {args.out}")
+    print(f"report with {len(findings)} {plural(len(findings), 'finding', 'findings')} in {args.out}")
     return 0

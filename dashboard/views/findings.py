@@ -13,6 +13,7 @@ import streamlit as st
 from analysis import report
 from analysis.cache import Cache
 from analysis.findings import Finding, current_findings, url
+from analysis.findings.kinds import plural
 from dashboard import common, tagging
 
 VERDICT_COLOURS = {"shortcut": "red", "labels and outputs mismatched": "red", "undecided": "orange",
@@ -62,7 +63,7 @@ def main() -> None:
                 f"fine: run the causal test (`{common.analysis_command(cache, 'cluster', '--verify-top', '3')}`) and "
                 "look at the Trust page.")
         return
-    st.markdown(f"**{len(findings)} findings**, shortcuts first, then by strength. Every number links to the view "
+    st.markdown(f"**{len(findings)} {plural(len(findings), 'finding', 'findings')}**, shortcuts first, then by strength. Every number links to the view "
                 "that shows it.")
     # The report built on these findings, for the people who decide (deferred: it draws tiles and charts).
     common.deferred_download("Download the report (HTML)",
