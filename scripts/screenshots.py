@@ -23,9 +23,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # run as `python scripts/screenshots.py`: the repository's packages
@@ -194,11 +195,14 @@ def shrink_png(path: Path, colours: int = 256) -> None:
 
 
 def take_screenshots(base_url: str, out_dir: Path, shots: list[PageShot], full_page: bool = False,
-                     small: bool = True, open_root_first: bool = False) -> dict[str, list[str]]:
+                     small: bool = True, open_root_first: bool = False,
+                     after: Callable[[Any, PageShot], None] | None = None) -> dict[str, list[str]]:
     """Screenshot each page to out_dir/<name>.png -> {name: problems found on the page}.
 
     open_root_first: load "/" once before the pages (as a person does). The browser test opens deep links
     first on purpose: a shared link must open the page inside the app shell on a fresh server.
+    after: called with each page that finished (the playwright page, its shot) once it is saved, so that a
+    test reads what it checks on the same visit.
     """
     from playwright.sync_api import sync_playwright
 
@@ -231,6 +235,8 @@ def take_screenshots(base_url: str, out_dir: Path, shots: list[PageShot], full_p
                 page.screenshot(path=str(target))
                 if small:
                     shrink_png(target)
+                if after is not None and not found[shot.name]:
+                    after(page, shot)
                 page.close()
         finally:
             browser.close()

@@ -109,27 +109,21 @@ def test_photos_keep_their_aspect_ratio_in_a_browser(photo_cache: Path, tmp_path
     """The cache of real photos (600 x 400 coffee, Resize(256) + CenterCrop(224)): the Image page draws the
     photo 3:2 with the map on the centre crop, a gallery draws square letterboxed tiles; both pages are clean."""
     pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt")
-    from playwright.sync_api import sync_playwright
-
     shots_module = screenshots_module()
     shots = shots_module.photo_pages(photo_cache)
     assert [s.name for s in shots] == ["photo_image", "photo_image_cat", "photo_gallery"]
     sizes: dict[str, list[tuple[int, int]]] = {}
+
+    def measure(page, shot) -> None:   # on the visit that took the screenshot
+        images = page.locator('[data-testid="stImage"] img')
+        images.last.scroll_into_view_if_needed()
+        page.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        sizes[shot.name] = [tuple(images.nth(k).evaluate("i => [i.naturalWidth, i.naturalHeight]"))
+                            for k in range(images.count())]
+
     with shots_module.running_app(photo_cache, tmp_path / "streamlit.log") as base:
-        found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=shots_module.CHROMIUM_ARGS)
-            page = browser.new_context(viewport=shots_module.VIEWPORT).new_page()
-            for shot in shots:
-                page.goto(base + shot.path)
-                shots_module.wait_until_done(page, shot.title)
-                images = page.locator('[data-testid="stImage"] img')
-                images.last.scroll_into_view_if_needed()
-                page.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')]"
-                                       ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
-                sizes[shot.name] = [tuple(images.nth(k).evaluate("i => [i.naturalWidth, i.naturalHeight]"))
-                                    for k in range(images.count())]
-            browser.close()
+        found = shots_module.take_screenshots(base, tmp_path / "shots", shots, small=False, after=measure)
     assert not any(found.values()), found
     for shot in shots:
         assert (tmp_path / "shots" / f"{shot.name}.png").stat().st_size > 10_000
