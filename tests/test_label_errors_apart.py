@@ -103,6 +103,14 @@ def test_a_bad_probability_file_is_one_line_naming_the_problem(small_cache: Path
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
+def test_a_missing_probability_file_or_a_folder_is_one_line(small_cache: Path, tmp_path: Path) -> None:
+    for path, message in ((tmp_path / "nowhere.csv", f"{tmp_path / 'nowhere.csv'}: no such file"),
+                          (tmp_path, f"{tmp_path} is not a file")):
+        with pytest.raises(ProbabilityFileError) as error:
+            read_probability_file(load(small_cache), path)
+        assert str(error.value) == message
+
+
 def test_region_share_is_the_descriptor_mass_on_the_prototypes_top_cells() -> None:
     from analysis.review.shortcut_victims import region_shares
 

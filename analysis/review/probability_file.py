@@ -39,6 +39,8 @@ def _relative_paths(cache: Cache, paths: pd.Series) -> pd.Series:
 
 
 def _read(path: Path) -> pd.DataFrame:
+    if not Path(path).is_file():
+        raise ProbabilityFileError(f"{path}: no such file" if not Path(path).exists() else f"{path} is not a file")
     try:
         frame = pd.read_csv(path, dtype={PATH_COLUMN: str}, keep_default_na=False, na_values=[""])
     except (OSError, ValueError, pd.errors.ParserError) as error:
