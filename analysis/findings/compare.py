@@ -106,7 +106,8 @@ class Comparison:
         lines = [f"{len(self.images):,} images in both caches ({self.only_a:,} only in A, {self.only_b:,} only in B): "
                  f"accuracy {self.accuracy_a:.1%} in A, {self.accuracy_b:.1%} in B.",
                  f"{len(self.changed):,} predictions changed: {fixed:,} now right, {broken:,} now wrong.",
-                 f"{gone} of the {len(self.fates)} {plural(len(self.fates), 'finding', 'findings')} of A {plural(gone, 'is', 'are')} gone in B; {len(self.new_in_b)} "
+                 f"{gone} of the {len(self.fates)} {plural(len(self.fates), 'finding', 'findings')} of A "
+                 f"{plural(gone, 'is', 'are')} gone in B; {len(self.new_in_b)} "
                  f"{plural(len(self.new_in_b), 'finding is', 'findings are')} new in B."]
         return lines
 

@@ -63,8 +63,8 @@ def main() -> None:
                 f"fine: run the causal test (`{common.analysis_command(cache, 'cluster', '--verify-top', '3')}`) and "
                 "look at the Trust page.")
         return
-    st.markdown(f"**{len(findings)} {plural(len(findings), 'finding', 'findings')}**, shortcuts first, then by strength. Every number links to the view "
-                "that shows it.")
+    st.markdown(f"**{len(findings)} {plural(len(findings), 'finding', 'findings')}**, shortcuts first, then by "
+                "strength. Every number links to the view that shows it.")
     # The report built on these findings, for the people who decide (deferred: it draws tiles and charts).
     common.deferred_download("Download the report (HTML)",
                              lambda: report.build_report(cache, findings=findings).encode(), "fgcam_findings.html",
